@@ -1,0 +1,76 @@
+"""Step ``distill``: train the student with knowledge distillation on every fold (or one), or the no-KD baseline.
+
+The teachers come from a finished teacher run with the same data and parameters, trained first if there is
+none. ``cached`` mode reads the teacher's stored logits; ``online`` runs the teacher on every step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import keras
+import mlflow
+
+from pipelines.cli import run_cli
+from pipelines.config import DISTILL_PARAMS, Config, build_parser, config_from_args
+from pipelines.distiller import Distiller
+from pipelines.evaluate import write_evaluation_artifacts
+from pipelines.models import build_student
+from pipelines.prepare import Prepared, prepare_data
+from pipelines.teacher import load_teacher_logits, load_teacher_model, train_teacher
+from pipelines.tracking import reuse_finished, step_run
+from pipelines.training import cross_validate
+
+
+def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
+    """Cross-validated KD (or no-KD) student training; returns the run id with ``f1_mean``, ``f1_std``, ``student_params``.
+
+    A finished distill run with the same data and parameters is reused.
+    """
+    prepared = prepared or prepare_data(cfg)
+    dataset = prepared.dataset
+    previous = reuse_finished("distill", cfg, DISTILL_PARAMS, dataset.digest, nested)
+    if previous:
+        return previous
+    alpha = cfg.effective_alpha
+    use_teacher = alpha < 1.0
+    fold_ids = list(range(cfg.folds)) if cfg.fold < 0 else [cfg.fold]
+    describe = "student (no KD)" if cfg.no_kd else f"student (KD, T={cfg.temperature:g}, alpha={alpha:g}, {cfg.teacher_mode})"
+
+    with step_run("distill", cfg, DISTILL_PARAMS, dataset, prepared.splits, nested=nested) as run:
+        teacher_run_id = train_teacher(cfg, prepared, nested=True) if use_teacher else None
+        cached = load_teacher_logits(teacher_run_id, dataset.manifest["sha256"].to_numpy()) if use_teacher and cfg.teacher_mode == "cached" else {}
+        if teacher_run_id:
+            mlflow.set_tag("kd.teacher_run_id", teacher_run_id)
+
+        def build_trainer(k: int) -> Distiller:
+            student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k)
+            teacher = load_teacher_model(teacher_run_id, f"fold_{k}") if use_teacher and cfg.teacher_mode == "online" else None
+            trainer = Distiller(student, teacher, cfg.temperature, alpha, dataset.binary)
+            trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+            return trainer
+
+        cv = cross_validate(prepared, cfg, fold_ids, build_trainer, lambda k: cached.get(f"fold_{k}"), describe)
+        summary = cv.summary()
+        student_params = cv.models[0].count_params()
+        mlflow.log_metrics({**summary, "student_params": student_params})
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            (out / "models").mkdir()
+            for k, model in zip(fold_ids, cv.models):
+                model.save(out / "models" / f"student_fold_{k}.keras")
+            labels = dataset.labels[cv.oof_rows]
+            write_evaluation_artifacts(labels, cv.oof_probs, dataset.class_names, out / "evaluation", f"{describe}, out-of-fold")
+            mlflow.log_artifacts(tmp)
+        print(f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), {student_params:,} parameters, run {run.info.run_id}")
+        return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser("Distil a student from the teachers (trained first when missing), cross-validated.")
+    run_cli(lambda args: distill(config_from_args(args)), parser, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Metrics and evaluation plots, computed from logits the same way for teachers and students."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def probabilities(logits: np.ndarray, binary: bool) -> np.ndarray:
+    """Class probabilities ``(N, C)``; a single logit z becomes ``[1 - s(z), s(z)]``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if binary:
+        positive = 1.0 / (1.0 + np.exp(-logits.reshape(-1)))
+        return np.stack([1.0 - positive, positive], axis=1)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """F1, accuracy, precision, recall (sensitivity), specificity, ROC-AUC and PR-AUC.
+
+    Binary: of the positive class (index 1). Multi-class: macro averages (one-vs-rest AUCs).
+    Undefined values (an AUC with one class present) are NaN rather than a misleading number.
+    """
+    labels = np.asarray(labels)
+    predicted = probs.argmax(axis=1)
+    binary = probs.shape[1] == 2
+    average = "binary" if binary else "macro"
+    result = {
+        "f1": skm.f1_score(labels, predicted, average=average, zero_division=0),
+        "accuracy": skm.accuracy_score(labels, predicted),
+        "precision": skm.precision_score(labels, predicted, average=average, zero_division=0),
+        "recall": skm.recall_score(labels, predicted, average=average, zero_division=0),
+    }
+    matrix = skm.confusion_matrix(labels, predicted, labels=np.arange(probs.shape[1]))
+    negatives = matrix.sum() - matrix.sum(axis=0) - matrix.sum(axis=1) + np.diag(matrix)  # true negatives per class
+    specificity = negatives / np.maximum(negatives + matrix.sum(axis=0) - np.diag(matrix), 1)
+    result["specificity"] = specificity[1] if binary else specificity.mean()
+    present = np.unique(labels)
+    if present.size == probs.shape[1]:
+        if binary:
+            result["roc_auc"] = skm.roc_auc_score(labels, probs[:, 1])
+            result["pr_auc"] = skm.average_precision_score(labels, probs[:, 1])
+        else:
+            one_hot = np.eye(probs.shape[1])[labels]
+            result["roc_auc"] = skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+            result["pr_auc"] = skm.average_precision_score(one_hot, probs, average="macro")
+    else:
+        result["roc_auc"] = result["pr_auc"] = float("nan")
+    return {key: float(value) for key, value in result.items()}
+
+
+def write_evaluation_artifacts(labels: np.ndarray, probs: np.ndarray, class_names: list[str], out_dir: Path, title: str) -> list[Path]:
+    """Confusion matrix, ROC and PR curves (PNG) and a classification report (text) into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predicted = probs.argmax(axis=1)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    skm.ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False)
+    ax.set_title(f"{title}: confusion matrix")
+    paths.append(_save(fig, out_dir / "confusion_matrix.png"))
+
+    curves = [(1, class_names[1])] if len(class_names) == 2 else list(enumerate(class_names))
+    for kind, display in (("roc", skm.RocCurveDisplay), ("pr", skm.PrecisionRecallDisplay)):
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for index, name in curves:
+            if np.any(labels == index) and np.any(labels != index):
+                display.from_predictions(labels == index, probs[:, index], name=name, ax=ax)
+        ax.set_title(f"{title}: {'ROC' if kind == 'roc' else 'precision-recall'} curve")
+        paths.append(_save(fig, out_dir / f"{kind}_curve.png"))
+
+    report = skm.classification_report(labels, predicted, labels=np.arange(len(class_names)), target_names=class_names, digits=4, zero_division=0)
+    (out_dir / "classification_report.txt").write_text(f"{title}\n\n{report}")
+    paths.append(out_dir / "classification_report.txt")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,102 @@
+"""Teacher and student builders. Both output logits: one for two classes (sigmoid), else one per class."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import keras
+from keras import layers
+
+from pipelines.config import PipelineError
+
+# (width of the first block, number of blocks); widths double per block.
+STUDENT_PRESETS = {"tiny": (8, 2), "small": (16, 3), "medium": (24, 3), "large": (32, 4)}
+RESNET_WIDTHS = (32, 64, 128, 256)
+# Keras' default 0.99 needs hundreds of steps for the moving statistics to settle; a few hundred images
+# give a handful of steps per epoch, and inference with unsettled statistics predicts one class.
+BN_MOMENTUM = 0.9
+
+
+def output_units(num_classes: int) -> int:
+    """Two classes get the dedicated single-logit head; more get one logit per class."""
+    return 1 if num_classes == 2 else num_classes
+
+
+def parse_student_size(size: str) -> tuple[int, int]:
+    """``small`` or ``24x3`` -> (width, depth)."""
+    if size in STUDENT_PRESETS:
+        return STUDENT_PRESETS[size]
+    match = re.fullmatch(r"(\d+)x(\d+)", size.strip())
+    if not match or not (1 <= int(match.group(1)) <= 512 and 1 <= int(match.group(2)) <= 6):
+        raise PipelineError(f"student_size={size!r}: use {', '.join(STUDENT_PRESETS)} or WIDTHxDEPTH with width 1-512 and depth 1-6 (e.g. 24x3)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -> keras.Model:
+    """A small plain CNN: ``depth`` blocks of conv-BN-ReLU and max-pooling, widths doubling, then GAP."""
+    width, depth = parse_student_size(size)
+    init = keras.initializers.HeNormal(seed=seed)
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    x = inputs
+    for block in range(depth):
+        x = layers.Conv2D(width * 2**block, 3, padding="same", use_bias=False, kernel_initializer=init)(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+        x = layers.ReLU()(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.2, seed=seed)(x)
+    outputs = layers.Dense(output_units(num_classes), name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    return keras.Model(inputs, outputs, name=f"student_{width}x{depth}")
+
+
+def _residual_block(x, filters: int, stride: int, init):
+    shortcut = x
+    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, kernel_initializer=init)(x)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM)(y)
+    y = layers.ReLU()(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=init)(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM)(y)
+    if stride != 1 or shortcut.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=init)(shortcut)
+        shortcut = layers.BatchNormalization(momentum=BN_MOMENTUM)(shortcut)
+    return layers.ReLU()(layers.Add()([y, shortcut]))
+
+
+def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
+    init = keras.initializers.HeNormal(seed=seed)
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    x = layers.Conv2D(RESNET_WIDTHS[0], 3, padding="same", use_bias=False, kernel_initializer=init)(inputs)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+    x = layers.ReLU()(x)
+    for stage, filters in enumerate(RESNET_WIDTHS):
+        x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.3, seed=seed)(x)
+    outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    return keras.Model(inputs, outputs, name="teacher_resnet")
+
+
+def _application(arch: str, image_size: int, units: int, weights: str, seed: int) -> keras.Model:
+    constructor = getattr(keras.applications, arch, None)
+    if constructor is None or not callable(constructor):
+        raise PipelineError(f"teacher_arch={arch!r}: use 'resnet' or a keras.applications name such as EfficientNetB0, MobileNetV2, DenseNet121, ResNet50")
+    if weights and not Path(weights).is_file():
+        raise PipelineError(f"teacher_weights={weights!r} is not a file; give a local weights file (nothing is downloaded) or leave it empty")
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    # Applications expect three channels; the scans are grayscale, so repeat the channel.
+    rgb = layers.Concatenate()([inputs, inputs, inputs])
+    backbone = constructor(include_top=False, weights=weights or None, input_shape=(image_size, image_size, 3), pooling="avg")
+    x = layers.Dropout(0.3, seed=seed)(backbone(rgb))
+    outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    return keras.Model(inputs, outputs, name=f"teacher_{arch}")
+
+
+def build_teacher(arch: str, image_size: int, num_classes: int, weights: str = "", seed: int = 0) -> keras.Model:
+    """Our residual CNN (``resnet``) or a ``keras.applications`` backbone with ``weights=None`` or a local file."""
+    units = output_units(num_classes)
+    if arch == "resnet":
+        if weights:
+            raise PipelineError("teacher_weights only applies to keras.applications teachers; leave it empty for 'resnet'")
+        return _resnet(image_size, units, seed)
+    return _application(arch, image_size, units, weights, seed)

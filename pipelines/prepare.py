@@ -1,0 +1,50 @@
+"""Step ``prepare``: ingest the data, decode it once, split it, and record all of it in MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.config import DATA_PARAMS, Config, build_parser, config_from_args
+from pipelines.data import Dataset, Splits, ingest, load_images, make_splits
+from pipelines.cli import run_cli
+
+
+@dataclass(frozen=True)
+class Prepared:
+    dataset: Dataset
+    splits: Splits
+    images: np.ndarray  # (N, S, S, 1), rows aligned with dataset.manifest
+
+
+def prepare_data(cfg: Config) -> Prepared:
+    """Manifest, deterministic splits and preprocessed images (decoded once, then read from the cache)."""
+    dataset = ingest(cfg)
+    splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed)
+    images = load_images(dataset, cfg.image_size, cfg.cache_dir)
+    return Prepared(dataset, splits, images)
+
+
+def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
+    """Run the step (or reuse a finished one): returns the MLflow run id holding the manifest, splits and digest."""
+    from pipelines.tracking import reuse_finished, step_run
+
+    prepared = prepared or prepare_data(cfg)
+    dataset = prepared.dataset
+    counts = dataset.manifest["label"].value_counts().to_dict()
+    print(f"prepare: {len(dataset.manifest)} images {counts} from {dataset.source} {dataset.root}, digest {dataset.digest[:12]}")
+    previous = reuse_finished("prepare", cfg, DATA_PARAMS, dataset.digest, nested)
+    if previous:
+        return previous
+    with step_run("prepare", cfg, DATA_PARAMS, dataset, prepared.splits, nested=nested) as run:
+        return run.info.run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser("Ingest, decode and split the data; log the manifest and splits to MLflow.", DATA_PARAMS + ("data_dir", "synthetic_images", "experiment_name", "cache_dir"))
+    run_cli(lambda args: prepare(config_from_args(args)), parser, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""The embedded default data set: deterministic, synthetic, MRI-like axial brain slices.
+
+The platform must run end to end without downloading anything, so when no data folder is given the
+pipelines train on images generated here. They are written exactly like a real folder-per-class set
+(``tumor/*.png``, ``normal/*.png``) so they go through the same loader as real data, plus a
+``lesions.csv`` with the ground-truth lesion position so explanation methods (Grad-CAM) can be
+checked against it.
+
+Each slice is built from the structures a classifier meets in real T1-weighted axial scans: a dark
+background, a rotated head ellipse with a bright scalp/skull ring, a thin dark CSF rim, cortex with
+sulci, brighter white matter, two dark lateral ventricles, a smooth bias field, slight blur and
+Rician noise. Tumour slices add one irregular, heterogeneous, bright lesion (sometimes with a
+necrotic core, sometimes barely visible) inside a darker oedema halo. Everything is drawn with
+vectorised numpy (no scipy, no per-pixel loops) from per-image child generators of one seed, so the
+same parameters always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+POSITIVE_CLASS = "tumor"
+NEGATIVE_CLASS = "normal"
+
+# Bump when the drawing changes: it is part of the cache key, so stale cached sets are never reused.
+_GENERATOR_VERSION = "v1"
+_LESIONS_FILE = "lesions.csv"
+
+# T1-like tissue intensities on a 0..1 scale before global scaling and noise.
+_SCALP = 0.88
+_CSF = 0.12
+_GREY_MATTER = 0.42
+_WHITE_MATTER = 0.62
+
+# The brain ends at this fraction of the head ellipse's normalised radius; the rest is skull and CSF.
+_BRAIN_EXTENT = 0.86
+
+
+def _validate(n_images: int, image_size: int, tumor_fraction: float) -> None:
+    """Reject parameters that cannot give a two-class, drawable set, naming the value."""
+    if n_images < 2:
+        raise ValueError(f"n_images={n_images}: need at least 2 images (one per class)")
+    if not 0.0 < tumor_fraction < 1.0:  # also rejects NaN
+        raise ValueError(f"tumor_fraction={tumor_fraction}: must be strictly between 0 and 1")
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size}: use 32 or more (smaller heads have no room for anatomy)")
+
+
+def tumor_count(n_images: int, tumor_fraction: float) -> int:
+    """Number of tumour images in a set: ``n_images * tumor_fraction`` rounded half up, clamped to 1..n_images-1.
+
+    Half up rather than Python's banker's rounding so 5 images at 0.5 give 3 tumours, as people
+    expect; the clamp keeps both classes present, which a classifier's folder loader needs.
+    """
+    return min(max(math.floor(n_images * tumor_fraction + 0.5), 1), n_images - 1)
+
+
+def _gaussian_blur(field: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-smooth a 2-D array with numpy only, by multiplying its spectrum.
+
+    The array is reflect-padded first so that the FFT's implicit periodic wrap does not bleed one
+    edge into the opposite one.
+    """
+    size = field.shape[0]
+    pad = min(int(math.ceil(3.0 * sigma)) + 1, size - 1)
+    padded = np.pad(field, pad, mode="reflect")
+    fy = np.fft.fftfreq(padded.shape[0])[:, None]
+    fx = np.fft.rfftfreq(padded.shape[1])[None, :]
+    # Fourier transform of a unit-area Gaussian with standard deviation sigma (in pixels).
+    transfer = np.exp(-2.0 * (math.pi * sigma) ** 2 * (fx**2 + fy**2))
+    smoothed = np.fft.irfft2(np.fft.rfft2(padded) * transfer, s=padded.shape)
+    return smoothed[pad:-pad, pad:-pad]
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, sigmas: Sequence[float]) -> np.ndarray:
+    """Zero-mean, unit-variance Gaussian random fields, one per correlation length in ``sigmas`` (pixels).
+
+    Returns shape ``(len(sigmas), size, size)``. White noise is stationary, so the FFT's periodic
+    wrap is harmless and needs no padding here; that, and one batched transform for all fields,
+    keeps this hot spot of the generator cheap.
+    """
+    white = rng.standard_normal((len(sigmas), size, size))
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    widths = np.asarray(sigmas, dtype=np.float64)[:, None, None]
+    transfer = np.exp(-2.0 * (math.pi * widths) ** 2 * (fx**2 + fy**2))
+    fields = np.fft.irfft2(np.fft.rfft2(white) * transfer, s=(size, size))
+    fields -= fields.mean(axis=(1, 2), keepdims=True)
+    return fields / (fields.std(axis=(1, 2), keepdims=True) + 1e-12)
+
+
+def _smoothstep(edge: np.ndarray | float, x: np.ndarray, width: float) -> np.ndarray:
+    """Soft indicator of ``x < edge`` over a transition ``width``: anti-aliased shape boundaries."""
+    # Capping the exponent avoids overflow warnings far from the edge, where the result is 0 anyway.
+    return 1.0 / (1.0 + np.exp(np.minimum((x - edge) / width, 60.0)))
+
+
+def _draw_slice(rng: np.random.Generator, size: int, with_tumor: bool) -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """Draw one slice; return it as uint8 and, for tumour slices, the lesion's (cx, cy, radius) in pixels."""
+    scale = size / 128.0  # every length below is tuned at 128 px and scaled with the image
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    wobble, folds, sulcal_field, fine, coarse, bias_field = _smooth_noise(
+        rng, size, [10.0 * scale, 3.0 * scale, 2.5 * scale, 1.2 * scale, 6.0 * scale, size / 4.0]
+    )
+
+    # Head: an ellipse longer front-to-back than side-to-side, jittered, resized and rotated.
+    cx = size / 2 + rng.uniform(-0.04, 0.04) * size
+    cy = size / 2 + rng.uniform(-0.04, 0.04) * size
+    semi_u = rng.uniform(0.31, 0.37) * size
+    semi_v = min(semi_u * rng.uniform(1.12, 1.25), 0.45 * size)  # keep a dark margin inside the frame
+    theta = rng.uniform(-0.25, 0.25)
+    # (u, v): head-aligned coordinates normalised to the ellipse; u left-right, v front (-) to back (+).
+    du, dv = xs - cx, ys - cy
+    u = (math.cos(theta) * du + math.sin(theta) * dv) / semi_u
+    v = (-math.sin(theta) * du + math.cos(theta) * dv) / semi_v
+    radius = np.hypot(u, v)
+    edge = 1.0 / min(semi_u, semi_v)  # one pixel in normalised units, for anti-aliasing
+
+    # Scalp and skull: a bright ring, then dark CSF between it and the brain surface, whose
+    # outline wobbles a little so it is not a perfect ellipse.
+    head = _smoothstep(1.0, radius, edge)
+    # At least ~1.5 px thick, so the ring survives the blur in small images.
+    skull_inner = 1.0 - max(rng.uniform(0.06, 0.09), 1.5 / semi_u)
+    image = (_CSF + (_SCALP - _CSF) * (1.0 - _smoothstep(skull_inner, radius, edge))) * head
+    brain = _smoothstep(_BRAIN_EXTENT + 0.015 * wobble, radius, edge)
+
+    # Cortex vs white matter: a wavy interface (gyri) well inside the brain surface, and sulci as
+    # dark thin curves along the zero lines of a smooth random field in the cortical band.
+    white = _smoothstep(rng.uniform(0.64, 0.72) + 0.07 * folds, radius, 1.5 * edge)
+    tissue = _GREY_MATTER + (_WHITE_MATTER - _GREY_MATTER) * white
+    sulci = np.exp(-((sulcal_field / 0.25) ** 2)) * (1.0 - white) * np.clip((radius - 0.55) / 0.2, 0.0, 1.0)
+    tissue -= (tissue - _CSF) * 0.8 * sulci
+    # Interhemispheric fissure: a dark midline, interrupted in the centre by the corpus callosum.
+    fissure = np.exp(-((u * semi_u / (0.9 * scale)) ** 2)) * np.clip((np.abs(v) - 0.35) / 0.15, 0.0, 1.0)
+    tissue -= (tissue - _CSF) * 0.85 * fissure
+    tissue += 0.025 * fine + 0.03 * coarse
+
+    # Lateral ventricles: two mirrored crescents ")(" bowing towards the midline, each a band along
+    # a circular arc whose thickness tapers to rounded ends and is largest at the frontal horn.
+    gap = rng.uniform(0.05, 0.09)  # half-distance between the ventricles at their closest
+    arc = rng.uniform(0.3, 0.5)  # arc radius: smaller = more curved
+    half_length = rng.uniform(0.22, 0.32)
+    thickness = rng.uniform(0.03, 0.05)
+    centre_v = rng.uniform(-0.12, 0.0)
+    along = np.clip((v - centre_v) / half_length, -1.0, 1.0)
+    half_width = thickness * np.sqrt(1.0 - along**2) * (1.0 + 0.8 * np.clip(-along, 0.0, 1.0))
+    # Outside the horns' span the width is zero; zero it explicitly there, since a soft edge
+    # alone would still darken the whole circle by half.
+    in_span = half_width > 0.0
+    ventricles = np.zeros_like(radius)
+    for side in (-1.0, 1.0):
+        lateral = side * u - gap - arc  # negative on the medial half of the arc's circle
+        from_arc = np.abs(np.hypot(lateral, (v - centre_v) * semi_v / semi_u) - arc)
+        band = _smoothstep(half_width, from_arc, 0.6 * edge) * (in_span & (lateral < 0.0))
+        ventricles = np.maximum(ventricles, band)
+    tissue = tissue * (1.0 - ventricles) + _CSF * ventricles
+
+    lesion_info: tuple[float, float, float] | None = None
+    if with_tumor:
+        tissue, lesion_info = _add_lesion(rng, tissue, xs, ys, semi_u, semi_v, theta, cx, cy)
+
+    image = image * (1.0 - brain) + tissue * brain
+
+    # Scanner effects: a smooth multiplicative bias field, global gain, slight blur, Rician noise
+    # (magnitude of a complex signal with Gaussian noise in both channels, so the background is
+    # Rayleigh-distributed rather than exactly zero).
+    bias = 1.0 + 0.08 * bias_field + rng.uniform(-0.08, 0.08) * (xs - cx) / size
+    image = image * bias * rng.uniform(0.8, 1.1)
+    image = _gaussian_blur(image, rng.uniform(0.4, 0.9) * scale)
+    noise_sigma = rng.uniform(0.012, 0.035)
+    real = image + noise_sigma * rng.standard_normal(image.shape)
+    imag = noise_sigma * rng.standard_normal(image.shape)
+    image = np.hypot(real, imag)
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8), lesion_info
+
+
+def _add_lesion(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    semi_u: float,
+    semi_v: float,
+    theta: float,
+    cx: float,
+    cy: float,
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Paint an irregular bright lesion with a darker oedema halo; return the tissue and (cx, cy, radius)."""
+    size = tissue.shape[0]
+    radius_px = rng.uniform(0.04, 0.15) * size
+    # Place the centre so the whole lesion (its halo may extend further) stays inside the brain,
+    # clear of the skull: in normalised head coordinates the lesion spans at most radius_px / semi_u.
+    reach = max(_BRAIN_EXTENT - 0.03 - 1.3 * radius_px / semi_u, 0.0)
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    dist = reach * math.sqrt(rng.uniform(0.0, 1.0))  # sqrt: uniform over the disc, not crowded at its centre
+    lu, lv = dist * math.cos(angle) * semi_u, dist * math.sin(angle) * semi_v
+    lesion_x = cx + math.cos(theta) * lu - math.sin(theta) * lv
+    lesion_y = cy + math.sin(theta) * lu + math.cos(theta) * lv
+
+    # Irregular outline: the radius varies with angle by a few random low harmonics (<= +-30%),
+    # and a smooth random field adds small lobulations on top.
+    texture, lobules = _smooth_noise(rng, size, [max(1.0, 0.25 * radius_px), max(1.0, 0.35 * radius_px)])
+    dx, dy = xs - lesion_x, ys - lesion_y
+    polar = np.arctan2(dy, dx)
+    outline = np.ones_like(polar)
+    for harmonic in range(2, 6):
+        outline += rng.uniform(0.0, 0.075) * np.cos(harmonic * polar + rng.uniform(0.0, 2.0 * math.pi))
+    rel = np.hypot(dx, dy) / (radius_px * outline) + 0.08 * lobules
+    core = _smoothstep(1.0, rel, 0.06)
+    halo = _smoothstep(rng.uniform(1.5, 2.1), rel, 0.15) * (1.0 - core)
+
+    # The lesion replaces the tissue under it (a mass displaces ventricles and sulci rather than
+    # showing them through). Its level is above white matter by a contrast that spans clearly
+    # visible to subtle; the interior is heterogeneous, and a third of the lesions have a darker
+    # necrotic centre (ring enhancement) as many high-grade tumours do.
+    contrast = 0.03 + 0.32 * rng.uniform() ** 1.5  # skewed: mostly moderate, some barely visible
+    lesion = _WHITE_MATTER + contrast * (1.0 + 0.3 * texture)
+    if rng.uniform() < 0.35:
+        lesion -= 0.6 * contrast * _smoothstep(rng.uniform(0.3, 0.5), rel, 0.08)
+    oedema = -rng.uniform(0.03, 0.16) * halo
+    return tissue * (1.0 - core) + lesion * core + oedema, (lesion_x, lesion_y, radius_px)
+
+
+def generate_synthetic_mri(
+    out_dir: Path,
+    n_images: int = 300,
+    image_size: int = 128,
+    tumor_fraction: float = 0.6,
+    seed: int = 0,
+) -> Path:
+    """Write n_images grayscale PNGs into out_dir/tumor/ and out_dir/normal/ plus out_dir/lesions.csv; return out_dir.
+
+    ``tumor_count(n_images, tumor_fraction)`` of them are tumours, the rest normal, with the
+    tumour indices shuffled among all. Files are numbered globally (``tumor/synth_0007.png``). ``lesions.csv`` has one row per image with columns
+    ``file,label,cx,cy,radius``: the path relative to ``out_dir``, the class, and the lesion centre
+    (x = column, y = row) and nominal radius in pixels, left empty for normal images.
+    """
+    _validate(n_images, image_size, tumor_fraction)
+    out_dir = Path(out_dir)
+    for label in (POSITIVE_CLASS, NEGATIVE_CLASS):
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
+
+    rng = np.random.default_rng(seed)
+    n_tumor = tumor_count(n_images, tumor_fraction)
+    is_tumor = np.zeros(n_images, dtype=bool)
+    is_tumor[rng.permutation(n_images)[:n_tumor]] = True
+    # One child generator per image: image i depends only on (seed, i), not on how the others drew.
+    children = rng.spawn(n_images)
+
+    width = max(4, len(str(n_images - 1)))
+    rows: list[list[str]] = []
+    for index, (child, tumor) in enumerate(zip(children, is_tumor)):
+        label = POSITIVE_CLASS if tumor else NEGATIVE_CLASS
+        pixels, lesion = _draw_slice(child, image_size, bool(tumor))
+        relative = f"{label}/synth_{index:0{width}d}.png"
+        Image.fromarray(pixels).save(out_dir / relative, format="PNG")
+        if lesion is None:
+            rows.append([relative, label, "", "", ""])
+        else:
+            rows.append([relative, label, *(f"{value:.2f}" for value in lesion)])
+
+    # Explicit "\n" line endings keep the file byte-identical across platforms.
+    with open(out_dir / _LESIONS_FILE, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(["file", "label", "cx", "cy", "radius"])
+        writer.writerows(rows)
+    return out_dir
+
+
+def ensure_synthetic_dataset(
+    cache_root: Path,
+    n_images: int = 300,
+    image_size: int = 128,
+    tumor_fraction: float = 0.6,
+    seed: int = 0,
+) -> Path:
+    """Return a cached generated set under cache_root/synthetic-v1-<short hash of the parameters>/, generating it only if absent.
+
+    Generation goes to a temporary sibling directory that is renamed into place at the end, so a
+    directory with the final name is always complete and two processes racing never see a
+    half-written set; if the rename loses the race because the other process finished first, this
+    process's copy is discarded and the winner's (identical) set is returned.
+    """
+    _validate(n_images, image_size, tumor_fraction)
+    # Plain Python numbers, so numpy scalars hash (and serialise) the same as their values.
+    params = {"n_images": int(n_images), "image_size": int(image_size), "tumor_fraction": float(tumor_fraction), "seed": int(seed)}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    cache_root = Path(cache_root)
+    final = cache_root / f"synthetic-{_GENERATOR_VERSION}-{digest}"
+    if final.is_dir():
+        return final
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as the target (a sibling), so the rename below is atomic.
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_root))
+    # mkdtemp makes it owner-only; the published set should be readable like any other cache entry.
+    staging.chmod(0o755)
+    try:
+        generate_synthetic_mri(staging, n_images, image_size, tumor_fraction, seed)
+        try:
+            os.replace(staging, final)
+        except OSError:
+            # Renaming onto a non-empty directory fails: another process won. Its set is complete
+            # (it appeared only by a rename like ours); anything else is a real error.
+            if not final.is_dir():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return final

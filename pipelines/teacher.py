@@ -1,0 +1,98 @@
+"""Step ``teacher``: one teacher per fold plus one on all training data, with their logits for distillation.
+
+A finished teacher run with the same data digest and parameters is reused, never retrained.
+Artifacts: ``models/fold_<k>.keras``, ``models/all.keras``, ``logits/teacher_logits.npz`` (keyed by image
+sha256: ``fold_<k>`` and ``all`` logits for every image), evaluation plots and a classification report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from pipelines.cli import run_cli
+from pipelines.config import TEACHER_PARAMS, Config, build_parser, config_from_args
+from pipelines.distiller import Distiller
+from pipelines.evaluate import classification_metrics, probabilities, write_evaluation_artifacts
+from pipelines.models import build_teacher
+from pipelines.prepare import Prepared, prepare_data
+from pipelines.tracking import reuse_finished, step_run
+from pipelines.training import class_weights, cross_validate, fit, make_dataset, predict_logits, set_seed
+
+LOGITS_ARTIFACT = "logits/teacher_logits.npz"
+
+
+def _trainer(cfg: Config, num_classes: int, seed: int) -> Distiller:
+    """Plain supervised training is the Distiller with alpha = 1 and no teacher: one loss, one set of metrics."""
+    network = build_teacher(cfg.teacher_arch, cfg.image_size, num_classes, cfg.teacher_weights, seed=seed)
+    trainer = Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    return trainer
+
+
+def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
+    """Find or train the teachers for ``cfg``; returns the run id that holds them."""
+    prepared = prepared or prepare_data(cfg)
+    dataset, splits, images = prepared.dataset, prepared.splits, prepared.images
+    previous = reuse_finished("teacher", cfg, TEACHER_PARAMS, dataset.digest, nested)
+    if previous:
+        return previous
+    with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested=nested) as run:
+        cv = cross_validate(prepared, cfg, list(range(cfg.folds)), lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k), lambda k: None, "teacher")
+        logits = {f"fold_{k}": predict_logits(model, images) for k, model in enumerate(cv.models)}
+
+        # The all-data teacher has no validation split to stop on: it trains for the folds' median best epoch.
+        epochs = max(1, int(np.median(cv.best_epochs)))
+        print(f"teacher: all training data ({len(splits.train)} images) for {epochs} epochs")
+        labels = dataset.labels
+        set_seed(cfg.seed)
+        trainer = _trainer(cfg, dataset.num_classes, cfg.seed)
+        weights = class_weights(labels[splits.train], dataset.num_classes)[labels]
+        train = make_dataset(images[splits.train], labels[splits.train], weights[splits.train], batch_size=cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
+        fit(trainer, train, None, cfg, prefix="all_", describe="teacher (all data)", epochs=epochs)
+        logits["all"] = predict_logits(trainer.student, images)
+        test_metrics = classification_metrics(labels[splits.test], probabilities(logits["all"][splits.test], dataset.binary))
+
+        mlflow.log_metrics({**cv.summary(), **{f"test_{k}": v for k, v in test_metrics.items()}, "teacher_params": trainer.student.count_params(), "all_data_epochs": epochs})
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            (out / "models").mkdir()
+            for k, model in enumerate(cv.models):
+                model.save(out / "models" / f"fold_{k}.keras")
+            trainer.student.save(out / "models" / "all.keras")
+            (out / "logits").mkdir()
+            np.savez_compressed(out / LOGITS_ARTIFACT, sha256=dataset.manifest["sha256"].to_numpy(), **logits)
+            write_evaluation_artifacts(labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold")
+            mlflow.log_artifacts(tmp)
+        print(f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {trainer.student.count_params():,} parameters, run {run.info.run_id}")
+        return run.info.run_id
+
+
+def load_teacher_logits(run_id: str, sha256: np.ndarray) -> dict[str, np.ndarray]:
+    """The teacher run's cached logits, reordered to the given rows (matched by image sha256)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LOGITS_ARTIFACT, dst_path=tmp)
+        with np.load(path, allow_pickle=True) as stored:
+            index = {digest: row for row, digest in enumerate(stored["sha256"])}
+            order = np.array([index[digest] for digest in sha256])
+            return {name: stored[name][order] for name in stored.files if name != "sha256"}
+
+
+def load_teacher_model(run_id: str, name: str) -> keras.Model:
+    """``fold_<k>`` or ``all`` teacher from a teacher run, loaded in Keras safe mode."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"models/{name}.keras", dst_path=tmp)
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser("Train one teacher per fold and one on all training data (reused when already trained).")
+    run_cli(lambda args: train_teacher(config_from_args(args)), parser, argv)
+
+
+if __name__ == "__main__":
+    main()

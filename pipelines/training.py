@@ -1,0 +1,181 @@
+"""Shared training machinery: tf.data input pipelines, class weights, fitting with MLflow logging."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+
+from pipelines.config import Config, PipelineError
+from pipelines.evaluate import classification_metrics, probabilities
+
+if TYPE_CHECKING:
+    from pipelines.distiller import Distiller
+    from pipelines.prepare import Prepared
+
+
+def set_seed(seed: int) -> None:
+    """Python, NumPy and TensorFlow seeds in one place, so a single-worker run is repeatable."""
+    keras.utils.set_random_seed(seed)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Balanced weights n / (k * n_c): each class contributes equally to the hard loss."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
+
+
+def augmentation(seed: int) -> keras.Sequential:
+    """Light, anatomy-preserving changes: left-right flip, small rotation, zoom, shift and contrast.
+
+    Images are z-scored, so: borders are filled with the nearest (background) pixel, not 0, which is mid-grey
+    here; and RandomContrast gets a value range wide enough that its clipping (to [0, 255] by default, which
+    would erase every negative pixel and make training and inference images differ) never applies.
+    """
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.04, fill_mode="nearest", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed),
+            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed),
+            keras.layers.RandomContrast(0.2, value_range=(-1e4, 1e4), seed=seed),
+        ],
+        name="augmentation",
+    )
+
+
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    sample_weights: np.ndarray | None = None,
+    teacher_logits: np.ndarray | None = None,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    augment: bool = False,
+    seed: int = 0,
+) -> tf.data.Dataset:
+    """``({"image", ["teacher_logits"]}, label[, weight])`` batches: cached in memory, shuffled, augmented, prefetched.
+
+    Images arrive already decoded and preprocessed, so the pipeline only slices, augments and batches.
+    Cached teacher logits stay those of the un-augmented image: the price of not running the teacher.
+    """
+    features = {"image": images.astype(np.float32)}
+    if teacher_logits is not None:
+        features["teacher_logits"] = teacher_logits.astype(np.float32)
+    elements = (features, labels.astype(np.int32)) if sample_weights is None else (features, labels.astype(np.int32), sample_weights.astype(np.float32))
+    dataset = tf.data.Dataset.from_tensor_slices(elements).cache()
+    if shuffle:
+        dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+    if augment:
+        augmenter = augmentation(seed)
+
+        def apply(features, *rest):
+            return ({**features, "image": augmenter(features["image"], training=True)}, *rest)
+
+        dataset = dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics to MLflow as ``<prefix><name>`` with the epoch as step; stops with a clear error on NaN."""
+
+    def __init__(self, prefix: str, describe: str, learning_rate: float):
+        super().__init__()
+        self.prefix, self.describe, self.learning_rate = prefix, describe, learning_rate
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if not all(math.isfinite(float(v)) for v in logs.values()):
+            bad = {k: float(v) for k, v in logs.items() if not math.isfinite(float(v))}
+            raise PipelineError(f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) or check the inputs")
+        mlflow.log_metrics({f"{self.prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+
+
+def progress_verbosity() -> int:
+    """Keras progress bars on a terminal; one line per epoch in pipes, quiet in CI."""
+    if os.environ.get("CI"):
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
+def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset | None, cfg: Config, prefix: str, describe: str, epochs: int | None = None) -> int:
+    """Train with early stopping on validation loss (best weights restored); returns the best epoch count."""
+    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate)]
+    stopper = None
+    if validation is not None:
+        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
+        callbacks.append(stopper)
+    history = model.fit(train, validation_data=validation, epochs=epochs or cfg.epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity())
+    if validation is None:
+        return len(history.history["loss"])
+    return int(np.argmin(history.history["val_loss"])) + 1
+
+
+def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+
+
+@dataclass
+class CrossValidation:
+    """Per-fold results of one model family; ``oof_probs`` holds each row's probabilities from the fold that held it out."""
+
+    models: list[keras.Model]
+    fold_metrics: list[dict[str, float]]
+    best_epochs: list[int]
+    oof_rows: np.ndarray
+    oof_probs: np.ndarray
+    fold_ids: list[int]
+
+    def summary(self) -> dict[str, float]:
+        """``f1_fold_<k>`` for each fold, and ``<metric>_mean`` / ``<metric>_std`` over folds."""
+        result = {f"f1_fold_{k}": m["f1"] for k, m in zip(self.fold_ids, self.fold_metrics)}
+        for name in self.fold_metrics[0]:
+            values = np.array([m[name] for m in self.fold_metrics], dtype=np.float64)
+            result[f"{name}_mean"] = float(np.mean(values))
+            result[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return result
+
+
+def cross_validate(
+    prepared: "Prepared",
+    cfg: Config,
+    fold_ids: list[int],
+    build_trainer: Callable[[int], "Distiller"],
+    teacher_logits: Callable[[int], np.ndarray | None],
+    describe: str,
+) -> CrossValidation:
+    """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
+
+    ``build_trainer(k)`` gives the compiled :class:`Distiller` for fold k (alpha = 1 and no teacher for plain
+    training); ``teacher_logits(k)`` gives cached logits for every row, or None (online or no KD).
+    """
+    dataset, images = prepared.dataset, prepared.images
+    labels = dataset.labels
+    models, fold_metrics, best_epochs, oof_rows, oof_probs = [], [], [], [], []
+    for k in fold_ids:
+        train_rows, val_rows = prepared.splits.folds[k]
+        weights = class_weights(labels[train_rows], dataset.num_classes)[labels]
+        logits = teacher_logits(k)
+
+        def subset(rows, shuffle):
+            return make_dataset(images[rows], labels[rows], weights[rows], None if logits is None else logits[rows], cfg.batch_size, shuffle=shuffle, augment=shuffle and cfg.augment, seed=cfg.seed + k)
+
+        set_seed(cfg.seed + k)
+        trainer = build_trainer(k)
+        print(f"{describe}: fold {k + 1}/{len(prepared.splits.folds)} ({len(train_rows)} train, {len(val_rows)} validation images)")
+        best_epochs.append(fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
+        probs = probabilities(predict_logits(trainer.student, images[val_rows]), dataset.binary)
+        fold_metrics.append(classification_metrics(labels[val_rows], probs))
+        print(f"{describe}: fold {k + 1} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")
+        models.append(trainer.student)
+        oof_rows.append(val_rows)
+        oof_probs.append(probs)
+    return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids)
