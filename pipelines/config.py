@@ -49,6 +49,18 @@ class Config:
     teacher_mode: str = field(default="cached", metadata={"help": "cached (teacher logits computed once) or online (teacher forward pass every step)"})
     no_kd: bool = field(default=False, metadata={"help": "baseline: train the student on hard labels only (alpha = 1)"})
     fold: int = field(default=-1, metadata={"help": "train only this fold (0-based); -1 = all folds"})
+    # search (Optuna)
+    n_trials: int = field(default=20, metadata={"help": "finished (complete + pruned) trials the study should end with, over all workers"})
+    study_name: str = field(default="kd-brain", metadata={"help": "Optuna study name"})
+    storage: str = field(default="", metadata={"help": "Optuna RDB storage URL (sqlite:///... or postgresql://...); empty = optuna.db in the project"})
+    objectives: str = field(default="f1", metadata={"help": "f1, or f1,params / f1,latency for a multi-objective search"})
+    temperature_range: str = field(default="1,20", metadata={"help": "temperature search range (log scale)"})
+    alpha_range: str = field(default="0,1", metadata={"help": "alpha search range"})
+    width_range: str = field(default="8,32", metadata={"help": "student first-block width range (step 4)"})
+    depth_range: str = field(default="2,4", metadata={"help": "student depth range"})
+    learning_rate_range: str = field(default="5e-4,5e-3", metadata={"help": "learning-rate search range (log scale)"})
+    heartbeat_interval: int = field(default=20, metadata={"help": "seconds between a running trial's heartbeats"})
+    grace_period: int = field(default=60, metadata={"help": "seconds without a heartbeat before a trial counts as dead and is retried"})
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
     cache_dir: str = field(default=str(PROJECT_ROOT / ".cache"), metadata={"help": "decoded images and the synthetic set"})
@@ -70,10 +82,17 @@ class Config:
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
             (self.synthetic_images >= 20, f"synthetic_images={self.synthetic_images}: use 20 or more"),
+            (self.n_trials >= 1, f"n_trials={self.n_trials}: use 1 or more"),
+            (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
+            (0 < self.heartbeat_interval < self.grace_period, f"heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}: need 0 < interval < grace period"),
         ]
         for ok, message in checks:
             if not ok:
                 raise PipelineError(message)
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 
     @property
     def effective_alpha(self) -> float:
@@ -94,6 +113,8 @@ DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "fol
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate")
 TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights")
 DISTILL_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
+SEARCH_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_mode", "n_trials", "study_name", "objectives") + (
+    "temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range")
 
 
 def _parse_bool(text: str) -> bool:

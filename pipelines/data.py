@@ -92,8 +92,12 @@ def sha256_file(path: Path) -> str:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    """Image files by extension, any case; hidden files (.DS_Store, ._foo.jpg) are skipped."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files by extension, any case; hidden files and folders (.DS_Store, ._foo.jpg, .ipynb_checkpoints/) are skipped."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -110,8 +114,8 @@ def _folder_rows(root: Path, given_split: str = "") -> list[dict]:
         if not files:
             raise PipelineError(f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
         for path in files:
-            # No patient ids in these sets: each image is its own group.
-            rows.append({"path": str(path), "label": class_dir.name, "group": str(path.relative_to(root)), "given_split": given_split})
+            # No patient ids in these sets: the group is the image's content (see ingest).
+            rows.append({"path": str(path), "label": class_dir.name, "group": "", "given_split": given_split})
     return rows
 
 
@@ -173,7 +177,7 @@ def _csv_rows(csv_path: Path) -> list[dict]:
             raise PipelineError(f"{csv_path}:{line}: {record['path']!r} does not exist")
         if not record["label"]:
             raise PipelineError(f"{csv_path}:{line}: empty label")
-        rows.append({"path": str(path), "label": record["label"], "group": record.get("group") or str(record["path"]), "given_split": ""})
+        rows.append({"path": str(path), "label": record["label"], "group": record.get("group", ""), "given_split": ""})
     return rows
 
 
@@ -227,6 +231,10 @@ def ingest(cfg: Config) -> Dataset:
             rows = _folder_rows(root)
     manifest = pd.DataFrame(rows, columns=["path", "label", "group", "given_split"]).sort_values("path", ignore_index=True)
     manifest.insert(3, "sha256", [sha256_file(Path(p)) for p in manifest["path"]])
+    # Without patient ids each image is its own group, but identical files (the real yes/no set has 22
+    # such pairs and triples) are one group: a copy in training and its twin in validation would be a leak.
+    ungrouped = manifest["group"] == ""
+    manifest.loc[ungrouped, "group"] = "sha256:" + manifest.loc[ungrouped, "sha256"]
 
     class_names = sorted(manifest["label"].unique())
     if len(class_names) < 2:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import keras
 import mlflow
@@ -20,7 +21,34 @@ from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, load_teacher_model, train_teacher
 from pipelines.tracking import reuse_finished, step_run
-from pipelines.training import cross_validate
+from pipelines.training import CrossValidation, cross_validate
+
+
+def describe_student(cfg: Config) -> str:
+    if cfg.no_kd:
+        return f"student {cfg.student_size} (no KD)"
+    return f"student {cfg.student_size} (KD, T={cfg.temperature:g}, alpha={cfg.alpha:g}, {cfg.teacher_mode})"
+
+
+def cross_validate_student(
+    cfg: Config, prepared: Prepared, teacher_run_id: str | None, fold_ids: list[int], on_fold: Callable[[int, dict[str, float]], None] | None = None
+) -> CrossValidation:
+    """Train and evaluate the student on the given folds, guided by the fold teachers of ``teacher_run_id``.
+
+    ``teacher_run_id`` is None for the no-KD baseline. Cached mode reads the teacher run's logits once.
+    """
+    alpha = cfg.effective_alpha
+    dataset = prepared.dataset
+    cached = load_teacher_logits(teacher_run_id, dataset.manifest["sha256"].to_numpy()) if teacher_run_id and cfg.teacher_mode == "cached" else {}
+
+    def build_trainer(k: int) -> Distiller:
+        student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k)
+        teacher = load_teacher_model(teacher_run_id, f"fold_{k}") if teacher_run_id and cfg.teacher_mode == "online" else None
+        trainer = Distiller(student, teacher, cfg.temperature, alpha, dataset.binary)
+        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        return trainer
+
+    return cross_validate(prepared, cfg, fold_ids, build_trainer, lambda k: cached.get(f"fold_{k}"), describe_student(cfg), on_fold)
 
 
 def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
@@ -34,24 +62,14 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
     if previous:
         return previous
     alpha = cfg.effective_alpha
-    use_teacher = alpha < 1.0
     fold_ids = list(range(cfg.folds)) if cfg.fold < 0 else [cfg.fold]
-    describe = "student (no KD)" if cfg.no_kd else f"student (KD, T={cfg.temperature:g}, alpha={alpha:g}, {cfg.teacher_mode})"
+    describe = describe_student(cfg)
 
     with step_run("distill", cfg, DISTILL_PARAMS, dataset, prepared.splits, nested=nested) as run:
-        teacher_run_id = train_teacher(cfg, prepared, nested=True) if use_teacher else None
-        cached = load_teacher_logits(teacher_run_id, dataset.manifest["sha256"].to_numpy()) if use_teacher and cfg.teacher_mode == "cached" else {}
+        teacher_run_id = train_teacher(cfg, prepared, nested=True) if alpha < 1.0 else None
         if teacher_run_id:
             mlflow.set_tag("kd.teacher_run_id", teacher_run_id)
-
-        def build_trainer(k: int) -> Distiller:
-            student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k)
-            teacher = load_teacher_model(teacher_run_id, f"fold_{k}") if use_teacher and cfg.teacher_mode == "online" else None
-            trainer = Distiller(student, teacher, cfg.temperature, alpha, dataset.binary)
-            trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-            return trainer
-
-        cv = cross_validate(prepared, cfg, fold_ids, build_trainer, lambda k: cached.get(f"fold_{k}"), describe)
+        cv = cross_validate_student(cfg, prepared, teacher_run_id, fold_ids)
         summary = cv.summary()
         student_params = cv.models[0].count_params()
         mlflow.log_metrics({**summary, "student_params": student_params})

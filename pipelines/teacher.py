@@ -7,6 +7,7 @@ sha256: ``fold_<k>`` and ``all`` logits for every image), evaluation plots and a
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 
@@ -72,14 +73,21 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
         return run.info.run_id
 
 
-def load_teacher_logits(run_id: str, sha256: np.ndarray) -> dict[str, np.ndarray]:
-    """The teacher run's cached logits, reordered to the given rows (matched by image sha256)."""
+@functools.lru_cache(maxsize=4)
+def _stored_logits(run_id: str) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """Downloaded once per process: a search calls this for every trial."""
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LOGITS_ARTIFACT, dst_path=tmp)
         with np.load(path, allow_pickle=True) as stored:
             index = {digest: row for row, digest in enumerate(stored["sha256"])}
-            order = np.array([index[digest] for digest in sha256])
-            return {name: stored[name][order] for name in stored.files if name != "sha256"}
+            return index, {name: stored[name] for name in stored.files if name != "sha256"}
+
+
+def load_teacher_logits(run_id: str, sha256: np.ndarray) -> dict[str, np.ndarray]:
+    """The teacher run's cached logits, reordered to the given rows (matched by image sha256)."""
+    index, logits = _stored_logits(run_id)
+    order = np.array([index[digest] for digest in sha256])
+    return {name: values[order] for name, values in logits.items()}
 
 
 def load_teacher_model(run_id: str, name: str) -> keras.Model:

@@ -151,11 +151,13 @@ def cross_validate(
     build_trainer: Callable[[int], "Distiller"],
     teacher_logits: Callable[[int], np.ndarray | None],
     describe: str,
+    on_fold: Callable[[int, dict[str, float]], None] | None = None,
 ) -> CrossValidation:
     """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
 
     ``build_trainer(k)`` gives the compiled :class:`Distiller` for fold k (alpha = 1 and no teacher for plain
     training); ``teacher_logits(k)`` gives cached logits for every row, or None (online or no KD).
+    ``on_fold(k, metrics)`` sees each fold's validation metrics as they come (a search reports and prunes there).
     """
     dataset, images = prepared.dataset, prepared.images
     labels = dataset.labels
@@ -178,4 +180,6 @@ def cross_validate(
         models.append(trainer.student)
         oof_rows.append(val_rows)
         oof_probs.append(probs)
+        if on_fold is not None:
+            on_fold(k, fold_metrics[-1])
     return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids)

@@ -1,0 +1,316 @@
+"""Step ``search``: Optuna over temperature, alpha, student size and learning rate, scored by k-fold F1.
+
+Any number of workers, on any machines, share one study in an RDB storage (SQLite file, PostgreSQL for
+several machines) and one MLflow tracking store. ``n_trials`` is the study's total of finished
+(complete + pruned) trials, not a per-worker count. A killed worker's trial stops sending heartbeats,
+is marked failed after the grace period and retried with the same parameters.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import numpy as np
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from pipelines.config import SEARCH_PARAMS, Config, PipelineError
+from pipelines.distill import cross_validate_student
+from pipelines.evaluate import batch1_latency_ms
+from pipelines.prepare import Prepared, prepare_data
+from pipelines.teacher import train_teacher
+from pipelines.tracking import STEP_TAG, log_data
+from search.space import SearchSpace
+
+# fail_stale_trials and the matplotlib plots are marked experimental; they are what we need.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+STUDY_CONFIG_ATTR, PARENT_RUN_ATTR, DIGEST_ATTR = "config", "mlflow_parent_run_id", "data_digest"
+# Settings a joining worker takes from the study, so every trial trains on the same data the same way.
+SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials", "study_name")) + ("data_dir", "synthetic_images")
+
+
+class SurplusTrial(Exception):
+    """Workers racing for the last trial: the later one steps back (its trial ends FAIL, marked surplus)."""
+
+
+def redact(url: str) -> str:
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def open_storage(cfg: Config) -> RDBStorage:
+    """The study's RDB storage, checked before any training: known scheme, reachable database."""
+    scheme = cfg.storage_url.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in ("sqlite", "postgresql", "mysql"):
+        raise PipelineError(f"storage: unknown URL scheme {scheme!r}; use sqlite:///path.db or postgresql://user@host/db")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if scheme == "sqlite" else {"pool_pre_ping": True}
+    try:
+        engine = sqlalchemy.create_engine(cfg.storage_url, **engine_kwargs)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # any driver's connection error: report it in one line
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineError(f"storage={redact(cfg.storage_url)}: cannot connect ({reason}); check the URL and that the database server runs") from None
+    return RDBStorage(
+        cfg.storage_url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=cfg.heartbeat_interval,
+        grace_period=cfg.grace_period,
+        heartbeat_stale_trial_callback=retry_dead_trial,
+    )
+
+
+_retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
+def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker died: close its MLflow run as KILLED (never left RUNNING) and queue a retry."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_tag(run_id, "kd.failure", "worker stopped sending heartbeats; trial retried")
+            client.set_terminated(run_id, "KILLED")
+    _retry(study, trial)
+
+
+@contextmanager
+def storage_lock(cfg: Config, name: str) -> Iterator[None]:
+    """A lock every worker of the study honours: a file lock beside a SQLite study, an advisory lock in PostgreSQL."""
+    url = sqlalchemy.engine.make_url(cfg.storage_url)
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database or "optuna").resolve().with_name(f".{Path(url.database or 'optuna').name}.{name}.lock")
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    elif url.get_backend_name() == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"{cfg.study_name}:{name}".encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(cfg.storage_url)
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        engine.dispose()
+    else:
+        yield
+
+
+def directions(cfg: Config) -> list[str]:
+    return ["maximize"] if cfg.objectives == "f1" else ["maximize", "minimize"]
+
+
+def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study, Config]:
+    """Create the study, or join it: a joining worker takes the data and settings the study was created with."""
+    wanted = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions(cfg)]
+    try:
+        study_id = storage.get_study_id_from_name(cfg.study_name)
+    except KeyError:
+        study_id = None
+    if study_id is not None and storage.get_study_directions(study_id) != wanted:
+        have = [d.name.lower() for d in storage.get_study_directions(study_id)]
+        raise PipelineError(f"study {cfg.study_name!r} exists with directions {have}, not {directions(cfg)}; use another study_name or the same objectives")
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.n_trials // 3)))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True)
+    stored = study.user_attrs.get(STUDY_CONFIG_ATTR)
+    if stored is None:
+        study.set_user_attr(STUDY_CONFIG_ATTR, {name: getattr(cfg, name) for name in SHARED_FIELDS})
+        return study, cfg
+    joined = cfg.replace(**{name: value for name, value in stored.items() if name in SHARED_FIELDS})
+    changed = sorted(name for name in SHARED_FIELDS if getattr(joined, name) != getattr(cfg, name))
+    if changed:
+        print(f"search: joining study {cfg.study_name!r} with its own settings for {', '.join(changed)}")
+    return study, joined
+
+
+def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage) -> str:
+    """The study's one MLflow parent run: the first worker creates it (the `mlflow run` run, if any)."""
+    with storage_lock(cfg, "parent"):
+        attrs = storage.get_study_user_attrs(study._study_id)
+        if PARENT_RUN_ATTR in attrs:
+            return attrs[PARENT_RUN_ATTR]
+        if os.environ.get("MLFLOW_RUN_ID"):
+            run_id = os.environ["MLFLOW_RUN_ID"]
+        else:
+            experiment = mlflow.set_experiment(cfg.experiment_name)
+            run_id = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=f"search-{cfg.study_name}").info.run_id
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        return run_id
+
+
+def claimed_before(study: optuna.Study, number: int) -> int:
+    """Trials numbered below ``number`` that count, or may still count, towards ``n_trials``."""
+    states = (*FINISHED, TrialState.RUNNING)
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=states) if trial.number < number)
+
+
+def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_run_id: str):
+    fold_ids = list(range(cfg.folds))
+    multi = cfg.objectives != "f1"
+
+    def objective(trial: optuna.Trial):
+        if claimed_before(trial.study, trial.number) >= cfg.n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"trial {trial.number}: the study already has {cfg.n_trials} trials")
+        params, trial_cfg = space.suggest(trial, cfg)
+        with mlflow.start_run(nested=True, run_name=f"trial-{trial.number}") as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.set_tags({STEP_TAG: "trial", "optuna.study": cfg.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"})
+            mlflow.log_params({**params, "student_size": trial_cfg.student_size})
+            fold_f1: list[float] = []
+
+            def on_fold(k: int, metrics: dict[str, float]) -> None:
+                fold_f1.append(metrics["f1"])
+                mlflow.log_metric("fold_f1", metrics["f1"], step=k)
+                if not multi:
+                    trial.report(metrics["f1"], k)
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"fold {k} F1 {metrics['f1']:.4f} below the median of earlier trials")
+
+            try:
+                cv = cross_validate_student(trial_cfg, prepared, teacher_run_id, fold_ids, on_fold)
+            except optuna.TrialPruned:
+                trial.set_user_attr("fold_f1", fold_f1)
+                mlflow.set_tag("optuna.state", "PRUNED")
+                raise
+            except BaseException:
+                mlflow.set_tag("optuna.state", "FAILED")
+                raise
+            summary = cv.summary()
+            student_params = cv.models[0].count_params()
+            latency = batch1_latency_ms(cv.models[0])
+            trial.set_user_attr("fold_f1", [m["f1"] for m in cv.fold_metrics])
+            trial.set_user_attr("f1_std", summary["f1_std"])
+            trial.set_user_attr("student_params", student_params)
+            trial.set_user_attr("latency_ms", latency)
+            mlflow.log_metrics({**summary, "student_params": student_params, "latency_ms": latency})
+            mlflow.set_tag("optuna.state", "COMPLETE")
+        if not multi:
+            return summary["f1_mean"]
+        return summary["f1_mean"], float(student_params if cfg.objectives == "f1,params" else latency)
+
+    return objective
+
+
+def state_counts(study: optuna.Study) -> dict[TrialState, int]:
+    counts = {state: 0 for state in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state] += 1
+    return counts
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The single best trial: highest mean F1; on a tie (or on the Pareto front) the smaller student."""
+    candidates = study.best_trials if len(study.directions) > 1 else [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if not candidates:
+        raise PipelineError(f"study {study.study_name!r} has no complete trial yet; run the search first")
+    return max(candidates, key=lambda t: (round(t.values[0], 6), -t.user_attrs.get("student_params", np.inf)))
+
+
+def run_search(cfg: Config) -> optuna.Study:
+    """Join or create the study, make sure the teachers exist, then work until it has ``n_trials`` finished trials."""
+    space = SearchSpace.from_config(cfg)
+    storage = open_storage(cfg)
+    study, cfg = load_or_create_study(cfg, storage)
+    prepared = prepare_data(cfg)
+    digest = study.user_attrs.get(DIGEST_ATTR)
+    if digest is None:
+        study.set_user_attr(DIGEST_ATTR, prepared.dataset.digest)
+    elif digest != prepared.dataset.digest:
+        raise PipelineError(f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from study {cfg.study_name!r}'s data (digest {digest[:12]})")
+
+    parent = parent_run_id(study, cfg, storage)
+    # Trial and teacher runs nest under the parent, so they belong in its experiment whoever created it.
+    mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
+    worker = uuid.uuid4().hex[:8]
+    with mlflow.start_run(run_id=parent):
+        mlflow.set_tags({STEP_TAG: "search", "optuna.study": cfg.study_name, "optuna.storage": redact(cfg.storage_url), "kd.data_digest": prepared.dataset.digest})
+        if not mlflow.get_run(parent).data.params.get("study_name"):
+            mlflow.log_params({**cfg.as_params(SEARCH_PARAMS), "data_dir": cfg.data_dir})
+            log_data(prepared.dataset, prepared.splits)
+        # One worker trains the teachers while the others wait, then finds them in the tracking store.
+        with storage_lock(cfg, "teacher"):
+            teacher_run_id = train_teacher(cfg, prepared, nested=True)
+        mlflow.set_tag("kd.teacher_run_id", teacher_run_id)
+
+        objective = make_objective(cfg, space, prepared, teacher_run_id)
+        while True:
+            optuna.storages.fail_stale_trials(study)
+            counts = state_counts(study)
+            finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+            if finished >= cfg.n_trials:
+                break
+            if finished + counts[TrialState.RUNNING] >= cfg.n_trials and counts[TrialState.WAITING] == 0:
+                time.sleep(min(5, cfg.heartbeat_interval))  # the last trials are running elsewhere; wait or retry them if they die
+                continue
+            study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
+        print(f"search: worker {worker} done; study {cfg.study_name!r} has {finished} finished trials")
+        log_summary(study, cfg)
+    return study
+
+
+def log_summary(study: optuna.Study, cfg: Config) -> None:
+    """Best trial, the results table and Optuna's plots on the parent run (the last worker's write wins)."""
+    best = best_trial(study)
+    counts = state_counts(study)
+    mlflow.log_metrics({"best_f1_mean": best.values[0], "best_f1_std": best.user_attrs.get("f1_std", float("nan")), "n_complete": counts[TrialState.COMPLETE], "n_pruned": counts[TrialState.PRUNED], "n_failed": counts[TrialState.FAIL]})
+    mlflow.set_tags({"kd.best_trial": str(best.number), "kd.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
+    mlflow.log_dict({"number": best.number, "values": best.values, "params": best.params, "user_attrs": best.user_attrs}, "search/best_trial.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+        write_plots(study, out)
+        mlflow.log_artifacts(tmp, "search")
+    print(f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} with {json.dumps(best.params)}")
+
+
+def write_plots(study: optuna.Study, out: Path) -> None:
+    """Optimisation history, parameter importances, parallel coordinates (and the Pareto front) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    target = None if len(study.directions) == 1 else (lambda t: t.values[0])
+    figures = {"optimization_history": lambda: plots.plot_optimization_history(study, target=target, target_name="F1")}
+    if len([t for t in study.trials if t.state == TrialState.COMPLETE]) >= 2:
+        figures["param_importances"] = lambda: plots.plot_param_importances(study, target=target, target_name="F1")
+        figures["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(study, target=target, target_name="F1")
+    if len(study.directions) > 1:
+        figures["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=["F1", cfg_second_name(study)])
+    for name, draw in figures.items():
+        try:
+            axes = draw()
+        except (ValueError, RuntimeError) as error:  # e.g. importances when every trial has the same value
+            print(f"search: skipped plot {name}: {error}")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        figure.savefig(out / f"{name}.png", dpi=100)
+        plt.close(figure)
+
+
+def cfg_second_name(study: optuna.Study) -> str:
+    return study.user_attrs.get(STUDY_CONFIG_ATTR, {}).get("objectives", "f1,params").split(",")[1]

@@ -1,0 +1,66 @@
+"""Shared fixtures for the test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# The real "Brain MRI Images for Brain Tumor Detection" set, read-only, beside the repository
+# (``../shared/data/brain-mri-yes-no`` from the project root).
+REAL_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain-mri-yes-no"
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real yes/no MRI folder; tests that need it skip (with the reason) where it is missing."""
+    if not (REAL_DATA_DIR / "yes").is_dir() or not (REAL_DATA_DIR / "no").is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA_DIR} (expected yes/ and no/ sub-folders)")
+    return REAL_DATA_DIR
+
+
+POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test")
+
+
+@pytest.fixture
+def postgres_uri():
+    """A fresh, empty PostgreSQL database on this machine's server, dropped afterwards.
+
+    Skips with the reason where no server runs; CI sets KD_REQUIRE_POSTGRES=1, which turns the skip
+    into a failure, so the PostgreSQL tests can never silently vanish there.
+    """
+    import os
+    import uuid
+
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(connect_timeout=3, **POSTGRES_ADMIN)
+    except psycopg2.OperationalError as error:
+        reason = f"PostgreSQL not reachable at {POSTGRES_ADMIN['host']}:{POSTGRES_ADMIN['port']}: {str(error).strip().splitlines()[0]}"
+        if os.environ.get("KD_REQUIRE_POSTGRES"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    admin.autocommit = True
+    name = f"kd_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://{POSTGRES_ADMIN['user']}@{POSTGRES_ADMIN['host']}:{POSTGRES_ADMIN['port']}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def mri_subset(real_data_dir, tmp_path_factory) -> Path:
+    """14 tumour and 10 normal real scans, for fast end-to-end runs (names with spaces among them)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("mri-subset")
+    for label, count in (("yes", 14), ("no", 10)):
+        (root / label).mkdir()
+        for path in sorted((real_data_dir / label).iterdir())[:count]:
+            shutil.copy(path, root / label / path.name)
+    return root

@@ -1,0 +1,64 @@
+"""Code tests for packaging: the environments agree and the MLproject keeps its contract."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACT = {
+    "prepare": {"data_dir", "image_size", "folds", "seed"},
+    "teacher": {"data_dir", "image_size", "folds", "epochs", "seed"},
+    "distill": {"data_dir", "image_size", "folds", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
+    "main": {"data_dir", "image_size", "folds", "epochs", "seed"},
+}
+
+
+def test_conda_env_pins_exactly_the_pyproject_dependencies():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip_section = next(item["pip"] for item in conda["dependencies"] if isinstance(item, dict))
+    assert sorted(pip_section) == sorted(project["dependencies"])
+    assert all("==" in requirement for requirement in project["dependencies"]), "every dependency is pinned"
+    python = next(item for item in conda["dependencies"] if isinstance(item, str) and item.startswith("python="))
+    assert python.split("=")[1] in ("3.11", "3.12")
+
+
+def test_mlproject_entry_points_keep_their_contract():
+    from mlflow.projects._project_spec import load_project
+
+    project = load_project(str(ROOT))
+    for entry, required in CONTRACT.items():
+        parameters = set(project.get_entry_point(entry).parameters)
+        assert required <= parameters, f"{entry} lacks {required - parameters}"
+        # every parameter reaches the command line of the step
+        command = project.get_entry_point(entry).command
+        assert all(f"{{{name}}}" in command for name in parameters)
+    assert project.get_entry_point("distill").parameters["teacher_mode"].default == "cached"
+
+
+def test_every_mlproject_parameter_is_a_config_field_with_the_same_default():
+    from mlflow.projects._project_spec import load_project
+
+    from pipelines.config import Config
+
+    defaults = Config()
+    for entry in CONTRACT:
+        for name, parameter in load_project(str(ROOT)).get_entry_point(entry).parameters.items():
+            value = getattr(defaults, name)
+            if isinstance(value, bool):
+                assert str(parameter.default).lower() == str(value).lower(), name
+            elif isinstance(value, (int, float)):
+                assert float(parameter.default) == float(value), name
+            else:
+                assert parameter.default == value, name
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme and "make run" in readme
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\nrun:" in makefile and "\ntest:" in makefile

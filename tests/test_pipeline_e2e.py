@@ -1,0 +1,112 @@
+"""End-to-end: `mlflow run` the teacher and distill entry points on a small subset of the real MRI set,
+then check the runs, metrics and artifacts in the tracking store (SQLite, and PostgreSQL in CI)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import Config, PipelineError
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+TINY = {"image_size": "32", "folds": "2", "epochs": "2", "patience": "1", "batch_size": "16"}
+
+
+def mlflow_run(entry: str, tracking_uri: str, **params: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "CI": "1"}
+    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", "e2e"]
+    for name, value in params.items():
+        command += ["-P", f"{name}={value}"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def runs_of(client: MlflowClient, step: str, outcome: str | None = None):
+    experiment = client.get_experiment_by_name("e2e")
+    query = f"tags.`kd.step` = '{step}'" + (f" and tags.`kd.outcome` = '{outcome}'" if outcome else "")
+    return client.search_runs([experiment.experiment_id], query)
+
+
+def check_teacher_then_distill(tracking_uri: str, data_dir: Path) -> None:
+    client = MlflowClient(tracking_uri)
+    teacher = mlflow_run("teacher", tracking_uri, data_dir=str(data_dir), **TINY)
+    assert teacher.returncode == 0, teacher.stderr[-3000:]
+    [teacher_run] = runs_of(client, "teacher", "trained")
+    assert teacher_run.info.status == "FINISHED"
+    metrics = teacher_run.data.metrics
+    assert 0.0 <= metrics["f1_mean"] <= 1.0 and metrics["f1_std"] >= 0.0 and metrics["teacher_params"] > 100_000
+    assert {"fold_0_loss", "fold_1_val_loss", "fold_0_val_auc"} <= set(metrics)
+    artifacts = {a.path for top in ("models", "logits", "evaluation", "data") for a in client.list_artifacts(teacher_run.info.run_id, top)}
+    assert {"models/fold_0.keras", "models/fold_1.keras", "models/all.keras", "logits/teacher_logits.npz", "data/splits.csv"} <= artifacts
+    assert {"evaluation/confusion_matrix.png", "evaluation/roc_curve.png", "evaluation/pr_curve.png", "evaluation/classification_report.txt"} <= artifacts
+    [dataset_input] = teacher_run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == teacher_run.data.tags["kd.data_digest"][:32]
+
+    distill = mlflow_run("distill", tracking_uri, data_dir=str(data_dir), temperature="3", alpha="0.5", student_size="tiny", **TINY)
+    assert distill.returncode == 0, distill.stderr[-3000:]
+    [distill_run] = runs_of(client, "distill", "trained")
+    metrics = distill_run.data.metrics
+    assert {"f1_mean", "f1_std", "student_params", "f1_fold_0", "f1_fold_1"} <= set(metrics)
+    assert metrics["f1_mean"] == pytest.approx((metrics["f1_fold_0"] + metrics["f1_fold_1"]) / 2)
+    assert metrics["student_params"] * 20 <= teacher_run.data.metrics["teacher_params"]
+    assert distill_run.data.tags["kd.teacher_run_id"] == teacher_run.info.run_id, "the finished teacher is reused"
+    assert len(runs_of(client, "teacher", "trained")) == 1, "no teacher was trained twice"
+    assert {"models/student_fold_0.keras", "models/student_fold_1.keras"} <= {a.path for a in client.list_artifacts(distill_run.info.run_id, "models")}
+
+
+def test_teacher_and_distill_entry_points_on_real_scans(mri_subset, tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    check_teacher_then_distill(tracking_uri, mri_subset)
+    client = MlflowClient(tracking_uri)
+
+    again = mlflow_run("teacher", tracking_uri, data_dir=str(mri_subset), **TINY)
+    assert again.returncode == 0 and "reusing finished run" in again.stdout
+    [reused] = runs_of(client, "teacher", "reused")
+    [trained] = runs_of(client, "teacher", "trained")
+    assert reused.data.tags["kd.reused_run_id"] == trained.info.run_id
+
+    online = mlflow_run("distill", tracking_uri, data_dir=str(mri_subset), teacher_mode="online", fold="1", **TINY)
+    assert online.returncode == 0, online.stderr[-3000:]
+    assert any(run.data.params.get("teacher_mode") == "online" and "f1_fold_1" in run.data.metrics for run in runs_of(client, "distill", "trained"))
+
+    baseline = mlflow_run("distill", tracking_uri, data_dir=str(mri_subset), no_kd="true", **TINY)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+    no_kd = [run for run in runs_of(client, "distill", "trained") if run.data.params.get("no_kd") == "true"]
+    assert len(no_kd) == 1 and "kd.teacher_run_id" not in no_kd[0].data.tags
+
+
+def test_bad_data_dir_fails_with_one_line_and_a_failed_run(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = mlflow_run("teacher", tracking_uri, data_dir=str(tmp_path / "missing"), **TINY)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "missing" in errors[0] and "does not exist" in errors[0]
+    runs = MlflowClient(tracking_uri).search_runs([MlflowClient(tracking_uri).get_experiment_by_name("e2e").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_diverging_training_stops_with_a_clear_error_and_a_failed_run(mri_subset, tmp_path):
+    from pipelines.teacher import train_teacher
+
+    tracking_uri, previous_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        cfg = Config(data_dir=str(mri_subset), image_size=32, folds=2, epochs=3, learning_rate=1e30, experiment_name="nan", cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(PipelineError, match="diverged.*learning_rate"):
+            train_teacher(cfg)
+        [run] = MlflowClient(tracking_uri).search_runs([MlflowClient(tracking_uri).get_experiment_by_name("nan").experiment_id])
+        assert run.info.status == "FAILED" and run.data.tags["kd.outcome"] == "running"
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.mark.postgres
+def test_teacher_and_distill_against_postgresql(mri_subset, postgres_uri):
+    check_teacher_then_distill(postgres_uri, mri_subset)

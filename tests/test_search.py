@@ -1,0 +1,196 @@
+"""The Optuna search: real workers (processes) sharing one study in SQLite and in PostgreSQL, a worker killed
+with SIGKILL, bad input refused before training, and optuna-dashboard serving the study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipelines.config import Config, PipelineError
+from search.space import SearchSpace
+from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, run_search
+
+TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
+
+
+def start_worker(data_dir: Path, storage: str, tracking_uri: str, study: str, n_trials: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "CI": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "-m", "search", "--data_dir", str(data_dir), "--storage", storage, "--study_name", study, "--n_trials", str(n_trials), "--experiment_name", "search-test", *TINY, *extra]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(worker: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = worker.communicate(timeout=timeout)
+    assert worker.returncode == 0, output[-4000:]
+    return output
+
+
+def check_study(storage: str, tracking_uri: str, study_name: str, n_trials: int) -> optuna.Study:
+    """Exactly n finished trials, nothing RUNNING, unique numbers, and trial <-> MLflow run linked both ways."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n_trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len({t.number for t in trials}) == len(trials)
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = study.user_attrs[PARENT_RUN_ATTR]
+    trial_runs = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`optuna.study` = '{study_name}' and tags.`kd.step` = 'trial'")
+    assert len(trial_runs) == len([t for t in trials if "mlflow_run_id" in t.user_attrs])
+    by_id = {run.info.run_id: run for run in trial_runs}
+    for trial in finished:
+        run = by_id[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["optuna.trial_number"] == str(trial.number)
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.status != "RUNNING"
+        if trial.state == TrialState.COMPLETE:
+            assert run.data.metrics["f1_mean"] == pytest.approx(trial.value)
+            assert len(trial.user_attrs["fold_f1"]) == 2 and trial.user_attrs["student_params"] > 0 and trial.user_attrs["latency_ms"] > 0
+    teachers = client.search_runs([client.get_run(parent).info.experiment_id], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'")
+    assert len(teachers) == 1, "the teachers are trained once, before the first trial, and shared"
+    artifacts = {a.path for a in client.list_artifacts(parent, "search")}
+    assert {"search/trials.csv", "search/optimization_history.png", "search/best_trial.json"} <= artifacts
+    return study
+
+
+def run_two_workers(data_dir: Path, storage: str, tracking_uri: str) -> None:
+    workers = [start_worker(data_dir, storage, tracking_uri, "shared", 4) for _ in range(2)]
+    for worker in workers:
+        finish(worker)
+    check_study(storage, tracking_uri, "shared", 4)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_study(mri_subset, tmp_path):
+    run_two_workers(mri_subset, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_workers_share_one_postgresql_study(mri_subset, postgres_uri):
+    run_two_workers(mri_subset, postgres_uri, postgres_uri)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_the_study_consistent(mri_subset, tmp_path):
+    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    beat = ["--heartbeat_interval", "1", "--grace_period", "4"]
+    victim = start_worker(mri_subset, storage, tracking_uri, "killed", 2, *beat)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            running = optuna.load_study(study_name="killed", storage=storage).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # the study does not exist yet
+            continue
+        if running and "mlflow_run_id" in running[0].user_attrs:
+            break
+    else:
+        victim.kill()
+        pytest.fail("the worker never started a trial")
+    time.sleep(2)  # mid-trial: the student is training
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+
+    finish(start_worker(mri_subset, storage, tracking_uri, "killed", 2, *beat))
+    study = check_study(storage, tracking_uri, "killed", 2)
+    [dead] = [t for t in study.trials if t.state == TrialState.FAIL]
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retried) == 1 and retried[0].params == dead.params, "the dead trial is retried with its parameters"
+    dead_run = mlflow.MlflowClient(tracking_uri).get_run(dead.user_attrs["mlflow_run_id"])
+    assert dead_run.info.status == "KILLED", "the dead trial's MLflow run is closed, not left RUNNING"
+
+
+def _cfg(tmp_path: Path, **changes) -> Config:
+    defaults = {"data_dir": "/nonexistent-never-read", "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "cache_dir": str(tmp_path / "cache")}
+    return Config(**{**defaults, **changes})
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"storage": "redis://localhost/0"}, "unknown URL scheme 'redis'"),
+        ({"storage": "postgresql://nobody:secret@127.0.0.1:1/none"}, "cannot connect"),
+        ({"temperature_range": "20,1"}, "temperature_range='20,1': empty range"),
+        ({"alpha_range": "0,1.5"}, "alpha_range"),
+        ({"learning_rate_range": "0,1e-3"}, "log-scale range must be positive"),
+        ({"width_range": "8"}, "width_range='8': give two numbers"),
+    ],
+)
+def test_bad_search_input_fails_before_any_training(tmp_path, changes, match):
+    with pytest.raises(PipelineError, match=match) as error:
+        run_search(_cfg(tmp_path, **changes))
+    assert "secret" not in str(error.value), "passwords never reach messages"
+
+
+def test_n_trials_below_one_is_refused(tmp_path):
+    with pytest.raises(PipelineError, match="n_trials=0"):
+        _cfg(tmp_path, n_trials=0)
+
+
+def test_an_existing_study_with_another_direction_is_refused(tmp_path):
+    storage = open_storage(_cfg(tmp_path))
+    load_or_create_study(_cfg(tmp_path), storage)
+    with pytest.raises(PipelineError, match="exists with directions \\['maximize'\\]"):
+        load_or_create_study(_cfg(tmp_path, objectives="f1,params"), open_storage(_cfg(tmp_path, objectives="f1,params")))
+
+
+def test_a_joining_worker_takes_the_study_settings_and_the_seed_makes_suggestions_repeatable(tmp_path):
+    creator = _cfg(tmp_path, image_size=48, folds=3)
+    study, _ = load_or_create_study(creator, open_storage(creator))
+    _, joined = load_or_create_study(_cfg(tmp_path), open_storage(_cfg(tmp_path)))
+    assert (joined.image_size, joined.folds, joined.data_dir) == (48, 3, creator.data_dir)
+
+    def first_suggestions(name: str) -> dict:
+        cfg = _cfg(tmp_path, study_name=name)
+        fresh, _ = load_or_create_study(cfg, open_storage(cfg))
+        return SearchSpace.from_config(cfg).suggest(fresh.ask(), cfg)[0]
+
+    assert first_suggestions("a") == first_suggestions("b")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_optuna_dashboard_serves_the_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="dashboard-study", storage=storage, direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    port = _free_port()
+    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    studies = json.loads(response.read())["study_summaries"]
+                break
+            except OSError:
+                if time.monotonic() > deadline or dashboard.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        [served] = [s for s in studies if s["study_name"] == "dashboard-study"]
+        assert served["directions"] == ["maximize"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{served['study_id']}", timeout=5) as response:
+            detail = json.loads(response.read())
+        assert max(trial["values"][0] for trial in detail["trials"]) == pytest.approx(study.best_value)
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=10)
