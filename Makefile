@@ -8,9 +8,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 # Light enough for 2 cores in a few minutes; the real-data defaults live in pipelines/config.py.
-RUN_PARAMS ?= -P folds=3 -P epochs=12 -P patience=4
+RUN_PARAMS ?= -P folds=3 -P epochs=12 -P patience=4 -P n_trials=4 -P study_name=kd-embedded
 
-.PHONY: venv run test clean
+.PHONY: venv run test server clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,14 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# The tracking + registry service. BACKEND: SQLAlchemy URL; ARTIFACTS: folder or s3://bucket/prefix
+# (set MLFLOW_S3_ENDPOINT_URL and AWS credentials for S3-compatible stores).
+BACKEND ?= sqlite:///$(CURDIR)/mlflow.db
+ARTIFACTS ?= $(CURDIR)/mlartifacts
+PORT ?= 5000
+server: venv
+	$(BIN)/python -m registry.server --backend-store-uri "$(BACKEND)" --artifacts-destination "$(ARTIFACTS)" --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .cache mlruns mlartifacts mlflow.db

@@ -61,6 +61,10 @@ class Config:
     learning_rate_range: str = field(default="5e-4,5e-3", metadata={"help": "learning-rate search range (log scale)"})
     heartbeat_interval: int = field(default=20, metadata={"help": "seconds between a running trial's heartbeats"})
     grace_period: int = field(default=60, metadata={"help": "seconds without a heartbeat before a trial counts as dead and is retried"})
+    # registry
+    model_name: str = field(default="brain-tumor-student", metadata={"help": "registered model name"})
+    margin: float = field(default=0.0, metadata={"help": "hold-out F1 a new model must beat the champion by to be promoted"})
+    force: bool = field(default=False, metadata={"help": "promote even if the gate refuses"})
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
     cache_dir: str = field(default=str(PROJECT_ROOT / ".cache"), metadata={"help": "decoded images and the synthetic set"})

@@ -252,15 +252,19 @@ def ingest(cfg: Config) -> Dataset:
     return Dataset(manifest, class_names, positive, source, root, modality, digest)
 
 
-def decode_image(path: Path, modality: int | None = None) -> np.ndarray:
-    """A 2-D float32 intensity image, decoded by content (a PNG named .jpg is fine), any mode or size."""
+def decode_image(path: Path | io.BytesIO, modality: int | None = None, name: str | None = None) -> np.ndarray:
+    """A 2-D float32 intensity image, decoded by content (a PNG named .jpg is fine), any mode or size.
+
+    ``path`` may be an in-memory file; ``name`` is what error messages call it (default: the path).
+    """
+    name = name or str(path)
     if modality is not None:
         image, _ = _read_h5(path)
         return image[..., modality].astype(np.float32)
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:
-                raise PipelineError(f"{path}: {image.width}x{image.height} exceeds {MAX_PIXELS} pixels; downscale it first")
+                raise PipelineError(f"{name}: {image.width}x{image.height} exceeds {MAX_PIXELS} pixels; downscale it first")
             image.load()
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 return np.asarray(image, dtype=np.float32)
@@ -270,12 +274,12 @@ def decode_image(path: Path, modality: int | None = None) -> np.ndarray:
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
             return np.asarray(image.convert("L"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise PipelineError(f"{path}: cannot decode image ({error}); remove or replace the file") from error
+        raise PipelineError(f"{name}: cannot decode image ({error}); remove or replace the file") from error
 
 
-def decode_bytes(payload: bytes) -> np.ndarray:
+def decode_bytes(payload: bytes, name: str = "image") -> np.ndarray:
     """Like :func:`decode_image` for an in-memory file (used by the serving wrapper)."""
-    return decode_image(io.BytesIO(payload))  # type: ignore[arg-type]
+    return decode_image(io.BytesIO(payload), name=name)
 
 
 def crop_to_head(image: np.ndarray) -> np.ndarray:

@@ -1,7 +1,5 @@
-"""Entry point ``main``: prepare -> teacher -> distill, reusing every finished step whose data and parameters match.
-
-(The search and promotion steps join this chain when they exist.)
-"""
+"""Entry point ``main``: prepare -> teacher -> search -> promote, reusing every finished step whose data and
+parameters match (the search resumes its study; promotion is skipped when the champion already is that trial)."""
 
 from __future__ import annotations
 
@@ -11,42 +9,54 @@ import mlflow
 
 from pipelines.cli import run_cli
 from pipelines.config import Config, build_parser, config_from_args
-from pipelines.distill import distill
 from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import STEP_TAG
 
 
 def run_main(cfg: Config) -> dict[str, str]:
-    """Run the chain under one parent run; returns the run id of each step."""
+    """Run the chain under one ``main`` run (steps nested in it); returns each step's run id."""
+    from registry.fetch import resolve_version
+    from registry.promote import CHAMPION, current_version, promote
+    from search.tune import PARENT_RUN_ATTR, best_trial, run_search
+
     prepared = prepare_data(cfg)
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.experiment_name)
-    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else "main") as parent:
+    with mlflow.start_run(run_name="main") as parent:  # under `mlflow run`: that run
         mlflow.set_tag(STEP_TAG, "main")
-        runs = {
-            "prepare": prepare(cfg, prepared, nested=True),
-            "teacher": train_teacher(cfg, prepared, nested=True),
-            "distill": distill(cfg, prepared, nested=True),
-        }
+        runs = {"prepare": prepare(cfg, prepared, nested=True), "teacher": train_teacher(cfg, prepared, nested=True)}
+    main_id = parent.info.run_id
+
+    study = run_search(cfg, under=main_id)
+    runs["search"] = study.user_attrs[PARENT_RUN_ATTR]
+    best = best_trial(study)
+    champion = current_version(mlflow.MlflowClient(), cfg.model_name, CHAMPION)
+    same = champion is not None and (champion.tags.get("study"), champion.tags.get("trial"), champion.tags.get("data_digest")) == (cfg.study_name, str(best.number), prepared.dataset.digest)
+    if same:
+        print(f"promote: champion {cfg.model_name} v{champion.version} already is trial {best.number} of {cfg.study_name!r}; nothing to promote")
+        runs["promote"] = champion.run_id
+    else:
+        promote(cfg, under=main_id)
+        runs["promote"] = resolve_version(cfg.model_name, alias=CHAMPION).run_id
+
+    production = resolve_version(cfg.model_name, stage="Production")
+    with mlflow.start_run(run_id=main_id):
         mlflow.set_tags({f"kd.{step}_run_id": run_id for step, run_id in runs.items()})
-        student = mlflow.get_run(runs["distill"]).data.metrics
-        teacher = mlflow.get_run(runs["teacher"]).data.metrics
-        mlflow.log_metrics({"student_f1_mean": student["f1_mean"], "teacher_f1_mean": teacher["f1_mean"]})
+        mlflow.set_tag("kd.production_version", production.version)
     tracking_uri = mlflow.get_tracking_uri()
     print("\nDone. Where to look:")
-    print(f"  tracking store : {tracking_uri}")
-    print(f"  main run       : {parent.info.run_id}")
-    for step, run_id in runs.items():
-        print(f"  {step:<15}: {run_id}")
-    print(f"  teacher F1     : {teacher['f1_mean']:.4f} ± {teacher['f1_std']:.4f}  ({int(teacher['teacher_params']):,} parameters)")
-    print(f"  student F1     : {student['f1_mean']:.4f} ± {student['f1_std']:.4f}  ({int(student['student_params']):,} parameters)")
-    print(f"  browse         : mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"  tracking store  : {tracking_uri}   (browse: mlflow ui --backend-store-uri {tracking_uri})")
+    for step, run_id in {"main": main_id, **runs}.items():
+        print(f"  {step:<16}: run {run_id}")
+    print(f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}, params {best.params}")
+    print(f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 {production.tags.get('holdout_f1')})")
+    print(f"  serve it        : mlflow models serve -m models:/{cfg.model_name}/Production --env-manager local -p 5001")
     return runs
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Run prepare -> teacher -> distill, reusing finished steps.")
+    parser = build_parser("Run prepare -> teacher -> search -> promote, reusing finished steps.")
     run_cli(lambda args: run_main(config_from_args(args)), parser, argv)
 
 

@@ -22,7 +22,7 @@ from pipelines.evaluate import classification_metrics, probabilities, write_eval
 from pipelines.models import build_teacher
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run
-from pipelines.training import class_weights, cross_validate, fit, make_dataset, predict_logits, set_seed
+from pipelines.training import cross_validate, predict_logits, set_seed, train_on_all_data
 
 LOGITS_ARTIFACT = "logits/teacher_logits.npz"
 
@@ -48,13 +48,10 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
 
         # The all-data teacher has no validation split to stop on: it trains for the folds' median best epoch.
         epochs = max(1, int(np.median(cv.best_epochs)))
-        print(f"teacher: all training data ({len(splits.train)} images) for {epochs} epochs")
         labels = dataset.labels
         set_seed(cfg.seed)
         trainer = _trainer(cfg, dataset.num_classes, cfg.seed)
-        weights = class_weights(labels[splits.train], dataset.num_classes)[labels]
-        train = make_dataset(images[splits.train], labels[splits.train], weights[splits.train], batch_size=cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
-        fit(trainer, train, None, cfg, prefix="all_", describe="teacher (all data)", epochs=epochs)
+        train_on_all_data(prepared, cfg, trainer, None, epochs, "teacher (all data)")
         logits["all"] = predict_logits(trainer.student, images)
         test_metrics = classification_metrics(labels[splits.test], probabilities(logits["all"][splits.test], dataset.binary))
 

@@ -183,3 +183,13 @@ def cross_validate(
         if on_fold is not None:
             on_fold(k, fold_metrics[-1])
     return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids)
+
+
+def train_on_all_data(prepared: "Prepared", cfg: Config, trainer: "Distiller", teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str = "all_") -> None:
+    """Train on every non-test row for a fixed number of epochs (no validation split is left to stop on)."""
+    labels, rows = prepared.dataset.labels, prepared.splits.train
+    weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
+    logits = None if teacher_logits is None else teacher_logits[rows]
+    train = make_dataset(prepared.images[rows], labels[rows], weights[rows], logits, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
+    print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
+    fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)

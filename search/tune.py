@@ -65,13 +65,17 @@ def open_storage(cfg: Config) -> RDBStorage:
     except Exception as error:  # any driver's connection error: report it in one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise PipelineError(f"storage={redact(cfg.storage_url)}: cannot connect ({reason}); check the URL and that the database server runs") from None
-    return RDBStorage(
-        cfg.storage_url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=cfg.heartbeat_interval,
-        grace_period=cfg.grace_period,
-        heartbeat_stale_trial_callback=retry_dead_trial,
-    )
+    # Workers starting together on an empty database would race to create the Optuna and MLflow schemas.
+    with storage_lock(cfg, "schema"):
+        storage = RDBStorage(
+            cfg.storage_url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.heartbeat_interval,
+            grace_period=cfg.grace_period,
+            heartbeat_stale_trial_callback=retry_dead_trial,
+        )
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    return storage
 
 
 _retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
@@ -143,8 +147,11 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
     return study, joined
 
 
-def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage) -> str:
-    """The study's one MLflow parent run: the first worker creates it (the `mlflow run` run, if any)."""
+def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage, under: str | None = None) -> str:
+    """The study's one MLflow parent run: the first worker creates it (the `mlflow run` run, if any).
+
+    ``under``: a pipeline run (``main``) the study's run is shown nested in.
+    """
     with storage_lock(cfg, "parent"):
         attrs = storage.get_study_user_attrs(study._study_id)
         if PARENT_RUN_ATTR in attrs:
@@ -153,7 +160,8 @@ def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage) -> str:
             run_id = os.environ["MLFLOW_RUN_ID"]
         else:
             experiment = mlflow.set_experiment(cfg.experiment_name)
-            run_id = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=f"search-{cfg.study_name}").info.run_id
+            tags = {"mlflow.parentRunId": under} if under else None
+            run_id = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=f"search-{cfg.study_name}", tags=tags).info.run_id
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
 
@@ -200,6 +208,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             student_params = cv.models[0].count_params()
             latency = batch1_latency_ms(cv.models[0])
             trial.set_user_attr("fold_f1", [m["f1"] for m in cv.fold_metrics])
+            trial.set_user_attr("best_epochs", cv.best_epochs)
             trial.set_user_attr("f1_std", summary["f1_std"])
             trial.set_user_attr("student_params", student_params)
             trial.set_user_attr("latency_ms", latency)
@@ -227,8 +236,11 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return max(candidates, key=lambda t: (round(t.values[0], 6), -t.user_attrs.get("student_params", np.inf)))
 
 
-def run_search(cfg: Config) -> optuna.Study:
-    """Join or create the study, make sure the teachers exist, then work until it has ``n_trials`` finished trials."""
+def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
+    """Join or create the study, make sure the teachers exist, then work until it has ``n_trials`` finished trials.
+
+    ``under``: the id of a pipeline run the study's MLflow run is nested in (``main``).
+    """
     space = SearchSpace.from_config(cfg)
     storage = open_storage(cfg)
     study, cfg = load_or_create_study(cfg, storage)
@@ -239,7 +251,7 @@ def run_search(cfg: Config) -> optuna.Study:
     elif digest != prepared.dataset.digest:
         raise PipelineError(f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from study {cfg.study_name!r}'s data (digest {digest[:12]})")
 
-    parent = parent_run_id(study, cfg, storage)
+    parent = parent_run_id(study, cfg, storage, under)
     # Trial and teacher runs nest under the parent, so they belong in its experiment whoever created it.
     mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
     worker = uuid.uuid4().hex[:8]

@@ -32,16 +32,15 @@ def postgres_uri():
     import os
     import uuid
 
-    import psycopg2
+    import psycopg
 
     try:
-        admin = psycopg2.connect(connect_timeout=3, **POSTGRES_ADMIN)
-    except psycopg2.OperationalError as error:
+        admin = psycopg.connect(connect_timeout=3, autocommit=True, **POSTGRES_ADMIN)
+    except psycopg.OperationalError as error:
         reason = f"PostgreSQL not reachable at {POSTGRES_ADMIN['host']}:{POSTGRES_ADMIN['port']}: {str(error).strip().splitlines()[0]}"
         if os.environ.get("KD_REQUIRE_POSTGRES"):
             pytest.fail(reason)
         pytest.skip(reason)
-    admin.autocommit = True
     name = f"kd_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')

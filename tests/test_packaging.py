@@ -12,7 +12,9 @@ CONTRACT = {
     "prepare": {"data_dir", "image_size", "folds", "seed"},
     "teacher": {"data_dir", "image_size", "folds", "epochs", "seed"},
     "distill": {"data_dir", "image_size", "folds", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
-    "main": {"data_dir", "image_size", "folds", "epochs", "seed"},
+    "search": {"data_dir", "n_trials", "study_name", "storage", "folds", "epochs", "seed"},
+    "promote": {"study_name", "storage", "model_name", "margin", "force"},
+    "main": {"data_dir", "image_size", "folds", "epochs", "seed", "n_trials", "study_name", "model_name"},
 }
 
 

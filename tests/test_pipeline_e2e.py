@@ -3,7 +3,6 @@ then check the runs, metrics and artifacts in the tracking store (SQLite, and Po
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -15,13 +14,15 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import Config, PipelineError
 
+from kdtest import child_env
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 TINY = {"image_size": "32", "folds": "2", "epochs": "2", "patience": "1", "batch_size": "16"}
 
 
 def mlflow_run(entry: str, tracking_uri: str, **params: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "CI": "1"}
+    env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
     command = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", "e2e"]
     for name, value in params.items():
         command += ["-P", f"{name}={value}"]

@@ -4,9 +4,7 @@ with SIGKILL, bad input refused before training, and optuna-dashboard serving th
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,11 +20,13 @@ from pipelines.config import Config, PipelineError
 from search.space import SearchSpace
 from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, run_search
 
+from kdtest import child_env, free_port
+
 TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
 
 
 def start_worker(data_dir: Path, storage: str, tracking_uri: str, study: str, n_trials: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "CI": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
     command = [sys.executable, "-m", "search", "--data_dir", str(data_dir), "--storage", storage, "--study_name", study, "--n_trials", str(n_trials), "--experiment_name", "search-test", *TINY, *extra]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -163,17 +163,11 @@ def test_a_joining_worker_takes_the_study_settings_and_the_seed_makes_suggestion
     assert first_suggestions("a") == first_suggestions("b")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_optuna_dashboard_serves_the_study(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="dashboard-study", storage=storage, direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
-    port = _free_port()
+    port = free_port()
     dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60

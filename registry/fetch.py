@@ -1,0 +1,52 @@
+"""Fetch a registered model by stage or alias: the loaded model, and what it is (version, metrics, lineage)."""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipelines.config import PipelineError
+
+STAGES = ("Production", "Staging", "Archived", "None")
+
+
+def resolve_version(name: str, stage: str | None = None, alias: str | None = None) -> ModelVersion:
+    """The version a stage or alias points at, with a clear error for unknown names, stages and aliases."""
+    if (stage is None) == (alias is None):
+        raise PipelineError("give exactly one of stage or alias")
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise PipelineError(f"no registered model {name!r}; promote one first (mlflow run . -e promote)") from None
+    if alias is not None:
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            raise PipelineError(f"{name} has no version with alias {alias!r}") from None
+    if stage not in STAGES:
+        raise PipelineError(f"stage={stage!r}: use one of {', '.join(STAGES)}")
+    versions = client.get_latest_versions(name, stages=[stage])
+    if not versions:
+        raise PipelineError(f"{name} has no version in stage {stage!r}")
+    return versions[0]
+
+
+def fetch_model(name: str, stage: str | None = None, alias: str | None = None) -> mlflow.pyfunc.PyFuncModel:
+    """The model that predicts on images (DataFrame column ``image`` of base64 files, or an array batch)."""
+    version = resolve_version(name, stage, alias)
+    return mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+
+
+def describe(version: ModelVersion) -> str:
+    """Version, stage, aliases, metrics and lineage as printable lines."""
+    lines = [
+        f"model      : {version.name} v{version.version} ({version.current_stage}; aliases {', '.join(version.aliases) or 'none'})",
+        f"uri        : models:/{version.name}/{version.version}",
+        f"run        : {version.run_id}",
+        f"description: {version.description}",
+    ]
+    lines += [f"  {key:<22} {value}" for key, value in sorted(version.tags.items())]
+    return "\n".join(lines)

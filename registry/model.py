@@ -1,0 +1,98 @@
+"""The served model: the Keras student plus the preprocessing and class names it was trained with.
+
+Input: a DataFrame column ``image`` of base64-encoded image files (any size, mode or format the data
+loader reads), or an array batch of preprocessed images ``(N, S, S, 1)``. Output: one row per image with
+``label`` and ``prob_<class>`` for each class. Bad input raises ``MlflowException`` with
+INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema
+
+# A scan is a few MB at most; anything far larger is refused before decoding.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_BATCH = 256
+
+
+def bad_request(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class StudentClassifier(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper; artifacts ``student`` (a .keras file) and ``metadata`` (JSON: image_size, class_names)."""
+
+    def load_context(self, context) -> None:
+        import keras
+
+        self.model = keras.models.load_model(context.artifacts["student"], compile=False, safe_mode=True)
+        metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
+        self.image_size = int(metadata["image_size"])
+        self.class_names = list(metadata["class_names"])
+
+    def _images_from_frame(self, frame: pd.DataFrame) -> np.ndarray:
+        from pipelines.config import PipelineError
+        from pipelines.data import decode_bytes, preprocess
+
+        if "image" not in frame.columns:
+            raise bad_request(f"expected a column 'image' of base64-encoded image files; got columns {list(frame.columns)}")
+        images = []
+        for row, value in enumerate(frame["image"]):
+            if not isinstance(value, (str, bytes)) or not value:
+                raise bad_request(f"row {row}: 'image' must be a non-empty base64 string, got {type(value).__name__}")
+            if len(value) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+                raise bad_request(f"row {row}: image larger than {MAX_IMAGE_BYTES // 2**20} MB")
+            try:
+                payload = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise bad_request(f"row {row}: 'image' is not valid base64") from None
+            try:
+                images.append(preprocess(decode_bytes(payload, name=f"row {row}"), self.image_size))
+            except PipelineError as error:
+                raise bad_request(str(error) if str(error).startswith("row ") else f"row {row}: {error}") from None
+        return np.stack(images)
+
+    def _images_from_array(self, array: np.ndarray) -> np.ndarray:
+        expected = (self.image_size, self.image_size, 1)
+        if array.ndim != 4 or array.shape[1:] != expected:
+            raise bad_request(f"an array batch must have shape (N, {self.image_size}, {self.image_size}, 1) of preprocessed images; got {array.shape}")
+        if not np.issubdtype(array.dtype, np.number):
+            raise bad_request(f"an array batch must be numeric; got dtype {array.dtype}")
+        array = array.astype(np.float32)
+        if not np.all(np.isfinite(array)):
+            raise bad_request("the array batch has NaN or infinite values")
+        return array
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        images = self._images_from_frame(model_input) if isinstance(model_input, pd.DataFrame) else self._images_from_array(np.asarray(model_input))
+        if len(images) == 0:
+            raise bad_request("empty batch: send at least one image")
+        if len(images) > MAX_BATCH:
+            raise bad_request(f"batch of {len(images)} images; send at most {MAX_BATCH} per request")
+        from pipelines.evaluate import probabilities
+
+        probs = probabilities(np.asarray(self.model(images, training=False)), len(self.class_names) == 2)
+        result = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(self.class_names)})
+        result.insert(0, "label", [self.class_names[i] for i in probs.argmax(axis=1)])
+        return result
+
+
+def signature(class_names: list[str]) -> ModelSignature:
+    outputs = Schema([ColSpec("string", "label")] + [ColSpec("double", f"prob_{name}") for name in class_names])
+    return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=outputs)
+
+
+def encode_file(path: Path | str) -> str:
+    """A file as the base64 string the served model takes."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -1,0 +1,259 @@
+"""Step ``promote``: retrain the study's best student on all training data, compare it on the hold-out split,
+register it, and promote it only if it beats the champion.
+
+Stage and alias move together: ``Production`` + ``champion`` for the winner (the previous champion is
+archived), ``Staging`` + ``challenger`` otherwise. Every promotion and rollback is appended to the
+registered model's audit trail (``python -m registry history``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipelines.config import PROJECT_ROOT, Config, PipelineError
+from pipelines.distiller import Distiller
+from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.models import build_student
+from pipelines.prepare import Prepared, prepare_data
+from pipelines.teacher import load_teacher_logits, train_teacher
+from pipelines.tracking import STEP_TAG
+from pipelines.training import set_seed, train_on_all_data
+from registry.model import StudentClassifier, encode_file, signature
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}
+AUDIT_PREFIX = "audit."
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    promoted: bool
+    reason: str
+    holdout_f1: float
+    champion_f1: float | None
+
+
+def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str) -> keras.Model:
+    """A student trained on all training data: with the all-data teacher's logits, or without KD (None)."""
+    set_seed(cfg.seed)
+    student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed)
+    trainer = Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+    train_on_all_data(prepared, cfg, trainer, teacher_logits, epochs, describe, prefix=prefix)
+    return student
+
+
+def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config]:
+    """The study's best trial and the Config its student was trained with (the study's data and settings)."""
+    from search.tune import load_or_create_study, open_storage, best_trial
+
+    storage = open_storage(cfg)
+    try:
+        storage.get_study_id_from_name(cfg.study_name)
+    except KeyError:
+        raise PipelineError(f"no study {cfg.study_name!r} in {cfg.storage_url.split('@')[-1]}; run the search first") from None
+    study, study_cfg = load_or_create_study(cfg, storage)
+    best = best_trial(study)
+    params = best.params
+    return best, study_cfg.replace(temperature=params["temperature"], alpha=params["alpha"], student_size=f"{params['width']}x{params['depth']}", learning_rate=params["learning_rate"])
+
+
+def holdout_frame(prepared: Prepared) -> pd.DataFrame:
+    """The hold-out images as the served model receives them: base64 files."""
+    return pd.DataFrame({"image": [encode_file(p) for p in prepared.dataset.manifest["path"].to_numpy()[prepared.splits.test]]})
+
+
+def pyfunc_f1(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame, labels: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """Hold-out metrics of a served model, predicted from the image files, so any version is comparable."""
+    output = model.predict(frame)
+    missing = [f"prob_{name}" for name in class_names if f"prob_{name}" not in output.columns]
+    if missing:
+        raise PipelineError(f"the model predicts other classes than this data's {class_names}; compare on data with the same classes")
+    probs = output[[f"prob_{name}" for name in class_names]].to_numpy()
+    return classification_metrics(labels, probs)
+
+
+def code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pinned_requirements() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+def log_student(student: keras.Model, prepared: Prepared, cfg: Config) -> str:
+    """Log the pyfunc model (student + preprocessing + class names) to the active run; returns its URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        student_path = Path(tmp) / "student.keras"
+        student.save(student_path)
+        metadata_path = Path(tmp) / "metadata.json"
+        metadata_path.write_text(json.dumps({"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class}))
+        example = holdout_frame(prepared).head(1)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=StudentClassifier(),
+            artifacts={"student": str(student_path), "metadata": str(metadata_path)},
+            code_paths=[str(PROJECT_ROOT / "pipelines"), str(PROJECT_ROOT / "registry")],
+            signature=signature(prepared.dataset.class_names),
+            input_example=example,
+            pip_requirements=pinned_requirements(),
+        )
+    return info.model_uri
+
+
+def current_version(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def set_role(client: MlflowClient, name: str, version: str, alias: str) -> None:
+    """Move stage and alias together: the version leaves its other role, the role's previous holder is archived."""
+    for other in STAGE_OF_ALIAS:
+        holder = current_version(client, name, other)
+        if other != alias and holder is not None and holder.version == version:
+            client.delete_registered_model_alias(name, other)
+    client.transition_model_version_stage(name, version, STAGE_OF_ALIAS[alias], archive_existing_versions=True)
+    client.set_registered_model_alias(name, alias, version)
+
+
+def record(client: MlflowClient, name: str, event: str, version: str, previous: str | None, why: str) -> None:
+    """Append one entry to the model's audit trail (a registered-model tag per event, ordered by time)."""
+    when = datetime.now(timezone.utc)
+    entry = {"event": event, "version": version, "previous": previous, "who": getpass.getuser(), "when": when.isoformat(timespec="seconds"), "why": why}
+    client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{when.strftime('%Y%m%dT%H%M%S%f')}", json.dumps(entry))
+
+
+def history(name: str) -> list[dict]:
+    client = MlflowClient()
+    try:
+        tags = client.get_registered_model(name).tags
+    except MlflowException:
+        raise PipelineError(f"no registered model {name!r}; promote one first (mlflow run . -e promote)") from None
+    return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(AUDIT_PREFIX))]
+
+
+def promote(cfg: Config, under: str | None = None) -> Promotion:
+    """Final training, hold-out comparison, registration and the promotion gate.
+
+    ``under``: the id of a pipeline run (``main``) this step's run is nested in.
+    """
+    best, cfg = study_best(cfg)
+    prepared = prepare_data(cfg)
+    client = MlflowClient()
+    epochs = max(1, int(np.median(best.user_attrs.get("best_epochs", [cfg.epochs]))))
+    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, start_run resumes that run in its experiment
+        mlflow.set_experiment(cfg.experiment_name)
+    with mlflow.start_run(run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
+        mlflow.set_tags({STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest})
+        teacher_run_id = train_teacher(cfg, prepared, nested=True)
+        all_logits = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["all"]
+        student = _student(cfg, prepared, all_logits, epochs, "student (KD)", "student_all_")
+        baseline = _student(cfg.replace(no_kd=True), prepared, None, epochs, "student (no KD)", "no_kd_all_")
+
+        labels, test = prepared.dataset.labels, prepared.splits.test
+        holdout = {
+            "student": classification_metrics(labels[test], probabilities(np.asarray(student(prepared.images[test], training=False)), prepared.dataset.binary)),
+            "no_kd": classification_metrics(labels[test], probabilities(np.asarray(baseline(prepared.images[test], training=False)), prepared.dataset.binary)),
+            "teacher": classification_metrics(labels[test], probabilities(all_logits[test], prepared.dataset.binary)),
+        }
+        mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
+        mlflow.log_metrics({"student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
+        model_uri = log_student(student, prepared, cfg)
+
+        frame = holdout_frame(prepared)
+        new_f1 = pyfunc_f1(mlflow.pyfunc.load_model(model_uri), frame, labels[test], prepared.dataset.class_names)["f1"]
+        champion = current_version(client, cfg.model_name, CHAMPION)
+        champion_f1 = None
+        if champion is not None:
+            champion_f1 = pyfunc_f1(mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{champion.version}"), frame, labels[test], prepared.dataset.class_names)["f1"]
+
+        description = (
+            f"KD student {cfg.student_size} (T={cfg.temperature:.3g}, alpha={cfg.alpha:.3g}) from study {cfg.study_name!r} trial {best.number}. "
+            f"k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}; hold-out F1 {new_f1:.4f} "
+            f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters."
+        )
+        tags = {
+            "study": cfg.study_name, "trial": str(best.number), "kfold_f1_mean": f"{best.values[0]:.6f}", "kfold_f1_std": f"{best.user_attrs.get('f1_std', float('nan')):.6f}",
+            "holdout_f1": f"{new_f1:.6f}", "params_count": str(student.count_params()), "teacher_run_id": teacher_run_id,
+            "data_digest": prepared.dataset.digest, "code_version": code_version(), "image_size": str(cfg.image_size),
+        }
+        tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
+        version = register(client, cfg.model_name, model_uri, run.info.run_id, tags, description)
+
+        if champion is None:
+            promoted, reason = True, "no champion yet"
+        elif cfg.force:
+            promoted, reason = True, f"forced (hold-out F1 {new_f1:.4f} vs champion v{champion.version} {champion_f1:.4f})"
+        elif new_f1 > champion_f1 + cfg.margin:
+            promoted, reason = True, f"hold-out F1 {new_f1:.4f} beats champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
+        else:
+            promoted, reason = False, f"hold-out F1 {new_f1:.4f} does not beat champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
+        set_role(client, cfg.model_name, version, CHAMPION if promoted else CHALLENGER)
+        record(client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason)
+        mlflow.set_tags({"kd.registered_version": version, "kd.promoted": str(promoted), "kd.gate": reason})
+    role = "Production (alias champion)" if promoted else "Staging (alias challenger)"
+    print(f"promote: {cfg.model_name} v{version} -> {role}: {reason}")
+    return Promotion(version, promoted, reason, new_f1, champion_f1)
+
+
+def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str], description: str) -> str:
+    """Register a READY version with its tags and description, or leave nothing behind."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Brain-MRI tumour classifier distilled from a CNN teacher (kd-brain).")
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description)
+    try:
+        deadline = time.monotonic() + 300
+        while client.get_model_version(name, version.version).status == "PENDING_REGISTRATION":
+            if time.monotonic() > deadline:
+                raise PipelineError(f"{name} v{version.version} still pending registration after 300 s")
+            time.sleep(1)
+        status = client.get_model_version(name, version.version).status
+        if status != "READY":
+            raise PipelineError(f"{name} v{version.version} registration ended {status}")
+    except BaseException:
+        client.delete_model_version(name, version.version)
+        raise
+    return version.version
+
+
+def rollback(name: str, reason: str = "manual rollback") -> str:
+    """Make the previous champion the champion again (current one archived); returns its version."""
+    client = MlflowClient()
+    current = current_version(client, name, CHAMPION)
+    if current is None:
+        raise PipelineError(f"{name} has no champion to roll back from")
+    previous = next((e["previous"] for e in reversed(history(name)) if e["event"] in ("promote", "rollback") and e["version"] == current.version and e["previous"]), None)
+    if previous is None:
+        raise PipelineError(f"{name} v{current.version} has no earlier champion to roll back to")
+    set_role(client, name, previous, CHAMPION)
+    record(client, name, "rollback", previous, current.version, reason)
+    print(f"rollback: {name} champion v{current.version} -> v{previous}")
+    return previous

@@ -1,0 +1,115 @@
+"""Helpers shared by the registry and server tests (pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+
+import registry
+from pipelines.config import Config
+from registry.model import encode_file
+
+MODEL = "test-student"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI under test: this venv first on PATH, and no MLflow run or experiment
+    leaked from in-process tests (``mlflow.set_experiment`` exports MLFLOW_EXPERIMENT_ID)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return {**env, "CI": "1", **extra}
+
+
+def tiny_config(data_dir: Path, root: Path, **changes) -> Config:
+    base = dict(
+        data_dir=str(data_dir), image_size=32, folds=2, epochs=2, patience=1, batch_size=16, n_trials=2, study_name="registry-test",
+        storage=f"sqlite:///{root / 'optuna.db'}", model_name=MODEL, experiment_name="registry-test", cache_dir=str(root / "cache"),
+    )
+    return Config(**{**base, **changes})
+
+
+def assert_roles_agree(name: str) -> None:
+    """Stage and alias always agree: champion <-> Production, challenger <-> Staging, one of each at most."""
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'")
+    for version in versions:
+        aliases = set(version.aliases)
+        assert ("champion" in aliases) == (version.current_stage == "Production"), (version.version, version.current_stage, aliases)
+        assert ("challenger" in aliases) == (version.current_stage == "Staging"), (version.version, version.current_stage, aliases)
+    assert sum(v.current_stage == "Production" for v in versions) <= 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(port: int, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def serve(model_uri: str, tracking_uri: str) -> tuple[subprocess.Popen, int]:
+    """`mlflow models serve` as a user runs it, waiting until it answers /ping."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
+    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return server, port
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise AssertionError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
+            time.sleep(1)
+
+
+def check_serving(model_name: str, tracking_uri: str, files: list[Path]) -> None:
+    """A served Production model answers real images like the in-process model, and bad requests with 4xx."""
+    server, port = serve(f"models:/{model_name}/Production", tracking_uri)
+    try:
+        images = [encode_file(f) for f in files]
+        status, body = _post(port, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode())
+        assert status == 200, body
+        served = pd.DataFrame(body["predictions"])
+        local = registry.fetch_model(model_name, stage="Production").predict(pd.DataFrame({"image": images}))
+        np.testing.assert_allclose(served[["prob_no", "prob_yes"]].sum(axis=1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(served[["prob_no", "prob_yes"]].to_numpy(), local[["prob_no", "prob_yes"]].to_numpy(), rtol=1e-5, atol=1e-6)
+        assert list(served["label"]) == list(local["label"])
+
+        truncated = base64.b64encode(files[0].read_bytes()[:200]).decode()
+        bad_requests = {
+            "not an image": [[base64.b64encode(b"hello, this is text").decode()]],
+            "truncated file": [[truncated]],
+            "not base64": [["%%%not base64%%%"]],
+            "empty batch": [],
+        }
+        for what, data in bad_requests.items():
+            status, body = _post(port, json.dumps({"dataframe_split": {"columns": ["image"], "data": data}}).encode())
+            assert 400 <= status < 500, (what, status, body)
+        assert 400 <= _post(port, b"{not json")[0] < 500
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+

@@ -1,0 +1,113 @@
+"""The registry, for real: a tiny search, promotion through the gate, fetch by stage and alias, rollback,
+and a real `mlflow models serve` process answering real image requests."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+import registry
+from pipelines.config import PipelineError
+from registry.fetch import resolve_version
+from registry.model import encode_file
+from registry.promote import history, promote, rollback
+from search.tune import run_search
+
+from kdtest import MODEL, assert_roles_agree, check_serving, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tracked(mri_subset, tmp_path_factory):
+    """A tracking store holding a finished tiny search."""
+    root = tmp_path_factory.mktemp("registry")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    try:
+        run_search(tiny_config(mri_subset, root))
+        yield root
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture
+def champion(tracked, mri_subset) -> None:
+    """Some version is champion (the gate test may already have made one)."""
+    if not MlflowClient().search_model_versions(f"name = '{MODEL}'"):
+        promote(tiny_config(mri_subset, tracked))
+
+
+def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
+    first = promote(tiny_config(mri_subset, tracked))
+    assert first.promoted and first.reason == "no champion yet"
+    assert_roles_agree(MODEL)
+    version = MlflowClient().get_model_version(MODEL, first.version)
+    for tag in ("study", "trial", "kfold_f1_mean", "kfold_f1_std", "holdout_f1", "params_count", "teacher_run_id", "data_digest", "code_version"):
+        assert version.tags.get(tag), tag
+    assert float(version.tags["holdout_f1"]) == pytest.approx(first.holdout_f1, abs=1e-6)
+    assert "k-fold F1" in version.description
+
+    # an impossible margin: the new version cannot beat the champion, the registry keeps its champion
+    refused = promote(tiny_config(mri_subset, tracked, margin=1.0))
+    assert not refused.promoted and "does not beat" in refused.reason
+    assert refused.champion_f1 == pytest.approx(first.holdout_f1), "the champion is re-evaluated on the same hold-out data"
+    assert resolve_version(MODEL, alias="champion").version == first.version
+    assert resolve_version(MODEL, stage="Staging").version == refused.version
+    assert_roles_agree(MODEL)
+
+    forced = promote(tiny_config(mri_subset, tracked, margin=1.0, force=True))
+    assert forced.promoted and forced.reason.startswith("forced")
+    assert resolve_version(MODEL, stage="Production").version == forced.version
+    assert MlflowClient().get_model_version(MODEL, first.version).current_stage == "Archived"
+    assert_roles_agree(MODEL)
+
+    assert rollback(MODEL, "test") == first.version
+    assert resolve_version(MODEL, alias="champion").version == first.version
+    assert_roles_agree(MODEL)
+    events = [(e["event"], e["version"], e["previous"]) for e in history(MODEL)]
+    assert events == [("promote", first.version, None), ("challenger", refused.version, first.version), ("promote", forced.version, first.version), ("rollback", first.version, forced.version)]
+    assert all(e["who"] and e["when"] and e["why"] for e in history(MODEL))
+
+
+def test_fetch_by_stage_and_alias_predicts_on_image_files(champion, real_data_dir):
+    by_stage, by_alias = resolve_version(MODEL, stage="Production"), resolve_version(MODEL, alias="champion")
+    assert by_stage.version == by_alias.version
+    model = registry.fetch_model(MODEL, stage="Production")
+    files = sorted((real_data_dir / "yes").iterdir())[-3:] + sorted((real_data_dir / "no").iterdir())[-2:]
+    output = model.predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))
+    assert list(output.columns) == ["label", "prob_no", "prob_yes"] and len(output) == 5
+    np.testing.assert_allclose(output[["prob_no", "prob_yes"]].sum(axis=1), 1.0, rtol=1e-6)
+    assert set(output["label"]) <= {"no", "yes"}
+    same = mlflow.pyfunc.load_model(f"models:/{MODEL}/Production").predict(pd.DataFrame({"image": [encode_file(f) for f in files]}))
+    pd.testing.assert_frame_equal(output, same)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"stage": "Production", "name": "no-such-model"}, "no registered model"), ({"stage": "Live"}, "stage='Live'"), ({"alias": "nobody"}, "no version with alias")],
+)
+def test_bad_fetch_requests_fail_clearly(champion, kwargs, match):
+    name = kwargs.pop("name", MODEL)
+    with pytest.raises(PipelineError, match=match):
+        resolve_version(name, **kwargs)
+
+
+def test_promote_without_a_complete_trial_fails_and_registers_nothing(tracked, mri_subset):
+    import optuna
+
+    cfg = tiny_config(mri_subset, tracked, study_name="empty-study", model_name="never-registered")
+    optuna.create_study(study_name="empty-study", storage=cfg.storage_url, direction="maximize")
+    with pytest.raises(PipelineError, match="no complete trial"):
+        promote(cfg)
+    with pytest.raises(PipelineError, match="no study 'missing'"):
+        promote(tiny_config(mri_subset, tracked, study_name="missing"))
+    assert not MlflowClient().search_registered_models("name = 'never-registered'")
+
+
+def test_mlflow_models_serve_answers_real_images(champion, real_data_dir):
+    files = sorted((real_data_dir / "yes").iterdir())[-2:] + sorted((real_data_dir / "no").iterdir())[-2:]
+    check_serving(MODEL, mlflow.get_tracking_uri(), files)
