@@ -105,8 +105,8 @@ def pinned_requirements() -> list[str]:
     return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
-def log_student(student: keras.Model, prepared: Prepared, cfg: Config) -> str:
-    """Log the pyfunc model (student + preprocessing + class names) to the active run; returns its URI."""
+def log_student(student: keras.Model, prepared: Prepared, cfg: Config) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc model (student + preprocessing + class names) to the active run."""
     with tempfile.TemporaryDirectory() as tmp:
         student_path = Path(tmp) / "student.keras"
         student.save(student_path)
@@ -122,7 +122,7 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config) -> str:
             input_example=example,
             pip_requirements=pinned_requirements(),
         )
-    return info.model_uri
+    return info
 
 
 def current_version(client: MlflowClient, name: str, alias: str):
@@ -138,7 +138,13 @@ def set_role(client: MlflowClient, name: str, version: str, alias: str) -> None:
         holder = current_version(client, name, other)
         if other != alias and holder is not None and holder.version == version:
             client.delete_registered_model_alias(name, other)
-    client.transition_model_version_stage(name, version, STAGE_OF_ALIAS[alias], archive_existing_versions=True)
+    stage = STAGE_OF_ALIAS[alias]
+    # Archive the stage's other versions ourselves: MLflow's archive_existing_versions=True compares the
+    # integer version column with a string on PostgreSQL and fails there.
+    for other in client.get_latest_versions(name, stages=[stage]):
+        if other.version != version:
+            client.transition_model_version_stage(name, other.version, "Archived")
+    client.transition_model_version_stage(name, version, stage)
     client.set_registered_model_alias(name, alias, version)
 
 
@@ -184,7 +190,8 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         }
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
         mlflow.log_metrics({"student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
-        model_uri = log_student(student, prepared, cfg)
+        logged = log_student(student, prepared, cfg)
+        model_uri = logged.model_uri
 
         frame = holdout_frame(prepared)
         new_f1 = pyfunc_f1(mlflow.pyfunc.load_model(model_uri), frame, labels[test], prepared.dataset.class_names)["f1"]
@@ -204,7 +211,7 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
             "data_digest": prepared.dataset.digest, "code_version": code_version(), "image_size": str(cfg.image_size),
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
-        version = register(client, cfg.model_name, model_uri, run.info.run_id, tags, description)
+        version = register(client, cfg.model_name, logged, run.info.run_id, tags, description)
 
         if champion is None:
             promoted, reason = True, "no champion yet"
@@ -214,21 +221,28 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
             promoted, reason = True, f"hold-out F1 {new_f1:.4f} beats champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
         else:
             promoted, reason = False, f"hold-out F1 {new_f1:.4f} does not beat champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
-        set_role(client, cfg.model_name, version, CHAMPION if promoted else CHALLENGER)
-        record(client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason)
+        try:
+            set_role(client, cfg.model_name, version, CHAMPION if promoted else CHALLENGER)
+            record(client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason)
+        except BaseException:
+            # No half-registered model: roles go back to the champion, the new version goes away.
+            client.delete_model_version(cfg.model_name, version)
+            if champion is not None:
+                set_role(client, cfg.model_name, champion.version, CHAMPION)
+            raise
         mlflow.set_tags({"kd.registered_version": version, "kd.promoted": str(promoted), "kd.gate": reason})
     role = "Production (alias champion)" if promoted else "Staging (alias challenger)"
     print(f"promote: {cfg.model_name} v{version} -> {role}: {reason}")
     return Promotion(version, promoted, reason, new_f1, champion_f1)
 
 
-def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str], description: str) -> str:
+def register(client: MlflowClient, name: str, logged: mlflow.models.model.ModelInfo, run_id: str, tags: dict[str, str], description: str) -> str:
     """Register a READY version with its tags and description, or leave nothing behind."""
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Brain-MRI tumour classifier distilled from a CNN teacher (kd-brain).")
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description)
+    version = client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags, description=description, model_id=logged.model_id)
     try:
         deadline = time.monotonic() + 300
         while client.get_model_version(name, version.version).status == "PENDING_REGISTRATION":

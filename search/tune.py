@@ -53,6 +53,8 @@ def redact(url: str) -> str:
 
 def open_storage(cfg: Config) -> RDBStorage:
     """The study's RDB storage, checked before any training: known scheme, reachable database."""
+    if cfg.storage_url == mlflow.get_tracking_uri():
+        raise PipelineError("storage is the MLflow tracking database; Optuna and MLflow both keep an alembic_version table, so give them separate databases")
     scheme = cfg.storage_url.split(":", 1)[0].split("+", 1)[0]
     if scheme not in ("sqlite", "postgresql", "mysql"):
         raise PipelineError(f"storage: unknown URL scheme {scheme!r}; use sqlite:///path.db or postgresql://user@host/db")

@@ -23,8 +23,8 @@ POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test
 
 
 @pytest.fixture
-def postgres_uri():
-    """A fresh, empty PostgreSQL database on this machine's server, dropped afterwards.
+def postgres_databases():
+    """A factory of fresh, empty PostgreSQL databases on this machine's server, all dropped afterwards.
 
     Skips with the reason where no server runs; CI sets KD_REQUIRE_POSTGRES=1, which turns the skip
     into a failure, so the PostgreSQL tests can never silently vanish there.
@@ -41,15 +41,26 @@ def postgres_uri():
         if os.environ.get("KD_REQUIRE_POSTGRES"):
             pytest.fail(reason)
         pytest.skip(reason)
-    name = f"kd_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
+    created: list[str] = []
+
+    def create() -> str:
+        name = f"kd_test_{uuid.uuid4().hex[:12]}"
+        admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"postgresql://{POSTGRES_ADMIN['user']}@{POSTGRES_ADMIN['host']}:{POSTGRES_ADMIN['port']}/{name}"
+
     try:
-        yield f"postgresql://{POSTGRES_ADMIN['user']}@{POSTGRES_ADMIN['host']}:{POSTGRES_ADMIN['port']}/{name}"
+        yield create
     finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in created:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.fixture
+def postgres_uri(postgres_databases) -> str:
+    """One fresh PostgreSQL database (see postgres_databases)."""
+    return postgres_databases()
 
 
 @pytest.fixture(scope="session")

@@ -43,7 +43,8 @@ def tiny_config(data_dir: Path, root: Path, **changes) -> Config:
 def assert_roles_agree(name: str) -> None:
     """Stage and alias always agree: champion <-> Production, challenger <-> Staging, one of each at most."""
     client = MlflowClient()
-    versions = client.search_model_versions(f"name = '{name}'")
+    # search_model_versions leaves aliases out: read each version whole
+    versions = [client.get_model_version(name, v.version) for v in client.search_model_versions(f"name = '{name}'")]
     for version in versions:
         aliases = set(version.aliases)
         assert ("champion" in aliases) == (version.current_stage == "Production"), (version.version, version.current_stage, aliases)

@@ -81,8 +81,19 @@ def test_two_workers_share_one_sqlite_study(mri_subset, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_two_workers_share_one_postgresql_study(mri_subset, postgres_uri):
-    run_two_workers(mri_subset, postgres_uri, postgres_uri)
+def test_two_workers_share_one_postgresql_study(mri_subset, postgres_databases):
+    # Optuna and MLflow each keep an alembic_version table: one database each.
+    run_two_workers(mri_subset, postgres_databases(), postgres_databases())
+
+
+def test_sharing_the_mlflow_database_with_optuna_is_refused(tmp_path):
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'same.db'}")
+    try:
+        with pytest.raises(PipelineError, match="separate databases"):
+            open_storage(_cfg(tmp_path, storage=f"sqlite:///{tmp_path / 'same.db'}"))
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 @pytest.mark.slow

@@ -64,8 +64,8 @@ def tracking_server(postgres_uri, s3_endpoint, tmp_path, monkeypatch):
         log.close()
 
 
-def test_train_register_promote_fetch_serve_through_postgresql_and_s3(tracking_server, s3_endpoint, postgres_uri, mri_subset, real_data_dir, tmp_path):
-    cfg = tiny_config(mri_subset, tmp_path, storage=postgres_uri, n_trials=1)
+def test_train_register_promote_fetch_serve_through_postgresql_and_s3(tracking_server, s3_endpoint, postgres_databases, mri_subset, real_data_dir, tmp_path):
+    cfg = tiny_config(mri_subset, tmp_path, storage=postgres_databases(), n_trials=1)
     run_search(cfg)
     promotion = promote(cfg)
     assert promotion.promoted
