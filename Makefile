@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 # Light enough for 2 cores in a few minutes; the real-data defaults live in pipelines/config.py.
-RUN_PARAMS ?= -P folds=3 -P epochs=12 -P patience=4 -P n_trials=4 -P study_name=kd-embedded
+RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P study_name=kd-embedded
 
 .PHONY: venv run test server clean
 

@@ -32,13 +32,13 @@ class Config:
     test_fraction: float = field(default=0.2, metadata={"help": "stratified hold-out fraction (ignored when the data has its own test split)"})
     folds: int = field(default=5, metadata={"help": "stratified group k-fold splits of the training part"})
     seed: int = field(default=42, metadata={"help": "seed for splits, initialisation and augmentation"})
-    augment: bool = field(default=True, metadata={"help": "light augmentation (flip, rotation, zoom, shift, contrast) while training"})
+    augment: bool = field(default=False, metadata={"help": "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"})
     synthetic_images: int = field(default=300, metadata={"help": "size of the embedded synthetic set when data_dir is empty"})
     # optimisation
-    epochs: int = field(default=40, metadata={"help": "maximum epochs per fold (early stopping on validation loss)"})
-    patience: int = field(default=8, metadata={"help": "early-stopping patience in epochs"})
-    batch_size: int = field(default=32, metadata={"help": "mini-batch size"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Adam learning rate"})
+    epochs: int = field(default=60, metadata={"help": "maximum epochs per fold (early stopping on validation loss)"})
+    patience: int = field(default=15, metadata={"help": "early-stopping patience in epochs"})
+    batch_size: int = field(default=16, metadata={"help": "mini-batch size"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
     # models
     teacher_arch: str = field(default="resnet", metadata={"help": "resnet (ours) or a keras.applications name, e.g. MobileNetV2"})
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})

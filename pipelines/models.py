@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -12,10 +13,15 @@ from pipelines.config import PipelineError
 
 # (width of the first block, number of blocks); widths double per block.
 STUDENT_PRESETS = {"tiny": (8, 2), "small": (16, 3), "medium": (24, 3), "large": (32, 4)}
-RESNET_WIDTHS = (32, 64, 128, 256)
-# Keras' default 0.99 needs hundreds of steps for the moving statistics to settle; a few hundred images
-# give a handful of steps per epoch, and inference with unsettled statistics predicts one class.
-BN_MOMENTUM = 0.9
+RESNET_WIDTHS = (24, 48, 96, 192)
+
+
+def normalization(channels: int) -> layers.Layer:
+    """GroupNorm, not BatchNorm: a few hundred scans give a handful of steps per epoch, too few for
+    BatchNorm's moving statistics to settle, and inference with unsettled statistics predicted one class
+    on whole folds (measured: 5-fold F1 0.50 ± 0.29 with BatchNorm vs 0.73 ± 0.06 with GroupNorm for the
+    small student). GroupNorm behaves the same in training and inference."""
+    return layers.GroupNormalization(groups=math.gcd(8, channels))
 
 
 def output_units(num_classes: int) -> int:
@@ -41,7 +47,7 @@ def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -
     x = inputs
     for block in range(depth):
         x = layers.Conv2D(width * 2**block, 3, padding="same", use_bias=False, kernel_initializer=init)(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+        x = normalization(width * 2**block)(x)
         x = layers.ReLU()(x)
         x = layers.MaxPooling2D()(x)
     x = layers.GlobalAveragePooling2D()(x)
@@ -53,13 +59,13 @@ def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -
 def _residual_block(x, filters: int, stride: int, init):
     shortcut = x
     y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, kernel_initializer=init)(x)
-    y = layers.BatchNormalization(momentum=BN_MOMENTUM)(y)
+    y = normalization(filters)(y)
     y = layers.ReLU()(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=init)(y)
-    y = layers.BatchNormalization(momentum=BN_MOMENTUM)(y)
+    y = normalization(filters)(y)
     if stride != 1 or shortcut.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=init)(shortcut)
-        shortcut = layers.BatchNormalization(momentum=BN_MOMENTUM)(shortcut)
+        shortcut = normalization(filters)(shortcut)
     return layers.ReLU()(layers.Add()([y, shortcut]))
 
 
@@ -67,7 +73,7 @@ def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
     init = keras.initializers.HeNormal(seed=seed)
     inputs = keras.Input((image_size, image_size, 1), name="image")
     x = layers.Conv2D(RESNET_WIDTHS[0], 3, padding="same", use_bias=False, kernel_initializer=init)(inputs)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM)(x)
+    x = normalization(RESNET_WIDTHS[0])(x)
     x = layers.ReLU()(x)
     for stage, filters in enumerate(RESNET_WIDTHS):
         x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init)

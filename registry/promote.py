@@ -60,8 +60,8 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
     return student
 
 
-def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config]:
-    """The study's best trial and the Config its student was trained with (the study's data and settings)."""
+def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
+    """The study's best trial, the study's Config (data, teachers) and the Config of the trial's student."""
     from search.tune import load_or_create_study, open_storage, best_trial
 
     storage = open_storage(cfg)
@@ -72,7 +72,7 @@ def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config]:
     study, study_cfg = load_or_create_study(cfg, storage)
     best = best_trial(study)
     params = best.params
-    return best, study_cfg.replace(temperature=params["temperature"], alpha=params["alpha"], student_size=f"{params['width']}x{params['depth']}", learning_rate=params["learning_rate"])
+    return best, study_cfg, study_cfg.replace(temperature=params["temperature"], alpha=params["alpha"], student_size=f"{params['width']}x{params['depth']}", learning_rate=params["learning_rate"])
 
 
 def holdout_frame(prepared: Prepared) -> pd.DataFrame:
@@ -169,7 +169,7 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
 
     ``under``: the id of a pipeline run (``main``) this step's run is nested in.
     """
-    best, cfg = study_best(cfg)
+    best, study_cfg, cfg = study_best(cfg)
     prepared = prepare_data(cfg)
     client = MlflowClient()
     epochs = max(1, int(np.median(best.user_attrs.get("best_epochs", [cfg.epochs]))))
@@ -177,7 +177,7 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         mlflow.set_experiment(cfg.experiment_name)
     with mlflow.start_run(run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
         mlflow.set_tags({STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest})
-        teacher_run_id = train_teacher(cfg, prepared, nested=True)
+        teacher_run_id = train_teacher(study_cfg, prepared, nested=True)  # the search's teachers: found, not retrained
         all_logits = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["all"]
         student = _student(cfg, prepared, all_logits, epochs, "student (KD)", "student_all_")
         baseline = _student(cfg.replace(no_kd=True), prepared, None, epochs, "student (no KD)", "no_kd_all_")

@@ -50,6 +50,8 @@ def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
         assert version.tags.get(tag), tag
     assert float(version.tags["holdout_f1"]) == pytest.approx(first.holdout_f1, abs=1e-6)
     assert "k-fold F1" in version.description
+    teachers = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'")
+    assert len(teachers) == 1 and version.tags["teacher_run_id"] == teachers[0].info.run_id, "promotion reuses the search's teachers"
 
     # an impossible margin: the new version cannot beat the champion, the registry keeps its champion
     refused = promote(tiny_config(mri_subset, tracked, margin=1.0))
