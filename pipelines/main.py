@@ -41,9 +41,9 @@ def run_main(cfg: Config) -> dict[str, str]:
         runs["promote"] = resolve_version(cfg.model_name, alias=CHAMPION).run_id
 
     production = resolve_version(cfg.model_name, stage="Production")
-    with mlflow.start_run(run_id=main_id):
-        mlflow.set_tags({f"kd.{step}_run_id": run_id for step, run_id in runs.items()})
-        mlflow.set_tag("kd.production_version", production.version)
+    client = mlflow.MlflowClient()
+    for key, value in {**{f"kd.{step}_run_id": run_id for step, run_id in runs.items()}, "kd.production_version": production.version}.items():
+        client.set_tag(main_id, key, value)
     tracking_uri = mlflow.get_tracking_uri()
     print("\nDone. Where to look:")
     print(f"  tracking store  : {tracking_uri}   (browse: mlflow ui --backend-store-uri {tracking_uri})")

@@ -173,7 +173,9 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
     prepared = prepare_data(cfg)
     client = MlflowClient()
     epochs = max(1, int(np.median(best.user_attrs.get("best_epochs", [cfg.epochs]))))
-    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, start_run resumes that run in its experiment
+    if under:
+        mlflow.set_experiment(experiment_id=mlflow.get_run(under).info.experiment_id)
+    elif not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, start_run resumes that run in its experiment
         mlflow.set_experiment(cfg.experiment_name)
     with mlflow.start_run(run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
         mlflow.set_tags({STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest})

@@ -161,9 +161,10 @@ def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage, under: 
         if os.environ.get("MLFLOW_RUN_ID"):
             run_id = os.environ["MLFLOW_RUN_ID"]
         else:
-            experiment = mlflow.set_experiment(cfg.experiment_name)
+            # Nested in a pipeline run: its experiment; else the configured one.
+            experiment_id = mlflow.get_run(under).info.experiment_id if under else mlflow.set_experiment(cfg.experiment_name).experiment_id
             tags = {"mlflow.parentRunId": under} if under else None
-            run_id = mlflow.MlflowClient().create_run(experiment.experiment_id, run_name=f"search-{cfg.study_name}", tags=tags).info.run_id
+            run_id = mlflow.MlflowClient().create_run(experiment_id, run_name=f"search-{cfg.study_name}", tags=tags).info.run_id
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         return run_id
 
