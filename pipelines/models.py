@@ -24,6 +24,12 @@ def normalization(channels: int) -> layers.Layer:
     return layers.GroupNormalization(groups=math.gcd(8, channels))
 
 
+def global_pool(x):
+    """Average and max pooling side by side: a tumour is a local finding, and averaging alone dilutes a
+    small lesion over the whole slice."""
+    return layers.Concatenate()([layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)])
+
+
 def output_units(num_classes: int) -> int:
     """Two classes get the dedicated single-logit head; more get one logit per class."""
     return 1 if num_classes == 2 else num_classes
@@ -50,7 +56,7 @@ def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -
         x = normalization(width * 2**block)(x)
         x = layers.ReLU()(x)
         x = layers.MaxPooling2D()(x)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = global_pool(x)
     x = layers.Dropout(0.2, seed=seed)(x)
     outputs = layers.Dense(output_units(num_classes), name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"student_{width}x{depth}")
@@ -77,7 +83,7 @@ def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
     x = layers.ReLU()(x)
     for stage, filters in enumerate(RESNET_WIDTHS):
         x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = global_pool(x)
     x = layers.Dropout(0.3, seed=seed)(x)
     outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name="teacher_resnet")

@@ -199,3 +199,23 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        cfg = _cfg(tmp_path, data_dir=str(mri_subset), image_size=32, folds=2, epochs=2, patience=1, batch_size=16, n_trials=3, objectives="f1,params", study_name="pareto")
+        study = run_search(cfg)
+        assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        assert len(complete) == 3 and all(t.values[1] == t.user_attrs["student_params"] for t in complete)
+        from search.tune import best_trial
+
+        best = best_trial(study)
+        assert best in study.best_trials and best.values[0] == max(t.values[0] for t in study.best_trials)
+        parent = study.user_attrs[PARENT_RUN_ATTR]
+        assert "search/pareto_front.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "search")}
+    finally:
+        mlflow.set_tracking_uri(previous)
