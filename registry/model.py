@@ -75,11 +75,12 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         return array
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        images = self._images_from_frame(model_input) if isinstance(model_input, pd.DataFrame) else self._images_from_array(np.asarray(model_input))
-        if len(images) == 0:
+        # Size checks first: nothing is decoded for a request that will be refused anyway.
+        if len(model_input) == 0:
             raise bad_request("empty batch: send at least one image")
-        if len(images) > MAX_BATCH:
-            raise bad_request(f"batch of {len(images)} images; send at most {MAX_BATCH} per request")
+        if len(model_input) > MAX_BATCH:
+            raise bad_request(f"batch of {len(model_input)} images; send at most {MAX_BATCH} per request")
+        images = self._images_from_frame(model_input) if isinstance(model_input, pd.DataFrame) else self._images_from_array(np.asarray(model_input))
         from pipelines.evaluate import probabilities
 
         probs = probabilities(np.asarray(self.model(images, training=False)), len(self.class_names) == 2)
