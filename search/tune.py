@@ -157,9 +157,12 @@ def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage, under: 
     with storage_lock(cfg, "parent"):
         attrs = storage.get_study_user_attrs(study._study_id)
         if PARENT_RUN_ATTR in attrs:
+            if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` of a joining worker: say where its trials go
+                mlflow.MlflowClient().set_tag(os.environ.pop("MLFLOW_RUN_ID"), "kd.search_parent_run_id", attrs[PARENT_RUN_ATTR])
             return attrs[PARENT_RUN_ATTR]
         if os.environ.get("MLFLOW_RUN_ID"):
-            run_id = os.environ["MLFLOW_RUN_ID"]
+            # Consumed here: left in the environment, every nested start_run() would resume it instead.
+            run_id = os.environ.pop("MLFLOW_RUN_ID")
         else:
             # Nested in a pipeline run: its experiment; else the configured one.
             experiment_id = mlflow.get_run(under).info.experiment_id if under else mlflow.set_experiment(cfg.experiment_name).experiment_id

@@ -110,3 +110,23 @@ def test_diverging_training_stops_with_a_clear_error_and_a_failed_run(mri_subset
 @pytest.mark.postgres
 def test_teacher_and_distill_against_postgresql(mri_subset, postgres_uri):
     check_teacher_then_distill(postgres_uri, mri_subset)
+
+
+def test_search_and_promote_entry_points(mri_subset, tmp_path):
+    tracking_uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    search = mlflow_run("search", tracking_uri, data_dir=str(mri_subset), n_trials="2", study_name="entry", storage=storage, **TINY)
+    assert search.returncode == 0, search.stderr[-3000:]
+    client = MlflowClient(tracking_uri)
+    [parent] = runs_of(client, "search")
+    trials = runs_of(client, "trial")
+    assert len(trials) == 2
+    for trial in trials:  # each trial is its own run, nested in the `mlflow run` run, with its own parameters
+        assert trial.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert trial.data.params["student_size"] == f"{trial.data.params['width']}x{trial.data.params['depth']}"
+    assert parent.info.status == "FINISHED" and "best_f1_mean" in parent.data.metrics
+
+    promote = mlflow_run("promote", tracking_uri, study_name="entry", storage=storage, model_name="entry-model")
+    assert promote.returncode == 0, promote.stderr[-3000:]
+    assert "-> Production (alias champion): no champion yet" in promote.stdout
+    version = client.get_model_version_by_alias("entry-model", "champion")
+    assert version.current_stage == "Production" and version.tags["study"] == "entry"
