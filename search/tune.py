@@ -135,7 +135,10 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
     if study_id is not None and storage.get_study_directions(study_id) != wanted:
         have = [d.name.lower() for d in storage.get_study_directions(study_id)]
         raise PipelineError(f"study {cfg.study_name!r} exists with directions {have}, not {directions(cfg)}; use another study_name or the same objectives")
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(2, min(10, cfg.n_trials // 3)))
+    # The creating worker is seeded, so a single-worker study is reproducible; a joining worker with the
+    # same seed would propose the very same parameters, so it draws its own.
+    seed = cfg.seed if study_id is None else int.from_bytes(os.urandom(4), "big")
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, cfg.n_trials // 3)))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True)
     stored = study.user_attrs.get(STUDY_CONFIG_ATTR)

@@ -219,3 +219,13 @@ def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
         assert "search/pareto_front.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "search")}
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_joining_workers_do_not_propose_the_same_parameters(tmp_path):
+    cfg = _cfg(tmp_path, study_name="joined")
+    load_or_create_study(cfg, open_storage(cfg))
+    proposals = []
+    for _ in range(2):
+        joined, joined_cfg = load_or_create_study(cfg, open_storage(cfg))
+        proposals.append(SearchSpace.from_config(joined_cfg).suggest(joined.ask(), joined_cfg)[0])
+    assert proposals[0] != proposals[1]
