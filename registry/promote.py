@@ -105,14 +105,13 @@ def pinned_requirements() -> list[str]:
     return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
-def log_student(student: keras.Model, prepared: Prepared, cfg: Config) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc model (student + preprocessing + class names) to the active run."""
+def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: pd.DataFrame) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc model (student + preprocessing + class names) to the active run, with an input example."""
     with tempfile.TemporaryDirectory() as tmp:
         student_path = Path(tmp) / "student.keras"
         student.save(student_path)
         metadata_path = Path(tmp) / "metadata.json"
         metadata_path.write_text(json.dumps({"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class}))
-        example = holdout_frame(prepared).head(1)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=StudentClassifier(),
@@ -192,10 +191,9 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         }
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
         mlflow.log_metrics({"student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
-        logged = log_student(student, prepared, cfg)
-        model_uri = logged.model_uri
-
         frame = holdout_frame(prepared)
+        logged = log_student(student, prepared, cfg, frame.head(1))
+        model_uri = logged.model_uri
         new_f1 = pyfunc_f1(mlflow.pyfunc.load_model(model_uri), frame, labels[test], prepared.dataset.class_names)["f1"]
         champion = current_version(client, cfg.model_name, CHAMPION)
         champion_f1 = None
