@@ -300,12 +300,12 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
-        write_plots(study, out)
+        write_plots(study, cfg, out)
         mlflow.log_artifacts(tmp, "search")
     print(f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} with {json.dumps(best.params)}")
 
 
-def write_plots(study: optuna.Study, out: Path) -> None:
+def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
     """Optimisation history, parameter importances, parallel coordinates (and the Pareto front) as PNG."""
     import matplotlib
 
@@ -319,7 +319,7 @@ def write_plots(study: optuna.Study, out: Path) -> None:
         figures["param_importances"] = lambda: plots.plot_param_importances(study, target=target, target_name="F1")
         figures["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(study, target=target, target_name="F1")
     if len(study.directions) > 1:
-        figures["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=["F1", cfg_second_name(study)])
+        figures["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=["F1", cfg.objectives.split(",")[1]])
     for name, draw in figures.items():
         try:
             axes = draw()
@@ -332,6 +332,3 @@ def write_plots(study: optuna.Study, out: Path) -> None:
         figure.savefig(out / f"{name}.png", dpi=100)
         plt.close(figure)
 
-
-def cfg_second_name(study: optuna.Study) -> str:
-    return study.user_attrs.get(STUDY_CONFIG_ATTR, {}).get("objectives", "f1,params").split(",")[1]
