@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,6 +68,7 @@ class Config:
     force: bool = field(default=False, metadata={"help": "promote even if the gate refuses"})
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
+    tracking_wait_s: float = field(default=300.0, metadata={"help": "after a failure, how long to wait for an absent tracking server to mark the run FAILED"})
     cache_dir: str = field(default=str(PROJECT_ROOT / ".cache"), metadata={"help": "decoded images and the synthetic set"})
 
     def __post_init__(self) -> None:
@@ -107,8 +109,13 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def as_params(self, names: Sequence[str]) -> dict[str, str]:
-        """The named fields as MLflow params (strings), the keys runs are matched on for reuse."""
-        return {name: str(getattr(self, name)) for name in names}
+        """The named fields as MLflow params (strings, passwords in URLs hidden), the keys runs are matched on for reuse."""
+        return {name: redact_url(str(getattr(self, name))) for name in names}
+
+
+def redact_url(text: str) -> str:
+    """A URL with its password replaced by ``***`` (``postgresql://user:***@host/db``); other text unchanged."""
+    return re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", text)
 
 
 # Parameters that decide a step's result; a finished run whose params and data digest match is reused.

@@ -11,7 +11,7 @@ from pipelines.cli import run_cli
 from pipelines.config import Config, build_parser, config_from_args
 from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
-from pipelines.tracking import STEP_TAG
+from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 
 
 def run_main(cfg: Config) -> dict[str, str]:
@@ -23,7 +23,8 @@ def run_main(cfg: Config) -> dict[str, str]:
     prepared = prepare_data(cfg)
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.experiment_name)
-    with mlflow.start_run(run_name="main") as parent:  # under `mlflow run`: that run
+    close_stale_runs()
+    with tracked_run(cfg, run_name="main") as parent:  # under `mlflow run`: that run
         mlflow.set_tag(STEP_TAG, "main")
         runs = {"prepare": prepare(cfg, prepared, nested=True), "teacher": train_teacher(cfg, prepared, nested=True)}
     main_id = parent.info.run_id

@@ -4,16 +4,121 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
-from pipelines.config import Config
+from pipelines.config import Config, PipelineError, redact_url
 from pipelines.data import Dataset, Splits
 
 STEP_TAG, OUTCOME_TAG, DIGEST_TAG, PARAMS_TAG = "kd.step", "kd.outcome", "kd.data_digest", "kd.params"
+HOST_TAG, PROCESS_TAG, FAILURE_TAG = "kd.host", "kd.process", "kd.failure"
+
+
+class TrackingUnreachable(PipelineError):
+    """The tracking server did not answer, even after MLflow's retries with backoff."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """An MLflow client error that means the server is away (refused, timed out, 5xx until retries ran out)."""
+    text = str(error)
+    return isinstance(error, MlflowException) and "API request to" in text and ("Max retries exceeded" in text or "timeout exception" in text)
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22), None if gone.
+
+    A pid alone can be reused by a later process; pid plus start time names one process for good.
+    """
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a run, so a later start can tell a live run from one whose process died."""
+    return {HOST_TAG: socket.gethostname(), PROCESS_TAG: f"{os.getpid()}:{_start_ticks(os.getpid())}"}
+
+
+def close_stale_runs() -> list[str]:
+    """Close the runs a process of this host left RUNNING when it died (kill -9, OOM killer): KILLED, with the reason.
+
+    Runs owned by live processes, by other hosts or by no known process (``mlflow run``'s own run) are left alone.
+    """
+    host = socket.gethostname()
+    client = mlflow.MlflowClient()
+    stale = [
+        run for run in mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'", output_format="list")
+        if not _process_alive(run.data.tags.get(PROCESS_TAG, ""))
+    ]
+    for run in stale:
+        pid = run.data.tags[PROCESS_TAG].split(":")[0]
+        client.set_tag(run.info.run_id, FAILURE_TAG, f"process {pid} on {host} died while the run was RUNNING; closed by a later start")
+        client.set_terminated(run.info.run_id, "KILLED")
+        print(f"tracking: run {run.info.run_id} ({run.data.tags.get(STEP_TAG, 'run')}) was left RUNNING by dead process {pid}; marked KILLED", file=sys.stderr)
+    return [run.info.run_id for run in stale]
+
+
+def _process_alive(process: str) -> bool:
+    pid, _, ticks = process.partition(":")
+    return not pid.isdigit() or _start_ticks(int(pid)) == ticks
+
+
+def close_run(run_id: str, status: str, reason: str, wait_s: float) -> bool:
+    """End a run with ``status`` and the reason; if the tracking server is away, keep trying for ``wait_s``.
+
+    Returns False when the server never came back (the next start on this host closes the run instead).
+    """
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        try:
+            client.set_tag(run_id, FAILURE_TAG, reason[:4000])
+            client.set_terminated(run_id, status)
+            return True
+        except MlflowException as error:
+            if not unreachable(error) or time.monotonic() > deadline:
+                return False
+            if not announced:
+                print(f"tracking: server {mlflow.get_tracking_uri()} unreachable; waiting up to {wait_s:.0f} s to mark run {run_id} {status}", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(2)
+
+
+@contextmanager
+def tracked_run(cfg: Config, finished_on: tuple[type[BaseException], ...] = (), **start_run: object) -> Iterator[mlflow.ActiveRun]:
+    """``mlflow.start_run`` that never leaves its run RUNNING: an exception ends it FAILED (KILLED on Ctrl-C)
+    with the reason in ``kd.failure``, waiting for an absent tracking server; ``finished_on`` exceptions
+    (a pruned trial) end it FINISHED. The run is tagged with its process (see ``close_stale_runs``)."""
+    run = mlflow.start_run(**start_run)
+    run_id = run.info.run_id
+    try:
+        mlflow.set_tags(process_tags())
+        yield run
+    except finished_on:
+        mlflow.end_run()
+        raise
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        try:
+            mlflow.end_run(status)  # pops the run first, so a failure to reach the server leaves the stack right
+        except MlflowException:
+            pass
+        closed = close_run(run_id, status, redact_url(f"{type(error).__name__}: {error}"), cfg.tracking_wait_s)
+        if unreachable(error):
+            outcome = f"marked {status} once it was back" if closed else "left RUNNING: the next start on this host closes it"
+            raise TrackingUnreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable even after retries ({str(error)[:300]}); run {run_id} {outcome}") from error
+        raise
+    mlflow.end_run()
 
 
 def step_key(cfg: Config, names: tuple[str, ...]) -> str:
@@ -56,11 +161,12 @@ def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, 
 def step_run(step: str, cfg: Config, names: tuple[str, ...], dataset: Dataset, splits: Splits, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under ``mlflow run``, resume) the step's run with its tags, params and data lineage.
 
-    An exception inside marks the run FAILED (MLflow's context manager does that) and propagates.
+    An exception inside marks the run FAILED (see ``tracked_run``) and propagates.
     """
     if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.experiment_name)
-    with mlflow.start_run(nested=nested, run_name=step if nested else None) as run:
+    close_stale_runs()
+    with tracked_run(cfg, nested=nested, run_name=step if nested else None) as run:
         already = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the MLproject params itself
         mlflow.log_params({k: v for k, v in cfg.as_params(names + ("data_dir",)).items() if k not in already})
         mlflow.set_tags({STEP_TAG: step, DIGEST_TAG: dataset.digest, PARAMS_TAG: step_key(cfg, names), OUTCOME_TAG: "running"})

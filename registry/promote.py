@@ -12,8 +12,10 @@ import getpass
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,10 +31,11 @@ from mlflow.exceptions import MlflowException
 from pipelines.config import PROJECT_ROOT, Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.locks import database_lock, lockable
 from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, train_teacher
-from pipelines.tracking import STEP_TAG
+from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
 from registry.model import StudentClassifier, encode_file, signature
 
@@ -163,6 +166,63 @@ def history(name: str) -> list[dict]:
     return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(AUDIT_PREFIX))]
 
 
+def _version(client: MlflowClient, name: str, version: str):
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException:
+        return None
+
+
+def _run_status(client: MlflowClient, run_id: str) -> str:
+    try:
+        return client.get_run(run_id).info.status
+    except MlflowException:
+        return "DELETED"
+
+
+def registry_lock(name: str, storage_url: str | None = None):
+    """Serialise promotions and rollbacks of one model: through the tracking database when MLflow talks to
+    one directly, else through the study's database (an HTTP tracking server offers no lock)."""
+    tracking_uri = mlflow.get_tracking_uri()
+    url = tracking_uri if lockable(tracking_uri) else storage_url or ""
+    return database_lock(url, f"registry:{name}") if lockable(url) else nullcontext()
+
+
+def repair_roles(client: MlflowClient, name: str) -> list[str]:
+    """Undo what a promotion killed half-way left behind; returns what was repaired.
+
+    The audit trail is the record: a version no event names, whose run has ended (its process died or failed
+    after registering it), is deleted; then the champion of record and the challenger hold their stage and
+    alias, and nothing else holds those stages. Call under ``registry_lock``.
+    """
+    try:
+        entries = history(name)
+    except PipelineError:
+        return []
+    recorded = {entry["version"] for entry in entries}
+    repaired = []
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.version not in recorded and _run_status(client, version.run_id) != "RUNNING":
+            client.delete_model_version(name, version.version)
+            repaired.append(f"deleted v{version.version}: registered by run {version.run_id}, which ended before recording a role")
+    champions = [entry["version"] for entry in entries if entry["event"] in ("promote", "rollback")]
+    holders = {CHAMPION: current_version(client, name, CHAMPION), CHALLENGER: current_version(client, name, CHALLENGER)}
+    if holders[CHAMPION] is None and champions:
+        holders[CHAMPION] = _version(client, name, champions[-1])
+    for alias, holder in holders.items():
+        if holder is None:
+            continue
+        stage = STAGE_OF_ALIAS[alias]
+        in_stage = {v.version for v in client.get_latest_versions(name, stages=[stage])}
+        if in_stage != {holder.version} or alias not in client.get_model_version(name, holder.version).aliases:
+            set_role(client, name, holder.version, alias)
+            repaired.append(f"v{holder.version} restored as {alias} ({stage})")
+    if repaired:
+        record(client, name, "repair", holders[CHAMPION].version if holders[CHAMPION] else "-", None, "; ".join(repaired))
+        print(f"registry: repaired {name}: {'; '.join(repaired)}", file=sys.stderr)
+    return repaired
+
+
 def promote(cfg: Config, under: str | None = None) -> Promotion:
     """Final training, hold-out comparison, registration and the promotion gate.
 
@@ -176,7 +236,8 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         mlflow.set_experiment(experiment_id=mlflow.get_run(under).info.experiment_id)
     elif not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, start_run resumes that run in its experiment
         mlflow.set_experiment(cfg.experiment_name)
-    with mlflow.start_run(run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
+    close_stale_runs()
+    with tracked_run(cfg, run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
         mlflow.set_tags({STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest})
         teacher_run_id = train_teacher(study_cfg, prepared, nested=True)  # the search's teachers: found, not retrained
         all_logits = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["all"]
@@ -184,21 +245,21 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         baseline = _student(cfg.replace(no_kd=True), prepared, None, epochs, "student (no KD)", "no_kd_all_")
 
         labels, test = prepared.dataset.labels, prepared.splits.test
-        holdout = {
-            "student": classification_metrics(labels[test], probabilities(np.asarray(student(prepared.images[test], training=False)), prepared.dataset.binary)),
-            "no_kd": classification_metrics(labels[test], probabilities(np.asarray(baseline(prepared.images[test], training=False)), prepared.dataset.binary)),
-            "teacher": classification_metrics(labels[test], probabilities(all_logits[test], prepared.dataset.binary)),
+        holdout_probs = {
+            "student": probabilities(np.asarray(student(prepared.images[test], training=False)), prepared.dataset.binary),
+            "no_kd": probabilities(np.asarray(baseline(prepared.images[test], training=False)), prepared.dataset.binary),
+            "teacher": probabilities(all_logits[test], prepared.dataset.binary),
         }
+        holdout = {who: classification_metrics(labels[test], probs) for who, probs in holdout_probs.items()}
+        from registry.report import log_evidence  # what `report` reads back: hold-out probabilities, no-KD k-fold run, environment
+
+        log_evidence(cfg, prepared, holdout_probs, best.user_attrs.get("mlflow_run_id", ""))
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
         mlflow.log_metrics({"student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
         frame = holdout_frame(prepared)
         logged = log_student(student, prepared, cfg, frame.head(1))
         model_uri = logged.model_uri
         new_f1 = pyfunc_f1(mlflow.pyfunc.load_model(model_uri), frame, labels[test], prepared.dataset.class_names)["f1"]
-        champion = current_version(client, cfg.model_name, CHAMPION)
-        champion_f1 = None
-        if champion is not None:
-            champion_f1 = pyfunc_f1(mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{champion.version}"), frame, labels[test], prepared.dataset.class_names)["f1"]
 
         description = (
             f"KD student {cfg.student_size} (T={cfg.temperature:.3g}, alpha={cfg.alpha:.3g}) from study {cfg.study_name!r} trial {best.number}. "
@@ -212,24 +273,29 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
         version = register(client, cfg.model_name, logged, run.info.run_id, tags, description)
-
-        if champion is None:
-            promoted, reason = True, "no champion yet"
-        elif cfg.force:
-            promoted, reason = True, f"forced (hold-out F1 {new_f1:.4f} vs champion v{champion.version} {champion_f1:.4f})"
-        elif new_f1 > champion_f1 + cfg.margin:
-            promoted, reason = True, f"hold-out F1 {new_f1:.4f} beats champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
-        else:
-            promoted, reason = False, f"hold-out F1 {new_f1:.4f} does not beat champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
-        try:
-            set_role(client, cfg.model_name, version, CHAMPION if promoted else CHALLENGER)
-            record(client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason)
-        except BaseException:
-            # No half-registered model: roles go back to the champion, the new version goes away.
-            client.delete_model_version(cfg.model_name, version)
-            if champion is not None:
-                set_role(client, cfg.model_name, champion.version, CHAMPION)
-            raise
+        # Gate and roles under one lock: a promotion racing this one sees the champion it leaves behind.
+        with registry_lock(cfg.model_name, cfg.storage_url):
+            try:
+                repair_roles(client, cfg.model_name)
+                champion = current_version(client, cfg.model_name, CHAMPION)
+                champion_f1 = None
+                if champion is not None:
+                    champion_f1 = pyfunc_f1(mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{champion.version}"), frame, labels[test], prepared.dataset.class_names)["f1"]
+                if champion is None:
+                    promoted, reason = True, "no champion yet"
+                elif cfg.force:
+                    promoted, reason = True, f"forced (hold-out F1 {new_f1:.4f} vs champion v{champion.version} {champion_f1:.4f})"
+                elif new_f1 > champion_f1 + cfg.margin:
+                    promoted, reason = True, f"hold-out F1 {new_f1:.4f} beats champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
+                else:
+                    promoted, reason = False, f"hold-out F1 {new_f1:.4f} does not beat champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
+                set_role(client, cfg.model_name, version, CHAMPION if promoted else CHALLENGER)
+                record(client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason)
+            except BaseException:
+                # No half-registered model: the new version goes, the roles return to what the audit trail says.
+                client.delete_model_version(cfg.model_name, version)
+                repair_roles(client, cfg.model_name)
+                raise
         mlflow.set_tags({"kd.registered_version": version, "kd.promoted": str(promoted), "kd.gate": reason})
     role = "Production (alias champion)" if promoted else "Staging (alias challenger)"
     print(f"promote: {cfg.model_name} v{version} -> {role}: {reason}")
@@ -261,13 +327,15 @@ def register(client: MlflowClient, name: str, logged: mlflow.models.model.ModelI
 def rollback(name: str, reason: str = "manual rollback") -> str:
     """Make the previous champion the champion again (current one archived); returns its version."""
     client = MlflowClient()
-    current = current_version(client, name, CHAMPION)
-    if current is None:
-        raise PipelineError(f"{name} has no champion to roll back from")
-    previous = next((e["previous"] for e in reversed(history(name)) if e["event"] in ("promote", "rollback") and e["version"] == current.version and e["previous"]), None)
-    if previous is None:
-        raise PipelineError(f"{name} v{current.version} has no earlier champion to roll back to")
-    set_role(client, name, previous, CHAMPION)
-    record(client, name, "rollback", previous, current.version, reason)
+    with registry_lock(name):
+        repair_roles(client, name)
+        current = current_version(client, name, CHAMPION)
+        if current is None:
+            raise PipelineError(f"{name} has no champion to roll back from")
+        previous = next((e["previous"] for e in reversed(history(name)) if e["event"] in ("promote", "rollback") and e["version"] == current.version and e["previous"]), None)
+        if previous is None:
+            raise PipelineError(f"{name} v{current.version} has no earlier champion to roll back to")
+        set_role(client, name, previous, CHAMPION)
+        record(client, name, "rollback", previous, current.version, reason)
     print(f"rollback: {name} champion v{current.version} -> v{previous}")
     return previous

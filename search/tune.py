@@ -8,17 +8,13 @@ is marked failed after the grace period and retried with the same parameters.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import tempfile
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -27,12 +23,13 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from pipelines.config import SEARCH_PARAMS, Config, PipelineError
+from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
 from pipelines.distill import cross_validate_student
 from pipelines.evaluate import batch1_latency_ms
+from pipelines.locks import database_lock
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
-from pipelines.tracking import STEP_TAG, log_data
+from pipelines.tracking import STEP_TAG, close_stale_runs, log_data, tracked_run
 from search.space import SearchSpace
 
 # fail_stale_trials and the matplotlib plots are marked experimental; they are what we need.
@@ -45,10 +42,6 @@ SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials",
 
 class SurplusTrial(Exception):
     """Workers racing for the last trial: the later one steps back (its trial ends FAIL, marked surplus)."""
-
-
-def redact(url: str) -> str:
-    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
 def open_storage(cfg: Config) -> RDBStorage:
@@ -66,7 +59,7 @@ def open_storage(cfg: Config) -> RDBStorage:
         engine.dispose()
     except Exception as error:  # any driver's connection error: report it in one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PipelineError(f"storage={redact(cfg.storage_url)}: cannot connect ({reason}); check the URL and that the database server runs") from None
+        raise PipelineError(f"storage={redact_url(cfg.storage_url)}: cannot connect ({reason}); check the URL and that the database server runs") from None
     # Workers starting together on an empty database would race to create the Optuna and MLflow schemas.
     with storage_lock(cfg, "schema"):
         storage = RDBStorage(
@@ -95,30 +88,9 @@ def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> No
     _retry(study, trial)
 
 
-@contextmanager
-def storage_lock(cfg: Config, name: str) -> Iterator[None]:
-    """A lock every worker of the study honours: a file lock beside a SQLite study, an advisory lock in PostgreSQL."""
-    url = sqlalchemy.engine.make_url(cfg.storage_url)
-    if url.get_backend_name() == "sqlite":
-        path = Path(url.database or "optuna").resolve().with_name(f".{Path(url.database or 'optuna').name}.{name}.lock")
-        with open(path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-    elif url.get_backend_name() == "postgresql":
-        key = int.from_bytes(hashlib.sha256(f"{cfg.study_name}:{name}".encode()).digest()[:8], "big", signed=True)
-        engine = sqlalchemy.create_engine(cfg.storage_url)
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-        engine.dispose()
-    else:
-        yield
+def storage_lock(cfg: Config, name: str):
+    """A lock every worker of the study honours (see ``database_lock``)."""
+    return database_lock(cfg.storage_url, f"{cfg.study_name}:{name}")
 
 
 def directions(cfg: Config) -> list[str]:
@@ -190,7 +162,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number}: the study already has {cfg.n_trials} trials")
         params, trial_cfg = space.suggest(trial, cfg)
-        with mlflow.start_run(nested=True, run_name=f"trial-{trial.number}") as run:
+        with tracked_run(cfg, finished_on=(optuna.TrialPruned,), nested=True, run_name=f"trial-{trial.number}") as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags({STEP_TAG: "trial", "optuna.study": cfg.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"})
             mlflow.log_params({**params, "student_size": trial_cfg.student_size})
@@ -260,12 +232,13 @@ def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
     elif digest != prepared.dataset.digest:
         raise PipelineError(f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from study {cfg.study_name!r}'s data (digest {digest[:12]})")
 
+    close_stale_runs()
     parent = parent_run_id(study, cfg, storage, under)
     # Trial and teacher runs nest under the parent, so they belong in its experiment whoever created it.
     mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
     worker = uuid.uuid4().hex[:8]
-    with mlflow.start_run(run_id=parent):
-        mlflow.set_tags({STEP_TAG: "search", "optuna.study": cfg.study_name, "optuna.storage": redact(cfg.storage_url), "kd.data_digest": prepared.dataset.digest})
+    with tracked_run(cfg, run_id=parent):
+        mlflow.set_tags({STEP_TAG: "search", "optuna.study": cfg.study_name, "optuna.storage": redact_url(cfg.storage_url), "kd.data_digest": prepared.dataset.digest})
         if not mlflow.get_run(parent).data.params.get("study_name"):
             mlflow.log_params({**cfg.as_params(SEARCH_PARAMS), "data_dir": cfg.data_dir})
             log_data(prepared.dataset, prepared.splits)
