@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import zipfile
 from pathlib import Path
 
 import keras
@@ -12,6 +14,8 @@ from keras import layers
 from pipelines.config import PipelineError
 
 # (width of the first block, number of blocks); widths double per block.
+# What a user may give as teacher_weights: weights only (arrays), never a model with code.
+WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".keras")
 STUDENT_PRESETS = {"tiny": (8, 2), "small": (16, 3), "medium": (24, 3), "large": (32, 4)}
 RESNET_WIDTHS = (24, 48, 96, 192)
 
@@ -95,10 +99,19 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
         raise PipelineError(f"teacher_arch={arch!r}: use 'resnet' or a keras.applications name such as EfficientNetB0, MobileNetV2, DenseNet121, ResNet50")
     if weights and not Path(weights).is_file():
         raise PipelineError(f"teacher_weights={weights!r} is not a file; give a local weights file (nothing is downloaded) or leave it empty")
+    if weights and not weights.lower().endswith(WEIGHT_SUFFIXES):
+        raise PipelineError(f"teacher_weights={weights!r}: use a Keras weights file ({', '.join(WEIGHT_SUFFIXES)}); pickles and other formats are not loaded")
     inputs = keras.Input((image_size, image_size, 1), name="image")
     # Applications expect three channels; the scans are grayscale, so repeat the channel.
     rgb = layers.Concatenate()([inputs, inputs, inputs])
-    backbone = constructor(include_top=False, weights=weights or None, input_shape=(image_size, image_size, 3), pooling="avg")
+    backbone = constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3), pooling="avg")
+    if weights:
+        # What the constructor does with a path, done here so a bad file is a clear error. load_weights reads
+        # arrays only: a .keras file's config (where a Lambda layer's code would live) is never deserialised.
+        try:
+            backbone.load_weights(weights)
+        except (ValueError, OSError, KeyError) as error:
+            raise PipelineError(f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the include_top=False weights file") from None
     x = layers.Dropout(0.3, seed=seed)(backbone(rgb))
     outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"teacher_{arch}")
@@ -112,3 +125,43 @@ def build_teacher(arch: str, image_size: int, num_classes: int, weights: str = "
             raise PipelineError("teacher_weights only applies to keras.applications teachers; leave it empty for 'resnet'")
         return _resnet(image_size, units, seed)
     return _application(arch, image_size, units, weights, seed)
+
+
+def _unsafe_objects(config) -> set[str]:
+    """Objects in a saved model's config that could run code: Lambda layers (marshalled Python bytecode) and
+    anything that is not a built-in Keras object (custom classes and functions are imported by name)."""
+    found: set[str] = set()
+    if isinstance(config, dict):
+        module, name = config.get("module"), config.get("class_name")
+        if name in ("Lambda", "__lambda__"):
+            found.add("a Lambda layer")
+        elif isinstance(module, str) and module != "keras" and not module.startswith("keras."):
+            found.add(f"{module}.{name}")
+        for value in config.values():
+            found |= _unsafe_objects(value)
+    elif isinstance(config, list):
+        for value in config:
+            found |= _unsafe_objects(value)
+    return found
+
+
+def load_keras_model(path: Path | str) -> keras.Model:
+    """A ``.keras`` model saved by this project, loaded in Keras safe mode after its config is checked.
+
+    Refused with a :class:`PipelineError`, before anything is deserialised: files that are not ``.keras``
+    archives (pickles, legacy HDF5 models) and configs with Lambda layers or non-Keras objects. Safe mode
+    stays on as a second line of defence.
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as error:
+        raise PipelineError(f"{path}: not a Keras .keras archive ({error}); only .keras models are loaded, never pickles or legacy HDF5 models") from None
+    unsafe = _unsafe_objects(config)
+    if unsafe:
+        raise PipelineError(f"{path}: refused: the model contains {', '.join(sorted(unsafe))}, which could run code when loaded; only built-in Keras layers are loaded")
+    try:
+        return keras.models.load_model(path, compile=False, safe_mode=True)
+    except (ValueError, TypeError, OSError) as error:
+        raise PipelineError(f"{path}: Keras could not load the model in safe mode ({str(error).splitlines()[0]})") from None

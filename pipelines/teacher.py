@@ -16,10 +16,10 @@ import mlflow
 import numpy as np
 
 from pipelines.cli import run_cli
-from pipelines.config import TEACHER_PARAMS, Config, build_parser, config_from_args
+from pipelines.config import TEACHER_PARAMS, Config, PipelineError, build_parser, config_from_args
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, probabilities, write_evaluation_artifacts
-from pipelines.models import build_teacher
+from pipelines.models import build_teacher, load_keras_model
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run
 from pipelines.training import cross_validate, predict_logits, set_seed, train_on_all_data
@@ -63,7 +63,8 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
                 model.save(out / "models" / f"fold_{k}.keras")
             trainer.student.save(out / "models" / "all.keras")
             (out / "logits").mkdir()
-            np.savez_compressed(out / LOGITS_ARTIFACT, sha256=dataset.manifest["sha256"].to_numpy(), **logits)
+            # Fixed-width strings, not objects: the artifact then loads without pickle (allow_pickle=False).
+            np.savez_compressed(out / LOGITS_ARTIFACT, sha256=dataset.manifest["sha256"].to_numpy().astype("U64"), **logits)
             write_evaluation_artifacts(labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold")
             mlflow.log_artifacts(tmp)
         print(f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {trainer.student.count_params():,} parameters, run {run.info.run_id}")
@@ -75,9 +76,12 @@ def _stored_logits(run_id: str) -> tuple[dict[str, int], dict[str, np.ndarray]]:
     """Downloaded once per process: a search calls this for every trial."""
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=LOGITS_ARTIFACT, dst_path=tmp)
-        with np.load(path, allow_pickle=True) as stored:
-            index = {digest: row for row, digest in enumerate(stored["sha256"])}
-            return index, {name: stored[name] for name in stored.files if name != "sha256"}
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                index = {str(digest): row for row, digest in enumerate(stored["sha256"])}
+                return index, {name: stored[name] for name in stored.files if name != "sha256"}
+        except ValueError as error:  # object arrays: unpickling an artifact could run code
+            raise PipelineError(f"teacher run {run_id}: {LOGITS_ARTIFACT} holds pickled objects ({error}), which are not loaded; delete that run (mlflow runs delete --run-id {run_id}) so the teacher is retrained") from None
 
 
 def load_teacher_logits(run_id: str, sha256: np.ndarray) -> dict[str, np.ndarray]:
@@ -88,10 +92,10 @@ def load_teacher_logits(run_id: str, sha256: np.ndarray) -> dict[str, np.ndarray
 
 
 def load_teacher_model(run_id: str, name: str) -> keras.Model:
-    """``fold_<k>`` or ``all`` teacher from a teacher run, loaded in Keras safe mode."""
+    """``fold_<k>`` or ``all`` teacher from a teacher run, loaded in Keras safe mode (:func:`load_keras_model`)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"models/{name}.keras", dst_path=tmp)
-        return keras.models.load_model(path, compile=False, safe_mode=True)
+        return load_keras_model(path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 
 # A scan is a few MB at most; anything far larger is refused before decoding.
@@ -34,9 +34,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper; artifacts ``student`` (a .keras file) and ``metadata`` (JSON: image_size, class_names)."""
 
     def load_context(self, context) -> None:
-        import keras
+        from pipelines.models import load_keras_model
 
-        self.model = keras.models.load_model(context.artifacts["student"], compile=False, safe_mode=True)
+        self.model = load_keras_model(context.artifacts["student"])
         metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
         self.image_size = int(metadata["image_size"])
         self.class_names = list(metadata["class_names"])
@@ -67,23 +67,35 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         expected = (self.image_size, self.image_size, 1)
         if array.ndim != 4 or array.shape[1:] != expected:
             raise bad_request(f"an array batch must have shape (N, {self.image_size}, {self.image_size}, 1) of preprocessed images; got {array.shape}")
-        if not np.issubdtype(array.dtype, np.number):
-            raise bad_request(f"an array batch must be numeric; got dtype {array.dtype}")
+        # Real numbers only: complex values would lose their imaginary part, timedeltas their unit.
+        if array.dtype.kind not in "iuf":  # signed, unsigned, float (numpy files timedelta64 under integers)
+            raise bad_request(f"an array batch must be numeric: real integers or floats; got dtype {array.dtype}")
         array = array.astype(np.float32)
         if not np.all(np.isfinite(array)):
-            raise bad_request("the array batch has NaN or infinite values")
+            raise bad_request("the array batch has NaN or infinite values (or values beyond float32's range)")
+        # Each preprocessed image is z-scored over S*S pixels, so no value can exceed sqrt(S*S - 1) < S;
+        # larger values are not preprocessed images (and near float32's limit they overflow the network).
+        if np.abs(array).max() > self.image_size:
+            raise bad_request(f"array values up to {np.abs(array).max():.3g} in magnitude: preprocessed images are z-scored and stay within ±{self.image_size}; send the image files instead")
         return array
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame):
+            model_input = np.asarray(model_input)
+            if model_input.ndim == 0:
+                raise bad_request(f"expected a DataFrame with an 'image' column or an array batch (N, {self.image_size}, {self.image_size}, 1); got a single {model_input.dtype} value")
         # Size checks first: nothing is decoded for a request that will be refused anyway.
         if len(model_input) == 0:
             raise bad_request("empty batch: send at least one image")
         if len(model_input) > MAX_BATCH:
             raise bad_request(f"batch of {len(model_input)} images; send at most {MAX_BATCH} per request")
-        images = self._images_from_frame(model_input) if isinstance(model_input, pd.DataFrame) else self._images_from_array(np.asarray(model_input))
+        images = self._images_from_frame(model_input) if isinstance(model_input, pd.DataFrame) else self._images_from_array(model_input)
         from pipelines.evaluate import probabilities
 
         probs = probabilities(np.asarray(self.model(images, training=False)), len(self.class_names) == 2)
+        if not np.all(np.isfinite(probs)):
+            # Inputs are checked above, so this is the model's fault: an error (HTTP 500), never a NaN answer.
+            raise MlflowException("the model produced non-finite probabilities for valid input; the registered model is broken, roll back", error_code=INTERNAL_ERROR)
         result = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(self.class_names)})
         result.insert(0, "label", [self.class_names[i] for i in probs.argmax(axis=1)])
         return result

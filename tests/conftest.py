@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
+from reliability import REPORT_NAME, Recorder, ReliabilityLog, results_from_stats, write_report
 
 # The real "Brain MRI Images for Brain Tumor Detection" set, read-only, beside the repository
 # (``../shared/data/brain-mri-yes-no`` from the project root).
@@ -22,8 +25,8 @@ def real_data_dir() -> Path:
 POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test")
 
 
-@pytest.fixture
-def postgres_databases():
+@contextmanager
+def _database_factory() -> Iterator[Callable[[], str]]:
     """A factory of fresh, empty PostgreSQL databases on this machine's server, all dropped afterwards.
 
     Skips with the reason where no server runs; CI sets KD_REQUIRE_POSTGRES=1, which turns the skip
@@ -58,6 +61,20 @@ def postgres_databases():
 
 
 @pytest.fixture
+def postgres_databases():
+    """Fresh PostgreSQL databases for one test (see _database_factory)."""
+    with _database_factory() as create:
+        yield create
+
+
+@pytest.fixture(scope="module")
+def module_postgres_databases():
+    """Fresh PostgreSQL databases shared by one test module (see _database_factory)."""
+    with _database_factory() as create:
+        yield create
+
+
+@pytest.fixture
 def postgres_uri(postgres_databases) -> str:
     """One fresh PostgreSQL database (see postgres_databases)."""
     return postgres_databases()
@@ -74,3 +91,23 @@ def mri_subset(real_data_dir, tmp_path_factory) -> Path:
         for path in sorted((real_data_dir / label).iterdir())[:count]:
             shutil.copy(path, root / label / path.name)
     return root
+
+
+# The reliability record (tests/reliability.py): one log per session, written to RELIABILITY.md at the end.
+RELIABILITY_LOG = ReliabilityLog()
+
+
+@pytest.fixture
+def reliability(request) -> Recorder:
+    """Record faults injected, bad inputs tried and runs/trials/models lost for RELIABILITY.md."""
+    return RELIABILITY_LOG.recorder(request.node.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Write RELIABILITY.md at the repository root when any test recorded something (not in xdist workers)."""
+    if RELIABILITY_LOG.empty or hasattr(session.config, "workerinput"):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    results = results_from_stats(reporter.stats if reporter else {})
+    selection = " ".join(session.config.invocation_params.args)
+    write_report(Path(session.config.rootpath) / REPORT_NAME, RELIABILITY_LOG, results, selection)
