@@ -2,7 +2,8 @@
 
 ``mlflow server`` with a SQLAlchemy backend (SQLite by default, PostgreSQL for a team) and artifacts
 proxied to local disk or any S3-compatible store through boto3 (``MLFLOW_S3_ENDPOINT_URL`` for a
-non-AWS endpoint). ``--auth`` starts MLflow's basic-auth app.
+non-AWS endpoint). ``--auth`` starts MLflow's basic-auth app: every request needs a login, users read
+by default and need EDIT/MANAGE permissions (granted by the admin) to log runs, register or promote.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from pipelines.config import PROJECT_ROOT
+
+ADMIN_PASSWORD_ENV, SECRET_KEY_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"
 
 
 def server_command(backend_store_uri: str, artifacts_destination: str, host: str, port: int, auth: bool = False) -> list[str]:
@@ -26,14 +30,41 @@ def server_command(backend_store_uri: str, artifacts_destination: str, host: str
     return command + (["--app-name", "basic-auth"] if auth else [])
 
 
+def auth_environment(auth_database_uri: str, config_path: Path) -> dict[str, str]:
+    """Write the basic-auth app's settings and return the environment that points MLflow at them.
+
+    Users get READ on everything unless granted more; the admin (``admin``) is created on first start with
+    the password from ``MLFLOW_AUTH_ADMIN_PASSWORD``: no password is ever written to a file here.
+    """
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {auth_database_uri}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Checking a password costs a PBKDF2 hash; a training run logs every epoch. A password change
+        # reaches the other server workers within this many seconds.
+        "auth_cache_ttl_seconds = 60\n"
+    )
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config_path)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Start the MLflow tracking and model-registry server.")
     parser.add_argument("--backend-store-uri", default=os.environ.get("KD_BACKEND_STORE_URI", f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"), help="SQLAlchemy URL of the tracking store")
     parser.add_argument("--artifacts-destination", default=os.environ.get("KD_ARTIFACTS_DESTINATION", str(PROJECT_ROOT / "mlartifacts")), help="local folder or s3://bucket/prefix")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--auth", action="store_true", help="require MLflow basic-auth logins")
+    parser.add_argument("--auth", action="store_true", help=f"require MLflow basic-auth logins (first start: set {ADMIN_PASSWORD_ENV})")
+    parser.add_argument("--auth-database-uri", default=f"sqlite:///{PROJECT_ROOT / 'mlflow-auth.db'}", help="SQLAlchemy URL of the users and permissions database")
     args = parser.parse_args(argv)
+    if args.auth:
+        os.environ.update(auth_environment(args.auth_database_uri, PROJECT_ROOT / ".cache" / "basic_auth.ini"))
+        if not os.environ.get(SECRET_KEY_ENV):
+            sys.exit(f"error: --auth needs {SECRET_KEY_ENV} (a random string, the same on every server of the team: it signs the CSRF tokens)")
+        if not os.environ.get(ADMIN_PASSWORD_ENV):
+            print(f"note: on first start the admin user needs a password: set {ADMIN_PASSWORD_ENV} (MLflow refuses to start without one)", file=sys.stderr)
     command = server_command(args.backend_store_uri, args.artifacts_destination, args.host, args.port, args.auth)
     print("starting:", " ".join(command), flush=True)
     os.execv(command[0], command)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import fields
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,6 +39,12 @@ def tiny_config(data_dir: Path, root: Path, **changes) -> Config:
         storage=f"sqlite:///{root / 'optuna.db'}", model_name=MODEL, experiment_name="registry-test", cache_dir=str(root / "cache"),
     )
     return Config(**{**base, **changes})
+
+
+def cli_args(cfg: Config) -> list[str]:
+    """The command-line flags that give ``cfg`` (its fields that differ from the defaults)."""
+    defaults = Config()
+    return [arg for f in fields(Config) if getattr(cfg, f.name) != getattr(defaults, f.name) for arg in (f"--{f.name}", str(getattr(cfg, f.name)))]
 
 
 def assert_roles_agree(name: str) -> None:

@@ -67,23 +67,32 @@ def check_study(storage: str, tracking_uri: str, study_name: str, n_trials: int)
     return study
 
 
-def run_two_workers(data_dir: Path, storage: str, tracking_uri: str) -> None:
-    workers = [start_worker(data_dir, storage, tracking_uri, "shared", 4) for _ in range(2)]
+def run_workers(count: int, data_dir: Path, storage: str, tracking_uri: str) -> optuna.Study:
+    workers = [start_worker(data_dir, storage, tracking_uri, "shared", 4) for _ in range(count)]
     for worker in workers:
         finish(worker)
-    check_study(storage, tracking_uri, "shared", 4)
+    return check_study(storage, tracking_uri, "shared", 4)
+
+
+def runs_left_running(tracking_uri: str) -> int:
+    client = mlflow.MlflowClient(tracking_uri)
+    return len(client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'"))
 
 
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(mri_subset, tmp_path):
-    run_two_workers(mri_subset, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_workers(2, mri_subset, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_two_workers_share_one_postgresql_study(mri_subset, postgres_databases):
+def test_four_workers_share_one_postgresql_study(mri_subset, postgres_databases, reliability):
     # Optuna and MLflow each keep an alembic_version table: one database each.
-    run_two_workers(mri_subset, postgres_databases(), postgres_databases())
+    storage, tracking_uri = postgres_databases(), postgres_databases()
+    study = run_workers(4, mri_subset, storage, tracking_uri)
+    assert runs_left_running(tracking_uri) == 0
+    reliability.fault("four search workers started together on one PostgreSQL study of 4 trials", f"{len(study.trials)} trials made, 4 finished, numbers unique, teachers trained once")
+    reliability.lost("trials", 0, "four workers on one study: exactly n_trials finished, none left RUNNING")
 
 
 def test_sharing_the_mlflow_database_with_optuna_is_refused(tmp_path):
@@ -97,8 +106,9 @@ def test_sharing_the_mlflow_database_with_optuna_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_worker_leaves_the_study_consistent(mri_subset, tmp_path):
-    storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.mark.postgres
+def test_a_killed_worker_leaves_the_study_consistent(mri_subset, postgres_databases, reliability):
+    storage, tracking_uri = postgres_databases(), postgres_databases()
     beat = ["--heartbeat_interval", "1", "--grace_period", "4"]
     victim = start_worker(mri_subset, storage, tracking_uri, "killed", 2, *beat)
     deadline = time.monotonic() + 300
@@ -124,6 +134,10 @@ def test_a_killed_worker_leaves_the_study_consistent(mri_subset, tmp_path):
     assert len(retried) == 1 and retried[0].params == dead.params, "the dead trial is retried with its parameters"
     dead_run = mlflow.MlflowClient(tracking_uri).get_run(dead.user_attrs["mlflow_run_id"])
     assert dead_run.info.status == "KILLED", "the dead trial's MLflow run is closed, not left RUNNING"
+    assert runs_left_running(tracking_uri) == 0
+    reliability.fault("kill -9 of a search worker mid-trial (PostgreSQL study), then a restart", f"dead trial {dead.number} retried once with its parameters; its run KILLED")
+    reliability.lost("trials", 0, "killed worker: the study holds exactly n_trials finished trials")
+    reliability.lost("runs", 0, "killed worker: no run left RUNNING")
 
 
 def _cfg(tmp_path: Path, **changes) -> Config:
