@@ -37,7 +37,7 @@ from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
-from registry.model import StudentClassifier, encode_file, signature
+from registry.model import encode_file, signature
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}
@@ -117,7 +117,7 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
         metadata_path.write_text(json.dumps({"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class}))
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=StudentClassifier(),
+            python_model=str(PROJECT_ROOT / "registry" / "served_model.py"),  # code, not a pickle
             artifacts={"student": str(student_path), "metadata": str(metadata_path)},
             code_paths=[str(PROJECT_ROOT / "pipelines"), str(PROJECT_ROOT / "registry")],
             signature=signature(prepared.dataset.class_names),

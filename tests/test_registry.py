@@ -3,6 +3,8 @@ and a real `mlflow models serve` process answering real image requests."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -50,6 +52,8 @@ def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
         assert version.tags.get(tag), tag
     assert float(version.tags["holdout_f1"]) == pytest.approx(first.holdout_f1, abs=1e-6)
     assert "k-fold F1" in version.description
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{first.version}"))
+    assert not [f for f in model_dir.rglob("*") if f.suffix in (".pkl", ".pickle")], "the served model is code and a safe-mode .keras file, no pickle"
     teachers = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'")
     assert len(teachers) == 1 and version.tags["teacher_run_id"] == teachers[0].info.run_id, "promotion reuses the search's teachers"
 
