@@ -9,11 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import fields
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
+import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
@@ -39,6 +42,17 @@ def tiny_config(data_dir: Path, root: Path, **changes) -> Config:
         storage=f"sqlite:///{root / 'optuna.db'}", model_name=MODEL, experiment_name="registry-test", cache_dir=str(root / "cache"),
     )
     return Config(**{**base, **changes})
+
+
+@contextmanager
+def tracking_at(uri: str) -> Iterator[str]:
+    """MLflow tracks to ``uri`` inside the block, and where it tracked before afterwards."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def cli_args(cfg: Config) -> list[str]:

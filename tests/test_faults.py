@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from kdtest import MODEL, assert_roles_agree, child_env, cli_args, free_port, tiny_config
+from kdtest import MODEL, assert_roles_agree, child_env, cli_args, free_port, tiny_config, tracking_at
 from pipelines.config import PROJECT_ROOT
 from registry.model import encode_file
 from registry.promote import history
@@ -115,13 +115,9 @@ def study(mri_subset, module_postgres_databases, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     tracking_uri = module_postgres_databases()
     cfg = tiny_config(mri_subset, root, storage=module_postgres_databases(), experiment_name="faults")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with tracking_at(tracking_uri):
         run_search(cfg)
         yield cfg, tracking_uri
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def promote_command(cfg, *extra: str) -> list[str]:
@@ -131,9 +127,7 @@ def promote_command(cfg, *extra: str) -> list[str]:
 def check_champion_serves(tracking_uri: str, image: Path, roles_agree: bool = True) -> str:
     """The alias and the stage point at READY versions that load and predict (the same one, where the roles
     must agree: a promotion killed inside the stage/alias move leaves them apart until the next start repairs)."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with tracking_at(tracking_uri):
         if roles_agree:
             assert_roles_agree(MODEL)
         client = MlflowClient()
@@ -143,8 +137,6 @@ def check_champion_serves(tracking_uri: str, image: Path, roles_agree: bool = Tr
             prediction = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"image": [encode_file(image)]}))
             assert prediction["prob_yes"].between(0, 1).all(), uri
         return champion.version
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_promotions_killed_at_several_points_leave_a_loadable_champion(study, tmp_path, real_data_dir, reliability):
@@ -198,12 +190,8 @@ def test_promotions_killed_at_several_points_leave_a_loadable_champion(study, tm
 
 
 def history_of(tracking_uri: str) -> list[dict]:
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with tracking_at(tracking_uri):
         return history(MODEL)
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_two_promotions_racing_for_one_model_leave_one_champion(study, tmp_path, real_data_dir, reliability):
@@ -212,9 +200,7 @@ def test_two_promotions_racing_for_one_model_leave_one_champion(study, tmp_path,
     racers = [start(promote_command(cfg, "--model_name", name), tracking_uri, tmp_path / f"racer-{k}.log") for k in range(2)]
     for k, racer in enumerate(racers):
         finish(racer, tmp_path / f"racer-{k}.log")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with tracking_at(tracking_uri):
         assert_roles_agree(name)
         events = history(name)
         assert len(events) == 2, events
@@ -223,8 +209,6 @@ def test_two_promotions_racing_for_one_model_leave_one_champion(study, tmp_path,
         assert events[1]["event"] in ("promote", "challenger") and events[1]["previous"] == events[0]["version"], events
         production = MlflowClient().get_latest_versions(name, stages=["Production"])
         assert len(production) == 1
-    finally:
-        mlflow.set_tracking_uri(previous)
     reliability.fault("two promotions of one model started at the same moment", f"one champion (v{production[0].version}); history: {events[0]['event']} then {events[1]['event']} against it")
     reliability.lost("models", 0, "racing promotions")
 

@@ -35,6 +35,7 @@ from PIL import Image
 
 from pipelines import data
 from pipelines.config import Config, PipelineError
+from kdtest import tracking_at
 
 # Function-scoped fixtures (tmp_path, reliability) are shared by all examples of a test on purpose.
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -488,9 +489,7 @@ def served(tmp_path_factory):
     from registry.promote import log_student
 
     root = tmp_path_factory.mktemp("served")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    try:
+    with tracking_at(f"sqlite:///{root / 'mlflow.db'}"):
         mlflow.set_experiment("fuzz")
         example = pd.DataFrame({"image": [base64.b64encode(_encoded("PNG", 0, 20, 20)).decode()]})
         prepared = SimpleNamespace(dataset=SimpleNamespace(class_names=["no", "yes"], positive_class="yes"))
@@ -498,8 +497,6 @@ def served(tmp_path_factory):
             info = log_student(build_student("tiny", 32, 2, seed=3), prepared, Config(image_size=32), example)
         model = mlflow.pyfunc.load_model(info.model_uri)
         yield SimpleNamespace(model=model, wrapper=model.unwrap_python_model(), uri=info.model_uri, tracking_uri=mlflow.get_tracking_uri())
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _answer_or_400(predict, model_input) -> str:

@@ -23,20 +23,16 @@ from pipelines.distiller import Distiller
 from pipelines.models import build_student
 from pipelines.training import fit, make_dataset, predict_logits, set_seed
 
-from kdtest import child_env
+from kdtest import child_env, tracking_at
 
 N_IMAGES, SIZE = 32, 32
 
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('numerics') / 'mlflow.db'}")
-    mlflow.set_experiment("numerics")
-    try:
+    with tracking_at(f"sqlite:///{tmp_path_factory.mktemp('numerics') / 'mlflow.db'}"):
+        mlflow.set_experiment("numerics")
         yield MlflowClient()
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _images_and_labels() -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,7 @@ from registry.model import encode_file
 from registry.promote import history, promote, rollback
 from search.tune import run_search
 
-from kdtest import MODEL, assert_roles_agree, check_serving, tiny_config
+from kdtest import MODEL, assert_roles_agree, check_serving, tiny_config, tracking_at
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +27,9 @@ pytestmark = pytest.mark.slow
 def tracked(mri_subset, tmp_path_factory):
     """A tracking store holding a finished tiny search."""
     root = tmp_path_factory.mktemp("registry")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    try:
+    with tracking_at(f"sqlite:///{root / 'mlflow.db'}"):
         run_search(tiny_config(mri_subset, root))
         yield root
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 @pytest.fixture

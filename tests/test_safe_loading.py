@@ -19,6 +19,8 @@ import mlflow
 import numpy as np
 import pytest
 
+from kdtest import tracking_at
+
 from pipelines.config import PipelineError
 from pipelines.models import build_student, build_teacher, load_keras_model
 from registry.model import StudentClassifier
@@ -127,13 +129,9 @@ def test_a_plain_student_loads_and_predicts_the_same(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}")
-    mlflow.set_experiment("safe-loading")
-    try:
+    with tracking_at(f"sqlite:///{tmp_path_factory.mktemp('tracking') / 'mlflow.db'}"):
+        mlflow.set_experiment("safe-loading")
         yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_teacher_run_artifacts_are_loaded_safely(tracking, lambda_model: Path, pickle_file: Path, marker: Path, reliability) -> None:

@@ -20,7 +20,7 @@ from pipelines.config import Config, PipelineError
 from search.space import SearchSpace
 from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, run_search
 
-from kdtest import child_env, free_port
+from kdtest import child_env, free_port, tracking_at
 
 TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
 
@@ -96,13 +96,9 @@ def test_four_workers_share_one_postgresql_study(mri_subset, postgres_databases,
 
 
 def test_sharing_the_mlflow_database_with_optuna_is_refused(tmp_path):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'same.db'}")
-    try:
+    with tracking_at(f"sqlite:///{tmp_path / 'same.db'}"):
         with pytest.raises(PipelineError, match="separate databases"):
             open_storage(_cfg(tmp_path, storage=f"sqlite:///{tmp_path / 'same.db'}"))
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 @pytest.mark.slow
@@ -217,9 +213,7 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
 
 @pytest.mark.slow
 def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
         cfg = _cfg(tmp_path, data_dir=str(mri_subset), image_size=32, folds=2, epochs=2, patience=1, batch_size=16, n_trials=3, objectives="f1,params", study_name="pareto")
         study = run_search(cfg)
         assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -231,8 +225,6 @@ def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
         assert best in study.best_trials and best.values[0] == max(t.values[0] for t in study.best_trials)
         parent = study.user_attrs[PARENT_RUN_ATTR]
         assert "search/pareto_front.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "search")}
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_joining_workers_do_not_propose_the_same_parameters(tmp_path):
