@@ -66,7 +66,7 @@ def write_evaluation_artifacts(labels: np.ndarray, probs: np.ndarray, class_name
     fig, ax = plt.subplots(figsize=(4.5, 4))
     skm.ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False)
     ax.set_title(f"{title}: confusion matrix")
-    paths.append(_save(fig, out_dir / "confusion_matrix.png"))
+    paths.append(save_figure(fig, out_dir / "confusion_matrix.png"))
 
     curves = [(1, class_names[1])] if len(class_names) == 2 else list(enumerate(class_names))
     for kind, display in (("roc", skm.RocCurveDisplay), ("pr", skm.PrecisionRecallDisplay)):
@@ -75,7 +75,7 @@ def write_evaluation_artifacts(labels: np.ndarray, probs: np.ndarray, class_name
             if np.any(labels == index) and np.any(labels != index):
                 display.from_predictions(labels == index, probs[:, index], name=name, ax=ax)
         ax.set_title(f"{title}: {'ROC' if kind == 'roc' else 'precision-recall'} curve")
-        paths.append(_save(fig, out_dir / f"{kind}_curve.png"))
+        paths.append(save_figure(fig, out_dir / f"{kind}_curve.png"))
 
     report = skm.classification_report(labels, predicted, labels=np.arange(len(class_names)), target_names=class_names, digits=4, zero_division=0)
     (out_dir / "classification_report.txt").write_text(f"{title}\n\n{report}")
@@ -83,11 +83,13 @@ def write_evaluation_artifacts(labels: np.ndarray, probs: np.ndarray, class_name
     return paths
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write (making the folder) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

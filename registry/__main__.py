@@ -1,4 +1,4 @@
-"""``python -m registry {promote,fetch,history,rollback,serve-command}``: the registry from the shell."""
+"""``python -m registry {promote,fetch,history,rollback,report,explain}``: the registry from the shell."""
 
 from __future__ import annotations
 
@@ -16,15 +16,47 @@ def _promote(argv: list[str]) -> None:
     run_cli(lambda args: promote(config_from_args(args)), parser, argv)
 
 
+def _version_parser(description: str) -> argparse.ArgumentParser:
+    """``--model-name`` and one of ``--stage`` / ``--alias`` (empty = not given, as MLproject passes them)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-name", "--model_name", dest="model_name", default=Config().model_name)
+    # Not argparse-exclusive: MLproject passes both, one of them empty; giving both is refused when resolving.
+    parser.add_argument("--stage", default=None, help="Production, Staging, Archived or None (default Production)")
+    parser.add_argument("--alias", default=None, help="e.g. champion or challenger")
+    return parser
+
+
+def _stage_and_alias(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """The version to use: the given stage or alias, else Production."""
+    stage, alias = args.stage or None, args.alias or None
+    return (stage or ("Production" if alias is None else None)), alias
+
+
 def _fetch(argv: list[str]) -> None:
     from registry.fetch import describe, resolve_version
 
-    parser = argparse.ArgumentParser(description="Show the version a stage or alias points at: metrics and lineage.")
-    parser.add_argument("--model-name", "--model_name", dest="model_name", default=Config().model_name)
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--stage", default=None)
-    group.add_argument("--alias", default=None)
-    run_cli(lambda args: print(describe(resolve_version(args.model_name, args.stage if args.stage or args.alias else "Production", args.alias))), parser, argv)
+    parser = _version_parser("Show the version a stage or alias points at: metrics and lineage.")
+    run_cli(lambda args: print(describe(resolve_version(args.model_name, *_stage_and_alias(args)))), parser, argv)
+
+
+def _report(argv: list[str]) -> None:
+    from registry.report import BOOTSTRAP_RESAMPLES, write_report
+
+    parser = _version_parser("Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs.")
+    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default="", help="folder to write; empty = reports/<model>-v<version>")
+    parser.add_argument("--storage", default="", help="Optuna storage URL of the study; empty = the one the search recorded")
+    parser.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples for the hold-out confidence intervals")
+    run_cli(lambda args: write_report(args.model_name, *_stage_and_alias(args), out_dir=args.out_dir or None, storage=args.storage, resamples=args.resamples), parser, argv)
+
+
+def _explain(argv: list[str]) -> None:
+    from registry.explain import explain
+
+    parser = _version_parser("Grad-CAM of a registered student and its teacher on one scan: writes an overlay PNG.")
+    parser.add_argument("image", help="the scan (any image file the data loader reads)")
+    parser.add_argument("--out", default="", help="overlay PNG; empty = <image name>.gradcam.png here")
+    parser.add_argument("--class-name", "--class_name", dest="class_name", default=None, help="class to explain; default = the predicted class")
+    run_cli(lambda args: explain(args.model_name, args.image, *_stage_and_alias(args), out_path=args.out or None, class_name=args.class_name), parser, argv)
 
 
 def _history(argv: list[str]) -> None:
@@ -49,7 +81,7 @@ def _rollback(argv: list[str]) -> None:
     run_cli(lambda args: rollback(args.model_name, args.reason), parser, argv)
 
 
-COMMANDS = {"promote": _promote, "fetch": _fetch, "history": _history, "rollback": _rollback}
+COMMANDS = {"promote": _promote, "fetch": _fetch, "history": _history, "rollback": _rollback, "report": _report, "explain": _explain}
 
 
 def main(argv: list[str] | None = None) -> None:

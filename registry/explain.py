@@ -1,0 +1,206 @@
+"""Grad-CAM: where the student (or its teacher) looks when it classifies a scan.
+
+The heat map is computed on the model's input (the preprocessed, head-cropped square) and mapped back
+through the same crop, padding and resizing onto the scan as it was read, so it has the scan's shape and
+can be laid over it. Values are in [0, 1]; pixels outside the head box are 0.
+
+``python -m registry explain --model-name NAME --stage Production scan.jpg`` writes an overlay PNG;
+:func:`explanation_grid` draws hold-out examples (true/false positives/negatives) for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+from PIL import Image
+
+from pipelines.config import PipelineError
+from pipelines.data import decode_image, head_box, preprocess
+from pipelines.evaluate import probabilities, save_figure
+
+POOLING_LAYERS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+# How strongly the heat map tints the scan in overlays.
+OVERLAY_OPACITY = 0.5
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One scan, the model's class probabilities, and the Grad-CAM heat map for ``class_name`` on the scan."""
+
+    scan: np.ndarray  # (H, W) intensities as decoded
+    heatmap: np.ndarray  # (H, W) in [0, 1]
+    class_name: str
+    probabilities: dict[str, float]
+
+    @property
+    def predicted(self) -> str:
+        return max(self.probabilities, key=self.probabilities.get)
+
+
+def target_layer(model: keras.Model) -> keras.layers.Layer:
+    """The last top-level layer with a spatial (4-D) output after the first convolution, pooling excluded.
+
+    For our student and ResNet teacher that is the last ReLU: the finest feature map that still decides
+    the logits. A ``keras.applications`` teacher nests its convolutions in one backbone layer.
+    """
+    first_convolution = next((i for i, layer in enumerate(model.layers) if isinstance(layer, keras.layers.Conv2D)), len(model.layers))
+    candidates = [layer for layer in model.layers[first_convolution:] if len(layer.output.shape) == 4 and not isinstance(layer, POOLING_LAYERS)]
+    if not candidates:
+        raise PipelineError(f"model {model.name!r} has no convolution at its top level (a keras.applications backbone nests them); Grad-CAM supports the student and the resnet teacher")
+    return candidates[-1]
+
+
+def gradcam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:
+    """Grad-CAM of ``image`` (S, S, 1) for ``class_index``: an (S, S) map in [0, 1].
+
+    Channel weights are the spatially averaged gradients of the class score w.r.t. the target layer's
+    feature maps; the map is the ReLU of their weighted sum, upsampled and scaled by its maximum. A single
+    logit z scores class 1 as z and class 0 as -z (the two-class softmax of [0, z]).
+    """
+    import tensorflow as tf
+
+    layer = target_layer(model)
+    features_and_logits = keras.Model(model.inputs, [layer.output, model.output])
+    batch = tf.convert_to_tensor(np.asarray(image, dtype=np.float32)[None])
+    with tf.GradientTape() as tape:
+        features, logits = features_and_logits(batch, training=False)
+        if logits.shape[-1] == 1:
+            score = logits[:, 0] if class_index == 1 else -logits[:, 0]
+        else:
+            score = logits[:, class_index]
+    gradients = tape.gradient(score, features)
+    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1))[0]
+    cam = tf.image.resize(cam[..., None], image.shape[:2], method="bilinear")[..., 0].numpy()
+    cam = np.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = cam.max()
+    return np.clip(cam / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(cam)
+
+
+def onto_scan(heatmap: np.ndarray, scan: np.ndarray) -> np.ndarray:
+    """A heat map on the model's input mapped back onto the scan: undo the resize, the padding and the head crop."""
+    rows, cols = head_box(scan)
+    height, width = rows.stop - rows.start, cols.stop - cols.start
+    side = max(height, width)
+    top, left = (side - height) // 2, (side - width) // 2
+    square = np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BILINEAR))
+    full = np.zeros(scan.shape, dtype=np.float32)
+    full[rows, cols] = square[top : top + height, left : left + width]
+    return np.clip(full, 0.0, 1.0)
+
+
+def explain_scan(model: keras.Model, scan: np.ndarray, image_size: int, class_names: list[str], class_name: str | None = None) -> Explanation:
+    """Grad-CAM of one decoded scan for ``class_name`` (default: the predicted class), on the scan."""
+    image = preprocess(scan, image_size)
+    probs = probabilities(np.asarray(model(image[None], training=False)), len(class_names) == 2)[0]
+    by_class = {name: float(p) for name, p in zip(class_names, probs)}
+    if class_name is None:
+        class_name = class_names[int(probs.argmax())]
+    elif class_name not in class_names:
+        raise PipelineError(f"class {class_name!r} is not one of the model's classes {class_names}")
+    heatmap = onto_scan(gradcam(model, image, class_names.index(class_name)), scan)
+    return Explanation(scan, heatmap, class_name, by_class)
+
+
+def overlay(scan: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """RGB uint8: the scan in grey, tinted by the heat map (jet colour map) where it is high."""
+    from matplotlib import colormaps
+
+    low, high = np.percentile(scan, [0.5, 99.5])
+    grey = np.clip((scan - low) / max(high - low, 1e-6), 0.0, 1.0)[..., None].repeat(3, axis=-1)
+    colour = colormaps["jet"](heatmap)[..., :3]
+    weight = OVERLAY_OPACITY * heatmap[..., None]
+    return np.rint(255 * ((1 - weight) * grey + weight * colour)).astype(np.uint8)
+
+
+def describe(explanation: Explanation, who: str) -> str:
+    probs = ", ".join(f"{name} {p:.3f}" for name, p in explanation.probabilities.items())
+    return f"{who}: predicts {explanation.predicted} ({probs}); Grad-CAM for {explanation.class_name}"
+
+
+def write_overlay(explanations: dict[str, Explanation], title: str, out_path: Path) -> Path:
+    """The scan and one Grad-CAM overlay per model, side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(explanations.values()))
+    fig, axes = plt.subplots(1, 1 + len(explanations), figsize=(3.2 * (1 + len(explanations)), 3.6), squeeze=False)
+    axes[0, 0].imshow(first.scan, cmap="gray")
+    axes[0, 0].set_title(title, fontsize=8)
+    for ax, (who, explanation) in zip(axes[0, 1:], explanations.items()):
+        ax.imshow(overlay(explanation.scan, explanation.heatmap))
+        ax.set_title(f"{who}: {explanation.predicted} (p={explanation.probabilities[explanation.predicted]:.2f})\nGrad-CAM for {explanation.class_name}", fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return save_figure(fig, out_path, dpi=120)
+
+
+@dataclass(frozen=True)
+class RegisteredModels:
+    """A registered version's student (with its preprocessing size and classes) and its all-data teacher."""
+
+    version: str
+    student: keras.Model
+    teacher: keras.Model
+    image_size: int
+    class_names: list[str]
+
+
+def load_models(model_name: str, version) -> RegisteredModels:
+    """A registered version's student, and the all-data teacher of the teacher run it was distilled from."""
+    import mlflow
+
+    from pipelines.teacher import load_teacher_model
+
+    wrapper = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}").unwrap_python_model()
+    teacher_run_id = version.tags.get("teacher_run_id")
+    if not teacher_run_id:
+        raise PipelineError(f"{model_name} v{version.version} has no teacher_run_id tag; promote it again")
+    return RegisteredModels(version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.image_size, wrapper.class_names)
+
+
+def explain(model_name: str, image_path: Path, stage: str | None = None, alias: str | None = None, out_path: Path | None = None, class_name: str | None = None) -> Path:
+    """Grad-CAM of the registered student and its teacher for one scan; writes the overlay PNG and returns its path."""
+    image_path = Path(image_path)
+    if not image_path.is_file():
+        raise PipelineError(f"{image_path}: no such file; give an image file (jpg, png, ...)")
+    from registry.fetch import resolve_version
+
+    models = load_models(model_name, resolve_version(model_name, stage, alias))
+    scan = decode_image(image_path)
+    explanations = {
+        "student": explain_scan(models.student, scan, models.image_size, models.class_names, class_name),
+        "teacher": explain_scan(models.teacher, scan, models.image_size, models.class_names, class_name),
+    }
+    out_path = Path(out_path) if out_path else Path(f"{image_path.stem}.gradcam.png")
+    write_overlay(explanations, f"{image_path.name}\n{model_name} v{models.version}", out_path)
+    for who, explanation in explanations.items():
+        print(describe(explanation, who))
+    print(f"explain: overlay written to {out_path}")
+    return out_path
+
+
+def explanation_grid(models: RegisteredModels, examples: list[tuple[str, Path]], out_path: Path) -> Path:
+    """One row per (category, scan): the scan, the student's and the teacher's Grad-CAM for the predicted class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(examples), 3, figsize=(7.5, 2.6 * len(examples)), squeeze=False)
+    for row, (category, path) in enumerate(examples):
+        scan = decode_image(path)
+        axes[row, 0].imshow(scan, cmap="gray")
+        axes[row, 0].set_title(f"{category}: {path.name[:28]}", fontsize=7)
+        for column, (who, model) in enumerate((("student", models.student), ("teacher", models.teacher)), start=1):
+            explanation = explain_scan(model, scan, models.image_size, models.class_names)
+            axes[row, column].imshow(overlay(scan, explanation.heatmap))
+            axes[row, column].set_title(f"{who}: {explanation.predicted} (p={explanation.probabilities[explanation.predicted]:.2f})", fontsize=7)
+    for ax in axes.ravel():
+        ax.axis("off")
+    return save_figure(fig, out_path, dpi=110)
