@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Light enough for 2 cores in a few minutes; the real-data defaults live in pipelines/config.py.
 RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P study_name=kd-embedded
 
-.PHONY: venv run test server clean
+.PHONY: venv run test server clean bench bench-smoke
 
 venv: $(VENV)/.installed
 
@@ -27,12 +27,23 @@ test: venv
 	$(BIN)/python -m pytest
 
 # The tracking + registry service. BACKEND: SQLAlchemy URL; ARTIFACTS: folder or s3://bucket/prefix
-# (set MLFLOW_S3_ENDPOINT_URL and AWS credentials for S3-compatible stores).
+# (set MLFLOW_S3_ENDPOINT_URL and AWS credentials for S3-compatible stores). AUTH=1: basic-auth logins
+# (users in AUTH_DB; the first start needs MLFLOW_AUTH_ADMIN_PASSWORD in the environment).
 BACKEND ?= sqlite:///$(CURDIR)/mlflow.db
 ARTIFACTS ?= $(CURDIR)/mlartifacts
 PORT ?= 5000
+AUTH ?=
+AUTH_DB ?= sqlite:///$(CURDIR)/mlflow-auth.db
 server: venv
-	$(BIN)/python -m registry.server --backend-store-uri "$(BACKEND)" --artifacts-destination "$(ARTIFACTS)" --port $(PORT)
+	$(BIN)/python -m registry.server --backend-store-uri "$(BACKEND)" --artifacts-destination "$(ARTIFACTS)" --port $(PORT) $(if $(AUTH),--auth --auth-database-uri "$(AUTH_DB)")
+
+# Benchmarks (issue 5): its own temporary MLflow store and Optuna database on ../shared/data/brain-mri-yes-no;
+# writes benchmarks/results/<date>.json and renders BENCHMARKS.md from it. bench-smoke: the same code, tiny data.
+bench: venv
+	$(BIN)/python -m benchmarks
+
+bench-smoke: venv
+	$(BIN)/python -m benchmarks --smoke
 
 clean:
 	rm -rf $(VENV) .cache mlruns mlartifacts mlflow.db

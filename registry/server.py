@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from pipelines.config import PROJECT_ROOT
@@ -48,6 +52,33 @@ def auth_environment(auth_database_uri: str, config_path: Path) -> dict[str, str
         "auth_cache_ttl_seconds = 60\n"
     )
     return {"MLFLOW_AUTH_CONFIG_PATH": str(config_path)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180) -> tuple[subprocess.Popen, int]:
+    """`mlflow models serve` on a free loopback port as a user runs it (this environment's bin first on PATH,
+    no run or experiment leaked from the caller), returned once it answers /ping."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=tracking_uri)
+    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                return server, port
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
+            time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import fields
 import urllib.error
@@ -24,6 +21,7 @@ from mlflow import MlflowClient
 import registry
 from pipelines.config import Config
 from registry.model import encode_file
+from registry.server import serve_model
 
 MODEL = "test-student"
 
@@ -73,12 +71,6 @@ def assert_roles_agree(name: str) -> None:
     assert sum(v.current_stage == "Production" for v in versions) <= 1
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(port: int, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
     try:
@@ -88,27 +80,9 @@ def _post(port: int, body: bytes) -> tuple[int, dict]:
         return error.code, json.loads(error.read() or b"{}")
 
 
-def serve(model_uri: str, tracking_uri: str) -> tuple[subprocess.Popen, int]:
-    """`mlflow models serve` as a user runs it, waiting until it answers /ping."""
-    port = free_port()
-    bin_dir = str(Path(sys.executable).parent)
-    env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
-    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                return server, port
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise AssertionError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
-            time.sleep(1)
-
-
 def check_serving(model_name: str, tracking_uri: str, files: list[Path]) -> None:
     """A served Production model answers real images like the in-process model, and bad requests with 4xx."""
-    server, port = serve(f"models:/{model_name}/Production", tracking_uri)
+    server, port = serve_model(f"models:/{model_name}/Production", tracking_uri)
     try:
         images = [encode_file(f) for f in files]
         status, body = _post(port, json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}}).encode())

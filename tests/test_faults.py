@@ -22,11 +22,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from kdtest import MODEL, assert_roles_agree, child_env, cli_args, free_port, tiny_config, tracking_at
+from kdtest import MODEL, assert_roles_agree, child_env, cli_args, tiny_config, tracking_at
+from registry.server import free_port, server_command
 from pipelines.config import PROJECT_ROOT
 from registry.model import encode_file
 from registry.promote import history
-from registry.server import server_command
 from search.tune import run_search
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

@@ -614,9 +614,10 @@ def test_served_model_on_non_finite_pixels_and_array_batches(served, reliability
 def test_mlflow_models_serve_answers_fuzzed_requests_with_400(served, reliability) -> None:
     """The same bad requests over HTTP to a real `mlflow models serve` process: each gets 400, and the
     server still answers a good request afterwards."""
-    from kdtest import _post, serve
+    from kdtest import _post
+    from registry.server import serve_model
 
-    server, port = serve(served.uri, served.tracking_uri)
+    server, port = serve_model(served.uri, served.tracking_uri)
     tally = Tally()
     try:
         body = lambda frame: json.dumps({"dataframe_split": {"columns": list(frame.columns), "data": frame.to_numpy().tolist()}}, default=str).encode()  # noqa: E731

@@ -20,7 +20,8 @@ from pipelines.config import Config, PipelineError
 from search.space import SearchSpace
 from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, run_search
 
-from kdtest import child_env, free_port, tracking_at
+from kdtest import child_env, tracking_at
+from registry.server import free_port
 
 TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
 

@@ -27,10 +27,10 @@ from mlflow.exceptions import MlflowException
 from moto.server import ThreadedMotoServer
 
 import registry
-from kdtest import MODEL, assert_roles_agree, check_serving, child_env, cli_args, free_port, tiny_config
+from kdtest import MODEL, assert_roles_agree, check_serving, child_env, cli_args, tiny_config
+from registry.server import auth_environment, free_port, server_command
 from registry.model import encode_file
 from registry.promote import history
-from registry.server import auth_environment, server_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 SECRETS = {

@@ -1,0 +1,151 @@
+"""What every part shares: the settings, the self-contained pipeline the parts measure, timing and targets."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from pipelines.config import PROJECT_ROOT, Config, PipelineError
+from pipelines.prepare import Prepared, prepare_data
+
+REAL_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-yes-no"
+EXPERIMENT = "kd-bench"
+MODEL_NAME = "bench-student"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much each part trains and measures; ``full`` must finish in about 25 minutes on 2 idle cores."""
+
+    mode: str
+    image_size: int
+    per_class: int  # real scans per class; 0 = all of them
+    folds: int
+    epochs: int
+    patience: int
+    n_trials: int
+    throughput_epochs: int  # timed epochs per variant, median taken (one more, untimed, traces the graph)
+    latency_repeats: int
+    serve_seconds: float  # per concurrency level
+    clients: tuple[int, ...]
+    scale_factors: tuple[int, ...]
+    scale_sizes: tuple[int, ...]
+
+
+FULL = Settings("full", 64, 0, 3, 8, 3, 4, 3, 100, 10.0, (1, 4, 16), (1, 2, 4), (64, 128, 224))
+SMOKE = Settings("smoke", 32, 12, 2, 2, 1, 1, 3, 20, 2.0, (1, 4, 16), (1, 2), (32, 40))
+
+
+@dataclass
+class Bench:
+    """The pipeline every part measures: data, the teachers' run and the work folder holding the stores."""
+
+    settings: Settings
+    cfg: Config
+    work: Path
+    tracking_uri: str
+    prepared: Prepared
+    teacher_run_id: str = ""
+    version: str = ""  # the promoted Production version
+
+
+def resolve_data(settings: Settings, work: Path, data_dir: Path) -> str:
+    """The real data folder (a per-class subset copied into ``work`` for smoke runs); smoke falls back to the synthetic set."""
+    if not (data_dir / "yes").is_dir() or not (data_dir / "no").is_dir():
+        if settings.mode == "smoke":
+            print(f"bench: real data not found at {data_dir}; the smoke run uses the embedded synthetic set")
+            return ""
+        raise PipelineError(f"real data not found at {data_dir} (expected yes/ and no/ sub-folders); put the brain-mri-yes-no set there or pass --data_dir")
+    if not settings.per_class:
+        return str(data_dir)
+    subset = work / "data"
+    for label in ("yes", "no"):
+        (subset / label).mkdir(parents=True, exist_ok=True)
+        for path in sorted((data_dir / label).iterdir())[: settings.per_class]:
+            shutil.copy(path, subset / label / path.name)
+    return str(subset)
+
+
+def make_config(settings: Settings, work: Path, data_dir: str) -> Config:
+    return Config(
+        data_dir=data_dir, synthetic_images=40, image_size=settings.image_size, folds=settings.folds, epochs=settings.epochs, patience=settings.patience,
+        n_trials=settings.n_trials, study_name="bench", storage=f"sqlite:///{work / 'optuna.db'}", model_name=MODEL_NAME,
+        experiment_name=EXPERIMENT, cache_dir=str(work / "cache"),
+    )
+
+
+def open_bench(settings: Settings, work: Path, data_dir: Path) -> Bench:
+    """A fresh tracking store and study database in ``work`` (artifacts there too), and the prepared data."""
+    work.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # children (search workers, the model server) use the same store
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=(work / "artifacts").as_uri())
+    cfg = make_config(settings, work, resolve_data(settings, work, data_dir))
+    return Bench(settings, cfg, work, tracking_uri, prepare_data(cfg))
+
+
+def machine() -> dict[str, object]:
+    """CPU model, cores, RAM, OS and the versions of everything measured."""
+    cpu = platform.processor() or "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        ram_gib = round(kib / 2**20, 1)
+    except (OSError, StopIteration):
+        ram_gib = float("nan")
+    versions = {"python": platform.python_version()}
+    for package in ("tensorflow-cpu", "keras", "mlflow", "optuna", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram_gib, "os": platform.platform(), "versions": versions}
+
+
+def header(settings: Settings, cfg: Config) -> dict[str, object]:
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": asdict(settings),
+        "config": {name: getattr(cfg, name) for name in ("data_dir", "image_size", "folds", "epochs", "patience", "batch_size", "n_trials", "teacher_arch", "student_size", "temperature", "alpha", "seed")},
+    }
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN where the denominator is not a positive measurement."""
+    return float(numerator / denominator) if denominator > 0 else float("nan")
+
+
+def target(description: str, value: float, threshold: float, at_least: bool = True) -> dict[str, object]:
+    """One target with its measured value: met when value >= threshold (or <= where ``at_least`` is False)."""
+    met = bool(value >= threshold) if at_least else bool(value <= threshold)
+    return {"target": description, "value": float(value), "threshold": float(threshold), "comparison": ">=" if at_least else "<=", "met": met and bool(np.isfinite(value))}
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of every epoch, so graph tracing in the first one can be left out."""
+
+    def on_train_begin(self, logs=None):
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)

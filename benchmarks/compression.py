@@ -1,0 +1,86 @@
+"""Part 3: the all-data teacher vs the promoted student on the hold-out split.
+
+FLOPs are counted, not profiled: multiply-accumulates of every Conv2D, DepthwiseConv2D and Dense layer from
+its output shape and kernel (MACs = output positions x kernel weights, i.e. output pixels x output channels x
+kernel area x input channels / groups; Dense: inputs x units), FLOPs = 2 x MACs. Normalisation, activations, pooling and additions are left out:
+they are a few percent of the convolutions here and the same rule applies to both models.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from benchmarks.common import Bench, ratio, target
+from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.teacher import load_teacher_model
+from registry.export import latency_percentiles, load_student
+
+
+def _layers(model: keras.Model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _layers(layer)
+        else:
+            yield layer
+
+
+def count_macs(model: keras.Model) -> int:
+    """Multiply-accumulates of one image's forward pass through the convolutions and dense layers."""
+    total = 0
+    for layer in _layers(model):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)):
+            # Every kernel weight is used once per output position: Conv2D (kh, kw, in/groups, out),
+            # DepthwiseConv2D (kh, kw, in, multiplier), Dense (in, out) with one position per vector.
+            positions = math.prod(layer.output.shape[1:-1])
+            total += positions * math.prod(layer.kernel.shape)
+    return int(total)
+
+
+def latency(model: keras.Model, images: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
+    """p50/p95 ms of one forward pass of ``batch`` images (a compiled graph, as a server would run it)."""
+    forward = tf.function(lambda x: model(x, training=False))
+    inputs = tf.constant(np.resize(images, (batch, *images.shape[1:])).astype(np.float32))
+    return latency_percentiles(lambda: forward(inputs).numpy(), repeats)
+
+
+def describe(model: keras.Model, bench: Bench, path: Path) -> dict[str, float]:
+    prepared, test = bench.prepared, bench.prepared.splits.test
+    model.save(path)
+    images = prepared.images[test]
+    metrics = classification_metrics(prepared.dataset.labels[test], probabilities(np.asarray(model(images.astype(np.float32), training=False)), prepared.dataset.binary))
+    repeats = bench.settings.latency_repeats
+    b1, b32 = latency(model, images, 1, repeats), latency(model, images, 32, max(10, repeats // 4))
+    macs = float(count_macs(model))
+    return {
+        "params": float(model.count_params()), "file_bytes": float(path.stat().st_size), "macs": macs, "flops": 2.0 * macs,
+        "batch1_p50_ms": b1["p50_ms"], "batch1_p95_ms": b1["p95_ms"], "batch32_p50_ms": b32["p50_ms"], "batch32_p95_ms": b32["p95_ms"],
+        "f1": metrics["f1"], "roc_auc": metrics["roc_auc"],
+    }
+
+
+def run(bench: Bench) -> dict:
+    models = {"teacher": load_teacher_model(bench.teacher_run_id, "all"), "student": load_student(bench.cfg.model_name, bench.version)}
+    measured = {name: describe(model, bench, bench.work / f"{name}.keras") for name, model in tqdm(models.items(), desc="part 3: compression", unit="model")}
+    teacher, student = measured["teacher"], measured["student"]
+    ratios = {key: ratio(teacher[key], student[key]) for key in ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms")}
+    f1_drop = teacher["f1"] - student["f1"]
+    result = {
+        **measured,
+        "teacher_over_student": ratios,
+        "f1_drop": f1_drop,
+        "setup": {"holdout_images": int(len(bench.prepared.splits.test)), "image_size": bench.cfg.image_size, "student_version": bench.version,
+                  "flops_method": "2 x MACs of Conv2D/DepthwiseConv2D/Dense layers from their kernel and output shapes"},
+        "targets": [
+            target("student >= 20x fewer parameters", ratios["params"], 20.0),
+            target("student >= 3x lower batch-1 latency (p50)", ratios["batch1_p50_ms"], 3.0),
+            target("student hold-out F1 within 0.02 of the teacher (teacher - student <= 0.02)", f1_drop, 0.02, at_least=False),
+        ],
+    }
+    print(f"part 3: params {ratios['params']:.1f}x, FLOPs {ratios['flops']:.1f}x, batch-1 p50 {ratios['batch1_p50_ms']:.2f}x, F1 teacher {teacher['f1']:.4f} vs student {student['f1']:.4f}")
+    return result

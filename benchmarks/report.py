@@ -1,0 +1,212 @@
+"""Render BENCHMARKS.md and its plots from a results JSON: every figure comes from the file, none is typed.
+
+``python -m benchmarks.report benchmarks/results/<date>.json [--report BENCHMARKS.md]`` re-renders a saved run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+from pipelines.evaluate import save_figure
+
+PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling")
+TITLES = {
+    "throughput": "1. KD training throughput (cached logits vs online teacher)",
+    "search": "2. Search cost (naive vs ours)",
+    "compression": "3. Compression (teacher vs promoted student, hold-out split)",
+    "edge": "4. Edge export (TFLite float32 and INT8)",
+    "serving": "5. Serving (`mlflow models serve`, loopback)",
+    "scaling": "6. Scaling and memory",
+}
+COST_LABELS = {"teacher_epoch_s": "teacher training epoch", "student_kd_epoch_s": "student KD epoch (cached)", "student_inference_s": "student inference, all images"}
+
+
+def fmt(value) -> str:
+    """One number as every table prints it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value).replace("|", "\\|")  # a pipe would end a table cell
+    if not math.isfinite(value):
+        return "n/a"
+    if value == int(value):
+        return f"{int(value):,}"
+    if abs(value) >= 100:
+        return f"{value:,.1f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def figures(tree, prefix: str = "") -> list[tuple[str, float]]:
+    """Every measured number of a part as (dotted key, value); targets and settings are rendered elsewhere."""
+    found = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key not in ("targets", "setup"):
+                found += figures(value, f"{prefix}{key}.")
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            found += figures(value, f"{prefix}{index}.")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        found.append((prefix.rstrip("."), float(tree)))
+    return found
+
+
+
+def plot_scaling(scaling: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import NullLocator
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = (
+        (axes[0], scaling["by_images"], "images", "images (x1, x2, x4 by augmentation)", lambda p: f"{fmt(p['images'])}"),
+        (axes[1], scaling["by_size"], "pixels", "pixels per image (image size)", lambda p: f"{fmt(p['image_size'])} px"),
+    )
+    for ax, points, x_key, x_label, tick in panels:
+        for cost, label in COST_LABELS.items():
+            ax.plot([p[x_key] for p in points], [p[cost] for p in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks([p[x_key] for p in points], [tick(p) for p in points])  # the measured points, not log-decade ticks
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("seconds")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Cost vs data size and image size (log-log)")
+    return save_figure(figure, path, dpi=100)
+
+
+def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(values), list(values.values()), color="tab:blue")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return save_figure(figure, path, dpi=100)
+
+
+def plot_serving(serving: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [int(n) for n in serving["clients"]]
+    levels = list(serving["clients"].values())
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(clients, [lv["p50_ms"] for lv in levels], marker="o", label="p50")
+    ax.plot(clients, [lv["p95_ms"] for lv in levels], marker="o", label="p95")
+    ax.axhline(serving["in_process_one_image"]["p50_ms"], color="grey", linestyle="--", label="in-process p50")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("latency (ms)")
+    twin = ax.twinx()
+    twin.plot(clients, [lv["requests_per_s"] for lv in levels], marker="s", color="tab:green", label="requests/s")
+    twin.set_ylabel("requests/s")
+    ax.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="lower right", fontsize=8)
+    return save_figure(figure, path, dpi=100)
+
+
+def part_tables(part: str, r: dict) -> list[str]:
+    """The readable tables of one part (the complete figure list follows them)."""
+    if part == "throughput":
+        rows = [[name, value, r["first_epoch_s"][name]] for name, value in r["images_per_s"].items()]
+        return [table(["variant", "images/s (timed epochs)", "first epoch s (tracing, XLA compile)"], rows),
+                f"cached / online: **{fmt(r['cached_vs_online'])}x**; XLA on cached: x{fmt(r['xla_gain_cached'])}; best cached variant / online: {fmt(r['best_cached_vs_online'])}x"]
+    if part == "search":
+        rows = [[s, r[s]["wall_s"], r[s]["best_f1"], r[s]["best_f1_std"], r[s]["trials"], r[s]["pruned"], r[s]["folds_trained"], r[s]["peak_rss_mib"]] for s in ("naive", "ours")]
+        return [table(["strategy", "wall s", "best F1", "F1 std", "trials", "pruned", "folds trained", "peak RSS MiB"], rows), f"naive / ours wall time: **{fmt(r['naive_vs_ours_wall'])}x**; best-F1 gap {fmt(r['best_f1_gap'])}"]
+    if part == "compression":
+        keys = ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms", "f1", "roc_auc")
+        rows = [[key, r["teacher"][key], r["student"][key], r["teacher_over_student"].get(key, "")] for key in keys]
+        return [table(["", "teacher", "student", "teacher / student"], rows), f"FLOPs: {r['setup']['flops_method']}. F1 drop (teacher - student): {fmt(r['f1_drop'])}"]
+    if part == "edge":
+        rows = [[name, f["size_bytes"], f["p50_ms"], f["p95_ms"], f["f1"], f["roc_auc"]] for name, f in r["formats"].items()]
+        return [table(["format", "bytes", "batch-1 p50 ms", "p95 ms", "hold-out F1", "ROC-AUC"], rows),
+                f"Keras / INT8 batch-1 p50: **{fmt(r['keras_over_int8_batch1_p50'])}x**; Keras / float32: {fmt(r['keras_over_float32_batch1_p50'])}x; |F1 INT8 - float32| {fmt(r['int8_vs_float32_f1_gap'])}; logged to run `{r['logged_to_run']}`"]
+    if part == "serving":
+        rows = [[n, lv["p50_ms"], lv["p95_ms"], lv["requests_per_s"], lv["requests"], lv["errors"]] for n, lv in r["clients"].items()]
+        ip = r["in_process_one_image"]
+        return [table(["clients", "p50 ms", "p95 ms", "requests/s", "requests", "errors"], rows), f"in-process pyfunc, one image: p50 {fmt(ip['p50_ms'])} ms, p95 {fmt(ip['p95_ms'])} ms; served p50 at one client / in-process p50: **{fmt(r['served_over_in_process_p50'])}x**"]
+    if part == "scaling":
+        rows = [["x" + fmt(p["factor"]), p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_images"]]
+        rows += [[f"{fmt(p['image_size'])} px", p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_size"]]
+        slopes = [[axis] + [r["loglog_slopes"][axis][c] for c in COST_LABELS] for axis in ("vs_images", "vs_pixels")]
+        return [table(["point", "images", "size px", *(f"{label} (s)" for label in COST_LABELS.values())], rows), "Log-log slopes (1 = linear):",
+                table(["axis", *COST_LABELS.values()], slopes), f"Peak RSS of the search process (part 2, ours): **{fmt(r['search_peak_rss_mib'])} MiB**"]
+    raise ValueError(part)
+
+
+def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
+    """Write ``report_path`` and its PNG plots beside ``json_path``; returns the plot paths."""
+    stem = json_path.with_suffix("")
+    plots = {
+        "scaling": plot_scaling(results["scaling"], Path(f"{stem}-scaling.png")),
+        "throughput": plot_bars(results["throughput"]["images_per_s"], "images/s", "KD training throughput", Path(f"{stem}-throughput.png")),
+        "serving": plot_serving(results["serving"], Path(f"{stem}-serving.png")),
+    }
+    link = lambda path: os.path.relpath(path, report_path.parent)  # noqa: E731 (one-line helper)
+    machine, settings = results["machine"], results["settings"]
+    targets = [(part, t) for part in PARTS for t in results[part]["targets"]]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python -m benchmarks{' --smoke' if settings['mode'] == 'smoke' else ''}` from [`{link(json_path)}`]({link(json_path)}) on {results['started_utc']}; "
+        f"every figure below comes from that file (re-render: `python -m benchmarks.report {link(json_path)}`). Total run time {fmt(results['total_s'] / 60)} min.",
+        "",
+        f"**Machine:** {machine['cpu']}, {machine['cores']} cores, {fmt(machine['ram_gib'])} GiB RAM, {machine['os']}.  ",
+        "**Versions:** " + ", ".join(f"{name} {version}" for name, version in machine["versions"].items()) + ".  ",
+        f"**Data:** {results['data']['images']} images ({results['data']['source']}, classes {', '.join(results['data']['classes'])}, digest {results['data']['digest']}), hold-out {results['data']['holdout']}.  ",
+        f"**Settings ({settings['mode']}):** " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "mode") + ".  ",
+        "**Config:** " + ", ".join(f"{k} {v}" for k, v in results["config"].items()) + ".  ",
+        f"**Pipeline:** teacher training {fmt(results['pipeline']['teacher_s'])} s, promotion {fmt(results['pipeline']['promote_s'])} s.",
+        "",
+        "## Targets",
+        "",
+        table(["part", "target", "measured", "threshold", "status"], [[TITLES[part].split(" ", 1)[0].rstrip("."), t["target"], t["value"], f"{t['comparison']} {fmt(t['threshold'])}", "met" if t["met"] else "**not met**"] for part, t in targets]),
+        "",
+    ]
+    for part in PARTS:
+        section = results[part]
+        lines += [f"## {TITLES[part]}", ""]
+        for block in part_tables(part, section):
+            lines += [block, ""]
+        if part in plots:
+            lines += [f"![{part}]({link(plots[part])})", ""]
+        lines += ["Setup: " + "; ".join(f"{k}: {v}" for k, v in section["setup"].items()), ""]
+        lines += ["<details><summary>All figures of this part</summary>", "", table(["figure", "value"], [[key, value] for key, value in figures(section)]), "", "</details>", ""]
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text("\n".join(lines))
+    return list(plots.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Render BENCHMARKS.md from a benchmark results JSON.")
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--report", type=Path, default=Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    render(json.loads(args.results.read_text()), args.results, args.report)
+    print(f"wrote {args.report}")
+
+
+if __name__ == "__main__":
+    main()

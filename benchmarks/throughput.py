@@ -1,0 +1,61 @@
+"""Part 1: images/s of KD student training with the teacher online (forward pass every step) vs cached logits.
+
+Same fold-0 teacher, student, rows, batch size, seed and epochs for every variant. XLA (``jit_compile``, off by
+default on CPU in Keras) is measured on top of cached mode, the one the project trains with. The first epoch
+traces (and, with XLA, compiles) the graph and is not timed; its time is reported separately.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from tqdm import tqdm
+
+from benchmarks.common import Bench, EpochTimer, ratio, target
+from pipelines.distiller import Distiller
+from pipelines.models import build_student
+from pipelines.teacher import load_teacher_logits, load_teacher_model
+from pipelines.training import class_weights, make_dataset, set_seed
+
+VARIANTS = (("online", False), ("cached", False), ("cached", True))
+
+
+def images_per_second(bench: Bench, mode: str, jit_compile: bool) -> tuple[float, float]:
+    """Student KD training throughput on fold 0's training rows (median timed epoch), and the first (tracing) epoch's seconds."""
+    cfg, prepared = bench.cfg, bench.prepared
+    rows = prepared.splits.folds[0][0]
+    labels = prepared.dataset.labels
+    weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels[rows]]
+    logits = load_teacher_logits(bench.teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["fold_0"][rows] if mode == "cached" else None
+    set_seed(cfg.seed)
+    student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed)
+    teacher = load_teacher_model(bench.teacher_run_id, "fold_0") if mode == "online" else None
+    trainer = Distiller(student, teacher, cfg.temperature, cfg.alpha, prepared.dataset.binary)
+    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate), jit_compile=jit_compile)
+    train = make_dataset(prepared.images[rows], labels[rows], weights, logits, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    timer = EpochTimer()
+    epochs = bench.settings.throughput_epochs
+    trainer.fit(train, epochs=1 + epochs, verbose=0, callbacks=[timer], shuffle=False)  # the dataset shuffles itself
+    # The median epoch: a timed epoch can still retrace once (Keras relaxes the batch shape after two shapes,
+    # and XLA then compiles the relaxed function again), which is tracing, not throughput.
+    return len(rows) / float(np.median(timer.seconds[1:])), timer.seconds[0]
+
+
+def run(bench: Bench) -> dict:
+    measured, first_epoch_s = {}, {}
+    for mode, jit in tqdm(VARIANTS, desc="part 1: KD throughput", unit="variant"):
+        name = f"{mode}{'_xla' if jit else ''}"
+        measured[name], first_epoch_s[name] = images_per_second(bench, mode, jit)
+    speedup = ratio(measured["cached"], measured["online"])
+    result = {
+        "images_per_s": measured,
+        "first_epoch_s": first_epoch_s,
+        "cached_vs_online": speedup,
+        "xla_gain_cached": ratio(measured["cached_xla"], measured["cached"]),
+        "best_cached_vs_online": ratio(max(measured["cached"], measured["cached_xla"]), measured["online"]),
+        "setup": {"image_size": bench.cfg.image_size, "batch_size": bench.cfg.batch_size, "student": bench.cfg.student_size, "teacher": bench.cfg.teacher_arch,
+                  "train_rows": int(len(bench.prepared.splits.folds[0][0])), "timed_epochs": bench.settings.throughput_epochs},
+        "targets": [target(f"cached >= 3x online images/s at image size {bench.cfg.image_size}", speedup, 3.0)],
+    }
+    print(f"part 1: cached {measured['cached']:.0f} img/s vs online {measured['online']:.0f} img/s -> {speedup:.2f}x; XLA on cached x{result['xla_gain_cached']:.2f} (first epoch {first_epoch_s['cached_xla']:.1f} s vs {first_epoch_s['cached']:.1f} s)")
+    return result

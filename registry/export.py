@@ -1,0 +1,175 @@
+"""Edge export: a registered student as TFLite float32 and full-integer INT8, logged to the version's run.
+
+INT8 is post-training quantization: weights and activations in int8, calibrated on a representative set
+of training images (never hold-out images), with int8 input and output tensors so the whole graph runs
+on integer kernels. Beside the Keras student, each format's batch-1 CPU latency (p50, p95), file size
+and hold-out metrics are logged as ``edge_<format>_<what>`` metrics, and the files as ``edge/*.tflite``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+from mlflow import MlflowClient
+
+from pipelines.cli import run_cli
+from pipelines.config import Config, PipelineError, build_parser, config_from_args
+from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.models import load_keras_model
+from pipelines.prepare import Prepared, prepare_data
+from registry.fetch import resolve_version
+
+FORMATS = ("keras", "float32", "int8")
+REPRESENTATIVE_IMAGES = 100
+
+
+def latency_percentiles(call: Callable[[], object], repeats: int = 50, warmup: int = 5) -> dict[str, float]:
+    """p50 and p95 wall time of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        timings.append(time.perf_counter() - start)
+    timings_ms = np.asarray(timings) * 1e3
+    return {"p50_ms": float(np.percentile(timings_ms, 50)), "p95_ms": float(np.percentile(timings_ms, 95))}
+
+
+def to_tflite(model: keras.Model, representative: np.ndarray | None = None) -> bytes:
+    """The model as a TFLite flatbuffer for one image at a time: float32, or full INT8 given a representative set."""
+    # Through a SavedModel: the converter then sees frozen weights, not resource variables.
+    with tempfile.TemporaryDirectory() as tmp:
+        model.export(tmp, format="tf_saved_model", input_signature=[tf.TensorSpec((1, *model.input_shape[1:]), tf.float32)], verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        if representative is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = lambda: ([image[None].astype(np.float32)] for image in representative)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+        return converter.convert()
+
+
+class TFLiteModel:
+    """One TFLite flatbuffer behind ``logits(images)``: quantizes inputs and dequantizes outputs where INT8."""
+
+    def __init__(self, flatbuffer: bytes):
+        with warnings.catch_warnings():
+            # tf.lite.Interpreter is marked deprecated in favour of the separate ai-edge-litert package; it is
+            # still TensorFlow's own runtime for the flatbuffers it converts, and one dependency fewer.
+            warnings.simplefilter("ignore", UserWarning)
+            self.interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=os.cpu_count())
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def logit(self, image: np.ndarray) -> np.ndarray:
+        """Logits of one preprocessed image ``(S, S, 1)``."""
+        scale, zero = self.input["quantization"]
+        batch = image[None].astype(np.float32)
+        if self.input["dtype"] == np.int8:
+            batch = np.clip(np.round(batch / scale + zero), -128, 127).astype(np.int8)
+        self.interpreter.set_tensor(self.input["index"], batch)
+        self.interpreter.invoke()
+        raw = self.interpreter.get_tensor(self.output["index"])[0]
+        if self.output["dtype"] == np.int8:
+            out_scale, out_zero = self.output["quantization"]
+            return (raw.astype(np.float32) - out_zero) * out_scale
+        return raw.astype(np.float32)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return np.stack([self.logit(image) for image in images])
+
+
+@dataclass(frozen=True)
+class EdgeExport:
+    version: str
+    run_id: str
+    files: dict[str, Path]  # float32 / int8 -> .tflite path (inside the work folder given to export_edge)
+    results: dict[str, dict[str, float]]  # format -> size_bytes, p50_ms, p95_ms, f1, roc_auc, ...
+
+
+def load_student(name: str, version: str) -> keras.Model:
+    """The Keras student inside a registered pyfunc version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        found = sorted(local.rglob("student.keras"))
+        if not found:
+            raise PipelineError(f"{name} v{version} holds no student.keras; it was not logged by promote")
+        return load_keras_model(found[0])
+
+
+def compare_formats(student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = 50) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
+    """Convert the student, then time batch-1 inference and score the hold-out split for Keras, float32 and INT8."""
+    rows, test = prepared.splits.train, prepared.splits.test
+    # An even spread over the training rows: calibration sees both classes and every acquisition.
+    pick = rows[np.linspace(0, len(rows) - 1, min(REPRESENTATIVE_IMAGES, len(rows))).astype(int)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras_path = out_dir / "student.keras"
+    student.save(keras_path)
+    files = {"float32": out_dir / "student_float32.tflite", "int8": out_dir / "student_int8.tflite"}
+    files["float32"].write_bytes(to_tflite(student))
+    files["int8"].write_bytes(to_tflite(student, prepared.images[pick]))
+
+    labels, images, binary = prepared.dataset.labels[test], prepared.images[test], prepared.dataset.binary
+    forward = tf.function(lambda x: student(x, training=False))
+    one = tf.constant(images[:1].astype(np.float32))
+    results = {"keras": {"size_bytes": float(keras_path.stat().st_size), **latency_percentiles(lambda: forward(one).numpy(), repeats)}}
+    results["keras"].update(classification_metrics(labels, probabilities(np.asarray(forward(tf.constant(images.astype(np.float32)))), binary)))
+    for name, path in files.items():
+        model = TFLiteModel(path.read_bytes())
+        results[name] = {"size_bytes": float(path.stat().st_size), **latency_percentiles(lambda: model.logit(images[0]), repeats)}
+        results[name].update(classification_metrics(labels, probabilities(model.logits(images), binary)))
+    return files, results
+
+
+def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = None, repeats: int = 50) -> EdgeExport:
+    """Export ``cfg.model_name`` (the given version, else the champion) to TFLite and log files and metrics to its run.
+
+    ``cfg`` names the data the model was trained on (its digest must match the version's); the representative
+    set comes from its training split, the scores from its hold-out split.
+    """
+    model_version = resolve_version(cfg.model_name, alias="champion") if version is None else MlflowClient().get_model_version(cfg.model_name, version)
+    prepared = prepare_data(cfg.replace(image_size=int(model_version.tags.get("image_size", cfg.image_size))))
+    trained_on = model_version.tags.get("data_digest")
+    if trained_on and trained_on != prepared.dataset.digest:
+        raise PipelineError(
+            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) is not the data {cfg.model_name} v{model_version.version} "
+            f"was trained on (digest {trained_on[:12]}); pass that data_dir"
+        )
+    student = load_student(cfg.model_name, model_version.version)
+    target = out_dir or Path(tempfile.mkdtemp(prefix="kd-edge-"))
+    files, results = compare_formats(student, prepared, target, repeats)
+    client = MlflowClient()
+    for path in files.values():
+        client.log_artifact(model_version.run_id, str(path), "edge")
+    client.log_batch(
+        model_version.run_id,
+        metrics=[mlflow.entities.Metric(f"edge_{fmt}_{what}", value, int(time.time() * 1000), 0) for fmt, values in results.items() for what, value in values.items() if np.isfinite(value)],
+    )
+    for fmt in FORMATS:
+        r = results[fmt]
+        print(f"edge: {fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  hold-out F1 {r['f1']:.4f}")
+    print(f"edge: logged {', '.join(p.name for p in files.values())} to run {model_version.run_id} ({cfg.model_name} v{model_version.version})")
+    return EdgeExport(model_version.version, model_version.run_id, files, results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser("Export a registered student to TFLite float32 and INT8; log files, latency and hold-out F1 to its run.")
+    parser.add_argument("--version", default=None, help="model version; default: the champion")
+    run_cli(lambda args: export_edge(config_from_args(args), args.version), parser, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The benchmark code: TFLite export agrees with Keras, FLOPs are counted right, ratios and targets follow
+from the measured numbers, and the report shows every figure of a results file."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+
+from benchmarks import report, throughput
+from benchmarks.common import SMOKE, Bench, open_bench, ratio, target
+from benchmarks.compression import count_macs
+from pipelines.distiller import Distiller
+from pipelines.evaluate import probabilities
+from pipelines.models import build_student
+from pipelines.prepare import prepare_data
+from pipelines.training import class_weights, make_dataset, set_seed
+from registry.export import TFLiteModel, to_tflite
+
+from kdtest import tiny_config
+
+
+def test_int8_tflite_agrees_with_keras_on_most_real_scans(mri_subset, tmp_path):
+    prepared = prepare_data(tiny_config(mri_subset, tmp_path))
+    labels, rows = prepared.dataset.labels, prepared.splits.train
+    set_seed(0)
+    student = build_student("tiny", 32, 2, seed=0)
+    trainer = Distiller(student, None, 1.0, 1.0, binary=True)
+    trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
+    weights = class_weights(labels[rows], 2)[labels[rows]]
+    trainer.fit(make_dataset(prepared.images[rows], labels[rows], weights, batch_size=8, shuffle=True), epochs=5, verbose=0)
+
+    images = prepared.images
+    keras_logits = np.asarray(student(images, training=False))
+    float_logits = TFLiteModel(to_tflite(student)).logits(images)
+    int8 = TFLiteModel(to_tflite(student, images[rows]))
+    assert int8.input["dtype"] == np.int8 and int8.output["dtype"] == np.int8, "full-integer model: int8 in and out"
+    int8_logits = int8.logits(images)
+    np.testing.assert_allclose(float_logits, keras_logits, rtol=1e-4, atol=1e-4)
+    agree = np.mean(probabilities(int8_logits, True).argmax(1) == probabilities(keras_logits, True).argmax(1))
+    assert agree >= 0.8, f"INT8 agrees with Keras on only {agree:.0%} of the images"
+
+
+def test_macs_are_counted_from_kernels_and_output_shapes():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8x8 outputs x 4 channels x 3x3x1
+    inner = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.DepthwiseConv2D(3, padding="same")], name="nested")  # 8x8 x 4 x 3x3
+    x = inner(x)
+    x = keras.layers.Conv2D(6, 3, strides=2)(x)  # valid, stride 2: 3x3 outputs x 6 channels x 3x3x4
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(2)(x)  # 6 x 2
+    model = keras.Model(inputs, outputs)
+    assert count_macs(model) == 8 * 8 * 4 * 9 + 8 * 8 * 4 * 9 + 3 * 3 * 6 * 9 * 4 + 6 * 2
+
+
+def test_ratios_and_targets_follow_the_numbers():
+    assert ratio(6.0, 2.0) == 3.0
+    assert math.isnan(ratio(1.0, 0.0))
+    assert target("x", 3.0, 3.0)["met"] and not target("x", 2.99, 3.0)["met"]
+    assert target("y", 0.02, 0.02, at_least=False)["met"] and not target("y", 0.021, 0.02, at_least=False)["met"]
+    assert not target("z", float("nan"), 1.0)["met"] and not target("z", float("nan"), 1.0, at_least=False)["met"]
+
+
+@pytest.mark.slow
+def test_throughput_ratio_is_computed_from_the_measured_images_per_second(mri_subset, tmp_path):
+    from pipelines.teacher import train_teacher
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        bench: Bench = open_bench(SMOKE, tmp_path / "work", mri_subset)
+        bench.teacher_run_id = train_teacher(bench.cfg, bench.prepared)
+        result = throughput.run(bench)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    measured = result["images_per_s"]
+    assert set(measured) == {"online", "cached", "cached_xla"} and all(v > 0 for v in measured.values())
+    assert result["cached_vs_online"] == pytest.approx(measured["cached"] / measured["online"])
+    assert result["xla_gain_cached"] == pytest.approx(measured["cached_xla"] / measured["cached"])
+    [goal] = result["targets"]
+    assert goal["value"] == result["cached_vs_online"] and goal["met"] == (result["cached_vs_online"] >= 3.0)
+
+
+def sample_results(rng: np.random.Generator) -> dict:
+    """A results file with the structure the benchmark writes and arbitrary numbers."""
+    n = lambda: float(rng.uniform(0.001, 5000))  # noqa: E731
+    goal = lambda: target("a target", n(), n(), bool(rng.integers(2)))  # noqa: E731
+    model = lambda: {k: n() for k in ("params", "file_bytes", "macs", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms", "f1", "roc_auc")}  # noqa: E731
+    strategy = lambda: {"wall_s": n(), "best_f1": n(), "best_f1_std": n(), "best_params": {"width": 16}, "trials": 4.0, "pruned": 1.0, "folds_trained": 11.0, "peak_rss_mib": n()}  # noqa: E731
+    costs = lambda: {"images": n(), "image_size": n(), "teacher_epoch_s": n(), "student_kd_epoch_s": n(), "student_inference_s": n()}  # noqa: E731
+    return {
+        "date": "2026-01-02", "started_utc": "2026-01-02T03:04:05+00:00", "total_s": n(),
+        "machine": {"cpu": "test cpu", "cores": 2, "ram_gib": n(), "os": "linux", "versions": {"python": "3.11"}},
+        "settings": {"mode": "smoke", "image_size": 32}, "config": {"folds": 2}, "pipeline": {"teacher_s": n(), "promote_s": n()},
+        "data": {"images": 24, "holdout": 5, "source": "folder", "classes": ["no", "yes"], "digest": "abc"},
+        "throughput": {"images_per_s": {v: n() for v in ("online", "cached", "cached_xla")}, "first_epoch_s": {v: n() for v in ("online", "cached", "cached_xla")},
+                       "cached_vs_online": n(), "xla_gain_cached": n(), "best_cached_vs_online": n(), "setup": {"batch_size": 16}, "targets": [goal()]},
+        "search": {"ours": strategy(), "naive": strategy(), "naive_vs_ours_wall": n(), "best_f1_gap": n(), "setup": {"trials": 4}, "targets": [goal(), goal()]},
+        "compression": {"teacher": model(), "student": model(), "teacher_over_student": {k: n() for k in ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms")},
+                        "f1_drop": n(), "setup": {"flops_method": "counted"}, "targets": [goal(), goal(), goal()]},
+        "edge": {"formats": {f: {"size_bytes": n(), "p50_ms": n(), "p95_ms": n(), "f1": n(), "roc_auc": n()} for f in ("keras", "float32", "int8")},
+                 "keras_over_int8_batch1_p50": n(), "keras_over_float32_batch1_p50": n(), "int8_vs_float32_f1_gap": n(), "logged_to_run": "run1", "setup": {}, "targets": [goal(), goal()]},
+        "serving": {"in_process_one_image": {"p50_ms": n(), "p95_ms": n()}, "clients": {c: {"p50_ms": n(), "p95_ms": n(), "requests_per_s": n(), "requests": 9.0, "errors": 0.0, "seconds": n()} for c in ("1", "4", "16")},
+                    "served_over_in_process_p50": n(), "setup": {}, "targets": [goal()]},
+        "scaling": {"by_images": [{"factor": float(f), **costs()} for f in (1, 2, 4)], "by_size": [{"pixels": float(s * s), **costs()} for s in (64, 128)],
+                    "loglog_slopes": {axis: {c: n() for c in report.COST_LABELS} for axis in ("vs_images", "vs_pixels")}, "search_peak_rss_mib": n(), "setup": {}, "targets": [goal()]},
+    }
+
+
+def test_report_shows_every_figure_target_and_plot(tmp_path):
+    results = sample_results(np.random.default_rng(7))
+    json_path = tmp_path / "results" / "2026-01-02.json"
+    json_path.parent.mkdir()
+    plots = report.render(results, json_path, tmp_path / "BENCHMARKS.md")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    for part in report.PARTS:
+        for key, value in report.figures(results[part]):
+            assert f"| {key} | {report.fmt(value)} |" in text, (part, key)
+    targets = [t for part in report.PARTS for t in results[part]["targets"]]
+    assert len(re.findall(r"\| (met|\*\*not met\*\*) \|", text)) == len(targets)
+    assert text.count("**not met**") == sum(not t["met"] for t in targets)
+    assert len(plots) == 3
+    for plot in plots:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot.relative_to(tmp_path)})" in text
