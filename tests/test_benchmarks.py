@@ -21,7 +21,7 @@ from pipelines.prepare import prepare_data
 from pipelines.training import class_weights, make_dataset, set_seed
 from registry.export import TFLiteModel, to_tflite
 
-from kdtest import tiny_config
+from kdtest import tiny_config, tracking_at
 
 
 def test_int8_tflite_agrees_with_keras_on_most_real_scans(mri_subset, tmp_path):
@@ -66,16 +66,14 @@ def test_ratios_and_targets_follow_the_numbers():
 
 
 @pytest.mark.slow
-def test_throughput_ratio_is_computed_from_the_measured_images_per_second(mri_subset, tmp_path):
+def test_throughput_ratio_is_computed_from_the_measured_images_per_second(mri_subset, tmp_path, monkeypatch):
     from pipelines.teacher import train_teacher
 
-    previous = mlflow.get_tracking_uri()
-    try:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # open_bench exports its store for its children: undone after the test
+    with tracking_at(mlflow.get_tracking_uri()):
         bench: Bench = open_bench(SMOKE, tmp_path / "work", mri_subset)
         bench.teacher_run_id = train_teacher(bench.cfg, bench.prepared)
         result = throughput.run(bench)
-    finally:
-        mlflow.set_tracking_uri(previous)
     measured = result["images_per_s"]
     assert set(measured) == {"online", "cached", "cached_xla"} and all(v > 0 for v in measured.values())
     assert result["cached_vs_online"] == pytest.approx(measured["cached"] / measured["online"])

@@ -22,7 +22,7 @@ from registry.promote import promote
 from registry.report import METRICS, MODELS, NO_KD_CV_TAG, TRIAL_RUN_TAG, write_report
 from search.tune import run_search
 
-from kdtest import MODEL, child_env, tiny_config
+from kdtest import MODEL, child_env, tiny_config, tracking_at
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -33,16 +33,12 @@ RESAMPLES = 200
 def tracked(mri_subset, tmp_path_factory):
     """A tracking store with a finished tiny search and a promoted version, and its first report."""
     root = tmp_path_factory.mktemp("report")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    try:
+    with tracking_at(f"sqlite:///{root / 'mlflow.db'}"):
         cfg = tiny_config(mri_subset, root, study_name="report-test")
         run_search(cfg)
         promote(cfg)
         paths = write_report(MODEL, stage="Production", out_dir=root / "report", resamples=RESAMPLES)
         yield root, paths
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def markdown_tables(text: str) -> dict[str, list[list[str]]]:
