@@ -17,7 +17,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
-from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.evaluate import classification_metrics, model_logits, probabilities
 from pipelines.teacher import load_teacher_model
 from registry.export import latency_percentiles, load_student
 
@@ -53,7 +53,7 @@ def describe(model: keras.Model, bench: Bench, path: Path) -> dict[str, float]:
     prepared, test = bench.prepared, bench.prepared.splits.test
     model.save(path)
     images = prepared.images[test]
-    metrics = classification_metrics(prepared.dataset.labels[test], probabilities(np.asarray(model(images.astype(np.float32), training=False)), prepared.dataset.binary))
+    metrics = classification_metrics(prepared.dataset.labels[test], probabilities(model_logits(model, images), prepared.dataset.binary))
     repeats = bench.settings.latency_repeats
     b1, b32 = latency(model, images, 1, repeats), latency(model, images, 32, max(10, repeats // 4))
     macs = float(count_macs(model))

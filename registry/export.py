@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from pipelines.cli import run_cli
 from pipelines.config import Config, PipelineError, build_parser, config_from_args
-from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.evaluate import classification_metrics, model_logits, probabilities
 from pipelines.models import load_keras_model
 from pipelines.prepare import Prepared, prepare_data
 from registry.fetch import resolve_version
@@ -126,7 +126,7 @@ def compare_formats(student: keras.Model, prepared: Prepared, out_dir: Path, rep
     forward = tf.function(lambda x: student(x, training=False))
     one = tf.constant(images[:1].astype(np.float32))
     results = {"keras": {"size_bytes": float(keras_path.stat().st_size), **latency_percentiles(lambda: forward(one).numpy(), repeats)}}
-    results["keras"].update(classification_metrics(labels, probabilities(np.asarray(forward(tf.constant(images.astype(np.float32)))), binary)))
+    results["keras"].update(classification_metrics(labels, probabilities(model_logits(student, images), binary)))
     for name, path in files.items():
         model = TFLiteModel(path.read_bytes())
         results[name] = {"size_bytes": float(path.stat().st_size), **latency_percentiles(lambda: model.logit(images[0]), repeats)}

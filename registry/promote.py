@@ -30,14 +30,14 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import PROJECT_ROOT, Config, PipelineError
 from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.evaluate import classification_metrics, in_batches, model_logits, probabilities
 from pipelines.locks import database_lock, lockable
 from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
-from registry.model import encode_file, signature
+from registry.model import MAX_BATCH, encode_file, signature
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}
@@ -84,8 +84,11 @@ def holdout_frame(prepared: Prepared) -> pd.DataFrame:
 
 
 def pyfunc_f1(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame, labels: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    """Hold-out metrics of a served model, predicted from the image files, so any version is comparable."""
-    output = model.predict(frame)
+    """Hold-out metrics of a served model, predicted from the image files, so any version is comparable.
+
+    Sent in requests of at most ``MAX_BATCH`` rows, the served model's limit, so a hold-out of any size works.
+    """
+    output = in_batches(model.predict, frame, MAX_BATCH)
     missing = [f"prob_{name}" for name in class_names if f"prob_{name}" not in output.columns]
     if missing:
         raise PipelineError(f"the model predicts other classes than this data's {class_names}; compare on data with the same classes")
@@ -246,8 +249,8 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
 
         labels, test = prepared.dataset.labels, prepared.splits.test
         holdout_probs = {
-            "student": probabilities(np.asarray(student(prepared.images[test], training=False)), prepared.dataset.binary),
-            "no_kd": probabilities(np.asarray(baseline(prepared.images[test], training=False)), prepared.dataset.binary),
+            "student": probabilities(model_logits(student, prepared.images[test]), prepared.dataset.binary),
+            "no_kd": probabilities(model_logits(baseline, prepared.images[test]), prepared.dataset.binary),
             "teacher": probabilities(all_logits[test], prepared.dataset.binary),
         }
         holdout = {who: classification_metrics(labels[test], probs) for who, probs in holdout_probs.items()}
