@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEDUPE_MODES = ("drop", "keep", "error")  # what prepare does with hold-out images that duplicate training images
 
 
 class PipelineError(Exception):
@@ -34,6 +35,7 @@ class Config:
     folds: int = field(default=5, metadata={"help": "stratified group k-fold splits of the training part"})
     seed: int = field(default=42, metadata={"help": "seed for splits, initialisation and augmentation"})
     augment: bool = field(default=False, metadata={"help": "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"})
+    dedupe: str = field(default="drop", metadata={"help": "hold-out images that duplicate training images (given Testing/ split): drop, keep or error"})
     synthetic_images: int = field(default=300, metadata={"help": "size of the embedded synthetic set when data_dir is empty"})
     # optimisation
     epochs: int = field(default=60, metadata={"help": "maximum epochs per fold (early stopping on validation loss)"})
@@ -87,6 +89,7 @@ class Config:
             (0.0 <= self.alpha <= 1.0, f"alpha={self.alpha}: must be in [0, 1]"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
+            (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
             (self.synthetic_images >= 20, f"synthetic_images={self.synthetic_images}: use 20 or more"),
             (self.n_trials >= 1, f"n_trials={self.n_trials}: use 1 or more"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
@@ -120,7 +123,7 @@ def redact_url(text: str) -> str:
 
 # Parameters that decide a step's result; a finished run whose params and data digest match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
-DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "seed")
+DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "seed", "dedupe")
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate")
 TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights")
 DISTILL_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.config import DATA_PARAMS, Config, build_parser, config_from_args
-from pipelines.data import Dataset, Splits, ingest, load_images, make_splits
+from pipelines.data import Dataset, Splits, describe_duplicates, ingest, load_images, make_splits, perceptual_hashes
 from pipelines.cli import run_cli
 
 
@@ -19,10 +19,18 @@ class Prepared:
 
 
 def prepare_data(cfg: Config) -> Prepared:
-    """Manifest, deterministic splits and preprocessed images (decoded once, then read from the cache)."""
+    """Manifest, deterministic splits and preprocessed images (decoded once, then read from the cache).
+
+    Splits keep duplicates together, identical or near-identical by a perceptual hash of the preprocessed images;
+    hold-out images of a given split that duplicate training images are handled as ``cfg.dedupe`` says.
+    """
     dataset = ingest(cfg)
-    splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed)
     images = load_images(dataset, cfg.image_size, cfg.cache_dir)
+    splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed, perceptual_hashes(images), cfg.dedupe)
+    if splits.duplicates is not None and len(splits.duplicates):
+        found = f"{len(splits.duplicates)} hold-out image(s) duplicate training images ({describe_duplicates(splits.duplicates)})"
+        action = f"dropped from the hold-out, {len(splits.test)} left" if len(splits.dropped) else "kept in the hold-out (dedupe=keep): its figures are inflated"
+        print(f"prepare: {found}: {action}; listed in data/holdout_duplicates.csv")
     return Prepared(dataset, splits, images)
 
 

@@ -186,3 +186,6 @@ def log_data(dataset: Dataset, splits: Splits) -> None:
     counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
     mlflow.log_text(counts.to_string(), "data/split_counts.txt")
     mlflow.log_params({"data_source": dataset.source, "classes": ",".join(dataset.class_names), "positive": dataset.positive_class or "macro", "n_images": len(table)})
+    if splits.duplicates is not None:  # a given hold-out split, checked against the training images
+        mlflow.log_metric("holdout_duplicates", len(splits.duplicates))
+        mlflow.log_text(splits.duplicates.to_csv(index=False), "data/holdout_duplicates.csv")

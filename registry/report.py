@@ -294,7 +294,9 @@ def rerun_command(s: Sources) -> str:
 
 
 def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]:
-    splits, cfg, student = s.splits, s.data_cfg, s.student_cfg
+    cfg, student = s.data_cfg, s.student_cfg
+    # Hold-out images that duplicated training images and were left out of every part (dedupe=drop) are in no count.
+    dropped, splits = int((s.splits["split"] == "dropped").sum()), s.splits[s.splits["split"] != "dropped"]
     class_names = s.class_names
     binary = len(class_names) == 2
     test, train = splits[splits["split"] == "test"], splits[splits["split"] != "test"]
@@ -335,7 +337,8 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
         para(
             f"A hold-out test split of {len(test)} images ({len(test) / len(splits):.1%}; requested fraction {cfg.test_fraction:g}) was set aside with a stratified group split, "
             f"and the remaining {len(train)} images were divided by stratified group {cfg.folds}-fold cross-validation (seed {cfg.seed}). "
-            f"Identical files form one group ({splits['group'].nunique()} groups for {len(splits)} images), and groups never straddle the hold-out split or two folds "
+            + (f"{dropped} hold-out images that duplicated training images (identical or near-identical) were left out of every part. " if dropped else "")
+            + f"Identical and near-identical files (by a perceptual hash) form one group ({splits['group'].nunique()} groups for {len(splits)} images), and groups never straddle the hold-out split or two folds "
             f"(checked on the logged assignment: {straddling} groups straddle). Every model was selected on the folds only; the hold-out split was used once, for the final comparison."
         ),
         Heading(2, "Architectures"),

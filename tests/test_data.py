@@ -870,3 +870,154 @@ def test_cache_keyed_by_size_and_content(tmp_path: Path, monkeypatch: pytest.Mon
     np.testing.assert_allclose(fresh[row], data.preprocess(original(target), 32))
     names = sorted(p.name for p in (cache / "arrays").iterdir())
     assert len(names) == 3 and all(n.endswith(".npy") and ".tmp" not in n for n in names)
+
+
+# ------------------------------------------------------------------------------------------ 6. duplicates
+
+
+def _resaved(src: Path, dst: Path, scale: float = 1.0, fmt: str = "JPEG", **options) -> Path:
+    """A copy of a scan as another file: re-encoded (JPEG quality ``options``) and/or rescaled by ``scale``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as image:
+        image = image.convert("L")
+        if scale != 1.0:
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+        image.save(dst, format=fmt, **options)
+    return dst
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamming distances between two sets of perceptual hashes, plainly (no matrix tricks)."""
+    return (a[:, None, :] != b[None, :, :]).sum(axis=2)
+
+
+def test_the_perceptual_hash_matches_copies_of_a_scan_but_never_two_different_real_scans(real_decoded, real_dataset: data.Dataset, tmp_path: Path) -> None:
+    images, _ = real_decoded
+    hashes = data.perceptual_hashes(images)
+    assert hashes.shape == (253, 143) and hashes.dtype == bool
+    distance = _distances(hashes, hashes)
+    correlation = np.corrcoef(images.reshape(len(images), -1))
+    sha = real_dataset.manifest["sha256"].to_numpy()
+    pairs = np.triu_indices(len(images), 1)
+    different_files = sha[pairs[0]] != sha[pairs[1]]
+    # Different scans (not re-saved copies: the preprocessed images correlate below 0.9) are never matched ...
+    different = different_files & (correlation[pairs] < 0.9)
+    assert distance[pairs][different].min() > data.NEAR_DUPLICATE_BITS
+    # ... and every match among different files is one scan saved twice (the real set holds such copies).
+    matched = different_files & (distance[pairs] <= data.NEAR_DUPLICATE_BITS)
+    assert matched.any() and correlation[pairs][matched].min() > 0.95
+    print(f"\nreal set, {different.sum()} pairs of different scans: min distance {distance[pairs][different].min()}, "
+          f"0.1th percentile {np.percentile(distance[pairs][different], 0.1):.0f}; {matched.sum()} re-saved pairs matched, max distance {distance[pairs][matched].max()}")
+
+    # JPEG re-encodes and slightly rescaled copies of real scans are matched to their originals.
+    paths = real_dataset.manifest["path"].to_numpy()
+    rows = np.linspace(0, len(paths) - 1, 12).astype(int)
+    copies = {
+        "jpeg q75": lambda src, dst: _resaved(src, dst, quality=75),
+        "jpeg q50": lambda src, dst: _resaved(src, dst, quality=50),
+        "0.9x png": lambda src, dst: _resaved(src, dst, 0.9, "PNG"),
+        "1.1x jpeg q90": lambda src, dst: _resaved(src, dst, 1.1, quality=90),
+    }
+    for name, make in copies.items():
+        copied = np.stack([data.preprocess(data.decode_image(make(Path(paths[r]), tmp_path / f"{name} {r}.img")), 32) for r in rows])
+        to_original = np.diag(_distances(data.perceptual_hashes(copied), hashes[rows]))
+        assert to_original.max() <= data.NEAR_DUPLICATE_BITS, (name, to_original)
+        print(f"{name}: distances to the original {sorted(to_original.tolist())}")
+
+
+def _leaky_split_set(real_data_dir: Path, root: Path) -> dict[str, set[str]]:
+    """Training/ + Testing/ from real scans, Testing holding 2 byte-identical copies and 2 re-saved copies
+    (JPEG re-encode, 0.9x rescale) of Training scans besides 4 scans of its own. Returns the copies' names."""
+    for label in ("yes", "no"):
+        files = _real_files(real_data_dir, label, 8, offset=20)
+        for src in files[:6]:
+            _copy(src, root / "Training" / label / src.name)
+        for src in files[6:]:
+            _copy(src, root / "Testing" / label / src.name)
+    training = {label: sorted((root / "Training" / label).iterdir()) for label in ("yes", "no")}
+    _copy(training["yes"][0], root / "Testing" / "yes" / "copy of yes 0.jpg")
+    _copy(training["no"][1], root / "Testing" / "no" / "copy of no 1.jpg")
+    _resaved(training["yes"][2], root / "Testing" / "yes" / "re-encoded yes 2.jpg", quality=60)
+    _resaved(training["no"][3], root / "Testing" / "no" / "rescaled no 3.png", 0.9, "PNG")
+    return {"identical": {"copy of yes 0.jpg", "copy of no 1.jpg"}, "near": {"re-encoded yes 2.jpg", "rescaled no 3.png"}}
+
+
+def test_duplicates_across_a_given_split_are_dropped_from_the_holdout_logged_and_printed(real_data_dir: Path, tmp_path: Path, capsys) -> None:
+    import mlflow
+    from kdtest import tracking_at
+    from pipelines.prepare import prepare, prepare_data
+
+    copies = _leaky_split_set(real_data_dir, tmp_path / "leaky")
+    cfg = _config(tmp_path / "leaky", tmp_path / "cache", image_size=32, folds=2, experiment_name="dedupe")
+    prepared = prepare_data(cfg)
+    dataset, splits = prepared.dataset, prepared.splits
+    assert "prepare: 4 hold-out image(s) duplicate training images (2 identical, 2 near-identical within 16 hash bits): dropped from the hold-out, 4 left" in capsys.readouterr().out
+    names = dataset.manifest["path"].map(lambda p: Path(p).name).to_numpy()
+    duplicates = splits.duplicates
+    assert {kind: set(names[duplicates.index[duplicates["kind"] == kind]]) for kind in ("identical", "near")} == copies
+    assert (duplicates.loc[duplicates["kind"] == "identical", "distance"] == 0).all()
+    assert duplicates["distance"].between(0, data.NEAR_DUPLICATE_BITS).all()
+    sha = dataset.manifest.set_index("path")["sha256"]
+    identical = duplicates[duplicates["kind"] == "identical"]
+    assert (sha[identical["test_path"]].to_numpy() == sha[identical["train_path"]].to_numpy()).all()
+    given = dataset.manifest["given_split"].to_numpy()
+    assert (given[dataset.manifest["path"].isin(duplicates["train_path"]).to_numpy()] == "train").all()
+
+    # dropped rows are in no part: not the hold-out, not any fold
+    np.testing.assert_array_equal(splits.dropped, duplicates.index.to_numpy())
+    in_parts = np.concatenate([splits.test, *(np.concatenate(fold) for fold in splits.folds)])
+    assert np.intersect1d(in_parts, splits.dropped).size == 0
+    assert set(names[splits.test]).isdisjoint(copies["identical"] | copies["near"]) and len(splits.test) == 4
+    table = splits.table(dataset)
+    assert set(table.loc[table["split"] == "dropped", "path"]) == set(duplicates["test_path"])
+
+    # the step logs the count as a metric and the list as an artifact
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        run = mlflow.get_run(prepare(cfg, prepared))
+        assert run.data.metrics["holdout_duplicates"] == 4 and run.data.params["dedupe"] == "drop"
+        logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/holdout_duplicates.csv", dst_path=str(tmp_path / "dl")))
+        splits_csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/splits.csv", dst_path=str(tmp_path / "dl")))
+    assert list(logged.columns) == ["test_path", "train_path", "kind", "distance"]
+    pd.testing.assert_frame_equal(logged, duplicates.reset_index(drop=True))
+    assert (splits_csv["split"] == "dropped").sum() == 4
+
+
+def test_dedupe_keep_keeps_the_duplicates_in_the_holdout_and_error_refuses_the_data(real_data_dir: Path, tmp_path: Path, capsys) -> None:
+    from pipelines.prepare import prepare_data
+
+    _leaky_split_set(real_data_dir, tmp_path / "leaky")
+    cfg = _config(tmp_path / "leaky", tmp_path / "cache", image_size=32, folds=2)
+    kept = prepare_data(cfg.replace(dedupe="keep"))
+    assert len(kept.splits.duplicates) == 4 and kept.splits.dropped.size == 0 and len(kept.splits.test) == 8
+    assert "4 hold-out image(s) duplicate training images" in capsys.readouterr().out
+    assert set(kept.splits.duplicates.index) <= set(kept.splits.test)  # the user's choice: the leak stays, and is on record
+    with pytest.raises(PipelineError, match=r"4 hold-out image\(s\) duplicate training images \(2 identical, 2 near-identical.*dedupe=drop"):
+        prepare_data(cfg.replace(dedupe="error"))
+    with pytest.raises(PipelineError, match="dedupe='maybe': use drop, keep, error"):
+        cfg.replace(dedupe="maybe")
+
+
+def test_without_a_given_split_near_duplicates_share_a_group_and_never_straddle_parts(real_data_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "flat"
+    original_of = {}
+    for label in ("yes", "no"):
+        for src in _real_files(real_data_dir, label, 10, offset=40):
+            _copy(src, root / label / src.name)
+        for k, src in enumerate(sorted((root / label).iterdir())[:3]):
+            original_of[_resaved(src, root / label / f"re-encoded {k}.jpg", quality=60).resolve()] = src.resolve()
+    dataset = _ingest(root, tmp_path)
+    hashes = data.perceptual_hashes(data.load_images(dataset, 32, tmp_path / "cache"))
+    merged = data.duplicate_groups(dataset, hashes)
+    row_of = {Path(p): row for row, p in enumerate(dataset.manifest["path"])}
+    copies = np.array([row_of[copy] for copy in original_of])
+    assert all(merged[row_of[copy]] == merged[row_of[original]] for copy, original in original_of.items())
+    originals = np.setdiff1d(np.arange(len(merged)), copies)
+    assert set(merged) == set(merged[originals])  # a copy never starts a group of its own
+    assert set(dataset.manifest["group"].to_numpy()[originals]) >= set(merged)  # groups are joined, never invented
+    for seed in range(3):
+        splits = data.make_splits(dataset, folds=2, test_fraction=0.25, seed=seed, hashes=hashes)
+        assert splits.duplicates is None and splits.dropped.size == 0
+        assert list(splits.table(dataset)["group"]) == list(merged)  # the logged table shows the groups split by
+        part = {row: name for name, rows in _parts(splits).items() for row in rows}
+        for copy, original in original_of.items():
+            assert part[row_of[copy]] == part[row_of[original]], (seed, copy.name)
