@@ -46,6 +46,7 @@ NIFTI_SLICE = re.compile(r"^(?P<file>.+\.nii(\.gz)?)#z=(?P<z>\d+)$", re.IGNORECA
 NIFTI_MIN_BRAIN_FRACTION = 0.25
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 GZIP_MAGIC = b"\x1f\x8b"
+NIFTI2_HEADER_BYTES = 540  # NIfTI-1 headers are 348 bytes, NIfTI-2 headers 540: enough bytes to sniff either
 POSITIVE_NAMES = {"yes", "tumor", "tumour", "tumors", "tumours", "positive", "pos", "abnormal", "malignant", "lesion", "1", "true"}
 NEGATIVE_NAMES = {"no", "normal", "healthy", "negative", "neg", "no_tumor", "no_tumour", "notumor", "notumour", "no-tumor", "0", "false"}
 # Decompression-bomb guard: the largest real scans here are 1920x1080; 50 Mpx leaves room, refuses bombs.
@@ -335,6 +336,8 @@ def _nifti_rows(root: Path, files: list[Path], modality: int) -> list[dict]:
     for path in files:
         match = NIFTI_PATTERN.match(path.name)
         cases.setdefault((path.parent, match["case"]), {})[match["kind"].lower()] = path
+    import nibabel
+
     wanted = BRATS_MODALITIES[modality]
     rows = []
     for (folder, case), kinds in sorted(cases.items()):
@@ -348,8 +351,6 @@ def _nifti_rows(root: Path, files: list[Path], modality: int) -> list[dict]:
         image, seg = _load_nifti_volume(image_path), _load_nifti_volume(seg_path)
         if image.shape != seg.shape:
             raise PipelineError(f"{seg_path}: shape {seg.shape} differs from {image_path.name}'s {image.shape}; the segmentation must cover the same voxels")
-        import nibabel
-
         if nibabel.aff2axcodes(image.affine) != nibabel.aff2axcodes(seg.affine):
             raise PipelineError(f"{seg_path}: orientation {nibabel.aff2axcodes(seg.affine)} differs from {image_path.name}'s {nibabel.aff2axcodes(image.affine)}")
         stat = image_path.stat()
@@ -430,7 +431,7 @@ def resolve_data_dir(cfg: Config) -> tuple[Path, str]:
         return ensure_synthetic_dataset(Path(cfg.cache_dir), n_images=cfg.synthetic_images, seed=0), "synthetic"
     root = Path(cfg.data_dir).expanduser().resolve()
     if not root.exists():
-        raise PipelineError(f"data_dir={cfg.data_dir!r} does not exist; give a folder of class folders, a BraTS .h5 folder or a CSV manifest")
+        raise PipelineError(f"data_dir={cfg.data_dir!r} does not exist; give a folder of class folders, a BraTS .h5 or NIfTI folder or a CSV manifest")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise PipelineError(f"data_dir={cfg.data_dir!r} is a file but not a .csv manifest (path,label[,group])")
@@ -561,9 +562,6 @@ def _finite(pixels: np.ndarray, name: str) -> np.ndarray:
     if not np.all(np.isfinite(pixels)):
         raise PipelineError(f"{name}: image has NaN or infinite pixels (or values beyond float32's range); fix or remove the file")
     return pixels
-
-
-NIFTI2_HEADER_BYTES = 540  # NIfTI-1 headers are 348 bytes, NIfTI-2 headers 540
 
 
 def _sniff(head: bytes) -> str:
