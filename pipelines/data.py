@@ -20,11 +20,13 @@ import functools
 import gzip
 import hashlib
 import io
+import logging
 import math
 import os
 import re
 import struct
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,8 +234,9 @@ def _read_h5(source: Path | io.BytesIO, name: str | None = None, with_mask: bool
                     raise PipelineError(f"{name}: 'mask' has shape {mask_set.shape}; expected {image_set.shape[:2] + (3,)} (H, W, 3), like the image")
                 mask = np.asarray(mask_set)
             image = np.asarray(image_set)
-    except (OSError, TypeError, ValueError) as error:  # h5py: unreadable file; numpy: a dtype it cannot represent
-        raise PipelineError(f"{name}: not a readable HDF5 file ({error}); remove or replace it") from error
+    # h5py: OSError for an unreadable file, RuntimeError or KeyError for a damaged one; numpy: a dtype it cannot represent
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise PipelineError(f"{name}: not a readable HDF5 file ({_one_line(error)}); remove or replace it") from error
     if mask is not None and not np.all(np.isfinite(mask)):
         raise PipelineError(f"{name}: 'mask' has NaN or infinite values, so the slice's label is unknown; fix or remove the file")
     return image, mask
@@ -591,25 +594,40 @@ def _nifti_2d(payload: bytes, gzipped: bool, name: str) -> np.ndarray:
     import nibabel
 
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+    with _quiet(nibabel.imageglobals.logger):
+        try:
+            head = inflater.decompress(payload, NIFTI2_HEADER_BYTES) if gzipped else payload[:NIFTI2_HEADER_BYTES]
+            header_class = _nifti_header_class(head)
+            if header_class is None:
+                raise PipelineError(f"{name}: {'a gzip file that is not NIfTI' if gzipped else 'not a NIfTI file'}; send a picture, a BraTS .h5 slice or a NIfTI slice")
+            header = header_class.from_fileobj(io.BytesIO(head))
+            shape, dtype = tuple(header.get_data_shape()), header.get_data_dtype()
+            _check_declared(name, "the NIfTI image", dtype, shape, shape)
+            if len(_squeezed(shape, 2)) != 2:
+                raise PipelineError(f"{name}: NIfTI shape {shape}; send one 2-D slice (H, W), not a volume")
+            offset = int(header.get_data_offset())
+            if not 0 <= offset <= 1 << 20:  # the header and its extensions; anything larger is not a slice
+                raise PipelineError(f"{name}: NIfTI data offset {offset} is outside 0..{1 << 20}; send a plain NIfTI slice")
+            raw = payload
+            if gzipped:  # decompress no further than the declared data ends: a small gzip can inflate to gigabytes
+                end = offset + math.prod(shape) * dtype.itemsize
+                raw = head + inflater.decompress(inflater.unconsumed_tail, end - len(head)) if end > len(head) else head
+            image = (nibabel.Nifti2Image if header_class is nibabel.Nifti2Header else nibabel.Nifti1Image).from_bytes(raw)
+            return image.get_fdata(dtype=np.float32).reshape(_squeezed(shape, 2))
+        except _nifti_errors() as error:
+            raise PipelineError(f"{name}: cannot decode NIfTI ({_one_line(error)}); send a complete file") from None
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    """nibabel logs each damaged header field it repairs (to stderr): a request is refused or answered, not logged
+    field by field. (nibabel's own LoggingOutputSuppressor leaves the messages to Python's last-resort handler.)"""
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
-        head = inflater.decompress(payload, NIFTI2_HEADER_BYTES) if inflater else payload[:NIFTI2_HEADER_BYTES]
-        header_class = _nifti_header_class(head)
-        if header_class is None:
-            raise PipelineError(f"{name}: {'a gzip file that is not NIfTI' if gzipped else 'not a NIfTI file'}; send a picture, a BraTS .h5 slice or a NIfTI slice")
-        header = header_class.from_fileobj(io.BytesIO(head))
-        shape, dtype = tuple(header.get_data_shape()), header.get_data_dtype()
-        _check_declared(name, "the NIfTI image", dtype, shape, shape)
-        if len(_squeezed(shape, 2)) != 2:
-            raise PipelineError(f"{name}: NIfTI shape {shape}; send one 2-D slice (H, W), not a volume")
-        offset = int(header.get_data_offset())
-        if not 0 <= offset <= 1 << 20:  # the header and its extensions; anything larger is not a slice
-            raise PipelineError(f"{name}: NIfTI data offset {offset} is outside 0..{1 << 20}; send a plain NIfTI slice")
-        end = offset + math.prod(shape) * dtype.itemsize  # decompress no further than the declared data ends
-        raw = head + inflater.decompress(inflater.unconsumed_tail, end - len(head)) if inflater and end > len(head) else head if inflater else payload
-        image = (nibabel.Nifti2Image if header_class is nibabel.Nifti2Header else nibabel.Nifti1Image).from_bytes(raw)
-        return image.get_fdata(dtype=np.float32).reshape(_squeezed(shape, 2))
-    except _nifti_errors() as error:
-        raise PipelineError(f"{name}: cannot decode NIfTI ({_one_line(error)}); send a complete file") from None
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _h5_channel(source: Path | io.BytesIO, modality: int | None, name: str) -> np.ndarray:
