@@ -354,8 +354,9 @@ def _nifti_rows(root: Path, files: list[Path], modality: int) -> list[dict]:
         image, seg = _load_nifti_volume(image_path), _load_nifti_volume(seg_path)
         if image.shape != seg.shape:
             raise PipelineError(f"{seg_path}: shape {seg.shape} differs from {image_path.name}'s {image.shape}; the segmentation must cover the same voxels")
-        if nibabel.aff2axcodes(image.affine) != nibabel.aff2axcodes(seg.affine):
-            raise PipelineError(f"{seg_path}: orientation {nibabel.aff2axcodes(seg.affine)} differs from {image_path.name}'s {nibabel.aff2axcodes(image.affine)}")
+        orientations = nibabel.aff2axcodes(image.affine), nibabel.aff2axcodes(seg.affine)
+        if orientations[0] != orientations[1]:
+            raise PipelineError(f"{seg_path}: orientation {orientations[1]} differs from {image_path.name}'s {orientations[0]}; resample one onto the other")
         stat = image_path.stat()
         volume, _ = _nifti_volume(str(image_path), (stat.st_mtime_ns, stat.st_size))
         segmentation, _ = _nifti_array(seg, seg_path)
@@ -465,7 +466,8 @@ def ingest(cfg: Config) -> Dataset:
         rows = _csv_rows(root)
     else:
         brats_files = sorted(p for p in root.rglob("*.h5") if BRATS_PATTERN.search(p.name))
-        nifti_files = sorted(p for p in root.rglob("*.nii*") if NIFTI_PATTERN.match(p.name) and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        nifti_files = sorted(p for p in root.rglob("*.nii*") if NIFTI_PATTERN.match(p.name)
+                             and not any(part.startswith(".") for part in p.relative_to(root).parts))  # hidden: skipped, as for images
         split_dirs = {SPLIT_DIR_NAMES[p.name.lower()]: p for p in _class_dirs(root) if p.name.lower() in SPLIT_DIR_NAMES}
         if brats_files:
             source, modality = "brats", _modality_index(cfg.modality)
@@ -599,7 +601,8 @@ def _nifti_2d(payload: bytes, gzipped: bool, name: str) -> np.ndarray:
             head = inflater.decompress(payload, NIFTI2_HEADER_BYTES) if gzipped else payload[:NIFTI2_HEADER_BYTES]
             header_class = _nifti_header_class(head)
             if header_class is None:
-                raise PipelineError(f"{name}: {'a gzip file that is not NIfTI' if gzipped else 'not a NIfTI file'}; send a picture, a BraTS .h5 slice or a NIfTI slice")
+                what = "a gzip file that is not NIfTI" if gzipped else "not a NIfTI file"
+                raise PipelineError(f"{name}: {what}; send a picture, a BraTS .h5 slice or a NIfTI slice")
             header = header_class.from_fileobj(io.BytesIO(head))
             shape, dtype = tuple(header.get_data_shape()), header.get_data_dtype()
             _check_declared(name, "the NIfTI image", dtype, shape, shape)

@@ -117,8 +117,8 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
         student.save(student_path)
         metadata_path = Path(tmp) / "metadata.json"
         modality = None if prepared.dataset.modality is None else BRATS_MODALITIES[prepared.dataset.modality]  # what served .h5 slices are read as
-        metadata_path.write_text(json.dumps({"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class,
-                                             "modality": modality}))
+        metadata = {"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class}
+        metadata_path.write_text(json.dumps({**metadata, "modality": modality}))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PROJECT_ROOT / "registry" / "served_model.py"),  # code, not a pickle
