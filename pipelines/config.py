@@ -30,7 +30,7 @@ class Config:
     data_dir: str = field(default="", metadata={"help": "image folder, BraTS .h5 folder or CSV manifest; empty = embedded synthetic set"})
     image_size: int = field(default=64, metadata={"help": "square input size in pixels"})
     positive_class: str = field(default="", metadata={"help": "positive class for binary metrics; empty = detect (yes, tumor, ...)"})
-    modality: str = field(default="flair", metadata={"help": "BraTS channel: flair, t1, t1ce, t2 or an index 0-3"})
+    modality: str = field(default="flair", metadata={"help": "BraTS channel (.h5) or NIfTI file (<case>_<modality>.nii.gz): flair, t1, t1ce, t2 or an index 0-3"})
     test_fraction: float = field(default=0.2, metadata={"help": "stratified hold-out fraction (ignored when the data has its own test split)"})
     folds: int = field(default=5, metadata={"help": "stratified group k-fold splits of the training part"})
     seed: int = field(default=42, metadata={"help": "seed for splits, initialisation and augmentation"})

@@ -5,17 +5,29 @@ digest that identifies the data; ``load_images`` decodes and preprocesses every 
 disk); ``make_splits`` gives the hold-out test split and stratified group k-fold on the rest, keeping
 duplicates (identical files, and near-identical images by :func:`perceptual_hashes`) on one side of every split.
 
-Sources: a folder per class (flat, or ``Training/`` + ``Testing/``), BraTS2020 ``.h5`` slices, a CSV
-manifest, and (``data_dir`` empty) the embedded synthetic set, which is read back through the folder loader.
+Sources: a folder per class (flat, or ``Training/`` + ``Testing/``), BraTS2020 ``.h5`` slices, BraTS NIfTI
+cases (``<case>/<case>_flair.nii.gz`` ... ``<case>_seg.nii.gz``, read as axial slices), a CSV manifest, and
+(``data_dir`` empty) the embedded synthetic set, which is read back through the folder loader.
+
+A manifest row is a file, except for NIfTI, where it is one axial slice of a volume: ``<volume>#z=<index>``
+(:func:`decode_image` reads it, :func:`request_bytes` gives what a client sends the served model for it).
+Files are decoded by content, never by name: HDF5 (BraTS slices), NIfTI (plain or gzipped) or a picture.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import gzip
 import hashlib
 import io
+import logging
+import math
 import os
 import re
+import struct
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +45,14 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 SPLIT_DIR_NAMES = {"training": "train", "train": "train", "testing": "test", "test": "test"}
 BRATS_PATTERN = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+# BraTS NIfTI cases: one file per modality and a segmentation, all named after the case.
+NIFTI_PATTERN = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1|t1ce|t2|seg)\.nii(\.gz)?$", re.IGNORECASE)
+NIFTI_SLICE = re.compile(r"^(?P<file>.+\.nii(\.gz)?)#z=(?P<z>\d+)$", re.IGNORECASE)
+# Slice selection: a slice is kept when its brain covers at least this fraction of the case's largest slice.
+NIFTI_MIN_BRAIN_FRACTION = 0.25
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+GZIP_MAGIC = b"\x1f\x8b"
+NIFTI2_HEADER_BYTES = 540  # NIfTI-1 headers are 348 bytes, NIfTI-2 headers 540: enough bytes to sniff either
 POSITIVE_NAMES = {"yes", "tumor", "tumour", "tumors", "tumours", "positive", "pos", "abnormal", "malignant", "lesion", "1", "true"}
 NEGATIVE_NAMES = {"no", "normal", "healthy", "negative", "neg", "no_tumor", "no_tumour", "notumor", "notumour", "no-tumor", "0", "false"}
 # Decompression-bomb guard: the largest real scans here are 1920x1080; 50 Mpx leaves room, refuses bombs.
@@ -53,9 +73,9 @@ class Dataset:
     manifest: pd.DataFrame  # columns: path, label, group, sha256, given_split ("train", "test" or "")
     class_names: list[str]  # binary: [negative, positive], so index 1 is the positive class
     positive_class: str | None
-    source: str  # folder, folder-split, brats, csv, synthetic
+    source: str  # folder, folder-split, brats, nifti, csv, synthetic
     root: Path
-    modality: int | None
+    modality: int | None  # BraTS channel (.h5) or file (NIfTI) the images come from; None for pictures
     digest: str
 
     @property
@@ -191,28 +211,52 @@ def _modality_index(modality: str) -> int:
     raise PipelineError(f"modality={modality!r}: use one of {', '.join(BRATS_MODALITIES)} or an index 0-3")
 
 
-def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _check_declared(name: str, what: str, dtype: np.dtype, shape: tuple[int, ...], spatial: tuple[int, ...]) -> None:
+    """Refuse from a file's metadata, before any data is read: a tiny file can declare a huge array.
+
+    ``spatial``: the dimensions whose product is the image's pixel count, held to the picture loader's limit.
+    """
+    if dtype.kind not in "biuf":  # bool, signed, unsigned, float: no strings, complex, records or times
+        raise PipelineError(f"{name}: {what} has dtype {dtype}; expected real numbers (integers or floats)")
+    if 0 in shape:
+        raise PipelineError(f"{name}: {what} has shape {shape}, which holds no pixels")
+    if math.prod(spatial) > MAX_PIXELS:
+        raise PipelineError(f"{name}: {what} declares shape {shape}: {math.prod(spatial):,} pixels exceed {MAX_PIXELS:,}; downsample it first")
+
+
+def _read_h5(source: Path | io.BytesIO, name: str | None = None, with_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """A BraTS slice's image and mask, checked: the mask decides the label, so a mask that is not plain
-    finite numbers would silently label the slice (NaN > 0 is False: "normal")."""
+    finite numbers would silently label the slice (NaN > 0 is False: "normal").
+
+    Dtypes and shapes are checked from the datasets' metadata before anything is read. ``source`` may be an
+    in-memory file (a served request, which needs no mask: ``with_mask=False``); ``name`` is what errors call it.
+    """
     import h5py
 
+    name = name or shown(source)
+    keys = ("image", "mask") if with_mask else ("image",)
     try:
-        with h5py.File(path, "r") as handle:
-            missing = [key for key in ("image", "mask") if not isinstance(handle.get(key), h5py.Dataset)]
+        with h5py.File(source, "r") as handle:
+            missing = [key for key in keys if not isinstance(handle.get(key), h5py.Dataset)]
             if missing:
-                raise PipelineError(f"{path}: no dataset(s) {missing} (keys found: {sorted(handle.keys())}); BraTS slices need 'image' (H,W,4) and 'mask' (H,W,3)")
-            image, mask = np.asarray(handle["image"]), np.asarray(handle["mask"])
-    except (OSError, TypeError, ValueError) as error:  # h5py: unreadable file; numpy: a dtype it cannot represent
-        raise PipelineError(f"{path}: not a readable HDF5 file ({error}); remove or replace it") from error
-    for key, array in (("image", image), ("mask", mask)):
-        if array.dtype.kind not in "biuf":  # bool, signed, unsigned, float: no strings, complex, records or times
-            raise PipelineError(f"{path}: {key!r} has dtype {array.dtype}; expected real numbers (integers or floats)")
-    if image.ndim != 3 or image.shape[-1] != len(BRATS_MODALITIES):
-        raise PipelineError(f"{path}: 'image' has shape {image.shape}; expected (H, W, 4) with channels {BRATS_MODALITIES}")
-    if mask.shape != image.shape[:2] + (3,):
-        raise PipelineError(f"{path}: 'mask' has shape {mask.shape}; expected {image.shape[:2] + (3,)} (H, W, 3), like the image")
-    if not np.all(np.isfinite(mask)):
-        raise PipelineError(f"{path}: 'mask' has NaN or infinite values, so the slice's label is unknown; fix or remove the file")
+                raise PipelineError(f"{name}: no dataset(s) {missing} (keys found: {sorted(handle.keys())}); BraTS slices need 'image' (H,W,4) and 'mask' (H,W,3)")
+            image_set = handle["image"]
+            _check_declared(name, "'image'", image_set.dtype, image_set.shape, image_set.shape[:2])
+            if image_set.ndim != 3 or image_set.shape[-1] != len(BRATS_MODALITIES):
+                raise PipelineError(f"{name}: 'image' has shape {image_set.shape}; expected (H, W, 4) with channels {BRATS_MODALITIES}")
+            mask = None
+            if with_mask:
+                mask_set = handle["mask"]
+                _check_declared(name, "'mask'", mask_set.dtype, mask_set.shape, mask_set.shape[:2])
+                if mask_set.shape != image_set.shape[:2] + (3,):
+                    raise PipelineError(f"{name}: 'mask' has shape {mask_set.shape}; expected {image_set.shape[:2] + (3,)} (H, W, 3), like the image")
+                mask = np.asarray(mask_set)
+            image = np.asarray(image_set)
+    # h5py: OSError for an unreadable file, RuntimeError or KeyError for a damaged one; numpy: a dtype it cannot represent
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise PipelineError(f"{name}: not a readable HDF5 file ({_one_line(error)}); remove or replace it") from error
+    if mask is not None and not np.all(np.isfinite(mask)):
+        raise PipelineError(f"{name}: 'mask' has NaN or infinite values, so the slice's label is unknown; fix or remove the file")
     return image, mask
 
 
@@ -223,6 +267,129 @@ def _brats_rows(root: Path, files: list[Path]) -> list[dict]:
         _, mask = _read_h5(path)
         volume = BRATS_PATTERN.search(path.name).group(1)
         rows.append({"path": str(path), "label": "tumor" if np.any(mask > 0) else "normal", "group": f"volume_{volume}", "given_split": ""})
+    return rows
+
+
+def _nifti_errors() -> tuple[type[BaseException], ...]:
+    """What nibabel raises on a file that is not (or no longer) valid NIfTI: bad header, truncated gzip, ..."""
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+
+    return (ImageFileError, HeaderDataError, OSError, EOFError, ValueError, zlib.error)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # nibabel's messages span lines; errors print as one
+
+
+def _squeezed(shape: tuple[int, ...], ndim: int) -> tuple[int, ...]:
+    """``shape`` without the trailing length-1 axes beyond ``ndim`` (NIfTI writers pad dimensions with 1s)."""
+    while len(shape) > ndim and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+def _load_nifti_volume(path: Path):
+    """A NIfTI volume (lazy: nothing but the header read), refused from its header if it is not a 3-D array
+    of real numbers within ``MAX_PIXELS`` voxels; volumes are decoded whole, so the limit is on voxels."""
+    import nibabel
+
+    try:
+        image = nibabel.load(path)
+        shape, dtype = _squeezed(tuple(image.shape), 3), image.get_data_dtype()
+    except _nifti_errors() as error:
+        raise PipelineError(f"{path}: not a readable NIfTI file ({_one_line(error)}); remove or replace it") from None
+    _check_declared(str(path), "the volume", dtype, shape, shape)
+    if len(shape) != 3:
+        raise PipelineError(f"{path}: NIfTI shape {tuple(image.shape)}; expected a 3-D volume (X, Y, Z), sliced axially")
+    return image
+
+
+def _nifti_array(image, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The volume's voxels as float32 (scaling applied) and its affine, reoriented to RAS (nibabel's closest
+    canonical orientation), so the third axis is the axial one whatever order the file stores the axes in."""
+    import nibabel
+
+    try:
+        canonical = nibabel.as_closest_canonical(image)
+        return canonical.get_fdata(dtype=np.float32).reshape(_squeezed(canonical.shape, 3)), canonical.affine
+    except _nifti_errors() as error:
+        raise PipelineError(f"{path}: cannot read the NIfTI data ({_one_line(error)}); the file may be truncated, replace it") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _nifti_volume(path: str, stamp: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A volume's voxels and its RAS affine; cached for the next slice of the same file (rows are sorted by path,
+    so a volume's slices come one after another). ``stamp`` (mtime, size) makes a rewritten file a new entry."""
+    return _nifti_array(_load_nifti_volume(Path(path)), Path(path))
+
+
+def _nifti_slice(path: Path, z: int) -> tuple[np.ndarray, np.ndarray]:
+    """Axial slice ``z`` of a volume, float32, and the slice's affine (the volume's, moved to ``z``)."""
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise PipelineError(f"{path}: cannot read the volume ({error.strerror}); it was listed in the manifest") from None
+    volume, affine = _nifti_volume(str(path), (stat.st_mtime_ns, stat.st_size))
+    if not 0 <= z < volume.shape[2]:
+        raise PipelineError(f"{path}#z={z}: the volume has {volume.shape[2]} axial slices")
+    moved = affine.copy()
+    moved[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, z]) + affine[:3, 3]
+    return np.array(volume[..., z]), moved
+
+
+def _slice_sha256(pixels: np.ndarray) -> str:
+    """A slice's identity: its float32 pixels and shape (byte-identical slices share it, as identical files do)."""
+    return hashlib.sha256(f"{pixels.shape}".encode() + np.ascontiguousarray(pixels, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _nifti_rows(root: Path, files: list[Path], modality: int) -> list[dict]:
+    """One row per kept axial slice of every case: label from the case's segmentation, group = the case.
+
+    Slice selection: a slice is kept when its brain, the voxels above the volume's minimum (BraTS volumes are
+    skull-stripped on a zero background), covers at least ``NIFTI_MIN_BRAIN_FRACTION`` (a quarter) of the
+    case's largest brain slice. This drops the empty slices above and below the head and the thin caps at its
+    top and bottom, which show too little tissue for a 2-D classifier to judge and would flood the "normal"
+    class with trivially empty images. The rule reads only the image, never the segmentation, so it cannot
+    choose slices by their label; it is deterministic and scales with each head's size.
+    """
+    cases: dict[tuple[Path, str], dict[str, Path]] = {}
+    for path in files:
+        match = NIFTI_PATTERN.match(path.name)
+        cases.setdefault((path.parent, match["case"]), {})[match["kind"].lower()] = path
+    import nibabel
+
+    wanted = BRATS_MODALITIES[modality]
+    rows = []
+    for (folder, case), kinds in sorted(cases.items()):
+        if wanted not in kinds or "seg" not in kinds:
+            missing = [f"{case}_{kind}.nii.gz" for kind in (wanted, "seg") if kind not in kinds]
+            raise PipelineError(f"{folder}: case {case!r} has no {' or '.join(missing)} (found {sorted(kinds)}); "
+                                f"every case needs modality={wanted!r} and its segmentation, which labels the slices")
+        image_path, seg_path = kinds[wanted], kinds["seg"]
+        for path in (image_path, seg_path):
+            _check_data_file(path, root)
+        image, seg = _load_nifti_volume(image_path), _load_nifti_volume(seg_path)
+        if image.shape != seg.shape:
+            raise PipelineError(f"{seg_path}: shape {seg.shape} differs from {image_path.name}'s {image.shape}; the segmentation must cover the same voxels")
+        orientations = nibabel.aff2axcodes(image.affine), nibabel.aff2axcodes(seg.affine)
+        if orientations[0] != orientations[1]:
+            raise PipelineError(f"{seg_path}: orientation {orientations[1]} differs from {image_path.name}'s {orientations[0]}; resample one onto the other")
+        stat = image_path.stat()
+        volume, _ = _nifti_volume(str(image_path), (stat.st_mtime_ns, stat.st_size))
+        segmentation, _ = _nifti_array(seg, seg_path)
+        if not np.all(np.isfinite(segmentation)):
+            raise PipelineError(f"{seg_path}: segmentation has NaN or infinite values, so the slices' labels are unknown; fix or remove the case")
+        if not np.all(np.isfinite(volume)):
+            raise PipelineError(f"{image_path}: volume has NaN or infinite voxels; fix or remove the case")
+        area = (volume > volume.min()).sum(axis=(0, 1))
+        if area.max() == 0:
+            raise PipelineError(f"{image_path}: every voxel has the same value, so there is no brain to slice; fix or remove the case")
+        tumour = (segmentation > 0).any(axis=(0, 1))
+        width = len(str(volume.shape[2] - 1))  # zero-padded, so sorting by path keeps slices in order
+        for z in np.flatnonzero(area >= NIFTI_MIN_BRAIN_FRACTION * area.max()):
+            rows.append({"path": f"{image_path}#z={z:0{width}d}", "label": "tumor" if tumour[z] else "normal", "group": case,
+                         "sha256": _slice_sha256(volume[..., z]), "given_split": ""})
     return rows
 
 
@@ -286,7 +453,7 @@ def resolve_data_dir(cfg: Config) -> tuple[Path, str]:
         return ensure_synthetic_dataset(Path(cfg.cache_dir), n_images=cfg.synthetic_images, seed=0), "synthetic"
     root = Path(cfg.data_dir).expanduser().resolve()
     if not root.exists():
-        raise PipelineError(f"data_dir={cfg.data_dir!r} does not exist; give a folder of class folders, a BraTS .h5 folder or a CSV manifest")
+        raise PipelineError(f"data_dir={cfg.data_dir!r} does not exist; give a folder of class folders, a BraTS .h5 or NIfTI folder or a CSV manifest")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise PipelineError(f"data_dir={cfg.data_dir!r} is a file but not a .csv manifest (path,label[,group])")
@@ -317,17 +484,23 @@ def ingest(cfg: Config) -> Dataset:
         rows = _csv_rows(root)
     else:
         brats_files = sorted(p for p in root.rglob("*.h5") if BRATS_PATTERN.search(p.name))
+        nifti_files = sorted(p for p in root.rglob("*.nii*") if NIFTI_PATTERN.match(p.name)
+                             and not any(part.startswith(".") for part in p.relative_to(root).parts))  # hidden: skipped, as for images
         split_dirs = {SPLIT_DIR_NAMES[p.name.lower()]: p for p in _class_dirs(root) if p.name.lower() in SPLIT_DIR_NAMES}
         if brats_files:
             source, modality = "brats", _modality_index(cfg.modality)
             rows = _brats_rows(root, brats_files)
+        elif nifti_files:
+            source, modality = "nifti", _modality_index(cfg.modality)
+            rows = _nifti_rows(root, nifti_files, modality)
         elif split_dirs:
             source = "folder-split"
             rows = _split_folder_rows(root, split_dirs)
         else:
             rows = _folder_rows(root, root)
-    manifest = pd.DataFrame(rows, columns=["path", "label", "group", "given_split"]).sort_values("path", ignore_index=True)
-    manifest.insert(3, "sha256", [sha256_file(Path(p)) for p in manifest["path"]])
+    manifest = pd.DataFrame(rows, columns=["path", "label", "group", "sha256", "given_split"]).sort_values("path", ignore_index=True)
+    # Every row is a file, hashed here, but NIfTI slices, hashed by their pixels when read.
+    manifest["sha256"] = [digest if isinstance(digest, str) else sha256_file(Path(p)) for p, digest in zip(manifest["path"], manifest["sha256"])]
     # Without patient ids each image is its own group, but identical files (the real yes/no set has 22
     # such pairs and triples) are one group: a copy in training and its twin in validation would be a leak.
     ungrouped = manifest["group"] == ""
@@ -349,21 +522,140 @@ def ingest(cfg: Config) -> Dataset:
     return Dataset(manifest, class_names, positive, source, root, modality, digest)
 
 
-def decode_image(path: Path | io.BytesIO, modality: int | None = None, name: str | None = None) -> np.ndarray:
-    """A 2-D float32 intensity image, decoded by content (a PNG named .jpg is fine), any mode or size.
+def decode_image(path: Path | str | io.BytesIO, modality: int | None = None, name: str | None = None) -> np.ndarray:
+    """A 2-D float32 intensity image of a manifest row or file, decoded by content (a PNG named .jpg is fine).
 
-    ``path`` may be an in-memory file; ``name`` is what error messages call it (default: the path).
+    A row ``<volume>.nii.gz#z=<k>`` is axial slice k of a NIfTI volume; a file is read by :func:`decode_bytes`'s
+    rules (HDF5 needs ``modality``, the channel). ``path`` may be an in-memory file; ``name`` is what error
+    messages call it (default: the path).
     """
-    name = name or (shown(path) if isinstance(path, (str, Path)) else str(path))
-    if modality is not None:
-        image, _ = _read_h5(path)
-        pixels = image[..., modality].astype(np.float32)
+    if isinstance(path, io.BytesIO):
+        return decode_bytes(path.getvalue(), name or str(path), modality)
+    name = name or shown(path)
+    volume_slice = NIFTI_SLICE.match(str(path))
+    if volume_slice and not Path(path).exists():
+        pixels, _ = _nifti_slice(Path(volume_slice["file"]), int(volume_slice["z"]))
+        return _finite(pixels, name)
+    try:
+        with open(path, "rb") as handle:
+            kind = _sniff(handle.read(NIFTI2_HEADER_BYTES))
+    except OSError as error:
+        raise PipelineError(f"{name}: cannot read the file ({error.strerror}); check that it exists and is readable") from None
+    if kind == "picture":
+        return _finite(_decode_picture(path, name), name)
+    if kind == "hdf5":
+        return _finite(_h5_channel(Path(path), modality, name), name)
+    return decode_bytes(Path(path).read_bytes(), name, modality)
+
+
+def decode_bytes(payload: bytes, name: str = "image", modality: int | None = None) -> np.ndarray:
+    """A 2-D float32 image from an in-memory file (what the served model receives), sniffed by content:
+
+    - HDF5 (a BraTS ``.h5`` slice): channel ``modality`` of its ``image`` (H, W, 4); refused without one;
+    - NIfTI-1/2, plain or gzipped, holding one 2-D slice (H, W), (H, W, 1), ...: its voxels as stored;
+    - anything else: a picture Pillow reads (JPEG, PNG, TIFF, ...), any mode.
+
+    Sizes and types are checked from headers before decoding, with the ``MAX_PIXELS`` limit.
+    """
+    kind = _sniff(payload)
+    if kind == "hdf5":
+        pixels = _h5_channel(io.BytesIO(payload), modality, name)
+    elif kind == "picture":
+        pixels = _decode_picture(io.BytesIO(payload), name)
     else:
-        pixels = _decode_picture(path, name)
-    # Float TIFFs and HDF5 slices can hold NaN or infinity (or float64 values beyond float32's range).
+        pixels = _nifti_2d(payload, kind == "gzip", name)
+    return _finite(pixels, name)
+
+
+def request_bytes(path: Path | str) -> bytes:
+    """What a client sends the served model for a manifest row: the file itself (a picture or a BraTS ``.h5``
+    slice), or for a NIfTI slice row a gzipped in-memory NIfTI of that one 2-D slice (float32, with its affine),
+    which :func:`decode_bytes` reads back to exactly the pixels :func:`decode_image` gives for the row."""
+    volume_slice = NIFTI_SLICE.match(str(path))
+    if not volume_slice or Path(path).exists():
+        return Path(path).read_bytes()
+    import nibabel
+
+    pixels, affine = _nifti_slice(Path(volume_slice["file"]), int(volume_slice["z"]))
+    return gzip.compress(nibabel.Nifti1Image(pixels, affine).to_bytes(), mtime=0)
+
+
+def _finite(pixels: np.ndarray, name: str) -> np.ndarray:
+    # Float TIFFs, HDF5 slices and NIfTI can hold NaN or infinity (or float64 values beyond float32's range).
     if not np.all(np.isfinite(pixels)):
         raise PipelineError(f"{name}: image has NaN or infinite pixels (or values beyond float32's range); fix or remove the file")
     return pixels
+
+
+def _sniff(head: bytes) -> str:
+    """``hdf5``, ``gzip`` (a gzipped NIfTI, the only gzip we read), ``nifti`` or ``picture``, from the first bytes."""
+    if head.startswith(HDF5_MAGIC):
+        return "hdf5"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    return "nifti" if _nifti_header_class(head) else "picture"
+
+
+def _nifti_header_class(head: bytes):
+    """nibabel's header class for a single-file NIfTI-1 (``n+1``) or NIfTI-2 (``n+2``) header, else None."""
+    if len(head) >= 348 and head[344:348] == b"n+1\x00" and head[:4] in (struct.pack("<i", 348), struct.pack(">i", 348)):
+        from nibabel import Nifti1Header
+
+        return Nifti1Header
+    if len(head) >= NIFTI2_HEADER_BYTES and head[4:8] == b"n+2\x00" and head[:4] in (struct.pack("<i", 540), struct.pack(">i", 540)):
+        from nibabel import Nifti2Header
+
+        return Nifti2Header
+    return None
+
+
+def _nifti_2d(payload: bytes, gzipped: bool, name: str) -> np.ndarray:
+    """One 2-D slice from NIfTI bytes; the header is checked before anything else is decompressed or read."""
+    import nibabel
+
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
+    with _quiet(nibabel.imageglobals.logger):
+        try:
+            head = inflater.decompress(payload, NIFTI2_HEADER_BYTES) if gzipped else payload[:NIFTI2_HEADER_BYTES]
+            header_class = _nifti_header_class(head)
+            if header_class is None:
+                what = "a gzip file that is not NIfTI" if gzipped else "not a NIfTI file"
+                raise PipelineError(f"{name}: {what}; send a picture, a BraTS .h5 slice or a NIfTI slice")
+            header = header_class.from_fileobj(io.BytesIO(head))
+            shape, dtype = tuple(header.get_data_shape()), header.get_data_dtype()
+            _check_declared(name, "the NIfTI image", dtype, shape, shape)
+            if len(_squeezed(shape, 2)) != 2:
+                raise PipelineError(f"{name}: NIfTI shape {shape}; send one 2-D slice (H, W), not a volume")
+            offset = int(header.get_data_offset())
+            if not 0 <= offset <= 1 << 20:  # the header and its extensions; anything larger is not a slice
+                raise PipelineError(f"{name}: NIfTI data offset {offset} is outside 0..{1 << 20}; send a plain NIfTI slice")
+            raw = payload
+            if gzipped:  # decompress no further than the declared data ends: a small gzip can inflate to gigabytes
+                end = offset + math.prod(shape) * dtype.itemsize
+                raw = head + inflater.decompress(inflater.unconsumed_tail, end - len(head)) if end > len(head) else head
+            image = (nibabel.Nifti2Image if header_class is nibabel.Nifti2Header else nibabel.Nifti1Image).from_bytes(raw)
+            return image.get_fdata(dtype=np.float32).reshape(_squeezed(shape, 2))
+        except _nifti_errors() as error:
+            raise PipelineError(f"{name}: cannot decode NIfTI ({_one_line(error)}); send a complete file") from None
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    """nibabel logs each damaged header field it repairs (to stderr): a request is refused or answered, not logged
+    field by field. (nibabel's own LoggingOutputSuppressor leaves the messages to Python's last-resort handler.)"""
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _h5_channel(source: Path | io.BytesIO, modality: int | None, name: str) -> np.ndarray:
+    if modality is None:
+        raise PipelineError(f"{name}: a BraTS .h5 slice, but no modality is known (the model was not trained on BraTS slices); send a picture")
+    image, _ = _read_h5(source, name, with_mask=False)
+    return image[..., modality].astype(np.float32)
 
 
 def _decode_picture(path: Path | io.BytesIO, name: str) -> np.ndarray:
@@ -381,11 +673,6 @@ def _decode_picture(path: Path | io.BytesIO, name: str) -> np.ndarray:
             return np.asarray(image.convert("L"), dtype=np.float32)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise PipelineError(f"{name}: cannot decode image ({error}); remove or replace the file") from error
-
-
-def decode_bytes(payload: bytes, name: str = "image") -> np.ndarray:
-    """Like :func:`decode_image` for an in-memory file (used by the serving wrapper)."""
-    return decode_image(io.BytesIO(payload), name=name)
 
 
 def head_box(image: np.ndarray) -> tuple[slice, slice]:

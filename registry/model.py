@@ -1,7 +1,10 @@
 """The served model: the Keras student plus the preprocessing and class names it was trained with.
 
-Input: a DataFrame column ``image`` of base64-encoded image files (any size, mode or format the data
-loader reads), or an array batch of preprocessed images ``(N, S, S, 1)``. Output: one row per image with
+Input: a DataFrame column ``image`` of base64-encoded files, or an array batch of preprocessed images
+``(N, S, S, 1)``. The files are read by content (``pipelines.data.decode_bytes``), as every source the loader
+reads: a picture (JPEG, PNG, TIFF, ... any size or mode), a BraTS ``.h5`` slice (the channel the model was
+trained on, from its ``metadata.json``; only models trained on BraTS data know one), or a NIfTI file, plain or
+gzipped, holding one 2-D slice (``pipelines.data.request_bytes`` gives it for a row of a NIfTI data set). Output: one row per image with
 ``label`` and ``prob_<class>`` for each class. Bad input raises ``MlflowException`` with
 INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400.
 """
@@ -40,6 +43,10 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
         self.image_size = int(metadata["image_size"])
         self.class_names = list(metadata["class_names"])
+        from pipelines.data import BRATS_MODALITIES
+
+        # The BraTS channel an .h5 slice is read from; models trained on pictures have none (and refuse .h5).
+        self.modality = BRATS_MODALITIES.index(metadata["modality"]) if metadata.get("modality") else None
 
     def _images_from_frame(self, frame: pd.DataFrame) -> np.ndarray:
         from pipelines.config import PipelineError
@@ -58,7 +65,7 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
             except (binascii.Error, ValueError):
                 raise bad_request(f"row {row}: 'image' is not valid base64") from None
             try:
-                images.append(preprocess(decode_bytes(payload, name=f"row {row}"), self.image_size))
+                images.append(preprocess(decode_bytes(payload, name=f"row {row}", modality=self.modality), self.image_size))
             except PipelineError as error:
                 raise bad_request(str(error) if str(error).startswith("row ") else f"row {row}: {error}") from None
         return np.stack(images)
@@ -101,11 +108,20 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         return result
 
 
+# Recorded in the logged model's MLmodel file (``metadata``) beside the signature, whose schema cannot say it.
+INPUTS = (
+    "column 'image': base64 of one file per row: a picture (JPEG, PNG, TIFF, ...), a BraTS .h5 slice (models trained on BraTS: "
+    "the channel in 'modality') or a NIfTI file (.nii or .nii.gz) holding one 2-D slice; or an array (N, S, S, 1) of preprocessed images"
+)
+
+
 def signature(class_names: list[str]) -> ModelSignature:
     outputs = Schema([ColSpec("string", "label")] + [ColSpec("double", f"prob_{name}") for name in class_names])
     return ModelSignature(inputs=Schema([ColSpec("string", "image")]), outputs=outputs)
 
 
 def encode_file(path: Path | str) -> str:
-    """A file as the base64 string the served model takes."""
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    """A file, or a manifest row (a NIfTI slice ``<volume>#z=<k>`` included), as the base64 string the served model takes."""
+    from pipelines.data import request_bytes
+
+    return base64.b64encode(request_bytes(path)).decode("ascii")

@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import PROJECT_ROOT, Config, PipelineError
+from pipelines.data import BRATS_MODALITIES
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, in_batches, model_logits, probabilities
 from pipelines.locks import database_lock, lockable
@@ -37,7 +38,7 @@ from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
-from registry.model import MAX_BATCH, encode_file, signature
+from registry.model import INPUTS, MAX_BATCH, encode_file, signature
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}
@@ -79,7 +80,8 @@ def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
 
 
 def holdout_frame(prepared: Prepared) -> pd.DataFrame:
-    """The hold-out images as the served model receives them: base64 files."""
+    """The hold-out images as the served model receives them: base64 files (``request_bytes``: a NIfTI slice
+    row becomes a one-slice NIfTI file), so the gate and the input example work for every source."""
     return pd.DataFrame({"image": [encode_file(p) for p in prepared.dataset.manifest["path"].to_numpy()[prepared.splits.test]]})
 
 
@@ -117,7 +119,9 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
         student_path = Path(tmp) / "student.keras"
         student.save(student_path)
         metadata_path = Path(tmp) / "metadata.json"
-        metadata_path.write_text(json.dumps({"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class}))
+        modality = None if prepared.dataset.modality is None else BRATS_MODALITIES[prepared.dataset.modality]  # what served .h5 slices are read as
+        metadata = {"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class}
+        metadata_path.write_text(json.dumps({**metadata, "modality": modality}))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PROJECT_ROOT / "registry" / "served_model.py"),  # code, not a pickle
@@ -126,6 +130,7 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
             signature=signature(prepared.dataset.class_names),
             input_example=example,
             pip_requirements=pinned_requirements(),
+            metadata={"inputs": INPUTS, "modality": modality},
         )
     return info
 

@@ -659,6 +659,102 @@ def test_brats_missing_mask_names_file_and_key(tmp_path: Path) -> None:
     assert "volume_9_slice_0.h5" in str(error.value) and "'mask'" in str(error.value)
 
 
+def _nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    import nibabel
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(array, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def test_nifti_cases_are_axial_slices_labelled_by_their_segmentation_and_grouped_by_case(tmp_path: Path) -> None:
+    from brats_cases import write_nifti_cases
+
+    truth = write_nifti_cases(tmp_path / "nifti", cases=6, depth=4)
+    dataset = _ingest(tmp_path / "nifti", tmp_path)
+    assert dataset.source == "nifti" and dataset.modality == 0
+    assert dataset.class_names == ["normal", "tumor"] and dataset.positive_class == "tumor"
+    seen = set()
+    for path, label, group in dataset.manifest[["path", "label", "group"]].itertuples(index=False):
+        volume, z = data.NIFTI_SLICE.match(path).group("file", "z")
+        assert Path(volume).name == f"{group}_flair.nii.gz"
+        assert label == ("tumor" if truth[group][int(z)] else "normal")
+        seen.add((group, int(z)))
+    # the empty slices below and above each head are dropped, every other slice is a row
+    assert seen == {(case, z) for case, tumour in truth.items() for z in range(1, len(tumour) - 1)}
+    assert dataset.manifest["sha256"].is_unique
+    splits = data.make_splits(dataset, folds=2, test_fraction=0.2, seed=0)
+    _assert_partition_and_groups(dataset, splits)  # slices of one case stay together
+    loaded = data.load_images(dataset, 32, tmp_path / "cache")
+    assert loaded.shape == (len(dataset.manifest), 32, 32, 1) and np.all(np.isfinite(loaded))
+
+
+def test_nifti_slices_are_read_in_ras_orientation_from_the_modality_file(tmp_path: Path) -> None:
+    volume = np.arange(5 * 6 * 3, dtype=np.int16).reshape(5, 6, 3) + 1
+    for index, name in enumerate(data.BRATS_MODALITIES):
+        _nifti(tmp_path / "set" / "c1" / f"c1_{name}.nii", volume * (index + 1), np.diag([-1.0, -1.0, 1.0, 1.0]))
+        _nifti(tmp_path / "set" / "c2" / f"c2_{name}.nii", volume * (index + 1), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    for case in ("c1", "c2"):
+        seg = np.zeros((5, 6, 3), np.uint8)
+        seg[0, 0, 1 if case == "c1" else 2] = 4
+        _nifti(tmp_path / "set" / case / f"{case}_seg.nii", seg, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    flair, t2 = _ingest(tmp_path / "set", tmp_path), _ingest(tmp_path / "set", tmp_path, modality="t2")
+    assert flair.digest != t2.digest and all("_t2.nii#z=" in p for p in t2.manifest["path"])
+    for path in t2.manifest["path"]:
+        z = int(data.NIFTI_SLICE.match(path)["z"])
+        # stored left-right and front-back flipped (as BraTS is): RAS reverses both axes
+        np.testing.assert_array_equal(data.decode_image(path), (volume * 4)[::-1, ::-1, z])
+    assert list(t2.manifest["label"]) == ["normal", "tumor", "normal", "normal", "normal", "tumor"]
+
+
+def test_nifti_slice_selection_keeps_slices_with_a_quarter_of_the_largest_brain_area(tmp_path: Path) -> None:
+    volume = np.zeros((10, 10, 6), np.float32)
+    for z, side in enumerate([0, 4, 5, 10, 6, 1]):  # brain areas 0, 16, 25, 100, 36, 1 voxels
+        volume[:side, :side, z] = 50 + z
+    for case in ("a", "b"):
+        _nifti(tmp_path / "set" / case / f"{case}_flair.nii.gz", volume)
+        _nifti(tmp_path / "set" / case / f"{case}_seg.nii.gz", ((volume > 0) * (case == "a")).astype(np.uint8))
+    dataset = _ingest(tmp_path / "set", tmp_path)
+    kept = {int(data.NIFTI_SLICE.match(p)["z"]) for p in dataset.manifest["path"]}
+    assert kept == {2, 3, 4}  # areas >= 25 = a quarter of 100
+
+
+def test_request_bytes_decode_to_the_same_pixels_as_the_manifest_row(tmp_path: Path) -> None:
+    from brats_cases import write_h5_slices, write_nifti_cases
+
+    write_nifti_cases(tmp_path / "nifti", cases=2, depth=2)
+    write_h5_slices(tmp_path / "h5", volumes=2, slices=1)
+    png = _write_png(tmp_path / "scan.png", _ellipse(20, 30))
+    rows = [(p, 0) for p in _ingest(tmp_path / "nifti", tmp_path).manifest["path"]]
+    rows += [(p, 2) for p in _ingest(tmp_path / "h5", tmp_path, modality="t1ce").manifest["path"]] + [(str(png), None)]
+    for path, modality in rows:
+        payload = data.request_bytes(path)
+        np.testing.assert_array_equal(data.decode_bytes(payload, "row", modality), data.decode_image(path, modality))
+        if Path(path).is_file():
+            assert payload == Path(path).read_bytes()  # files travel as they are
+        else:
+            assert payload[:2] == data.GZIP_MAGIC and data.decode_bytes(payload, "row").ndim == 2
+
+
+@pytest.mark.parametrize("remove, needle", [("seg", "Case_001_seg.nii.gz"), ("flair", "Case_001_flair.nii.gz")])
+def test_a_nifti_case_without_its_segmentation_or_modality_is_named(tmp_path: Path, remove: str, needle: str) -> None:
+    from brats_cases import write_nifti_cases
+
+    write_nifti_cases(tmp_path / "nifti", cases=2, depth=2)
+    (tmp_path / "nifti" / "Case_001" / f"Case_001_{remove}.nii.gz").unlink()
+    with pytest.raises(PipelineError, match=needle):
+        _ingest(tmp_path / "nifti", tmp_path)
+
+
+def test_a_nifti_segmentation_of_another_shape_is_named(tmp_path: Path) -> None:
+    from brats_cases import write_nifti_cases
+
+    write_nifti_cases(tmp_path / "nifti", cases=2, depth=2)
+    _nifti(tmp_path / "nifti" / "Case_000" / "Case_000_seg.nii.gz", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(PipelineError, match="Case_000_seg.nii.gz: shape"):
+        _ingest(tmp_path / "nifti", tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ 6. bad input
 
 
