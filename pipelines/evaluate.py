@@ -40,8 +40,8 @@ def per_class_f1(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, fl
 
     F1 = 2 TP / (2 TP + FP + FN) with rows the true classes; 0 for a class neither present nor predicted.
     ``f1_macro`` averages over every class of the data set, so it can differ from a multi-class ``f1``,
-    which averages over the classes present in the labels or predictions, and always differs from a
-    binary ``f1`` (the positive class's).
+    which averages over the classes present in the labels or predictions, and is another figure than a
+    binary ``f1`` (the positive class's alone).
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     hits = np.diag(matrix)
