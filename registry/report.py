@@ -640,18 +640,20 @@ def per_class_table(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     return table("per-class", "Per-class hold-out metrics of the KD student.", ["class", "precision", "recall", "F1", "images"], rows)
 
 
-def per_class_f1_numbers(s: Sources, runs: dict[str, Run]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per-class and macro F1 of each model as logged: k-fold means (its cross-validation run) and hold-out (the promote run).
-
-    Keyed by class name and ``macro``; NaN where a run predates these metrics.
-    """
+def per_class_f1_rows(s: Sources) -> list[tuple[str, str]]:
+    """(row label, metric key) of the per-class F1 figures: each class, then macro-F1 (keys never collide)."""
     from pipelines.evaluate import class_keys
 
-    keys = {**{name: f"f1_{key}" for name, key in zip(s.class_names, class_keys(s.class_names))}, "macro": "f1_macro"}
+    return [*((name, f"f1_{key}") for name, key in zip(s.class_names, class_keys(s.class_names))), ("macro", "f1_macro")]
+
+
+def per_class_f1_numbers(s: Sources, runs: dict[str, Run]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-class and macro F1 of each model as logged, by metric key: k-fold means (its cross-validation run)
+    and hold-out (the promote run); NaN where a run predates these metrics."""
     return {
         who: {
-            "kfold_mean": {name: runs[who].data.metrics.get(f"{key}_mean", math.nan) for name, key in keys.items()},
-            "holdout": {name: s.promote.data.metrics.get(f"holdout_{who}_{key}", math.nan) for name, key in keys.items()},
+            "kfold_mean": {key: runs[who].data.metrics.get(f"{key}_mean", math.nan) for _, key in per_class_f1_rows(s)},
+            "holdout": {key: s.promote.data.metrics.get(f"holdout_{who}_{key}", math.nan) for _, key in per_class_f1_rows(s)},
         }
         for who in MODELS
     }
@@ -659,7 +661,7 @@ def per_class_f1_numbers(s: Sources, runs: dict[str, Run]) -> dict[str, dict[str
 
 def per_class_f1_table(s: Sources, runs: dict[str, Run]):
     numbers = per_class_f1_numbers(s, runs)
-    rows = [[name] + [f"{num(numbers[who]['kfold_mean'][name])} / {num(numbers[who]['holdout'][name])}" for who in MODELS] for name in [*s.class_names, "macro"]]
+    rows = [[label] + [f"{num(numbers[who]['kfold_mean'][key])} / {num(numbers[who]['holdout'][key])}" for who in MODELS] for label, key in per_class_f1_rows(s)]
     return table(
         "per-class-f1", "F1 per class and macro-F1 (unweighted mean over the classes): k-fold mean / hold-out, as logged by the runs.",
         ["class"] + list(MODELS.values()), rows,
