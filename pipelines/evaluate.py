@@ -58,7 +58,8 @@ def confusion_matrix(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 def confusion_record(class_names: Sequence[str], matrices: dict[str, np.ndarray]) -> dict:
     """Confusion matrices as logged (``confusion_matrix.json``): named scopes, rows true, columns predicted."""
     return {
-        "class_names": list(class_names), "metric_keys": [f"f1_{key}" for key in class_keys(class_names)], "rows": "true class", "columns": "predicted class",
+        "class_names": list(class_names), "metric_keys": [f"f1_{key}" for key in class_keys(class_names)],
+        "rows": "true class", "columns": "predicted class",
         "matrices": {scope: np.asarray(matrix).astype(int).tolist() for scope, matrix in matrices.items()},
     }
 

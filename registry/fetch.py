@@ -54,7 +54,8 @@ def describe(version: ModelVersion) -> str:
 
 
 def per_class_lines(run_id: str) -> list[str]:
-    """The KD student's hold-out F1 per class, macro-F1 and confusion matrix, from its promote run (none for versions promoted before they were logged)."""
+    """The KD student's hold-out F1 per class, macro-F1 and confusion matrix, from its promote run
+    (none for versions promoted before they were logged)."""
     try:
         record = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFUSION_ARTIFACT}")
     except Exception:  # MLflow raises several types for a missing artifact

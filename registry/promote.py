@@ -256,7 +256,8 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         log_evidence(cfg, prepared, holdout_probs, best.user_attrs.get("mlflow_run_id", ""))
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
         # Scope holdout_<who> goes with the metrics holdout_<who>_f1_<class> (fetch prints the student's).
-        mlflow.log_dict(confusion_record(prepared.dataset.class_names, {f"holdout_{who}": confusion_matrix(labels[test], p) for who, p in holdout_probs.items()}), CONFUSION_ARTIFACT)
+        matrices = {f"holdout_{who}": confusion_matrix(labels[test], p) for who, p in holdout_probs.items()}
+        mlflow.log_dict(confusion_record(prepared.dataset.class_names, matrices), CONFUSION_ARTIFACT)
         mlflow.log_metrics({"student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
         frame = holdout_frame(prepared)
         logged = log_student(student, prepared, cfg, frame.head(1))

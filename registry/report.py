@@ -661,7 +661,10 @@ def per_class_f1_numbers(s: Sources, runs: dict[str, Run]) -> dict[str, dict[str
 
 def per_class_f1_table(s: Sources, runs: dict[str, Run]):
     numbers = per_class_f1_numbers(s, runs)
-    rows = [[label] + [f"{num(numbers[who]['kfold_mean'][key])} / {num(numbers[who]['holdout'][key])}" for who in MODELS] for label, key in per_class_f1_rows(s)]
+    rows = [
+        [label] + [f"{num(numbers[who]['kfold_mean'][key])} / {num(numbers[who]['holdout'][key])}" for who in MODELS]
+        for label, key in per_class_f1_rows(s)
+    ]
     return table(
         "per-class-f1", "F1 per class and macro-F1 (unweighted mean over the classes): k-fold mean / hold-out, as logged by the runs.",
         ["class"] + list(MODELS.values()), rows,
