@@ -37,6 +37,7 @@ class Config:
     augment: bool = field(default=False, metadata={"help": "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"})
     dedupe: str = field(default="drop", metadata={"help": "hold-out images that duplicate training images (given Testing/ split): drop, keep or error"})
     synthetic_images: int = field(default=300, metadata={"help": "size of the embedded synthetic set when data_dir is empty"})
+    synthetic_classes: int = field(default=2, metadata={"help": "classes of the embedded synthetic set: 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)"})
     # optimisation
     epochs: int = field(default=60, metadata={"help": "maximum epochs per fold (early stopping on validation loss)"})
     patience: int = field(default=15, metadata={"help": "early-stopping patience in epochs"})
@@ -91,6 +92,7 @@ class Config:
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
             (self.synthetic_images >= 20, f"synthetic_images={self.synthetic_images}: use 20 or more"),
+            (self.synthetic_classes in (2, 3, 4), f"synthetic_classes={self.synthetic_classes}: use 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)"),
             (self.n_trials >= 1, f"n_trials={self.n_trials}: use 1 or more"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (0 < self.heartbeat_interval < self.grace_period, f"heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}: need 0 < interval < grace period"),

@@ -450,7 +450,7 @@ def resolve_data_dir(cfg: Config) -> tuple[Path, str]:
     if not cfg.data_dir:
         from pipelines.synthetic import ensure_synthetic_dataset
 
-        return ensure_synthetic_dataset(Path(cfg.cache_dir), n_images=cfg.synthetic_images, seed=0), "synthetic"
+        return ensure_synthetic_dataset(Path(cfg.cache_dir), n_images=cfg.synthetic_images, seed=0, classes=cfg.synthetic_classes), "synthetic"
     root = Path(cfg.data_dir).expanduser().resolve()
     if not root.exists():
         raise PipelineError(f"data_dir={cfg.data_dir!r} does not exist; give a folder of class folders, a BraTS .h5 or NIfTI folder or a CSV manifest")

@@ -79,7 +79,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             for k, model in zip(fold_ids, cv.models):
                 model.save(out / "models" / f"student_fold_{k}.keras")
             labels = dataset.labels[cv.oof_rows]
-            write_evaluation_artifacts(labels, cv.oof_probs, dataset.class_names, out / "evaluation", f"{describe}, out-of-fold")
+            write_evaluation_artifacts(labels, cv.oof_probs, dataset.class_names, out / "evaluation", f"{describe}, out-of-fold", cv.confusion_matrices())
             mlflow.log_artifacts(tmp)
         print(f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), {student_params:,} parameters, run {run.info.run_id}")
         return run.info.run_id

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,6 +34,10 @@ def model_logits(model, images: np.ndarray, batch_size: int = EVAL_BATCH) -> np.
     return in_batches(lambda batch: np.asarray(model(batch.astype(np.float32), training=False)), images, batch_size)
 
 
+# Where a run's confusion matrices are logged (see confusion_record); beside the confusion-matrix PNG, if any.
+CONFUSION_ARTIFACT = "evaluation/confusion_matrix.json"
+
+
 def probabilities(logits: np.ndarray, binary: bool) -> np.ndarray:
     """Class probabilities ``(N, C)``; a single logit z becomes ``[1 - s(z), s(z)]``."""
     logits = np.asarray(logits, dtype=np.float64)
@@ -41,11 +48,52 @@ def probabilities(logits: np.ndarray, binary: bool) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+def class_keys(class_names: Sequence[str]) -> list[str]:
+    """Each class's name as it appears in metric keys (``f1_<key>``), one per class, all different.
+
+    MLflow keys refuse most punctuation and path-like names, so every character other than an ASCII letter,
+    digit, ``_`` or ``-`` becomes ``_``; a name that then equals another class's (``a b`` and ``a_b``) or
+    ``macro`` gets its class index appended.
+    """
+    keys = [re.sub(r"[^A-Za-z0-9_-]", "_", name) or "class" for name in class_names]
+    return [f"{key}_{index}" if key == "macro" or keys.count(key) > 1 else key for index, key in enumerate(keys)]
+
+
+def per_class_f1(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """``f1_<class key>`` for every class and ``f1_macro`` (their unweighted mean), from a confusion matrix.
+
+    F1 = 2 TP / (2 TP + FP + FN) with rows the true classes; 0 for a class neither present nor predicted.
+    ``f1_macro`` averages over every class of the data set, so it can differ from a multi-class ``f1``,
+    which averages over the classes present in the labels or predictions, and is another figure than a
+    binary ``f1`` (the positive class's alone).
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    hits = np.diag(matrix)
+    denominator = matrix.sum(axis=0) + matrix.sum(axis=1)  # 2 TP + FP + FN
+    f1 = np.divide(2.0 * hits, denominator, out=np.zeros_like(hits), where=denominator > 0)
+    return {**{f"f1_{key}": float(value) for key, value in zip(class_keys(class_names), f1)}, "f1_macro": float(f1.mean())}
+
+
+def confusion_matrix(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Counts of (true class row, arg-max predicted class column), every class present."""
+    return skm.confusion_matrix(np.asarray(labels), probs.argmax(axis=1), labels=np.arange(probs.shape[1]))
+
+
+def confusion_record(class_names: Sequence[str], matrices: dict[str, np.ndarray]) -> dict:
+    """Confusion matrices as logged (``confusion_matrix.json``): named scopes, rows true, columns predicted."""
+    return {
+        "class_names": list(class_names), "metric_keys": [f"f1_{key}" for key in class_keys(class_names)],
+        "rows": "true class", "columns": "predicted class",
+        "matrices": {scope: np.asarray(matrix).astype(int).tolist() for scope, matrix in matrices.items()},
+    }
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, float]:
     """F1, accuracy, precision, recall (sensitivity), specificity, ROC-AUC and PR-AUC.
 
     Binary: of the positive class (index 1). Multi-class: macro averages (one-vs-rest AUCs).
     Undefined values (an AUC with one class present) are NaN rather than a misleading number.
+    With ``class_names``, also each class's F1 and their macro average (:func:`per_class_f1`).
     """
     labels = np.asarray(labels)
     predicted = probs.argmax(axis=1)
@@ -72,11 +120,18 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
             result["pr_auc"] = skm.average_precision_score(one_hot, probs, average="macro")
     else:
         result["roc_auc"] = result["pr_auc"] = float("nan")
+    if class_names is not None:
+        result.update(per_class_f1(matrix, class_names))
     return {key: float(value) for key, value in result.items()}
 
 
-def write_evaluation_artifacts(labels: np.ndarray, probs: np.ndarray, class_names: list[str], out_dir: Path, title: str) -> list[Path]:
-    """Confusion matrix, ROC and PR curves (PNG) and a classification report (text) into ``out_dir``."""
+def write_evaluation_artifacts(
+    labels: np.ndarray, probs: np.ndarray, class_names: list[str], out_dir: Path, title: str, matrices: dict[str, np.ndarray] | None = None
+) -> list[Path]:
+    """Confusion matrix (PNG and ``confusion_matrix.json``), ROC and PR curves (PNG) and a classification report (text) into ``out_dir``.
+
+    The JSON holds ``matrices`` (named scopes, e.g. per fold) when given, else the plotted one as scope ``all``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,6 +145,9 @@ def write_evaluation_artifacts(labels: np.ndarray, probs: np.ndarray, class_name
     skm.ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False)
     ax.set_title(f"{title}: confusion matrix")
     paths.append(save_figure(fig, out_dir / "confusion_matrix.png"))
+    record = confusion_record(class_names, matrices or {"all": confusion_matrix(labels, probs)})
+    paths.append(out_dir / Path(CONFUSION_ARTIFACT).name)
+    paths[-1].write_text(json.dumps(record, indent=1))
 
     curves = [(1, class_names[1])] if len(class_names) == 2 else list(enumerate(class_names))
     for kind, display in (("roc", skm.RocCurveDisplay), ("pr", skm.PrecisionRecallDisplay)):

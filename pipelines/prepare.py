@@ -50,7 +50,7 @@ def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Ingest, decode and split the data; log the manifest and splits to MLflow.", DATA_PARAMS + ("data_dir", "synthetic_images", "experiment_name", "cache_dir"))
+    parser = build_parser("Ingest, decode and split the data; log the manifest and splits to MLflow.", DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes", "experiment_name", "cache_dir"))
     run_cli(lambda args: prepare(config_from_args(args)), parser, argv)
 
 

@@ -6,6 +6,14 @@ pipelines train on images generated here. They are written exactly like a real f
 ``lesions.csv`` with the ground-truth lesion position so explanation methods (Grad-CAM) can be
 checked against it.
 
+With ``classes`` 3 or 4 the set is multi-class instead, like the public 4-class brain-MRI sets, with
+lesion types that differ in location, shape and texture (see :data:`LESION_KINDS`) and class
+proportions that are imbalanced as real data are (:data:`CLASS_PROPORTIONS`, :func:`class_counts`):
+glioma (a large, ill-defined, heterogeneous mass infiltrating one hemisphere, with wide oedema),
+meningioma (a bright, homogeneous, sharply bounded round mass on the brain's surface, flattened
+against the dura), pituitary (a small round mass on the midline, just in front of the centre) and
+notumor (no lesion). ``classes=2`` is the original tumor/normal set, byte for byte.
+
 Each slice is built from the structures a classifier meets in real T1-weighted axial scans: a dark
 background, a rotated head ellipse with a bright scalp/skull ring, a thin dark CSF rim, cortex with
 sulci, brighter white matter, two dark lateral ventricles, a smooth bias field, slight blur and
@@ -24,8 +32,9 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -47,10 +56,24 @@ _WHITE_MATTER = 0.62
 _BRAIN_EXTENT = 0.86
 
 
-def _validate(n_images: int, image_size: int, tumor_fraction: float) -> None:
-    """Reject parameters that cannot give a two-class, drawable set, naming the value."""
+# Multi-class sets: class -> share of the images. Imbalanced like the public sets (the figshare set of
+# Cheng et al. has about twice as many gliomas as meningiomas; pituitary tumours and scans without a
+# tumour are the rarer classes here), so per-class metrics and class weights have work to do.
+CLASS_PROPORTIONS = {
+    3: {"glioma": 0.45, "meningioma": 0.30, "notumor": 0.25},
+    4: {"glioma": 0.35, "meningioma": 0.25, "notumor": 0.25, "pituitary": 0.15},
+}
+NO_TUMOR_CLASS = "notumor"
+
+
+def _validate(n_images: int, image_size: int, tumor_fraction: float, classes: int = 2) -> None:
+    """Reject parameters that cannot give a drawable set with every class present, naming the value."""
+    if classes not in (2, *CLASS_PROPORTIONS):
+        raise ValueError(f"classes={classes}: use 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)")
     if n_images < 2:
         raise ValueError(f"n_images={n_images}: need at least 2 images (one per class)")
+    if classes > 2 and min(class_counts(n_images, classes).values()) < 1:
+        raise ValueError(f"n_images={n_images}: too few for {classes} classes in the proportions {CLASS_PROPORTIONS[classes]}; use more images")
     if not 0.0 < tumor_fraction < 1.0:  # also rejects NaN
         raise ValueError(f"tumor_fraction={tumor_fraction}: must be strictly between 0 and 1")
     if image_size < 32:
@@ -64,6 +87,20 @@ def tumor_count(n_images: int, tumor_fraction: float) -> int:
     expect; the clamp keeps both classes present, which a classifier's folder loader needs.
     """
     return min(max(math.floor(n_images * tumor_fraction + 0.5), 1), n_images - 1)
+
+
+def class_counts(n_images: int, classes: int) -> dict[str, int]:
+    """Images per class of a multi-class set: ``n_images`` times :data:`CLASS_PROPORTIONS`, by largest remainder.
+
+    Largest remainder (ties to the earlier class) makes the counts add up to ``n_images`` exactly.
+    """
+    shares = CLASS_PROPORTIONS[classes]
+    exact = {name: n_images * share for name, share in shares.items()}
+    counts = {name: math.floor(value) for name, value in exact.items()}
+    by_remainder = sorted(shares, key=lambda name: -(exact[name] - counts[name]))
+    for name in by_remainder[: n_images - sum(counts.values())]:
+        counts[name] += 1
+    return counts
 
 
 def _gaussian_blur(field: np.ndarray, sigma: float) -> np.ndarray:
@@ -106,8 +143,8 @@ def _smoothstep(edge: np.ndarray | float, x: np.ndarray, width: float) -> np.nda
     return 1.0 / (1.0 + np.exp(np.minimum((x - edge) / width, 60.0)))
 
 
-def _draw_slice(rng: np.random.Generator, size: int, with_tumor: bool) -> tuple[np.ndarray, tuple[float, float, float] | None]:
-    """Draw one slice; return it as uint8 and, for tumour slices, the lesion's (cx, cy, radius) in pixels."""
+def _draw_slice(rng: np.random.Generator, size: int, kind: "LesionKind | None") -> tuple[np.ndarray, tuple[float, float, float] | None]:
+    """Draw one slice, with a lesion of ``kind`` or none; return it as uint8 and the lesion's (cx, cy, radius) in pixels."""
     scale = size / 128.0  # every length below is tuned at 128 px and scaled with the image
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
     wobble, folds, sulcal_field, fine, coarse, bias_field = _smooth_noise(
@@ -167,8 +204,8 @@ def _draw_slice(rng: np.random.Generator, size: int, with_tumor: bool) -> tuple[
     tissue = tissue * (1.0 - ventricles) + _CSF * ventricles
 
     lesion_info: tuple[float, float, float] | None = None
-    if with_tumor:
-        tissue, lesion_info = _add_lesion(rng, tissue, xs, ys, semi_u, semi_v, theta, cx, cy)
+    if kind is not None:
+        tissue, lesion_info = _add_lesion(rng, tissue, xs, ys, semi_u, semi_v, theta, cx, cy, kind)
 
     image = image * (1.0 - brain) + tissue * brain
 
@@ -185,6 +222,69 @@ def _draw_slice(rng: np.random.Generator, size: int, with_tumor: bool) -> tuple[
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8), lesion_info
 
 
+def _reach(radius: float) -> float:
+    """How far from the head's centre a lesion of normalised ``radius`` may sit so that the whole lesion (its
+    halo may extend further) stays inside the brain, clear of the skull."""
+    return max(_BRAIN_EXTENT - 0.03 - 1.3 * radius, 0.0)
+
+
+def _anywhere(rng: np.random.Generator, radius: float) -> tuple[float, float]:
+    """Uniform over the brain (sqrt: not crowded at its centre)."""
+    reach = _reach(radius)
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    dist = reach * math.sqrt(rng.uniform(0.0, 1.0))
+    return dist * math.cos(angle), dist * math.sin(angle)
+
+
+def _hemisphere(rng: np.random.Generator, radius: float) -> tuple[float, float]:
+    """In one hemisphere: within 54 degrees of the left-right axis, away from the midline. An infiltrating
+    mass may reach the brain's surface, where the brain outline cuts it off."""
+    side = 1.0 if rng.uniform() < 0.5 else -1.0
+    angle = rng.uniform(-0.3, 0.3) * math.pi
+    dist = max(_reach(radius), 0.45) * math.sqrt(rng.uniform(0.4, 1.0))
+    return side * dist * math.cos(angle), dist * math.sin(angle)
+
+
+def _brain_surface(rng: np.random.Generator, radius: float) -> tuple[float, float]:
+    """Against the brain's surface (the dura), any direction: the brain outline cuts the mass flat there."""
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    dist = _BRAIN_EXTENT - rng.uniform(0.4, 0.7) * radius
+    return dist * math.cos(angle), dist * math.sin(angle)
+
+
+def _midline(rng: np.random.Generator, radius: float) -> tuple[float, float]:
+    """On the midline just in front of the centre, where the sella turcica lies in a low axial slice."""
+    return rng.uniform(-0.03, 0.03), rng.uniform(-0.3, -0.15)
+
+
+@dataclass(frozen=True)
+class LesionKind:
+    """How one lesion type looks: size, place, outline, margin, texture, oedema. Lengths are fractions of the image size."""
+
+    radius: tuple[float, float]  # nominal radius range
+    place: Callable[[np.random.Generator, float], tuple[float, float]]  # centre in normalised head coordinates, given the normalised radius
+    irregularity: float  # largest amplitude of each of the outline's low harmonics (2 to 5 lobes)
+    lobulation: float  # amplitude of small random lobules on the outline
+    margin: float  # width of the core's edge in lesion radii: sharp (small) or infiltrating (large)
+    halo: tuple[float, float]  # outer edge of the oedema halo, in lesion radii
+    oedema: tuple[float, float]  # darkening of the halo
+    contrast: tuple[float, float, float]  # brightness above white matter: low + span * uniform ** power
+    heterogeneity: float  # amplitude of the interior texture, relative to the contrast
+    necrosis: float  # chance of a darker necrotic centre (ring enhancement)
+
+
+# The binary set's lesion: any size from small to large, anywhere, moderately irregular, subtle to clear.
+TUMOR = LesionKind((0.04, 0.15), _anywhere, 0.075, 0.08, 0.06, (1.5, 2.1), (0.03, 0.16), (0.03, 0.32, 1.5), 0.3, 0.35)
+LESION_KINDS = {
+    # Large, ill-defined, heterogeneous, often necrotic, with wide oedema: infiltrating a hemisphere.
+    "glioma": LesionKind((0.08, 0.14), _hemisphere, 0.14, 0.2, 0.25, (1.8, 2.6), (0.08, 0.2), (0.04, 0.22, 1.0), 0.7, 0.5),
+    # Round, sharp, homogeneous and bright, little oedema: an extra-axial mass on the dura.
+    "meningioma": LesionKind((0.07, 0.12), _brain_surface, 0.02, 0.02, 0.03, (1.15, 1.35), (0.0, 0.05), (0.22, 0.18, 1.0), 0.1, 0.0),
+    # Small, round, fairly homogeneous, on the midline.
+    "pituitary": LesionKind((0.03, 0.05), _midline, 0.03, 0.03, 0.05, (1.1, 1.3), (0.0, 0.03), (0.15, 0.2, 1.0), 0.15, 0.0),
+}
+
+
 def _add_lesion(
     rng: np.random.Generator,
     tissue: np.ndarray,
@@ -195,40 +295,39 @@ def _add_lesion(
     theta: float,
     cx: float,
     cy: float,
+    kind: LesionKind,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Paint an irregular bright lesion with a darker oedema halo; return the tissue and (cx, cy, radius)."""
+    """Paint a lesion of ``kind`` with a darker oedema halo; return the tissue and (cx, cy, radius)."""
     size = tissue.shape[0]
-    radius_px = rng.uniform(0.04, 0.15) * size
-    # Place the centre so the whole lesion (its halo may extend further) stays inside the brain,
-    # clear of the skull: in normalised head coordinates the lesion spans at most radius_px / semi_u.
-    reach = max(_BRAIN_EXTENT - 0.03 - 1.3 * radius_px / semi_u, 0.0)
-    angle = rng.uniform(0.0, 2.0 * math.pi)
-    dist = reach * math.sqrt(rng.uniform(0.0, 1.0))  # sqrt: uniform over the disc, not crowded at its centre
-    lu, lv = dist * math.cos(angle) * semi_u, dist * math.sin(angle) * semi_v
+    radius_px = rng.uniform(*kind.radius) * size
+    # In normalised head coordinates the lesion spans at most radius_px / semi_u.
+    pu, pv = kind.place(rng, radius_px / semi_u)
+    lu, lv = pu * semi_u, pv * semi_v
     lesion_x = cx + math.cos(theta) * lu - math.sin(theta) * lv
     lesion_y = cy + math.sin(theta) * lu + math.cos(theta) * lv
 
-    # Irregular outline: the radius varies with angle by a few random low harmonics (<= +-30%),
+    # Irregular outline: the radius varies with angle by a few random low harmonics,
     # and a smooth random field adds small lobulations on top.
     texture, lobules = _smooth_noise(rng, size, [max(1.0, 0.25 * radius_px), max(1.0, 0.35 * radius_px)])
     dx, dy = xs - lesion_x, ys - lesion_y
     polar = np.arctan2(dy, dx)
     outline = np.ones_like(polar)
     for harmonic in range(2, 6):
-        outline += rng.uniform(0.0, 0.075) * np.cos(harmonic * polar + rng.uniform(0.0, 2.0 * math.pi))
-    rel = np.hypot(dx, dy) / (radius_px * outline) + 0.08 * lobules
-    core = _smoothstep(1.0, rel, 0.06)
-    halo = _smoothstep(rng.uniform(1.5, 2.1), rel, 0.15) * (1.0 - core)
+        outline += rng.uniform(0.0, kind.irregularity) * np.cos(harmonic * polar + rng.uniform(0.0, 2.0 * math.pi))
+    rel = np.hypot(dx, dy) / (radius_px * outline) + kind.lobulation * lobules
+    core = _smoothstep(1.0, rel, kind.margin)
+    halo = _smoothstep(rng.uniform(*kind.halo), rel, 0.15) * (1.0 - core)
 
     # The lesion replaces the tissue under it (a mass displaces ventricles and sulci rather than
-    # showing them through). Its level is above white matter by a contrast that spans clearly
-    # visible to subtle; the interior is heterogeneous, and a third of the lesions have a darker
-    # necrotic centre (ring enhancement) as many high-grade tumours do.
-    contrast = 0.03 + 0.32 * rng.uniform() ** 1.5  # skewed: mostly moderate, some barely visible
-    lesion = _WHITE_MATTER + contrast * (1.0 + 0.3 * texture)
-    if rng.uniform() < 0.35:
+    # showing them through). Its level is above white matter by a contrast drawn from the kind's
+    # range; the interior is heterogeneous, and some kinds often have a darker necrotic centre
+    # (ring enhancement) as many high-grade tumours do.
+    low, span, power = kind.contrast
+    contrast = low + span * rng.uniform() ** power
+    lesion = _WHITE_MATTER + contrast * (1.0 + kind.heterogeneity * texture)
+    if rng.uniform() < kind.necrosis:
         lesion -= 0.6 * contrast * _smoothstep(rng.uniform(0.3, 0.5), rel, 0.08)
-    oedema = -rng.uniform(0.03, 0.16) * halo
+    oedema = -rng.uniform(*kind.oedema) * halo
     return tissue * (1.0 - core) + lesion * core + oedema, (lesion_x, lesion_y, radius_px)
 
 
@@ -238,31 +337,39 @@ def generate_synthetic_mri(
     image_size: int = 128,
     tumor_fraction: float = 0.6,
     seed: int = 0,
+    classes: int = 2,
 ) -> Path:
-    """Write n_images grayscale PNGs into out_dir/tumor/ and out_dir/normal/ plus out_dir/lesions.csv; return out_dir.
+    """Write n_images grayscale PNGs into one folder per class under out_dir plus out_dir/lesions.csv; return out_dir.
 
-    ``tumor_count(n_images, tumor_fraction)`` of them are tumours, the rest normal, with the
-    tumour indices shuffled among all. Files are numbered globally (``tumor/synth_0007.png``). ``lesions.csv`` has one row per image with columns
+    ``classes=2``: ``tumor_count(n_images, tumor_fraction)`` of them are tumours (``tumor/``), the rest
+    normal (``normal/``). ``classes`` 3 or 4: :func:`class_counts` images of each class of
+    :data:`CLASS_PROPORTIONS` (``tumor_fraction`` is not used). The classes are shuffled over the
+    indices, and files are numbered globally (``tumor/synth_0007.png``). ``lesions.csv`` has one row per image with columns
     ``file,label,cx,cy,radius``: the path relative to ``out_dir``, the class, and the lesion centre
-    (x = column, y = row) and nominal radius in pixels, left empty for normal images.
+    (x = column, y = row) and nominal radius in pixels, left empty for images without a tumour.
     """
-    _validate(n_images, image_size, tumor_fraction)
+    _validate(n_images, image_size, tumor_fraction, classes)
     out_dir = Path(out_dir)
-    for label in (POSITIVE_CLASS, NEGATIVE_CLASS):
-        (out_dir / label).mkdir(parents=True, exist_ok=True)
-
     rng = np.random.default_rng(seed)
-    n_tumor = tumor_count(n_images, tumor_fraction)
-    is_tumor = np.zeros(n_images, dtype=bool)
-    is_tumor[rng.permutation(n_images)[:n_tumor]] = True
+    if classes == 2:
+        n_tumor = tumor_count(n_images, tumor_fraction)
+        is_tumor = np.zeros(n_images, dtype=bool)
+        is_tumor[rng.permutation(n_images)[:n_tumor]] = True
+        labels = [POSITIVE_CLASS if tumor else NEGATIVE_CLASS for tumor in is_tumor]
+        kinds = {POSITIVE_CLASS: TUMOR, NEGATIVE_CLASS: None}
+    else:
+        counts = class_counts(n_images, classes)
+        labels = [str(name) for name in np.repeat(list(counts), list(counts.values()))[rng.permutation(n_images)]]
+        kinds = {name: LESION_KINDS.get(name) for name in counts}
+    for label in kinds:
+        (out_dir / label).mkdir(parents=True, exist_ok=True)
     # One child generator per image: image i depends only on (seed, i), not on how the others drew.
     children = rng.spawn(n_images)
 
     width = max(4, len(str(n_images - 1)))
     rows: list[list[str]] = []
-    for index, (child, tumor) in enumerate(zip(children, is_tumor)):
-        label = POSITIVE_CLASS if tumor else NEGATIVE_CLASS
-        pixels, lesion = _draw_slice(child, image_size, bool(tumor))
+    for index, (child, label) in enumerate(zip(children, labels)):
+        pixels, lesion = _draw_slice(child, image_size, kinds[label])
         relative = f"{label}/synth_{index:0{width}d}.png"
         Image.fromarray(pixels).save(out_dir / relative, format="PNG")
         if lesion is None:
@@ -284,20 +391,28 @@ def ensure_synthetic_dataset(
     image_size: int = 128,
     tumor_fraction: float = 0.6,
     seed: int = 0,
+    classes: int = 2,
 ) -> Path:
     """Return a cached generated set under cache_root/synthetic-v1-<short hash of the parameters>/, generating it only if absent.
+
+    Multi-class sets live in ``synthetic-v1-<classes>class-<hash>/``, their class count in the hash too;
+    the binary set's name is the one it always had, so existing caches stay valid.
 
     Generation goes to a temporary sibling directory that is renamed into place at the end, so a
     directory with the final name is always complete and two processes racing never see a
     half-written set; if the rename loses the race because the other process finished first, this
     process's copy is discarded and the winner's (identical) set is returned.
     """
-    _validate(n_images, image_size, tumor_fraction)
+    _validate(n_images, image_size, tumor_fraction, classes)
     # Plain Python numbers, so numpy scalars hash (and serialise) the same as their values.
     params = {"n_images": int(n_images), "image_size": int(image_size), "tumor_fraction": float(tumor_fraction), "seed": int(seed)}
+    mode = ""
+    if classes != 2:
+        params["classes"] = int(classes)
+        mode = f"{int(classes)}class-"
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode("utf-8")).hexdigest()[:12]
     cache_root = Path(cache_root)
-    final = cache_root / f"synthetic-{_GENERATOR_VERSION}-{digest}"
+    final = cache_root / f"synthetic-{_GENERATOR_VERSION}-{mode}{digest}"
     if final.is_dir():
         return final
 
@@ -307,7 +422,7 @@ def ensure_synthetic_dataset(
     # mkdtemp makes it owner-only; the published set should be readable like any other cache entry.
     staging.chmod(0o755)
     try:
-        generate_synthetic_mri(staging, n_images, image_size, tumor_fraction, seed)
+        generate_synthetic_mri(staging, n_images, image_size, tumor_fraction, seed, classes)
         try:
             os.replace(staging, final)
         except OSError:

@@ -18,7 +18,7 @@ import numpy as np
 from pipelines.cli import run_cli
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError, build_parser, config_from_args
 from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, probabilities, write_evaluation_artifacts
+from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities, write_evaluation_artifacts
 from pipelines.models import build_teacher, load_keras_model
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run
@@ -53,7 +53,8 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
         trainer = _trainer(cfg, dataset.num_classes, cfg.seed)
         train_on_all_data(prepared, cfg, trainer, None, epochs, "teacher (all data)")
         logits["all"] = predict_logits(trainer.student, images)
-        test_metrics = classification_metrics(labels[splits.test], probabilities(logits["all"][splits.test], dataset.binary))
+        test_probs = probabilities(logits["all"][splits.test], dataset.binary)
+        test_metrics = classification_metrics(labels[splits.test], test_probs, dataset.class_names)
 
         mlflow.log_metrics({**cv.summary(), **{f"test_{k}": v for k, v in test_metrics.items()}, "teacher_params": trainer.student.count_params(), "all_data_epochs": epochs})
         with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +66,9 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
             (out / "logits").mkdir()
             # Fixed-width strings, not objects: the artifact then loads without pickle (allow_pickle=False).
             np.savez_compressed(out / LOGITS_ARTIFACT, sha256=dataset.manifest["sha256"].to_numpy().astype("U64"), **logits)
-            write_evaluation_artifacts(labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold")
+            # The all-data teacher's hold-out matrix is scope "test", like its test_* metrics.
+            matrices = {**cv.confusion_matrices(), "test": confusion_matrix(labels[splits.test], test_probs)}
+            write_evaluation_artifacts(labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold", matrices)
             mlflow.log_artifacts(tmp)
         print(f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {trainer.student.count_params():,} parameters, run {run.info.run_id}")
         return run.info.run_id

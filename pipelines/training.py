@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import keras
@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities
 
 if TYPE_CHECKING:
     from pipelines.distiller import Distiller
@@ -135,6 +135,14 @@ class CrossValidation:
     oof_rows: np.ndarray
     oof_probs: np.ndarray
     fold_ids: list[int]
+    fold_matrices: list[np.ndarray] = field(default_factory=list)  # each fold's validation confusion matrix
+
+    def confusion_matrices(self) -> dict[str, np.ndarray]:
+        """``out_of_fold`` (all folds' validation rows pooled) and ``fold_<k>``: what ``evaluation/confusion_matrix.json`` holds.
+
+        The per-class ``f1_<class>_mean`` of :meth:`summary` is the mean of the folds' F1 from these ``fold_<k>`` matrices.
+        """
+        return {"out_of_fold": np.sum(self.fold_matrices, axis=0), **{f"fold_{k}": m for k, m in zip(self.fold_ids, self.fold_matrices)}}
 
     def summary(self) -> dict[str, float]:
         """``f1_fold_<k>`` for each fold, and ``<metric>_mean`` / ``<metric>_std`` over folds."""
@@ -163,7 +171,7 @@ def cross_validate(
     """
     dataset, images = prepared.dataset, prepared.images
     labels = dataset.labels
-    models, fold_metrics, best_epochs, oof_rows, oof_probs = [], [], [], [], []
+    models, fold_metrics, best_epochs, oof_rows, oof_probs, fold_matrices = [], [], [], [], [], []
     for k in fold_ids:
         train_rows, val_rows = prepared.splits.folds[k]
         weights = class_weights(labels[train_rows], dataset.num_classes)[labels]
@@ -177,14 +185,15 @@ def cross_validate(
         print(f"{describe}: fold {k + 1}/{len(prepared.splits.folds)} ({len(train_rows)} train, {len(val_rows)} validation images)")
         best_epochs.append(fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
         probs = probabilities(predict_logits(trainer.student, images[val_rows]), dataset.binary)
-        fold_metrics.append(classification_metrics(labels[val_rows], probs))
+        fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
+        fold_matrices.append(confusion_matrix(labels[val_rows], probs))
         print(f"{describe}: fold {k + 1} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")
         models.append(trainer.student)
         oof_rows.append(val_rows)
         oof_probs.append(probs)
         if on_fold is not None:
             on_fold(k, fold_metrics[-1])
-    return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids)
+    return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids, fold_matrices)
 
 
 def train_on_all_data(prepared: "Prepared", cfg: Config, trainer: "Distiller", teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str = "all_") -> None:

@@ -8,6 +8,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import PipelineError
+from pipelines.evaluate import CONFUSION_ARTIFACT
 
 STAGES = ("Production", "Staging", "Archived", "None")
 
@@ -49,4 +50,29 @@ def describe(version: ModelVersion) -> str:
         f"description: {version.description}",
     ]
     lines += [f"  {key:<22} {value}" for key, value in sorted(version.tags.items())]
-    return "\n".join(lines)
+    return "\n".join(lines + per_class_lines(version.run_id))
+
+
+def per_class_lines(run_id: str) -> list[str]:
+    """The KD student's hold-out F1 per class, macro-F1 and confusion matrix, from its promote run
+    (none for versions promoted before they were logged)."""
+    try:
+        record = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFUSION_ARTIFACT}")
+    except Exception:  # MLflow raises several types for a missing artifact
+        return []
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    names, matrix = record["class_names"], record["matrices"]["holdout_student"]
+    corner = "true / predicted"
+    width = max(len(name) for name in [*names, corner])
+
+    def score(key: str) -> str:
+        value = metrics.get(f"holdout_student_{key}")
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = ["hold-out F1 per class (KD student):"]
+    lines += [f"  {name:<{width}} {score(key)}" for name, key in zip(names, record["metric_keys"])]
+    lines += [f"  {'macro':<{width}} {score('f1_macro')}", "hold-out confusion matrix (KD student; rows true, columns predicted):"]
+    columns = [max(len(name), 4) for name in names]
+    lines.append(f"  {corner:<{width}} " + " ".join(f"{name:>{w}}" for name, w in zip(names, columns)))
+    lines += [f"  {name:<{width}} " + " ".join(f"{count:>{w}}" for count, w in zip(row, columns)) for name, row in zip(names, matrix)]
+    return lines

@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from pipelines.config import PROJECT_ROOT, Config, PipelineError
 from pipelines.data import BRATS_MODALITIES
 from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, in_batches, model_logits, probabilities
+from pipelines.evaluate import CONFUSION_ARTIFACT, classification_metrics, confusion_matrix, confusion_record, in_batches, model_logits, probabilities
 from pipelines.locks import database_lock, lockable
 from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
@@ -258,11 +258,14 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
             "no_kd": probabilities(model_logits(baseline, prepared.images[test]), prepared.dataset.binary),
             "teacher": probabilities(all_logits[test], prepared.dataset.binary),
         }
-        holdout = {who: classification_metrics(labels[test], probs) for who, probs in holdout_probs.items()}
+        holdout = {who: classification_metrics(labels[test], probs, prepared.dataset.class_names) for who, probs in holdout_probs.items()}
         from registry.report import log_evidence  # what `report` reads back: hold-out probabilities, no-KD k-fold run, environment
 
         log_evidence(cfg, prepared, holdout_probs, best.user_attrs.get("mlflow_run_id", ""))
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
+        # Scope holdout_<who> goes with the metrics holdout_<who>_f1_<class> (fetch prints the student's).
+        matrices = {f"holdout_{who}": confusion_matrix(labels[test], p) for who, p in holdout_probs.items()}
+        mlflow.log_dict(confusion_record(prepared.dataset.class_names, matrices), CONFUSION_ARTIFACT)
         mlflow.log_metrics({"student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
         frame = holdout_frame(prepared)
         logged = log_student(student, prepared, cfg, frame.head(1))

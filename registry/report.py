@@ -607,6 +607,7 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
             + (f" With {folds} folds the smallest attainable two-sided Wilcoxon p-value is {num(2 / 2**folds)}, so this test cannot reach significance at 0.05." if 2 / 2**folds >= 0.05 else "")
         ),
         per_class_table(labels, probs["student"], class_names),
+        per_class_f1_table(s, runs),
         Figure("confusion", confusion_figure(labels, probs, class_names, figures / "confusion-matrices.png"), f"Confusion matrices on the {holdout_text}, arg-max decisions; rows are true classes."),
         Figure("roc", curve_figure("roc", labels, probs, holdout, figures / "roc-curves.png"), "ROC curves on the hold-out split" + ("" if len(class_names) == 2 else " (micro-averaged one-vs-rest)") + "; the legend gives the logged ROC-AUC."),
         Figure("pr", curve_figure("pr", labels, probs, holdout, figures / "pr-curves.png"), "Precision-recall curves on the hold-out split" + ("" if len(class_names) == 2 else " (micro-averaged one-vs-rest)") + "; the legend gives the logged PR-AUC."),
@@ -628,7 +629,7 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
     numbers = {
         "model": s.model_name, "version": s.version.version, "kfold": kfold, "holdout": holdout,
         "holdout_ci95": {who: {m: list(v) for m, v in by.items()} for who, by in intervals.items()}, "fold_f1": per_fold, "paired_test": test,
-        "param_importances": importances, "holdout_class_counts": n_class,
+        "param_importances": importances, "holdout_class_counts": n_class, "per_class_f1": per_class_f1_numbers(s, runs),
         "runs": {"promote": s.promote.info.run_id, "teacher": s.teacher.info.run_id, "trial": s.trial.info.run_id, "no_kd_cv": s.no_kd.info.run_id, "search": s.search.info.run_id},
     }
     return blocks, numbers
@@ -640,6 +641,37 @@ def per_class_table(labels: np.ndarray, probs: np.ndarray, class_names: list[str
     precision, recall, f1, support = precision_recall_fscore_support(labels, probs.argmax(axis=1), labels=np.arange(len(class_names)), zero_division=0)
     rows = [[name, num(precision[i]), num(recall[i]), num(f1[i]), str(int(support[i]))] for i, name in enumerate(class_names)]
     return table("per-class", "Per-class hold-out metrics of the KD student.", ["class", "precision", "recall", "F1", "images"], rows)
+
+
+def per_class_f1_rows(s: Sources) -> list[tuple[str, str]]:
+    """(row label, metric key) of the per-class F1 figures: each class, then macro-F1 (keys never collide)."""
+    from pipelines.evaluate import class_keys
+
+    return [*((name, f"f1_{key}") for name, key in zip(s.class_names, class_keys(s.class_names))), ("macro", "f1_macro")]
+
+
+def per_class_f1_numbers(s: Sources, runs: dict[str, Run]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-class and macro F1 of each model as logged, by metric key: k-fold means (its cross-validation run)
+    and hold-out (the promote run); NaN where a run predates these metrics."""
+    return {
+        who: {
+            "kfold_mean": {key: runs[who].data.metrics.get(f"{key}_mean", math.nan) for _, key in per_class_f1_rows(s)},
+            "holdout": {key: s.promote.data.metrics.get(f"holdout_{who}_{key}", math.nan) for _, key in per_class_f1_rows(s)},
+        }
+        for who in MODELS
+    }
+
+
+def per_class_f1_table(s: Sources, runs: dict[str, Run]):
+    numbers = per_class_f1_numbers(s, runs)
+    rows = [
+        [label] + [f"{num(numbers[who]['kfold_mean'][key])} / {num(numbers[who]['holdout'][key])}" for who in MODELS]
+        for label, key in per_class_f1_rows(s)
+    ]
+    return table(
+        "per-class-f1", "F1 per class and macro-F1 (unweighted mean over the classes): k-fold mean / hold-out, as logged by the runs.",
+        ["class"] + list(MODELS.values()), rows,
+    )
 
 
 # ---------------------------------------------------------------- the step

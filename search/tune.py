@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
 from pipelines.distill import cross_validate_student
-from pipelines.evaluate import batch1_latency_ms
+from pipelines.evaluate import CONFUSION_ARTIFACT, batch1_latency_ms, confusion_record
 from pipelines.locks import database_lock
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_CONFIG_ATTR, PARENT_RUN_ATTR, DIGEST_ATTR = "config", "mlflow_parent_run_id", "data_digest"
 # Settings a joining worker takes from the study, so every trial trains on the same data the same way.
-SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials", "study_name")) + ("data_dir", "synthetic_images")
+SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials", "study_name")) + ("data_dir", "synthetic_images", "synthetic_classes")
 
 
 class SurplusTrial(Exception):
@@ -194,6 +194,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             trial.set_user_attr("student_params", student_params)
             trial.set_user_attr("latency_ms", latency)
             mlflow.log_metrics({**summary, "student_params": student_params, "latency_ms": latency})
+            mlflow.log_dict(confusion_record(prepared.dataset.class_names, cv.confusion_matrices()), CONFUSION_ARTIFACT)
             mlflow.set_tag("optuna.state", "COMPLETE")
         if not multi:
             return summary["f1_mean"]

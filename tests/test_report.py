@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -120,6 +121,25 @@ def test_every_table_figure_equals_the_logged_value(tracked):
         assert run.info.run_id in methods
     counts = table_starting(markdown_tables(methods), "Images per class")
     assert counts[-1][0] == "total" and int(counts[-1][3]) == int(runs["teacher"].data.params["n_images"])
+
+
+def test_the_per_class_f1_table_equals_the_logged_values(tracked):
+    from pipelines.evaluate import class_keys
+
+    _, paths = tracked
+    runs = runs_of_report(paths)
+    rows = table_starting(markdown_tables(paths.results_md.read_text()), "F1 per class and macro-F1")
+    class_names = runs["teacher"].data.params["classes"].split(",")
+    assert rows[0] == ["class"] + list(MODELS.values()) and [row[0] for row in rows[1:]] == class_names + ["macro"]
+    for row, key in zip(rows[1:], [f"f1_{key}" for key in class_keys(class_names)] + ["f1_macro"]):
+        for cell, who in zip(row[1:], MODELS):
+            kfold, holdout = cell.split(" / ")
+            assert close(kfold, runs[who].data.metrics[f"{key}_mean"]), (key, who, cell)
+            assert close(holdout, runs["promote"].data.metrics[f"holdout_{who}_{key}"]), (key, who, cell)
+    # macro-F1 is the mean of the class rows, also for two classes (where it is not the positive class's F1)
+    for column in range(1, 1 + len(MODELS)):
+        holdouts = [parse(row[column].split(" / ")[1]) for row in rows[1:]]
+        assert abs(np.mean(holdouts[:-1]) - holdouts[-1]) <= 1e-4
 
 
 def test_changing_a_logged_metric_changes_the_report(tracked):
