@@ -62,7 +62,7 @@ def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -
         x = layers.ReLU(name=f"block{block + 1}_relu")(x)
         x = layers.MaxPooling2D(name=f"block{block + 1}_pool")(x)
     x = global_pool(x)
-    x = layers.Dropout(0.2, seed=seed, name="dropout")(x)
+    x = layers.Dropout(0.2, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(output_units(num_classes), name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"student_{width}x{depth}")
 
@@ -89,7 +89,7 @@ def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
     for stage, filters in enumerate(RESNET_WIDTHS):
         x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init, name=f"stage{stage + 1}")
     x = global_pool(x)
-    x = layers.Dropout(0.3, seed=seed, name="dropout")(x)
+    x = layers.Dropout(0.3, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name="teacher_resnet")
 
@@ -113,7 +113,7 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
             backbone.load_weights(weights)
         except (ValueError, OSError, KeyError) as error:
             raise PipelineError(f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the include_top=False weights file") from None
-    x = layers.Dropout(0.3, seed=seed, name="dropout")(backbone(rgb))
+    x = layers.Dropout(0.3, seed=seed, name="head_dropout")(backbone(rgb))
     outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"teacher_{arch}")
 
