@@ -194,7 +194,7 @@ def name_launched_run() -> None:
     try:
         run = mlflow.MlflowClient().get_run(run_id)
         entry_point = run.data.tags.get("mlflow.project.entryPoint")
-        if entry_point and re.fullmatch(r"[a-z]+-[a-z]+-\d{1,3}", run.info.run_name or ""):
+        if entry_point and re.fullmatch(r"[a-z]+-[a-z]+-\d{1,4}", run.info.run_name or ""):
             mlflow.MlflowClient().set_tag(run_id, "mlflow.runName", entry_point)
     except MlflowException:  # a name is cosmetic: an absent server is the step's to report, with its waits and retries
         return
