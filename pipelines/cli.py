@@ -9,12 +9,13 @@ from typing import Any, Callable, NoReturn
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import PipelineError, redact_url
-from pipelines.tracking import unreachable
+from pipelines.tracking import name_launched_run, unreachable
 
 
 def run_cli(step: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> Any:
     args = parser.parse_args(argv)
     try:
+        name_launched_run()
         return step(args)
     except PipelineError as error:
         fail(str(error))

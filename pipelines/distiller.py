@@ -68,8 +68,10 @@ class Distiller(keras.Model):
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.binary = binary
-        self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
-        self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
+        # The two parts of the loss, logged only when there are two: a teacher or a no-KD student (alpha = 1)
+        # has one loss, and epoch lines with "distillation_loss: 0.0000e+00" would claim a teacher it never had.
+        self.student_loss_tracker = keras.metrics.Mean(name="student_loss") if self.alpha < 1.0 else None
+        self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss") if self.alpha < 1.0 else None
         self.accuracy = keras.metrics.BinaryAccuracy(name="accuracy") if binary else keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.precision = keras.metrics.Precision(name="precision")
         self.recall = keras.metrics.Recall(name="recall")
@@ -87,10 +89,9 @@ class Distiller(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         student_loss = hard_loss(y, y_pred, self.binary, sample_weight)
-        if self.alpha < 1.0:
-            distillation_loss = soft_loss(self.teacher_logits(x), y_pred, self.temperature, self.binary, sample_weight)
-        else:  # no-KD baseline: the teacher is never consulted
-            distillation_loss = ops.zeros_like(student_loss)
+        if self.alpha >= 1.0:  # plain training or the no-KD baseline: the teacher is never consulted
+            return student_loss
+        distillation_loss = soft_loss(self.teacher_logits(x), y_pred, self.temperature, self.binary, sample_weight)
         self.student_loss_tracker.update_state(student_loss)
         self.distillation_loss_tracker.update_state(distillation_loss)
         return self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss

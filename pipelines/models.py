@@ -20,18 +20,19 @@ STUDENT_PRESETS = {"tiny": (8, 2), "small": (16, 3), "medium": (24, 3), "large":
 RESNET_WIDTHS = (24, 48, 96, 192)
 
 
-def normalization(channels: int) -> layers.Layer:
+def normalization(channels: int, name: str | None = None) -> layers.Layer:
     """GroupNorm, not BatchNorm: a few hundred scans give a handful of steps per epoch, too few for
     BatchNorm's moving statistics to settle, and inference with unsettled statistics predicted one class
     on whole folds (measured: 5-fold F1 0.50 ± 0.29 with BatchNorm vs 0.73 ± 0.06 with GroupNorm for the
     small student). GroupNorm behaves the same in training and inference."""
-    return layers.GroupNormalization(groups=math.gcd(8, channels))
+    return layers.GroupNormalization(groups=math.gcd(8, channels), name=name)
 
 
 def global_pool(x):
     """Average and max pooling side by side: a tumour is a local finding, and averaging alone dilutes a
-    small lesion over the whole slice."""
-    return layers.Concatenate()([layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)])
+    small lesion over the whole slice. Every layer is named (here and below): the report's layer tables and
+    Grad-CAM read these names, and Keras' own (``conv2d_78``) depend on how many models the process built."""
+    return layers.Concatenate(name="pooled")([layers.GlobalAveragePooling2D(name="global_avg_pool")(x), layers.GlobalMaxPooling2D(name="global_max_pool")(x)])
 
 
 def output_units(num_classes: int) -> int:
@@ -50,45 +51,45 @@ def parse_student_size(size: str) -> tuple[int, int]:
 
 
 def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -> keras.Model:
-    """A small plain CNN: ``depth`` blocks of conv-BN-ReLU and max-pooling, widths doubling, then GAP."""
+    """A small plain CNN: ``depth`` blocks of conv-GroupNorm-ReLU and max-pooling, widths doubling, then average and max pooling."""
     width, depth = parse_student_size(size)
     init = keras.initializers.HeNormal(seed=seed)
     inputs = keras.Input((image_size, image_size, 1), name="image")
     x = inputs
     for block in range(depth):
-        x = layers.Conv2D(width * 2**block, 3, padding="same", use_bias=False, kernel_initializer=init)(x)
-        x = normalization(width * 2**block)(x)
-        x = layers.ReLU()(x)
-        x = layers.MaxPooling2D()(x)
+        x = layers.Conv2D(width * 2**block, 3, padding="same", use_bias=False, kernel_initializer=init, name=f"block{block + 1}_conv")(x)
+        x = normalization(width * 2**block, name=f"block{block + 1}_norm")(x)
+        x = layers.ReLU(name=f"block{block + 1}_relu")(x)
+        x = layers.MaxPooling2D(name=f"block{block + 1}_pool")(x)
     x = global_pool(x)
-    x = layers.Dropout(0.2, seed=seed)(x)
+    x = layers.Dropout(0.2, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(output_units(num_classes), name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"student_{width}x{depth}")
 
 
-def _residual_block(x, filters: int, stride: int, init):
+def _residual_block(x, filters: int, stride: int, init, name: str):
     shortcut = x
-    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, kernel_initializer=init)(x)
-    y = normalization(filters)(y)
-    y = layers.ReLU()(y)
-    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=init)(y)
-    y = normalization(filters)(y)
+    y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, kernel_initializer=init, name=f"{name}_conv1")(x)
+    y = normalization(filters, name=f"{name}_norm1")(y)
+    y = layers.ReLU(name=f"{name}_relu1")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=init, name=f"{name}_conv2")(y)
+    y = normalization(filters, name=f"{name}_norm2")(y)
     if stride != 1 or shortcut.shape[-1] != filters:
-        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=init)(shortcut)
-        shortcut = normalization(filters)(shortcut)
-    return layers.ReLU()(layers.Add()([y, shortcut]))
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=init, name=f"{name}_shortcut_conv")(shortcut)
+        shortcut = normalization(filters, name=f"{name}_shortcut_norm")(shortcut)
+    return layers.ReLU(name=f"{name}_relu")(layers.Add(name=f"{name}_add")([y, shortcut]))
 
 
 def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
     init = keras.initializers.HeNormal(seed=seed)
     inputs = keras.Input((image_size, image_size, 1), name="image")
-    x = layers.Conv2D(RESNET_WIDTHS[0], 3, padding="same", use_bias=False, kernel_initializer=init)(inputs)
-    x = normalization(RESNET_WIDTHS[0])(x)
-    x = layers.ReLU()(x)
+    x = layers.Conv2D(RESNET_WIDTHS[0], 3, padding="same", use_bias=False, kernel_initializer=init, name="stem_conv")(inputs)
+    x = normalization(RESNET_WIDTHS[0], name="stem_norm")(x)
+    x = layers.ReLU(name="stem_relu")(x)
     for stage, filters in enumerate(RESNET_WIDTHS):
-        x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init)
+        x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init, name=f"stage{stage + 1}")
     x = global_pool(x)
-    x = layers.Dropout(0.3, seed=seed)(x)
+    x = layers.Dropout(0.3, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name="teacher_resnet")
 
@@ -103,7 +104,7 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
         raise PipelineError(f"teacher_weights={weights!r}: use a Keras weights file ({', '.join(WEIGHT_SUFFIXES)}); pickles and other formats are not loaded")
     inputs = keras.Input((image_size, image_size, 1), name="image")
     # Applications expect three channels; the scans are grayscale, so repeat the channel.
-    rgb = layers.Concatenate()([inputs, inputs, inputs])
+    rgb = layers.Concatenate(name="grey_to_rgb")([inputs, inputs, inputs])
     backbone = constructor(include_top=False, weights=None, input_shape=(image_size, image_size, 3), pooling="avg")
     if weights:
         # What the constructor does with a path, done here so a bad file is a clear error. load_weights reads
@@ -112,7 +113,7 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
             backbone.load_weights(weights)
         except (ValueError, OSError, KeyError) as error:
             raise PipelineError(f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the include_top=False weights file") from None
-    x = layers.Dropout(0.3, seed=seed)(backbone(rgb))
+    x = layers.Dropout(0.3, seed=seed, name="head_dropout")(backbone(rgb))
     outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"teacher_{arch}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -175,11 +176,35 @@ def step_run(step: str, cfg: Config, names: tuple[str, ...], dataset: Dataset, s
         mlflow.set_tag(OUTCOME_TAG, "trained")
 
 
+def local_source(path) -> "mlflow.data.dataset_source.DatasetSource":
+    """The data folder as MLflow's local-file dataset source, chosen explicitly: MLflow registers that class for two
+    URI schemes, so a plain path string is resolved with a warning that it "can be interpreted in multiple ways"."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    local = next(source for source in get_registered_sources() if source._get_source_type() == "local")
+    return local(str(path))
+
+
+def name_launched_run() -> None:
+    """Under ``mlflow run``: name its run after the entry point (``promote``, ``report``) when MLflow made the name
+    up (``persistent-croc-697``), first thing, so even a run that fails at once says what it was."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+        entry_point = run.data.tags.get("mlflow.project.entryPoint")
+        if entry_point and re.fullmatch(r"[a-z]+-[a-z]+-\d{1,4}", run.info.run_name or ""):
+            mlflow.MlflowClient().set_tag(run_id, "mlflow.runName", entry_point)
+    except MlflowException:  # a name is cosmetic: an absent server is the step's to report, with its waits and retries
+        return
+
+
 def log_data(dataset: Dataset, splits: Splits) -> None:
     """The manifest as an MLflow dataset input (digest included), and the split assignment as a table."""
     table = splits.table(dataset)
     source = mlflow.data.from_pandas(
-        table, source=str(dataset.root), targets="label", name=f"{dataset.source}:{dataset.root.name}", digest=dataset.digest[:32]
+        table, source=local_source(dataset.root), targets="label", name=f"{dataset.source}:{dataset.root.name}", digest=dataset.digest[:32]
     )
     mlflow.log_input(source, context="training")
     mlflow.log_text(table.to_csv(index=False), "data/splits.csv")

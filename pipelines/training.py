@@ -122,7 +122,11 @@ def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset 
 
 
 def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    return np.asarray(model.predict(images.astype(np.float32), batch_size=batch_size, verbose=0))
+    """Logits batch by batch in eager mode: ``model.predict`` traced a new tf.function for every fold's model and
+    for each shorter last batch (TensorFlow's "triggered tf.function retracing" warning); for these small CNNs
+    tracing cost more than it saved."""
+    images = images.astype(np.float32)
+    return np.concatenate([np.asarray(model(images[start : start + batch_size], training=False)) for start in range(0, len(images), batch_size)])
 
 
 @dataclass
@@ -182,12 +186,13 @@ def cross_validate(
 
         set_seed(cfg.seed + k)
         trainer = build_trainer(k)
-        print(f"{describe}: fold {k + 1}/{len(prepared.splits.folds)} ({len(train_rows)} train, {len(val_rows)} validation images)")
+        # Folds are numbered from 0 everywhere: here, in metric and artifact names (f1_fold_<k>), pruning messages and the report.
+        print(f"{describe}: fold {k} of folds 0-{len(prepared.splits.folds) - 1} ({len(train_rows)} train, {len(val_rows)} validation images)")
         best_epochs.append(fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
         probs = probabilities(predict_logits(trainer.student, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
         fold_matrices.append(confusion_matrix(labels[val_rows], probs))
-        print(f"{describe}: fold {k + 1} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")
+        print(f"{describe}: fold {k} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")
         models.append(trainer.student)
         oof_rows.append(val_rows)
         oof_probs.append(probs)

@@ -54,7 +54,7 @@ def _explain(argv: list[str]) -> None:
 
     parser = _version_parser("Grad-CAM of a registered student and its teacher on one scan: writes an overlay PNG.")
     parser.add_argument("image", help="the scan (any image file the data loader reads)")
-    parser.add_argument("--out", default="", help="overlay PNG; empty = <image name>.gradcam.png here")
+    parser.add_argument("--out", default="", help="overlay PNG; empty = <image name>.gradcam.png next to the image")
     parser.add_argument("--class-name", "--class_name", dest="class_name", default=None, help="class to explain; default = the predicted class")
     run_cli(lambda args: explain(args.model_name, args.image, *_stage_and_alias(args), out_path=args.out or None, class_name=args.class_name), parser, argv)
 

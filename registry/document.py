@@ -5,6 +5,7 @@ Text is plain; :class:`Code` and :class:`Math` spans mark what each format types
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -89,8 +90,13 @@ def _markdown_spans(spans: tuple[Span, ...]) -> str:
     return "".join(f"`{s.text}`" if isinstance(s, Code) else f"${s.latex}$" if isinstance(s, Math) else s for s in spans)
 
 
+def latex_code(text: str) -> str:
+    """Code as typed: ``-{}`` breaks the ``--`` ligature, which T1 fonts set as an en dash (``--env-manager`` would not paste back)."""
+    return re.sub(r"-(?=-)", "-{}", latex_escape(text))
+
+
 def _latex_spans(spans: tuple[Span, ...]) -> str:
-    return "".join(rf"\texttt{{{latex_escape(s.text)}}}" if isinstance(s, Code) else f"${s.latex}$" if isinstance(s, Math) else latex_escape(s) for s in spans)
+    return "".join(rf"\texttt{{{latex_code(s.text)}}}" if isinstance(s, Code) else f"${s.latex}$" if isinstance(s, Math) else latex_escape(s) for s in spans)
 
 
 def _numbered(blocks: list[Block], first_table: int, first_figure: int) -> dict[str, int]:

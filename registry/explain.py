@@ -21,7 +21,7 @@ from pipelines.config import PipelineError
 from pipelines.data import decode_image, head_box, preprocess
 from pipelines.evaluate import probabilities, save_figure
 
-POOLING_LAYERS = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D, keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
 # How strongly the heat map tints the scan in overlays.
 OVERLAY_OPACITY = 0.5
 
@@ -39,31 +39,46 @@ class Explanation:
     def predicted(self) -> str:
         return max(self.probabilities, key=self.probabilities.get)
 
+    @property
+    def empty(self) -> bool:
+        """No region raises the class score: the map is zero everywhere and explains nothing (never drawn as if it did)."""
+        return not self.heatmap.max() > 0
+
+
+def caption(explanation: Explanation, who: str) -> str:
+    """A panel title: the prediction, and which class the map explains or that the map is empty."""
+    prediction = f"{who}: {explanation.predicted} (p={explanation.probabilities[explanation.predicted]:.2f})"
+    return f"{prediction}\nGrad-CAM for {explanation.class_name}" + (": all zero, not drawn" if explanation.empty else "")
+
 
 def target_layer(model: keras.Model) -> keras.layers.Layer:
-    """The last top-level layer with a spatial (4-D) output after the first convolution, pooling excluded.
+    """The global pooling layer whose input is the map Grad-CAM is computed on: the last convolutional feature map.
 
-    For our student and ResNet teacher that is the last ReLU: the finest feature map that still decides
-    the logits. A ``keras.applications`` teacher nests its convolutions in one backbone layer.
+    Our student and ResNet teacher end in average and max pooling side by side over that map. A
+    ``keras.applications`` teacher nests its convolutions and pooling in one backbone layer and is refused.
     """
-    first_convolution = next((i for i, layer in enumerate(model.layers) if isinstance(layer, keras.layers.Conv2D)), len(model.layers))
-    candidates = [layer for layer in model.layers[first_convolution:] if len(layer.output.shape) == 4 and not isinstance(layer, POOLING_LAYERS)]
-    if not candidates:
-        raise PipelineError(f"model {model.name!r} has no convolution at its top level (a keras.applications backbone nests them); Grad-CAM supports the student and the resnet teacher")
-    return candidates[-1]
+    pooling = [layer for layer in model.layers if isinstance(layer, GLOBAL_POOLING) and len(layer.input.shape) == 4]
+    if not pooling:
+        raise PipelineError(f"model {model.name!r} has no global pooling over a convolutional feature map at its top level (a keras.applications backbone nests it); "
+                            "Grad-CAM supports the student and the resnet teacher")
+    return pooling[-1]
 
 
-def gradcam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:
-    """Grad-CAM of ``image`` (S, S, 1) for ``class_index``: an (S, S) map in [0, 1].
+def class_activation(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:
+    """The class score of ``image`` (S, S, 1) spread over the last feature map: an (s, s) map, before any ReLU.
 
-    Channel weights are the spatially averaged gradients of the class score w.r.t. the target layer's
-    feature maps; the map is the ReLU of their weighted sum, upsampled and scaled by its maximum. A single
-    logit z scores class 1 as z and class 0 as -z (the two-class softmax of [0, z]).
+    Each position gets its features times the score's gradient there, summed over channels (element-wise
+    weights, as in HiResCAM). Classic Grad-CAM first averages each channel's gradient over the map; with our
+    head (average and max pooling side by side) that is wrong: a channel that fires on a lesion is read through
+    its max-pool weight, often with a negative average-pool weight (lesion = a peak above a normal mean), so
+    its averaged gradient is about zero or negative, and the tumour map came out negative everywhere (all
+    zeros after the ReLU). Element-wise, the max-pool gradient stays at the peak, and since both pools are
+    positively homogeneous the map sums exactly to the score minus the logit's bias.
+    A single logit z scores class 1 as z and class 0 as -z (the two-class softmax of [0, z]).
     """
     import tensorflow as tf
 
-    layer = target_layer(model)
-    features_and_logits = keras.Model(model.inputs, [layer.output, model.output])
+    features_and_logits = keras.Model(model.inputs, [target_layer(model).input, model.output])
     batch = tf.convert_to_tensor(np.asarray(image, dtype=np.float32)[None])
     with tf.GradientTape() as tape:
         features, logits = features_and_logits(batch, training=False)
@@ -72,8 +87,17 @@ def gradcam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarr
         else:
             score = logits[:, class_index]
     gradients = tape.gradient(score, features)
-    weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1))[0]
+    return tf.reduce_sum(features * gradients, axis=-1)[0].numpy()
+
+
+def gradcam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:
+    """Grad-CAM of ``image`` (S, S, 1) for ``class_index``: an (S, S) map in [0, 1], all zeros when nothing raises the score.
+
+    The ReLU of :func:`class_activation` (where the class gains), upsampled bilinearly and scaled by its maximum.
+    """
+    import tensorflow as tf
+
+    cam = np.maximum(class_activation(model, image, class_index), 0.0)
     cam = tf.image.resize(cam[..., None], image.shape[:2], method="bilinear")[..., 0].numpy()
     cam = np.nan_to_num(cam, nan=0.0, posinf=0.0, neginf=0.0)
     peak = cam.max()
@@ -118,7 +142,17 @@ def overlay(scan: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 def describe(explanation: Explanation, who: str) -> str:
     probs = ", ".join(f"{name} {p:.3f}" for name, p in explanation.probabilities.items())
-    return f"{who}: predicts {explanation.predicted} ({probs}); Grad-CAM for {explanation.class_name}"
+    text = f"{who}: predicts {explanation.predicted} ({probs}); Grad-CAM for {explanation.class_name}"
+    return text + (" is zero everywhere (no region raises that class's score); the panel shows the plain scan" if explanation.empty else "")
+
+
+def draw(ax, explanation: Explanation, who: str, fontsize: int) -> None:
+    """One panel: the overlay, or the plain scan when the map is empty (the title says so)."""
+    if explanation.empty:
+        ax.imshow(explanation.scan, cmap="gray")
+    else:
+        ax.imshow(overlay(explanation.scan, explanation.heatmap))
+    ax.set_title(caption(explanation, who), fontsize=fontsize)
 
 
 def write_overlay(explanations: dict[str, Explanation], title: str, out_path: Path) -> Path:
@@ -133,8 +167,7 @@ def write_overlay(explanations: dict[str, Explanation], title: str, out_path: Pa
     axes[0, 0].imshow(first.scan, cmap="gray")
     axes[0, 0].set_title(title, fontsize=8)
     for ax, (who, explanation) in zip(axes[0, 1:], explanations.items()):
-        ax.imshow(overlay(explanation.scan, explanation.heatmap))
-        ax.set_title(f"{who}: {explanation.predicted} (p={explanation.probabilities[explanation.predicted]:.2f})\nGrad-CAM for {explanation.class_name}", fontsize=8)
+        draw(ax, explanation, who, fontsize=8)
     for ax in axes.ravel():
         ax.axis("off")
     return save_figure(fig, out_path, dpi=120)
@@ -177,7 +210,7 @@ def explain(model_name: str, image_path: Path, stage: str | None = None, alias: 
         "student": explain_scan(models.student, scan, models.image_size, models.class_names, class_name),
         "teacher": explain_scan(models.teacher, scan, models.image_size, models.class_names, class_name),
     }
-    out_path = Path(out_path) if out_path else Path(f"{image_path.stem}.gradcam.png")
+    out_path = Path(out_path) if out_path else image_path.with_name(f"{image_path.stem}.gradcam.png")  # next to the scan
     write_overlay(explanations, f"{image_path.name}\n{model_name} v{models.version}", out_path)
     for who, explanation in explanations.items():
         print(describe(explanation, who))
@@ -198,9 +231,7 @@ def explanation_grid(models: RegisteredModels, examples: list[tuple[str, Path]],
         axes[row, 0].imshow(scan, cmap="gray")
         axes[row, 0].set_title(f"{category}: {path.name[:28]}", fontsize=7)
         for column, (who, model) in enumerate((("student", models.student), ("teacher", models.teacher)), start=1):
-            explanation = explain_scan(model, scan, models.image_size, models.class_names)
-            axes[row, column].imshow(overlay(scan, explanation.heatmap))
-            axes[row, column].set_title(f"{who}: {explanation.predicted} (p={explanation.probabilities[explanation.predicted]:.2f})", fontsize=7)
+            draw(axes[row, column], explain_scan(model, scan, models.image_size, models.class_names), who, fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
     return save_figure(fig, out_path, dpi=110)

@@ -86,7 +86,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
             raise bad_request(f"array values up to {np.abs(array).max():.3g} in magnitude: preprocessed images are z-scored and stay within ±{self.image_size}; send the image files instead")
         return array
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # pd.DataFrame: a type hint MLflow takes without inferring a schema (the signature is logged explicitly) or
+    # converting the input, so array batches still arrive as arrays; without one MLflow warns at every load.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame):
             model_input = np.asarray(model_input)
             if model_input.ndim == 0:

@@ -113,6 +113,13 @@ def pinned_requirements() -> list[str]:
     return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
+def trained_on(dataset) -> str:
+    """What the model learnt from, in words: a model of the synthetic set must not pass for one of real scans."""
+    if dataset.source == "synthetic":
+        return f"the embedded synthetic set ({len(dataset.manifest)} generated slices, not real scans)"
+    return f"{dataset.root.name} ({dataset.source}, {len(dataset.manifest)} images)"
+
+
 def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: pd.DataFrame) -> mlflow.models.model.ModelInfo:
     """Log the pyfunc model (student + preprocessing + class names) to the active run, with an input example."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +137,7 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
             signature=signature(prepared.dataset.class_names),
             input_example=example,
             pip_requirements=pinned_requirements(),
-            metadata={"inputs": INPUTS, "modality": modality},
+            metadata={"inputs": INPUTS, "modality": modality, "trained_on": trained_on(prepared.dataset), "data_digest": prepared.dataset.digest},
         )
     return info
 
@@ -281,6 +288,7 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
             "study": cfg.study_name, "trial": str(best.number), "kfold_f1_mean": f"{best.values[0]:.6f}", "kfold_f1_std": f"{best.user_attrs.get('f1_std', float('nan')):.6f}",
             "holdout_f1": f"{new_f1:.6f}", "params_count": str(student.count_params()), "teacher_run_id": teacher_run_id,
             "data_digest": prepared.dataset.digest, "code_version": code_version(), "image_size": str(cfg.image_size),
+            "trained_on": trained_on(prepared.dataset),
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
         version = register(client, cfg.model_name, logged, run.info.run_id, tags, description)

@@ -113,6 +113,7 @@ class Sources:
     study: object | None  # optuna.Study, None when its storage is unreachable
     study_note: str
     models: object  # registry.explain.RegisteredModels
+    selector: str = ""  # how the version was chosen, as `mlflow run -e report` parameters (-P stage=... or -P alias=...)
 
     @property
     def class_names(self) -> list[str]:
@@ -175,7 +176,9 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
         predictions = pd.read_csv(_artifact(promote.info.run_id, PREDICTIONS_ARTIFACT, tmp), dtype=text, keep_default_na=False)
         env = json.loads(_artifact(promote.info.run_id, ENVIRONMENT_ARTIFACT, tmp).read_text())
     study, note = open_study(search, storage)
-    return Sources(model_name, version, promote, teacher, trial, no_kd, search, splits, predictions, env, run_config(teacher), run_config(no_kd), study, note, load_models(model_name, version))
+    selector = f"-P alias={alias}" if alias else f"-P stage={stage}"
+    return Sources(model_name, version, promote, teacher, trial, no_kd, search, splits, predictions, env, run_config(teacher), run_config(no_kd), study, note,
+                   load_models(model_name, version), selector)
 
 
 # ---------------------------------------------------------------- formatting
@@ -213,7 +216,14 @@ def image_size_range(paths: list[str]) -> str:
         except OSError:
             return "not available (the files are no longer at their recorded paths)"
     widths, heights = np.array(sizes).T
-    return f"{widths.min()}–{widths.max()} px wide (median {int(np.median(widths))}) × {heights.min()}–{heights.max()} px high (median {int(np.median(heights))})"
+    if widths.min() == widths.max() and heights.min() == heights.max():
+        return f"all {widths[0]} × {heights[0]} px"
+    return f"{value_range(widths)} px wide (median {int(np.median(widths))}) × {value_range(heights)} px high (median {int(np.median(heights))})"
+
+
+def value_range(values: np.ndarray) -> str:
+    """``a–b``, or one value when the ends are equal."""
+    return f"{values.min()}" if values.min() == values.max() else f"{values.min()}–{values.max()}"
 
 
 def augmentation_description(cfg: Config) -> str:
@@ -266,7 +276,9 @@ def kd_equation(binary: bool) -> str:
 def search_settings(study) -> tuple[str, str]:
     """Sampler and pruner as the search code builds them (read from the objects, not restated)."""
     sampler, pruner = study.sampler, study.pruner
-    sampler_text = f"{type(sampler).__name__} (n_startup_trials = {getattr(sampler, '_n_startup_trials', 'n/a')}, multivariate = {getattr(sampler, '_multivariate', 'n/a')})"
+    # multivariate=None in TPESampler means "Optuna decides per study": print what it decided, not None.
+    multivariate = sampler._is_multivariate(study) if hasattr(sampler, "_is_multivariate") else getattr(sampler, "_multivariate", "n/a")
+    sampler_text = f"{type(sampler).__name__} (n_startup_trials = {getattr(sampler, '_n_startup_trials', 'n/a')}, multivariate = {multivariate})"
     pruner_text = f"{type(pruner).__name__} (n_startup_trials = {getattr(pruner, '_n_startup_trials', 'n/a')}, n_warmup_steps = {getattr(pruner, '_n_warmup_steps', 'n/a')}, percentile = {getattr(pruner, '_percentile', 'n/a')})"
     return sampler_text, pruner_text
 
@@ -321,7 +333,8 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
         Heading(1, "Methods"),
         Heading(2, "Data"),
         para(
-            f"The data set is {dataset_name} (source type {s.teacher.data.params.get('data_source')}, read from ", Code(s.teacher.data.params.get("data_dir") or "the embedded synthetic generator"),
+            f"The data set is {dataset_name} (source type {s.teacher.data.params.get('data_source')}, read from ",
+            Code(s.teacher.data.params["data_dir"]) if s.teacher.data.params.get("data_dir") else "the embedded synthetic generator",
             f") with {len(splits)} images in {len(class_names)} classes ({', '.join(class_names)})"
             + (f"; the positive class is {s.teacher.data.params.get('positive')}" if binary else "; metrics are macro-averaged over classes")
             + f". Raw image sizes: {image_size_range(splits['path'].tolist())}. The data digest (SHA-256 over every file's hash, label and group) is ",
@@ -405,7 +418,7 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
             ("teacher run ", Code(s.teacher.info.run_id), ", search run ", Code(s.search.info.run_id), ", best trial run ", Code(s.trial.info.run_id), f" (trial {s.version.tags.get('trial')})"),
             ("no-KD cross-validation run ", Code(s.no_kd.info.run_id), ", promote run ", Code(s.promote.info.run_id)),
             ("rerun: ", Code(rerun_command(s))),
-            ("this report: ", Code(f"mlflow run . -e report --env-manager local -P model_name={s.model_name} -P alias=... (or -P stage=...)")),
+            ("this report: ", Code(f"mlflow run . -e report --env-manager local -P model_name={s.model_name} {s.selector}")),
         ),
     ]
     return blocks
@@ -531,22 +544,34 @@ def importance_figure(importances: dict[str, float], path: Path) -> str:
     fig, ax = _plt().subplots(figsize=(5.5, 3.2))
     names = list(importances)[::-1]
     ax.barh(names, [importances[name] for name in names], color="tab:blue")
-    ax.set_xlabel("importance for the objective (fANOVA)")
+    ax.set_xlabel("importance for the objective (PED-ANOVA, as optuna-dashboard)")
     return _save(fig, path)
 
 
 def param_importances(s: Sources) -> tuple[dict[str, float], str]:
-    """fANOVA importances of the search parameters for the first objective, or why there are none."""
+    """Importances of the search parameters for the first objective, and a note on what they were computed from.
+
+    Computed as optuna-dashboard computes them (PED-ANOVA with its default settings, the objective negated when
+    maximised), so the figure and the dashboard show the same numbers. Only complete trials have an objective value.
+    """
     if s.study is None:
         return {}, s.study_note
     import optuna
+    from optuna.trial import TrialState
 
-    target = None if len(s.study.directions) == 1 else (lambda trial: trial.values[0])
-    try:
-        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=s.data_cfg.seed)
-        return dict(optuna.importance.get_param_importances(s.study, evaluator=evaluator, target=target)), ""
-    except (ValueError, RuntimeError) as error:
-        return {}, f"not computed ({str(error).rstrip('.')})"
+    complete = len(s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    used = f"the study's {complete} complete trials of {len(s.study.trials)} (pruned and failed trials have no objective value)"
+    if complete < 2:
+        return {}, f"not computed: {used}; importances need at least 2"
+    sign = -1.0 if s.study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PED-ANOVA's notes on targets and small studies; the caption says what was used
+        raw = optuna.importance.PedAnovaImportanceEvaluator().evaluate(s.study, target=lambda trial: sign * trial.values[0])
+    total = sum(raw.values())
+    if total <= 0:  # what get_param_importances and the dashboard then show: equal shares, which say nothing
+        return {}, f"PED-ANOVA over {used} cannot tell the parameters apart (every importance is 0; optuna-dashboard shows equal shares)"
+    ranked = dict(sorted(((name, value / total) for name, value in raw.items()), key=lambda item: -item[1]))
+    return ranked, f"PED-ANOVA, as optuna-dashboard computes it, over {used}"
 
 
 def gradcam_examples(s: Sources, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, Path]]:
@@ -597,7 +622,7 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
             [[label] + [f"{num(holdout[who][m])} [{num(intervals[who][m][0])}, {num(intervals[who][m][1])}]" for who in MODELS] for m, label in METRICS.items()],
         ),
         table(
-            "folds", "F1 per validation fold; the KD and no-KD students share folds and initialisation seeds.",
+            "folds", f"F1 per validation fold (numbered 0 to {folds - 1}, as in the logs and the runs' f1_fold_<k> metrics); the KD and no-KD students share folds and initialisation seeds.",
             ["fold"] + list(MODELS.values()) + ["KD − no-KD"],
             [[str(k)] + [num(per_fold[who][k]) for who in MODELS] + [num(per_fold["student"][k] - per_fold["no_kd"][k])] for k in range(folds)],
         ),
@@ -614,7 +639,7 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
     ]
     if importances:
         blocks += [
-            Figure("importance", importance_figure(importances, figures / "param-importances.png"), f"Importance of each searched hyper-parameter for the objective (fANOVA over the study's {len(s.study.trials)} trials): "
+            Figure("importance", importance_figure(importances, figures / "param-importances.png"), f"Importance of each searched hyper-parameter for the objective ({importance_note}): "
                    + ", ".join(f"{name} {num(value)}" for name, value in importances.items()) + "."),
         ]
     else:
@@ -623,7 +648,7 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
     if examples:
         blocks.append(Figure("gradcam", f"figures/{explanation_grid(s.models, examples, figures / 'gradcam-holdout.png').name}",
                              "Grad-CAM of the KD student and the teacher on hold-out scans, one per outcome of the KD student (" + ", ".join(o for o, _ in examples)
-                             + "); the map explains each model's predicted class and is drawn over the scan."))
+                             + "); the map explains each model's predicted class and is drawn over the scan, except where it is zero everywhere (the panel title says so)."))
     else:
         blocks.append(para("Grad-CAM examples: the hold-out files are no longer at their recorded paths."))
     numbers = {
@@ -710,7 +735,9 @@ def write_report(model_name: str, stage: str | None = None, alias: str | None = 
     paths.numbers.write_text(json.dumps(numbers, indent=2, default=float))
     MlflowClient().log_artifacts(s.version.run_id, str(folder), "report")
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run . -e report`: say what this run produced
-        for key, value in {"kd.step": "report", "kd.report_of": f"{model_name} v{s.version.version}", "kd.report_run_id": s.version.run_id}.items():
+        # Nested under the version's promote run (shown so in the UI when both are in one experiment, as the README's commands keep them).
+        for key, value in {"kd.step": "report", "kd.report_of": f"{model_name} v{s.version.version}", "kd.report_run_id": s.version.run_id,
+                           "mlflow.parentRunId": s.version.run_id}.items():
             MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
     print(f"report: {model_name} v{s.version.version} -> {folder} (also logged to run {s.version.run_id} under report/)")
     return paths

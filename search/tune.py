@@ -115,6 +115,7 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
     study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True)
     stored = study.user_attrs.get(STUDY_CONFIG_ATTR)
     if stored is None:
+        study.set_metric_names(cfg.objectives.split(","))  # optuna-dashboard's labels: "f1", not "Objective 0"
         study.set_user_attr(STUDY_CONFIG_ATTR, {name: getattr(cfg, name) for name in SHARED_FIELDS})
         return study, cfg
     joined = cfg.replace(**{name: value for name, value in stored.items() if name in SHARED_FIELDS})
@@ -289,9 +290,17 @@ def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
 
     target = None if len(study.directions) == 1 else (lambda t: t.values[0])
     figures = {"optimization_history": lambda: plots.plot_optimization_history(study, target=target, target_name="F1")}
-    if len([t for t in study.trials if t.state == TrialState.COMPLETE]) >= 2:
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    if len(complete) >= 2:
         figures["param_importances"] = lambda: plots.plot_param_importances(study, target=target, target_name="F1")
-        figures["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(study, target=target, target_name="F1")
+        # Each axis is scaled to its values' range: an axis with one value has none (matplotlib warns of identical ylims).
+        constant = sorted(name for name in complete[0].params if len({t.params.get(name) for t in complete}) == 1)
+        if len({t.values[0] for t in complete}) == 1:
+            constant.append("F1")
+        if constant:
+            print(f"search: skipped plot parallel_coordinate: {', '.join(constant)} took one value in every complete trial")
+        else:
+            figures["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(study, target=target, target_name="F1")
     if len(study.directions) > 1:
         figures["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=["F1", cfg.objectives.split(",")[1]])
     for name, draw in figures.items():

@@ -142,6 +142,33 @@ def test_the_per_class_f1_table_equals_the_logged_values(tracked):
         assert abs(np.mean(holdouts[:-1]) - holdouts[-1]) <= 1e-4
 
 
+LOOSE_ENDS = {
+    "a placeholder": r"\.\.\.",
+    "None": r"\bNone\b",
+    "nan": r"(?i)\bnan\b",
+    "a range whose ends are equal": r"(?<![\w.\-])(\d+(?:\.\d+)?)\s*(?:–|-|to)\s*\1(?![\w.\-])",
+    "a Keras auto-generated layer name": r"\b(?:conv2d|re_lu|group_normalization|max_pooling2d|global_(?:average|max)_pooling2d|concatenate|dropout|dense|add|input_layer)_\d+\b",
+}
+
+
+def test_the_report_of_a_finished_promotion_has_no_loose_ends(tracked):
+    from keras.src.utils.naming import to_snake_case  # how Keras names an unnamed layer: conv2d, conv2d_1, ...
+
+    _, paths = tracked
+    for path in (paths.methodology_md, paths.results_md):
+        text = path.read_text()
+        for what, pattern in LOOSE_ENDS.items():
+            found = [text[max(0, m.start() - 60) : m.end() + 60] for m in re.finditer(pattern, text)]
+            assert not found, f"{path.name} has {what}: {found}"
+    layers = table_starting(markdown_tables(paths.methodology_md.read_text()), "Layers of the student")
+    for name, kind, *_ in layers[1:]:
+        assert not re.fullmatch(rf"{to_snake_case(kind)}(_\d+)?", name), f"student layer {name!r} ({kind}) has the name Keras made up"
+    methods = paths.methodology_md.read_text()
+    assert f"-e report --env-manager local -P model_name={MODEL} -P stage=Production`" in methods, "the command that made this report"
+    latex = paths.methodology_tex.read_text()
+    assert "-{}-env-manager" in latex and not re.search(r"\\texttt\{[^}]*--", latex), "'--' in code would print as an en dash"
+
+
 def test_changing_a_logged_metric_changes_the_report(tracked):
     root, paths = tracked
     client = MlflowClient()
