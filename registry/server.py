@@ -3,7 +3,8 @@
 ``mlflow server`` with a SQLAlchemy backend (SQLite by default, PostgreSQL for a team) and artifacts
 proxied to local disk or any S3-compatible store through boto3 (``MLFLOW_S3_ENDPOINT_URL`` for a
 non-AWS endpoint). ``--auth`` starts MLflow's basic-auth app: every request needs a login, users read
-by default and need EDIT/MANAGE permissions (granted by the admin) to log runs, register or promote.
+by default and need EDIT/MANAGE permissions (granted by the admin) to log runs, register or promote, and a
+creator role (``registry/access.py``) to create experiments or registered models.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def auth_environment(auth_database_uri: str, config_path: Path) -> dict[str, str
         "default_permission = READ\n"
         f"database_uri = {auth_database_uri}\n"
         "admin_username = admin\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # MLflow's login plus one rule: creating experiments and registered models needs the admin's grant.
+        "authorization_function = registry.access:authenticate_request\n"
         # Checking a password costs a PBKDF2 hash; a training run logs every epoch. A password change
         # reaches the other server workers within this many seconds.
         "auth_cache_ttl_seconds = 60\n"
