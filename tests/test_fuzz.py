@@ -533,6 +533,33 @@ def test_served_model_refuses_bad_base64(served, reliability) -> None:
     reliability.bad_input("served model: random text and mangled base64 (bad characters, padding, truncation)", tally.summary())
 
 
+def test_served_model_answers_data_uri_images_like_plain_base64(served, reliability) -> None:
+    """Browser-style data URIs (``data:image/jpeg;base64,...``, any media type, parameters, letter case) give
+    the plain base64's answer; a prefix that is not a base64 data URI is refused."""
+    tally = Tally()
+    media = st.sampled_from(["", "image/jpeg", "image/png", "image/x-portable-graymap", "application/octet-stream", "text/plain"])
+    parameters = st.lists(st.tuples(st.sampled_from(["name", "charset", "x-scan"]), st.text("abc%20.-_0123", max_size=12)), max_size=2)
+
+    @settings(FUZZ, max_examples=24)
+    @given(image=images, media=media, parameters=parameters, upper=st.booleans(), broken=st.sampled_from([None] * 5 + [",", ";base64;", "data:;base65,", " data:;base64,"]))
+    def check(image, media, parameters, upper, broken):
+        plain = base64.b64encode(_encoded(*image)).decode()
+        prefix = "data:" + media + "".join(f";{key}={value}" for key, value in parameters) + ";base64,"
+        prefix = prefix.upper() if upper else prefix
+        if broken:
+            prefix = broken if broken.startswith(("data", " ")) else prefix.replace(";base64,", broken, 1).replace(";BASE64,", broken, 1)
+            outcome = _answer_or_400(served.model.predict, pd.DataFrame({"image": [prefix + plain]}))
+            assert outcome.startswith("refused"), prefix
+            tally(f"broken prefix: {outcome}")
+            return
+        expected = served.model.predict(pd.DataFrame({"image": [plain]}))
+        pd.testing.assert_frame_equal(served.model.predict(pd.DataFrame({"image": [prefix + plain]})), expected)
+        tally("data URI: answered like the plain base64")
+
+    check()
+    reliability.bad_input("served model: data-URI images (data:<media type>;<params>;base64,..., any case) and broken data-URI prefixes", tally.summary())
+
+
 def test_served_model_on_truncated_corrupted_and_huge_images(served, reliability) -> None:
     tally = Tally()
     damage = st.one_of(

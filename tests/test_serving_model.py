@@ -97,3 +97,16 @@ def test_bad_arrays_are_refused(wrapper, array, match):
 def test_any_image_mode_is_served(wrapper):
     output = wrapper.predict(None, pd.DataFrame({"image": [_png(mode=m) for m in ("L", "RGB", "RGBA", "P")]}))
     assert len(output) == 4 and np.allclose(output[["prob_no", "prob_yes"]].sum(axis=1), 1.0)
+
+
+@pytest.mark.parametrize("prefix", ["data:image/png;base64,", "DATA:image/PNG;BASE64,", "data:;base64,", "data:image/png;name=scan%201.png;base64,"])
+def test_a_browsers_data_uri_is_served_like_the_plain_base64(wrapper, prefix):
+    plain = _png()
+    expected = wrapper.predict(None, pd.DataFrame({"image": [plain]}))
+    pd.testing.assert_frame_equal(wrapper.predict(None, pd.DataFrame({"image": [prefix + plain]})), expected)
+    pd.testing.assert_frame_equal(wrapper.predict(None, pd.DataFrame({"image": [(prefix + plain).encode()]})), expected)
+
+
+@pytest.mark.parametrize("text", ["data:image/png," + _png(), "data:image/png;base64;" + _png(), "xdata:image/png;base64," + _png(), "data:image/png;base64,@@"])
+def test_a_data_uri_without_valid_base64_is_refused(wrapper, text):
+    _rejects(wrapper, pd.DataFrame({"image": [text]}), "not valid base64")
