@@ -62,15 +62,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180) -> tuple[subprocess.Popen, int]:
-    """`mlflow models serve` on a free loopback port as a user runs it (this environment's bin first on PATH,
-    no run or experiment leaked from the caller), returned once it answers /ping."""
+def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped: bool = False) -> tuple[subprocess.Popen, int]:
+    """`mlflow models serve` (``wrapped``: ``python -m registry.serve``) on a free loopback port as a user runs it
+    (this environment's bin first on PATH, no run or experiment leaked from the caller), returned once it answers /ping."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=tracking_uri)
-    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "registry.serve"] if wrapped else [f"{bin_dir}/mlflow", "models", "serve", "--env-manager", "local"]
+    server = subprocess.Popen(command + ["-m", model_uri, "-p", str(port), "-h", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -79,7 +79,7 @@ def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180) -> tupl
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
+                raise RuntimeError(f"{' '.join(command[:3])} did not start: {server.stderr.read()[-3000:]}")
             time.sleep(0.5)
 
 

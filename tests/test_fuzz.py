@@ -673,3 +673,59 @@ def test_mlflow_models_serve_answers_fuzzed_requests_with_400(served, reliabilit
         server.terminate()
         server.wait(timeout=30)
     reliability.bad_input("HTTP requests to `mlflow models serve` (text, truncated images, bombs, wrong columns, non-JSON)", tally.summary() + "; server alive and answering afterwards")
+
+
+def _post_with_type(port: int, body: bytes, content_type: str | None) -> tuple[int, bytes]:
+    """POST /invocations with exactly this Content-Type, or none at all (urllib would add one)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.putrequest("POST", "/invocations")
+        if content_type is not None:
+            connection.putheader("Content-Type", content_type)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+def test_the_wrapped_scoring_server_answers_missing_and_wrong_content_types_with_4xx(served, reliability) -> None:
+    """``python -m registry.serve`` (MLflow's scoring app plus a Content-Type rule): no header, an empty one, other
+    types, charsets and parameters all get 4xx (MLflow's own server answers a missing header with 500); a good
+    request still gets the in-process model's answer."""
+    from registry.server import serve_model
+
+    server, port = serve_model(served.uri, served.tracking_uri, wrapped=True)
+    tally = Tally()
+    good = base64.b64encode(_encoded("PNG", 5, 30, 30)).decode()
+    request = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[good]]}}).encode()
+    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+    content_types = st.one_of(
+        st.none(), st.just(""), st.sampled_from(["text/plain", "application/xml", "multipart/form-data", "application/jsonx", "application/json; charset=latin-1",
+                                                  "application/json; boundary=x", "text/csv; charset=utf-16"]),
+        header_text.filter(lambda text: text.split(";")[0].strip() not in ("application/json", "text/csv", "application/x-parquet")),
+    )
+    try:
+        @settings(FUZZ, max_examples=25)
+        @given(content_type=content_types, body=st.one_of(st.just(request), st.binary(max_size=40)))
+        def check(content_type, body):
+            status, answer = _post_with_type(port, body, content_type)
+            assert 400 <= status < 500, (content_type, status, answer[:300])
+            tally(f"{'missing' if content_type is None else 'wrong'} Content-Type: HTTP {status}")
+
+        check()
+        status, answer = _post_with_type(port, request, "application/json")
+        assert status == 200, answer[:300]
+        served_answer = pd.DataFrame(json.loads(answer)["predictions"])
+        expected = served.model.predict(pd.DataFrame({"image": [good]}))
+        np.testing.assert_allclose(served_answer[["prob_no", "prob_yes"]].to_numpy(), expected[["prob_no", "prob_yes"]].to_numpy(), rtol=1e-5, atol=1e-6)
+        assert server.poll() is None, "the server died"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    reliability.bad_input("HTTP requests to `python -m registry.serve` with a missing, empty or wrong Content-Type (other types, charsets, parameters, random text)",
+                          tally.summary() + "; server alive and answering like the in-process model afterwards")
