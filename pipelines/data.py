@@ -23,12 +23,11 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipelines.config import Config, PipelineError
+from pipelines.config import BRATS_MODALITIES, Config, PipelineError, modality_index
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_DIR_NAMES = {"training": "train", "train": "train", "testing": "test", "test": "test"}
 BRATS_PATTERN = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 POSITIVE_NAMES = {"yes", "tumor", "tumour", "tumors", "tumours", "positive", "pos", "abnormal", "malignant", "lesion", "1", "true"}
 NEGATIVE_NAMES = {"no", "normal", "healthy", "negative", "neg", "no_tumor", "no_tumour", "notumor", "notumour", "no-tumor", "0", "false"}
 # Decompression-bomb guard: the largest real scans here are 1920x1080; 50 Mpx leaves room, refuses bombs.
@@ -164,15 +163,6 @@ def _split_folder_rows(root: Path, split_dirs: dict[str, Path]) -> list[dict]:
     return rows
 
 
-def _modality_index(modality: str) -> int:
-    name = modality.strip().lower()
-    if name.isdigit() and int(name) < len(BRATS_MODALITIES):
-        return int(name)
-    if name in BRATS_MODALITIES:
-        return BRATS_MODALITIES.index(name)
-    raise PipelineError(f"modality={modality!r}: use one of {', '.join(BRATS_MODALITIES)} or an index 0-3")
-
-
 def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A BraTS slice's image and mask, checked: the mask decides the label, so a mask that is not plain
     finite numbers would silently label the slice (NaN > 0 is False: "normal")."""
@@ -301,7 +291,7 @@ def ingest(cfg: Config) -> Dataset:
         brats_files = sorted(p for p in root.rglob("*.h5") if BRATS_PATTERN.search(p.name))
         split_dirs = {SPLIT_DIR_NAMES[p.name.lower()]: p for p in _class_dirs(root) if p.name.lower() in SPLIT_DIR_NAMES}
         if brats_files:
-            source, modality = "brats", _modality_index(cfg.modality)
+            source, modality = "brats", modality_index(cfg.modality)
             rows = _brats_rows(root, brats_files)
         elif split_dirs:
             source = "folder-split"

@@ -7,8 +7,8 @@ import os
 
 import mlflow
 
-from pipelines.cli import run_cli
-from pipelines.config import Config, build_parser, config_from_args
+from pipelines.cli import run_step
+from pipelines.config import Config
 from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
@@ -57,8 +57,7 @@ def run_main(cfg: Config) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Run prepare -> teacher -> search -> promote, reusing finished steps.")
-    run_cli(lambda args: run_main(config_from_args(args)), parser, argv)
+    run_step("main", argv)
 
 
 if __name__ == "__main__":
