@@ -52,7 +52,7 @@ def run_main(cfg: Config) -> dict[str, str]:
         print(f"  {step:<16}: run {run_id}")
     print(f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}, params {best.params}")
     print(f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 {production.tags.get('holdout_f1')})")
-    print(f"  serve it        : mlflow models serve -m models:/{cfg.model_name}/Production --env-manager local -p 5001")
+    print(f"  serve it        : python -m registry.serve -m models:/{cfg.model_name}/Production -p 5001")
     return runs
 
 

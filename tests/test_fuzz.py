@@ -1,4 +1,4 @@
-"""Bad input, fuzzed: the data loader and the served model over generated broken input (hypothesis).
+"""Bad input, fuzzed: the data loader, the configuration and the served model over generated broken input (hypothesis).
 
 Every generated input must end in one of two ways: a clear error naming the file or request row (a
 PipelineError for the loader, MlflowException INVALID_PARAMETER_VALUE, HTTP 400, for the served model),
@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines import data
-from pipelines.config import Config, PipelineError
+from pipelines.config import LIMITS, Config, PipelineError
 from kdtest import tracking_at
 
 # Function-scoped fixtures (tmp_path, reliability) are shared by all examples of a test on purpose.
@@ -474,6 +474,53 @@ def test_a_path_listed_twice_in_a_manifest_is_refused(tmp_path: Path) -> None:
     (root / "m.csv").write_text("path,label\nyes/yes 0.png,yes\nno/no 0.png,no\nyes/yes 0.png,no\n")
     with pytest.raises(PipelineError, match=r"m\.csv:4: .*also on line 2"):
         data.ingest(_cfg(root / "m.csv", tmp_path))
+
+
+# -------------------------------------------------------------------------------------- configuration
+
+
+def _outside_range(limits) -> st.SearchStrategy:
+    """Values just outside, far outside and not finite, on both sides of a range."""
+    width = max(limits.high - limits.low, 1)
+    below = st.one_of(st.just(limits.low), st.floats(limits.low - 1e12, limits.low, exclude_max=True)) if limits.low_open else \
+        st.floats(limits.low - 1e12, limits.low, exclude_max=True)
+    above = st.one_of(st.just(limits.high), st.floats(limits.high, limits.high + 1e12, exclude_min=True)) if limits.high_open else \
+        st.floats(limits.high, limits.high + 1e12, exclude_min=True)
+    return st.one_of(below, above, st.sampled_from([float("nan"), float("inf"), -float("inf"), limits.high + width * 1e6]))
+
+
+def _as_field_value(name: str, value: float):
+    """An int parameter gets a whole number (rounded away from the range, so it stays outside)."""
+    if isinstance(getattr(Config(), name), int) and value == value and abs(value) != float("inf"):
+        limits = LIMITS[name]
+        return int(value // 1 if value < limits.low else -(-value // 1))
+    return value
+
+
+def test_out_of_range_values_of_every_numeric_parameter_are_refused_by_name(reliability) -> None:
+    refused: dict[str, int] = {}
+
+    @settings(FUZZ, max_examples=10)
+    @given(data=st.data())
+    def check(data):
+        for name, limits in LIMITS.items():
+            value = _as_field_value(name, data.draw(_outside_range(limits)))
+            if value in limits:  # rounding an int can land back inside a half-open range; not an out-of-range case
+                continue
+            with pytest.raises(PipelineError, match=f"^{name}=") as error:
+                Config(**{name: value})
+            assert str(limits) in str(error.value), error.value
+            refused[name] = refused.get(name, 0) + 1
+            inside = _as_field_value(name, data.draw(st.floats(limits.low, limits.high, exclude_min=limits.low_open, exclude_max=limits.high_open)))
+            try:
+                Config(**{name: inside})
+            except PipelineError as error:  # only a rule between two parameters may refuse it (fold < folds, heartbeat < grace period)
+                assert "out of range" not in str(error), error
+
+    check()
+    assert set(refused) == set(LIMITS)
+    reliability.bad_input(f"out-of-range values (just outside, far outside, NaN, ±inf) of all {len(LIMITS)} numeric parameters, Config",
+                          f"{sum(refused.values())} generated values, all refused with a PipelineError naming the parameter and its range")
 
 
 # -------------------------------------------------------------------------------------- served model

@@ -139,7 +139,7 @@ def test_two_distill_runs_started_together_train_the_teacher_once(mri_subset, tm
     client = MlflowClient(tracking_uri)
     client.create_experiment("e2e")  # the schema and experiment exist before the two start, as on a team server
     args = [f"--{name}={value}" for name, value in {**TINY, "data_dir": str(mri_subset), "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
-                                                    "experiment_name": "e2e", "cache_dir": str(tmp_path / "cache"), "student_size": "tiny"}.items()]
+                                                    "experiment_name": "e2e", "cache_dir": str(tmp_path / "cache"), "student_size": "tiny", "fold": "0"}.items()]
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
     workers = [subprocess.Popen([sys.executable, "-m", "pipelines", "distill", *args, f"--temperature={t}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for t in (2, 4)]
