@@ -2,13 +2,19 @@
 
 Every entry point (MLproject, ``python -m pipelines.<stage>``, tests) builds a :class:`Config`
 and passes it down explicitly; nothing deeper reads globals or the environment, except MLflow's
-own ``MLFLOW_TRACKING_URI`` which MLflow resolves itself.
+own ``MLFLOW_TRACKING_URI`` which MLflow resolves itself, and ``KD_STORAGE_URL``, the study's storage
+URL when the ``storage`` parameter is empty (the place for a URL with a password: parameters are logged).
+
+This module imports nothing heavy: every entry point checks its whole configuration here, in a fraction
+of a second, before TensorFlow, the data or the stores are loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -20,6 +26,108 @@ DEDUPE_MODES = ("drop", "keep", "error")  # what prepare does with hold-out imag
 
 class PipelineError(Exception):
     """A problem the user can fix (bad data, bad parameter): printed as one line, exit code 2."""
+
+
+STORAGE_URL_ENV = "KD_STORAGE_URL"
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+# (width of the first block, number of blocks); widths double per block.
+STUDENT_PRESETS = {"tiny": (8, 2), "small": (16, 3), "medium": (24, 3), "large": (32, 4)}
+MAX_STUDENT_WIDTH, MAX_STUDENT_DEPTH = 512, 6
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The allowed values of a numeric parameter; ``low_open``/``high_open`` exclude that end."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return math.isfinite(value) and (self.low < value if self.low_open else self.low <= value) and (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        low, high = (f"{int(end)}" if float(end).is_integer() else f"{end:g}" for end in (self.low, self.high))
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+# Every numeric parameter's range, checked at start-up and shown in --help. Sizes are capped where a larger
+# value would exhaust memory or time long before it could help (image_size 100000 died in PIL's resize).
+LIMITS = {
+    "image_size": Limits(32, 512),
+    "test_fraction": Limits(0, 0.5, low_open=True, high_open=True),
+    "folds": Limits(2, 20),
+    "seed": Limits(0, 2**32 - 1),  # numpy's seed range
+    "synthetic_images": Limits(20, 10_000),
+    "epochs": Limits(1, 1000),
+    "patience": Limits(0, 1000),
+    "batch_size": Limits(1, 1024),
+    "learning_rate": Limits(0, 1, low_open=True),
+    "temperature": Limits(0, 100, low_open=True),
+    "alpha": Limits(0, 1),
+    "fold": Limits(-1, 19),
+    "n_trials": Limits(1, 10_000),
+    "heartbeat_interval": Limits(1, 3600),
+    "grace_period": Limits(2, 86_400),
+    "margin": Limits(-1, 1),
+    "tracking_wait_s": Limits(0, 3600),
+}
+# The search ranges (low,high text) and the parameter whose limits their ends must respect; log scale ones positive.
+RANGE_LIMITS = {
+    "temperature_range": (LIMITS["temperature"], float, True),
+    "alpha_range": (LIMITS["alpha"], float, False),
+    "width_range": (Limits(1, MAX_STUDENT_WIDTH), int, True),
+    "depth_range": (Limits(1, MAX_STUDENT_DEPTH), int, True),
+    "learning_rate_range": (LIMITS["learning_rate"], float, True),
+}
+
+
+def parse_range(name: str, text: str, cast=float, positive: bool = False, limits: Limits | None = None) -> tuple:
+    """``low,high`` -> (low, high), refused with the parameter's name when malformed, empty or out of limits."""
+    try:
+        low, high = (cast(part) for part in text.split(","))
+    except ValueError:
+        raise PipelineError(f"{name}={text!r}: give two numbers, low,high") from None
+    if low > high:
+        raise PipelineError(f"{name}={text!r}: empty range (low > high)")
+    if positive and low <= 0:
+        raise PipelineError(f"{name}={text!r}: a log-scale range must be positive")
+    if limits is not None and (low not in limits or high not in limits):
+        raise PipelineError(f"{name}={text!r}: both ends must lie in {limits}")
+    return low, high
+
+
+def parse_student_size(size: str) -> tuple[int, int]:
+    """``small`` or ``24x3`` -> (width, depth)."""
+    if size in STUDENT_PRESETS:
+        return STUDENT_PRESETS[size]
+    match = re.fullmatch(r"(\d+)x(\d+)", size.strip())
+    if not match or not (1 <= int(match.group(1)) <= MAX_STUDENT_WIDTH and 1 <= int(match.group(2)) <= MAX_STUDENT_DEPTH):
+        raise PipelineError(f"student_size={size!r}: use {', '.join(STUDENT_PRESETS)} or WIDTHxDEPTH with width 1-{MAX_STUDENT_WIDTH} and depth 1-{MAX_STUDENT_DEPTH} (e.g. 24x3)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def modality_index(modality: str) -> int:
+    """A BraTS channel by name or index (``flair`` or ``0``)."""
+    name = modality.strip().lower()
+    if name.isdigit() and int(name) < len(BRATS_MODALITIES):
+        return int(name)
+    if name in BRATS_MODALITIES:
+        return BRATS_MODALITIES.index(name)
+    raise PipelineError(f"modality={modality!r}: use one of {', '.join(BRATS_MODALITIES)} or an index 0-3")
+
+
+def has_password(url: str) -> bool:
+    """Whether a URL carries a password (``user:pw@``, ``:pw@`` or a ``password=`` query parameter)."""
+    return bool(re.search(r"://[^/@\s]*:[^@/\s]+@", url) or re.search(r"[?&]password=", url, re.IGNORECASE))
+
+
+def check_storage_parameter(url: str) -> None:
+    """Refuse a storage URL with a password: parameters are logged and printed (``mlflow run`` shows them)."""
+    if has_password(url):
+        raise PipelineError(f"storage={redact_url(url)}: a password in the URL would be stored with the run's parameters; drop it and use PGPASSWORD "
+                            f"or ~/.pgpass, or put the whole URL in the environment variable {STORAGE_URL_ENV} and leave storage empty")
 
 
 @dataclass
@@ -78,22 +186,22 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
-        """Reject values no stage could run with, naming the value and the fix."""
+        """Reject values no stage could run with, naming the value and the fix: the whole configuration, before
+        any stage imports TensorFlow or touches the data or a store."""
+        for name, limits in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in limits:
+                raise PipelineError(f"{name}={value!r}: out of range; use a value in {limits}")
+        for name, (limits, cast, positive) in RANGE_LIMITS.items():
+            parse_range(name, getattr(self, name), cast, positive, limits)
+        parse_student_size(self.student_size)
+        modality_index(self.modality)
+        check_storage_parameter(self.storage)
         checks = [
-            (self.image_size >= 32, f"image_size={self.image_size}: use 32 or more"),
-            (self.folds >= 2, f"folds={self.folds}: k-fold needs at least 2"),
-            (0.0 < self.test_fraction < 0.5, f"test_fraction={self.test_fraction}: use a value in (0, 0.5)"),
-            (self.epochs >= 1, f"epochs={self.epochs}: use 1 or more"),
-            (self.batch_size >= 1, f"batch_size={self.batch_size}: use 1 or more"),
-            (self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be positive"),
-            (self.temperature > 0, f"temperature={self.temperature}: must be positive"),
-            (0.0 <= self.alpha <= 1.0, f"alpha={self.alpha}: must be in [0, 1]"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
-            (self.synthetic_images >= 20, f"synthetic_images={self.synthetic_images}: use 20 or more"),
             (self.synthetic_classes in (2, 3, 4), f"synthetic_classes={self.synthetic_classes}: use 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)"),
-            (self.n_trials >= 1, f"n_trials={self.n_trials}: use 1 or more"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (0 < self.heartbeat_interval < self.grace_period, f"heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}: need 0 < interval < grace period"),
         ]
@@ -103,7 +211,8 @@ class Config:
 
     @property
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+        """The storage parameter, else $KD_STORAGE_URL (which may carry a password), else optuna.db in the project."""
+        return self.storage or os.environ.get(STORAGE_URL_ENV) or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
 
     @property
     def effective_alpha(self) -> float:
@@ -119,8 +228,8 @@ class Config:
 
 
 def redact_url(text: str) -> str:
-    """A URL with its password replaced by ``***`` (``postgresql://user:***@host/db``); other text unchanged."""
-    return re.sub(r"(://[^/:@\s]+:)[^@/\s]+@", r"\1***@", text)
+    """A URL with its password replaced by ``***`` (``postgresql://user:***@host/db``, ``?password=***``); other text unchanged."""
+    return re.sub(r"([?&]password=)[^&\s]+", r"\1***", re.sub(r"(://[^/:@\s]*:)[^@/\s]+@", r"\1***@", text), flags=re.IGNORECASE)
 
 
 # Parameters that decide a step's result; a finished run whose params and data digest match is reused.
@@ -159,7 +268,8 @@ def build_parser(description: str, names: Sequence[str] | None = None) -> argpar
             continue
         kind = {bool: _parse_bool, int: _parse_int, float: float}.get(type(getattr(defaults, f.name)), str)
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, type=kind, default=getattr(defaults, f.name), help=f.metadata.get("help"))
+        limits = f" (range {LIMITS[f.name]})" if f.name in LIMITS else ""
+        parser.add_argument(*flags, dest=f.name, type=kind, default=getattr(defaults, f.name), help=f"{f.metadata.get('help')}{limits}")
     return parser
 
 

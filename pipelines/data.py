@@ -39,12 +39,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipelines.config import DEDUPE_MODES, Config, PipelineError
+from pipelines.config import BRATS_MODALITIES, DEDUPE_MODES, Config, PipelineError, modality_index
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_DIR_NAMES = {"training": "train", "train": "train", "testing": "test", "test": "test"}
 BRATS_PATTERN = re.compile(r"volume_(\d+)_slice_(\d+)\.h5$")
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 # BraTS NIfTI cases: one file per modality and a segmentation, all named after the case.
 NIFTI_PATTERN = re.compile(r"^(?P<case>.+)_(?P<kind>flair|t1|t1ce|t2|seg)\.nii(\.gz)?$", re.IGNORECASE)
 NIFTI_SLICE = re.compile(r"^(?P<file>.+\.nii(\.gz)?)#z=(?P<z>\d+)$", re.IGNORECASE)
@@ -200,15 +199,6 @@ def _split_folder_rows(root: Path, split_dirs: dict[str, Path]) -> list[dict]:
     for split, folder in split_dirs.items():
         rows += _folder_rows(folder, root, given_split=split)
     return rows
-
-
-def _modality_index(modality: str) -> int:
-    name = modality.strip().lower()
-    if name.isdigit() and int(name) < len(BRATS_MODALITIES):
-        return int(name)
-    if name in BRATS_MODALITIES:
-        return BRATS_MODALITIES.index(name)
-    raise PipelineError(f"modality={modality!r}: use one of {', '.join(BRATS_MODALITIES)} or an index 0-3")
 
 
 def _check_declared(name: str, what: str, dtype: np.dtype, shape: tuple[int, ...], spatial: tuple[int, ...]) -> None:
@@ -488,10 +478,10 @@ def ingest(cfg: Config) -> Dataset:
                              and not any(part.startswith(".") for part in p.relative_to(root).parts))  # hidden: skipped, as for images
         split_dirs = {SPLIT_DIR_NAMES[p.name.lower()]: p for p in _class_dirs(root) if p.name.lower() in SPLIT_DIR_NAMES}
         if brats_files:
-            source, modality = "brats", _modality_index(cfg.modality)
+            source, modality = "brats", modality_index(cfg.modality)
             rows = _brats_rows(root, brats_files)
         elif nifti_files:
-            source, modality = "nifti", _modality_index(cfg.modality)
+            source, modality = "nifti", modality_index(cfg.modality)
             rows = _nifti_rows(root, nifti_files, modality)
         elif split_dirs:
             source = "folder-split"

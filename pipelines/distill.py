@@ -13,10 +13,11 @@ from typing import Callable
 import keras
 import mlflow
 
-from pipelines.cli import run_cli
-from pipelines.config import DISTILL_PARAMS, Config, build_parser, config_from_args
+from pipelines.cli import run_step
+from pipelines.config import DISTILL_PARAMS, Config
 from pipelines.distiller import Distiller
 from pipelines.evaluate import write_evaluation_artifacts
+from pipelines.locks import teacher_lock
 from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, load_teacher_model, train_teacher
@@ -66,7 +67,10 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
     describe = describe_student(cfg)
 
     with step_run("distill", cfg, DISTILL_PARAMS, dataset, prepared.splits, nested=nested) as run:
-        teacher_run_id = train_teacher(cfg, prepared, nested=True) if alpha < 1.0 else None
+        teacher_run_id = None
+        if alpha < 1.0:
+            with teacher_lock(cfg):  # runs started together train the teachers once; the others wait and reuse them
+                teacher_run_id = train_teacher(cfg, prepared, nested=True)
         if teacher_run_id:
             mlflow.set_tag("kd.teacher_run_id", teacher_run_id)
         cv = cross_validate_student(cfg, prepared, teacher_run_id, fold_ids)
@@ -86,8 +90,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Distil a student from the teachers (trained first when missing), cross-validated.")
-    run_cli(lambda args: distill(config_from_args(args)), parser, argv)
+    run_step("distill", argv)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ import hashlib
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import sqlalchemy
+
+if TYPE_CHECKING:
+    from pipelines.config import Config
 
 
 def lockable(url: str) -> bool:
@@ -48,3 +51,10 @@ def database_lock(url: str, name: str) -> Iterator[None]:
         engine.dispose()
     else:
         yield
+
+
+def teacher_lock(cfg: "Config"):
+    """Held while the teachers are found or trained: distill runs and search workers started together train them
+    once, the others wait and then reuse the finished teacher run. Through the study's storage (``storage`` or
+    $KD_STORAGE_URL), so with PostgreSQL it holds across machines."""
+    return database_lock(cfg.storage_url, f"{cfg.study_name}:teacher")

@@ -7,8 +7,8 @@ import os
 
 import mlflow
 
-from pipelines.cli import run_cli
-from pipelines.config import Config, build_parser, config_from_args
+from pipelines.cli import run_step
+from pipelines.config import Config
 from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
@@ -53,13 +53,12 @@ def run_main(cfg: Config) -> dict[str, str]:
     print(f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}, params {best.params}")
     print(f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 {production.tags.get('holdout_f1')})")
     print(f"  trained on      : {production.tags.get('trained_on', 'not recorded')}, data digest {production.tags.get('data_digest', '')[:12]}")
-    print(f"  serve it        : mlflow models serve -m models:/{cfg.model_name}/Production --env-manager local -p 5001")
+    print(f"  serve it        : python -m registry.serve -m models:/{cfg.model_name}/Production -p 5001")
     return runs
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Run prepare -> teacher -> search -> promote, reusing finished steps.")
-    run_cli(lambda args: run_main(config_from_args(args)), parser, argv)
+    run_step("main", argv)
 
 
 if __name__ == "__main__":

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import zipfile
 from pathlib import Path
 
 import keras
 from keras import layers
 
-from pipelines.config import PipelineError
+from pipelines.config import STUDENT_PRESETS, PipelineError, parse_student_size  # noqa: F401 (STUDENT_PRESETS: part of this module's API)
 
-# (width of the first block, number of blocks); widths double per block.
 # What a user may give as teacher_weights: weights only (arrays), never a model with code.
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".keras")
-STUDENT_PRESETS = {"tiny": (8, 2), "small": (16, 3), "medium": (24, 3), "large": (32, 4)}
 RESNET_WIDTHS = (24, 48, 96, 192)
 
 
@@ -38,16 +35,6 @@ def global_pool(x):
 def output_units(num_classes: int) -> int:
     """Two classes get the dedicated single-logit head; more get one logit per class."""
     return 1 if num_classes == 2 else num_classes
-
-
-def parse_student_size(size: str) -> tuple[int, int]:
-    """``small`` or ``24x3`` -> (width, depth)."""
-    if size in STUDENT_PRESETS:
-        return STUDENT_PRESETS[size]
-    match = re.fullmatch(r"(\d+)x(\d+)", size.strip())
-    if not match or not (1 <= int(match.group(1)) <= 512 and 1 <= int(match.group(2)) <= 6):
-        raise PipelineError(f"student_size={size!r}: use {', '.join(STUDENT_PRESETS)} or WIDTHxDEPTH with width 1-512 and depth 1-6 (e.g. 24x3)")
-    return int(match.group(1)), int(match.group(2))
 
 
 def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -> keras.Model:

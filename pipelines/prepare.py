@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.config import DATA_PARAMS, Config, build_parser, config_from_args
+from pipelines.config import DATA_PARAMS, Config
 from pipelines.data import Dataset, Splits, describe_duplicates, ingest, load_images, make_splits, perceptual_hashes
-from pipelines.cli import run_cli
+from pipelines.cli import run_step
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Ingest, decode and split the data; log the manifest and splits to MLflow.", DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes", "experiment_name", "cache_dir"))
-    run_cli(lambda args: prepare(config_from_args(args)), parser, argv)
+    run_step("prepare", argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import keras
 import mlflow
 import numpy as np
 
-from pipelines.cli import run_cli
-from pipelines.config import TEACHER_PARAMS, Config, PipelineError, build_parser, config_from_args
+from pipelines.cli import run_step
+from pipelines.config import TEACHER_PARAMS, Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities, write_evaluation_artifacts
 from pipelines.models import build_teacher, load_keras_model
@@ -102,8 +102,7 @@ def load_teacher_model(run_id: str, name: str) -> keras.Model:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Train one teacher per fold and one on all training data (reused when already trained).")
-    run_cli(lambda args: train_teacher(config_from_args(args)), parser, argv)
+    run_step("teacher", argv)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,18 @@ import argparse
 import sys
 
 from pipelines.cli import run_cli
-from pipelines.config import Config, build_parser, config_from_args
+from pipelines.config import Config, build_parser, check_storage_parameter, config_from_args
 
 
 def _promote(argv: list[str]) -> None:
-    from registry.promote import promote
+    def step(args: argparse.Namespace) -> None:
+        cfg = config_from_args(args)  # checked before TensorFlow and the stores are imported
+        from registry.promote import promote
+
+        promote(cfg)
 
     parser = build_parser("Retrain the study's best student, register it and promote it if it beats the champion.")
-    run_cli(lambda args: promote(config_from_args(args)), parser, argv)
+    run_cli(step, parser, argv)
 
 
 def _version_parser(description: str) -> argparse.ArgumentParser:
@@ -44,9 +48,14 @@ def _report(argv: list[str]) -> None:
 
     parser = _version_parser("Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs.")
     parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default="", help="folder to write; empty = reports/<model>-v<version>")
-    parser.add_argument("--storage", default="", help="Optuna storage URL of the study; empty = the one the search recorded")
+    parser.add_argument("--storage", default="", help="Optuna storage URL of the study, without a password; empty = $KD_STORAGE_URL, else the one the search recorded")
     parser.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples for the hold-out confidence intervals")
-    run_cli(lambda args: write_report(args.model_name, *_stage_and_alias(args), out_dir=args.out_dir or None, storage=args.storage, resamples=args.resamples), parser, argv)
+
+    def step(args: argparse.Namespace) -> None:
+        check_storage_parameter(args.storage)  # a password here would be logged with `mlflow run`'s parameters
+        write_report(args.model_name, *_stage_and_alias(args), out_dir=args.out_dir or None, storage=args.storage, resamples=args.resamples)
+
+    run_cli(step, parser, argv)
 
 
 def _explain(argv: list[str]) -> None:

@@ -1,6 +1,7 @@
 """The served model: the Keras student plus the preprocessing and class names it was trained with.
 
-Input: a DataFrame column ``image`` of base64-encoded files, or an array batch of preprocessed images
+Input: a DataFrame column ``image`` of base64-encoded files (a browser's data URI ``data:image/jpeg;base64,...``
+too), or an array batch of preprocessed images
 ``(N, S, S, 1)``. The files are read by content (``pipelines.data.decode_bytes``), as every source the loader
 reads: a picture (JPEG, PNG, TIFF, ... any size or mode), a BraTS ``.h5`` slice (the channel the model was
 trained on, from its ``metadata.json``; only models trained on BraTS data know one), or a NIfTI file, plain or
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -27,10 +29,19 @@ from mlflow.types import ColSpec, Schema
 # A scan is a few MB at most; anything far larger is refused before decoding.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 MAX_BATCH = 256
+# What FileReader.readAsDataURL and canvas.toDataURL put before the base64 (RFC 2397): media type and parameters optional.
+DATA_URI_PREFIX = re.compile(rb"data:(?:[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,\s]*)*;base64,", re.IGNORECASE)
 
 
 def bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def decode_base64(value: str | bytes) -> bytes:
+    """The file in a base64 string or a base64 data URI; binascii.Error/ValueError when it is neither."""
+    raw = value.encode("ascii") if isinstance(value, str) else value  # non-ASCII text: ValueError
+    prefix = DATA_URI_PREFIX.match(raw)
+    return base64.b64decode(raw[prefix.end():] if prefix else raw, validate=True)
 
 
 class StudentClassifier(mlflow.pyfunc.PythonModel):
@@ -61,9 +72,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
             if len(value) > MAX_IMAGE_BYTES * 4 // 3 + 4:
                 raise bad_request(f"row {row}: image larger than {MAX_IMAGE_BYTES // 2**20} MB")
             try:
-                payload = base64.b64decode(value, validate=True)
+                payload = decode_base64(value)
             except (binascii.Error, ValueError):
-                raise bad_request(f"row {row}: 'image' is not valid base64") from None
+                raise bad_request(f"row {row}: 'image' is not valid base64 (nor a data:...;base64, URI)") from None
             try:
                 images.append(preprocess(decode_bytes(payload, name=f"row {row}", modality=self.modality), self.image_size))
             except PipelineError as error:

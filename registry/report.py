@@ -29,7 +29,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from pipelines.config import PROJECT_ROOT, Config, PipelineError, build_parser, config_from_args
+from pipelines.config import PROJECT_ROOT, STORAGE_URL_ENV, Config, PipelineError, build_parser, config_from_args
 from pipelines.evaluate import classification_metrics, save_figure
 from registry.document import Block, Code, Equation, Figure, Heading, Math, bullets, latex_document, para, table, to_latex, to_markdown
 
@@ -139,12 +139,13 @@ def open_study(search: Run, storage: str) -> tuple[object | None, str]:
     from search.tune import load_or_create_study, open_storage
 
     cfg = run_config(search)
-    url = storage or search.data.tags.get("optuna.storage", "")
+    from_environment = os.environ.get(STORAGE_URL_ENV, "")
+    url = storage or from_environment or search.data.tags.get("optuna.storage", "")
     if not url or "***" in url:
         return None, f"the study's storage URL is not recorded in full (tag optuna.storage = {url!r}); pass storage=..."
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         return None, f"the study's storage {url} does not exist here; pass storage=..."
-    cfg = cfg.replace(storage=url)
+    cfg = cfg.replace(storage="" if url == from_environment else url)  # the environment's URL may carry a password: never a parameter
     storage_object = open_storage(cfg)
     try:
         storage_object.get_study_id_from_name(cfg.study_name)

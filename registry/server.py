@@ -3,7 +3,8 @@
 ``mlflow server`` with a SQLAlchemy backend (SQLite by default, PostgreSQL for a team) and artifacts
 proxied to local disk or any S3-compatible store through boto3 (``MLFLOW_S3_ENDPOINT_URL`` for a
 non-AWS endpoint). ``--auth`` starts MLflow's basic-auth app: every request needs a login, users read
-by default and need EDIT/MANAGE permissions (granted by the admin) to log runs, register or promote.
+by default and need EDIT/MANAGE permissions (granted by the admin) to log runs, register or promote, and a
+creator role (``registry/access.py``) to create experiments or registered models.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def auth_environment(auth_database_uri: str, config_path: Path) -> dict[str, str
         "default_permission = READ\n"
         f"database_uri = {auth_database_uri}\n"
         "admin_username = admin\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # MLflow's login plus one rule: creating experiments and registered models needs the admin's grant.
+        "authorization_function = registry.access:authenticate_request\n"
         # Checking a password costs a PBKDF2 hash; a training run logs every epoch. A password change
         # reaches the other server workers within this many seconds.
         "auth_cache_ttl_seconds = 60\n"
@@ -60,15 +62,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180) -> tuple[subprocess.Popen, int]:
-    """`mlflow models serve` on a free loopback port as a user runs it (this environment's bin first on PATH,
-    no run or experiment leaked from the caller), returned once it answers /ping."""
+def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped: bool = False) -> tuple[subprocess.Popen, int]:
+    """`mlflow models serve` (``wrapped``: ``python -m registry.serve``) on a free loopback port as a user runs it
+    (this environment's bin first on PATH, no run or experiment leaked from the caller), returned once it answers /ping."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=tracking_uri)
-    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "registry.serve"] if wrapped else [f"{bin_dir}/mlflow", "models", "serve", "--env-manager", "local"]
+    server = subprocess.Popen(command + ["-m", model_uri, "-p", str(port), "-h", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -77,7 +79,7 @@ def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180) -> tupl
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"mlflow models serve did not start: {server.stderr.read()[-3000:]}")
+                raise RuntimeError(f"{' '.join(command[:3])} did not start: {server.stderr.read()[-3000:]}")
             time.sleep(0.5)
 
 

@@ -6,22 +6,13 @@ from dataclasses import dataclass
 
 import optuna
 
-from pipelines.config import Config, PipelineError
+from pipelines.config import Config, PipelineError, parse_range
 
 WIDTH_STEP = 4
 
 
 def _range(cfg: Config, name: str, cast=float, positive: bool = False) -> tuple:
-    text = getattr(cfg, name)
-    try:
-        low, high = (cast(part) for part in text.split(","))
-    except ValueError:
-        raise PipelineError(f"{name}={text!r}: give two numbers, low,high") from None
-    if low > high:
-        raise PipelineError(f"{name}={text!r}: empty range (low > high)")
-    if positive and low <= 0:
-        raise PipelineError(f"{name}={text!r}: a log-scale range must be positive")
-    return low, high
+    return parse_range(name, getattr(cfg, name), cast, positive)
 
 
 @dataclass(frozen=True)

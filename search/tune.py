@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
 from pipelines.distill import cross_validate_student
 from pipelines.evaluate import CONFUSION_ARTIFACT, batch1_latency_ms, confusion_record
-from pipelines.locks import database_lock
+from pipelines.locks import database_lock, teacher_lock
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, log_data, tracked_run
@@ -245,7 +245,7 @@ def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
             mlflow.log_params({**cfg.as_params(SEARCH_PARAMS), "data_dir": cfg.data_dir})
             log_data(prepared.dataset, prepared.splits)
         # One worker trains the teachers while the others wait, then finds them in the tracking store.
-        with storage_lock(cfg, "teacher"):
+        with teacher_lock(cfg):
             teacher_run_id = train_teacher(cfg, prepared, nested=True)
         mlflow.set_tag("kd.teacher_run_id", teacher_run_id)
 

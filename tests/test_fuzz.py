@@ -1,4 +1,4 @@
-"""Bad input, fuzzed: the data loader and the served model over generated broken input (hypothesis).
+"""Bad input, fuzzed: the data loader, the configuration and the served model over generated broken input (hypothesis).
 
 Every generated input must end in one of two ways: a clear error naming the file or request row (a
 PipelineError for the loader, MlflowException INVALID_PARAMETER_VALUE, HTTP 400, for the served model),
@@ -35,7 +35,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines import data
-from pipelines.config import Config, PipelineError
+from pipelines.config import LIMITS, Config, PipelineError
 from kdtest import tracking_at
 
 # Function-scoped fixtures (tmp_path, reliability) are shared by all examples of a test on purpose.
@@ -548,6 +548,53 @@ def test_a_path_listed_twice_in_a_manifest_is_refused(tmp_path: Path) -> None:
         data.ingest(_cfg(root / "m.csv", tmp_path))
 
 
+# -------------------------------------------------------------------------------------- configuration
+
+
+def _outside_range(limits) -> st.SearchStrategy:
+    """Values just outside, far outside and not finite, on both sides of a range."""
+    width = max(limits.high - limits.low, 1)
+    below = st.one_of(st.just(limits.low), st.floats(limits.low - 1e12, limits.low, exclude_max=True)) if limits.low_open else \
+        st.floats(limits.low - 1e12, limits.low, exclude_max=True)
+    above = st.one_of(st.just(limits.high), st.floats(limits.high, limits.high + 1e12, exclude_min=True)) if limits.high_open else \
+        st.floats(limits.high, limits.high + 1e12, exclude_min=True)
+    return st.one_of(below, above, st.sampled_from([float("nan"), float("inf"), -float("inf"), limits.high + width * 1e6]))
+
+
+def _as_field_value(name: str, value: float):
+    """An int parameter gets a whole number (rounded away from the range, so it stays outside)."""
+    if isinstance(getattr(Config(), name), int) and value == value and abs(value) != float("inf"):
+        limits = LIMITS[name]
+        return int(value // 1 if value < limits.low else -(-value // 1))
+    return value
+
+
+def test_out_of_range_values_of_every_numeric_parameter_are_refused_by_name(reliability) -> None:
+    refused: dict[str, int] = {}
+
+    @settings(FUZZ, max_examples=10)
+    @given(data=st.data())
+    def check(data):
+        for name, limits in LIMITS.items():
+            value = _as_field_value(name, data.draw(_outside_range(limits)))
+            if value in limits:  # rounding an int can land back inside a half-open range; not an out-of-range case
+                continue
+            with pytest.raises(PipelineError, match=f"^{name}=") as error:
+                Config(**{name: value})
+            assert str(limits) in str(error.value), error.value
+            refused[name] = refused.get(name, 0) + 1
+            inside = _as_field_value(name, data.draw(st.floats(limits.low, limits.high, exclude_min=limits.low_open, exclude_max=limits.high_open)))
+            try:
+                Config(**{name: inside})
+            except PipelineError as error:  # only a rule between two parameters may refuse it (fold < folds, heartbeat < grace period)
+                assert "out of range" not in str(error), error
+
+    check()
+    assert set(refused) == set(LIMITS)
+    reliability.bad_input(f"out-of-range values (just outside, far outside, NaN, ±inf) of all {len(LIMITS)} numeric parameters, Config",
+                          f"{sum(refused.values())} generated values, all refused with a PipelineError naming the parameter and its range")
+
+
 # -------------------------------------------------------------------------------------- served model
 
 
@@ -604,6 +651,33 @@ def test_served_model_refuses_bad_base64(served, reliability) -> None:
 
     check()
     reliability.bad_input("served model: random text and mangled base64 (bad characters, padding, truncation)", tally.summary())
+
+
+def test_served_model_answers_data_uri_images_like_plain_base64(served, reliability) -> None:
+    """Browser-style data URIs (``data:image/jpeg;base64,...``, any media type, parameters, letter case) give
+    the plain base64's answer; a prefix that is not a base64 data URI is refused."""
+    tally = Tally()
+    media = st.sampled_from(["", "image/jpeg", "image/png", "image/x-portable-graymap", "application/octet-stream", "text/plain"])
+    parameters = st.lists(st.tuples(st.sampled_from(["name", "charset", "x-scan"]), st.text("abc%20.-_0123", max_size=12)), max_size=2)
+
+    @settings(FUZZ, max_examples=24)
+    @given(image=images, media=media, parameters=parameters, upper=st.booleans(), broken=st.sampled_from([None] * 5 + [",", ";base64;", "data:;base65,", " data:;base64,"]))
+    def check(image, media, parameters, upper, broken):
+        plain = base64.b64encode(_encoded(*image)).decode()
+        prefix = "data:" + media + "".join(f";{key}={value}" for key, value in parameters) + ";base64,"
+        prefix = prefix.upper() if upper else prefix
+        if broken:
+            prefix = broken if broken.startswith(("data", " ")) else prefix.replace(";base64,", broken, 1).replace(";BASE64,", broken, 1)
+            outcome = _answer_or_400(served.model.predict, pd.DataFrame({"image": [prefix + plain]}))
+            assert outcome.startswith("refused"), prefix
+            tally(f"broken prefix: {outcome}")
+            return
+        expected = served.model.predict(pd.DataFrame({"image": [plain]}))
+        pd.testing.assert_frame_equal(served.model.predict(pd.DataFrame({"image": [prefix + plain]})), expected)
+        tally("data URI: answered like the plain base64")
+
+    check()
+    reliability.bad_input("served model: data-URI images (data:<media type>;<params>;base64,..., any case) and broken data-URI prefixes", tally.summary())
 
 
 def test_served_model_on_truncated_corrupted_and_huge_images(served, reliability) -> None:
@@ -749,3 +823,59 @@ def test_mlflow_models_serve_answers_fuzzed_requests_with_400(served, reliabilit
         server.terminate()
         server.wait(timeout=30)
     reliability.bad_input("HTTP requests to `mlflow models serve` (text, truncated images, bombs, wrong columns, non-JSON)", tally.summary() + "; server alive and answering afterwards")
+
+
+def _post_with_type(port: int, body: bytes, content_type: str | None) -> tuple[int, bytes]:
+    """POST /invocations with exactly this Content-Type, or none at all (urllib would add one)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.putrequest("POST", "/invocations")
+        if content_type is not None:
+            connection.putheader("Content-Type", content_type)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+def test_the_wrapped_scoring_server_answers_missing_and_wrong_content_types_with_4xx(served, reliability) -> None:
+    """``python -m registry.serve`` (MLflow's scoring app plus a Content-Type rule): no header, an empty one, other
+    types, charsets and parameters all get 4xx (MLflow's own server answers a missing header with 500); a good
+    request still gets the in-process model's answer."""
+    from registry.server import serve_model
+
+    server, port = serve_model(served.uri, served.tracking_uri, wrapped=True)
+    tally = Tally()
+    good = base64.b64encode(_encoded("PNG", 5, 30, 30)).decode()
+    request = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[good]]}}).encode()
+    header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+    content_types = st.one_of(
+        st.none(), st.just(""), st.sampled_from(["text/plain", "application/xml", "multipart/form-data", "application/jsonx", "application/json; charset=latin-1",
+                                                  "application/json; boundary=x", "text/csv; charset=utf-16"]),
+        header_text.filter(lambda text: text.split(";")[0].strip() not in ("application/json", "text/csv", "application/x-parquet")),
+    )
+    try:
+        @settings(FUZZ, max_examples=25)
+        @given(content_type=content_types, body=st.one_of(st.just(request), st.binary(max_size=40)))
+        def check(content_type, body):
+            status, answer = _post_with_type(port, body, content_type)
+            assert 400 <= status < 500, (content_type, status, answer[:300])
+            tally(f"{'missing' if content_type is None else 'wrong'} Content-Type: HTTP {status}")
+
+        check()
+        status, answer = _post_with_type(port, request, "application/json")
+        assert status == 200, answer[:300]
+        served_answer = pd.DataFrame(json.loads(answer)["predictions"])
+        expected = served.model.predict(pd.DataFrame({"image": [good]}))
+        np.testing.assert_allclose(served_answer[["prob_no", "prob_yes"]].to_numpy(), expected[["prob_no", "prob_yes"]].to_numpy(), rtol=1e-5, atol=1e-6)
+        assert server.poll() is None, "the server died"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    reliability.bad_input("HTTP requests to `python -m registry.serve` with a missing, empty or wrong Content-Type (other types, charsets, parameters, random text)",
+                          tally.summary() + "; server alive and answering like the in-process model afterwards")

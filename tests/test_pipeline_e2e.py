@@ -98,7 +98,8 @@ def test_diverging_training_stops_with_a_clear_error_and_a_failed_run(mri_subset
     tracking_uri, previous_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        cfg = Config(data_dir=str(mri_subset), image_size=32, folds=2, epochs=3, learning_rate=1e30, experiment_name="nan", cache_dir=str(tmp_path / "cache"))
+        cfg = Config(data_dir=str(mri_subset), image_size=32, folds=2, epochs=3, experiment_name="nan", cache_dir=str(tmp_path / "cache"))
+        cfg.learning_rate = 1e30  # past Config's range on purpose: the guard must hold whatever reaches training
         with pytest.raises(PipelineError, match="diverged.*learning_rate"):
             train_teacher(cfg)
         [run] = MlflowClient(tracking_uri).search_runs([MlflowClient(tracking_uri).get_experiment_by_name("nan").experiment_id])
@@ -130,3 +131,25 @@ def test_search_and_promote_entry_points(mri_subset, tmp_path):
     assert "-> Production (alias champion): no champion yet" in promote.stdout
     version = client.get_model_version_by_alias("entry-model", "champion")
     assert version.current_stage == "Production" and version.tags["study"] == "entry"
+
+
+def test_two_distill_runs_started_together_train_the_teacher_once(mri_subset, tmp_path, reliability):
+    """The second waits on the teacher lock (the search's, through the study storage) and reuses the first's teachers."""
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    client.create_experiment("e2e")  # the schema and experiment exist before the two start, as on a team server
+    args = [f"--{name}={value}" for name, value in {**TINY, "data_dir": str(mri_subset), "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                    "experiment_name": "e2e", "cache_dir": str(tmp_path / "cache"), "student_size": "tiny", "fold": "0"}.items()]
+    env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
+    workers = [subprocess.Popen([sys.executable, "-m", "pipelines", "distill", *args, f"--temperature={t}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for t in (2, 4)]
+    outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], "\n".join(output[-2000:] for output in outputs)
+
+    teachers = runs_of(client, "teacher")
+    distills = runs_of(client, "distill", "trained")
+    assert len(teachers) == 1 and teachers[0].info.status == "FINISHED", [(r.info.run_id, r.data.tags.get("kd.outcome")) for r in teachers]
+    assert len(distills) == 2 and {run.data.tags["kd.teacher_run_id"] for run in distills} == {teachers[0].info.run_id}
+    reliability.fault("two `python -m pipelines distill` runs started together on the same data (SQLite storage lock)",
+                      "one teacher run trained, both distill runs FINISHED and use it")
+    reliability.lost("runs", sum(run.info.status == "RUNNING" for run in client.search_runs([teachers[0].info.experiment_id])), "after two distill runs started together")

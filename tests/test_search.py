@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipelines.config import Config, PipelineError
+from pipelines.config import STORAGE_URL_ENV, Config, PipelineError
 from search.space import SearchSpace
 from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, run_search
 
@@ -146,7 +146,7 @@ def _cfg(tmp_path: Path, **changes) -> Config:
     "changes, match",
     [
         ({"storage": "redis://localhost/0"}, "unknown URL scheme 'redis'"),
-        ({"storage": "postgresql://nobody:secret@127.0.0.1:1/none"}, "cannot connect"),
+        ({"storage": "postgresql://nobody@127.0.0.1:1/none"}, "cannot connect"),
         ({"temperature_range": "20,1"}, "temperature_range='20,1': empty range"),
         ({"alpha_range": "0,1.5"}, "alpha_range"),
         ({"learning_rate_range": "0,1e-3"}, "log-scale range must be positive"),
@@ -157,6 +157,13 @@ def test_bad_search_input_fails_before_any_training(tmp_path, changes, match):
     with pytest.raises(PipelineError, match=match) as error:
         run_search(_cfg(tmp_path, **changes))
     assert "secret" not in str(error.value), "passwords never reach messages"
+
+
+def test_a_storage_url_from_the_environment_keeps_its_password_out_of_messages(tmp_path, monkeypatch):
+    monkeypatch.setenv(STORAGE_URL_ENV, "postgresql://nobody:secret@127.0.0.1:1/none")
+    with pytest.raises(PipelineError, match="cannot connect") as error:
+        run_search(_cfg(tmp_path, storage=""))
+    assert "secret" not in str(error.value) and "nobody:***@" in str(error.value)
 
 
 def test_n_trials_below_one_is_refused(tmp_path):

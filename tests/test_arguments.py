@@ -1,0 +1,90 @@
+"""Arguments are checked first: every numeric parameter has a range, a storage URL never carries a password,
+and every CLI refuses a bad argument with one line before TensorFlow, MLflow, Optuna or the data are imported
+(the time that takes is measured in benchmarks/arguments.py; here, what gets imported)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdtest import child_env
+from pipelines.config import LIMITS, RANGE_LIMITS, STORAGE_URL_ENV, Config, PipelineError, build_parser
+
+HEAVY = ("tensorflow", "keras", "mlflow", "optuna", "pandas", "sklearn", "sqlalchemy")
+# The CLIs users and MLproject run, each with the options it takes.
+CLIS = {
+    "prepare": ["-m", "pipelines", "prepare"],
+    "teacher": ["-m", "pipelines", "teacher"],
+    "distill": ["-m", "pipelines", "distill"],
+    "main": ["-m", "pipelines", "main"],
+    "search": ["-m", "search"],
+    "promote": ["-m", "registry", "promote"],
+}
+PREPARE_OPTIONS = {"image_size", "test_fraction", "folds", "seed", "synthetic_images"}
+
+
+def test_every_numeric_parameter_has_a_range_shown_in_its_help() -> None:
+    numeric = {name for name, value in vars(Config()).items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    assert numeric == set(LIMITS), f"parameters without a range: {numeric - set(LIMITS)}; ranges of no parameter: {set(LIMITS) - numeric}"
+    helps = {action.dest: action.help for action in build_parser("x")._actions}
+    for name, limits in LIMITS.items():
+        assert f"(range {limits})" in helps[name], helps[name]
+        assert getattr(Config(), name) in limits, f"the default of {name} is outside its own range"
+
+
+@pytest.mark.parametrize("name", sorted(RANGE_LIMITS))
+def test_search_ranges_beyond_the_parameters_limits_are_refused(name: str) -> None:
+    limits = RANGE_LIMITS[name][0]
+    with pytest.raises(PipelineError, match=f"^{name}="):
+        Config(**{name: f"{limits.low if not limits.low_open else 1},{limits.high * 10 + 1}"})
+
+
+@pytest.mark.parametrize("url", ["postgresql://kd:PgSecretPw99@db.example/optuna", "postgresql+psycopg://:PgSecretPw99@127.0.0.1/optuna",
+                                 "postgresql://kd@db.example/optuna?sslmode=require&password=PgSecretPw99", "mysql://kd:PgSecretPw99@db/optuna"])
+def test_a_storage_url_with_a_password_is_refused_without_repeating_it(url: str) -> None:
+    with pytest.raises(PipelineError) as error:
+        Config(storage=url)
+    message = str(error.value)
+    assert "PgSecretPw99" not in message and "PGPASSWORD" in message and STORAGE_URL_ENV in message
+
+
+def test_the_storage_url_comes_from_the_environment_when_the_parameter_is_empty(monkeypatch) -> None:
+    monkeypatch.setenv(STORAGE_URL_ENV, "postgresql://kd:PgSecretPw99@db.example/optuna")
+    assert Config().storage_url == "postgresql://kd:PgSecretPw99@db.example/optuna"
+    assert Config(storage="sqlite:///given.db").storage_url == "sqlite:///given.db", "an explicit parameter wins"
+    assert "PgSecretPw99" not in json.dumps(Config().as_params(["storage", "study_name"]))
+
+
+def _refuse(cli: str, *options: str) -> tuple[str, list[str]]:
+    """Run a CLI with bad options; returns its error line and the heavy modules it had imported when it exited."""
+    module, rest = CLIS[cli][1], CLIS[cli][2:]
+    probe = ("import atexit, runpy, sys; "
+             f"atexit.register(lambda: print('IMPORTED', *(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)); "
+             f"sys.argv = ['x', *{[*rest, *options]!r}]; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    result = subprocess.run([sys.executable, "-c", probe], env=child_env(**{STORAGE_URL_ENV: ""}), capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("IMPORTED"), (cli, options, result.stderr[-2000:])
+    return lines[0], lines[1].split()[1:]
+
+
+BAD = [("image_size", "100000"), ("image_size", "-1"), ("folds", "1000"), ("seed", "-5"), ("learning_rate", "5"), ("temperature", "1e20"),
+       ("n_trials", "0"), ("student_size", "4096x9"), ("width_range", "8,100000"), ("modality", "dwi"), ("storage", "postgresql://kd:PgSecretPw99@db/optuna")]
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_every_cli_refuses_bad_arguments_before_importing_tensorflow_or_the_stores(cli: str, reliability) -> None:
+    known = {action.dest for action in build_parser("x")._actions}
+    tried = 0
+    for name, value in BAD:
+        if name not in known or (cli == "prepare" and name not in PREPARE_OPTIONS | {"modality"}):
+            continue
+        message, imported = _refuse(cli, f"--{name}", value)
+        assert message.startswith(f"error: {name}=") and "PgSecretPw99" not in message, message
+        assert not imported, f"{cli} imported {imported} before refusing {name}={value}"
+        tried += 1
+    assert tried >= 5
+    reliability.bad_input(f"`{' '.join(['python', *CLIS[cli]])}` with an out-of-range size, seed, rate, range, student size, modality or a password in storage",
+                          f"{tried} bad arguments: exit 2 with one line naming the parameter, before TensorFlow, MLflow, Optuna, pandas or a store is imported")
