@@ -60,6 +60,7 @@ LIMITS = {
     "folds": Limits(2, 20),
     "seed": Limits(0, 2**32 - 1),  # numpy's seed range
     "synthetic_images": Limits(20, 10_000),
+    "synthetic_classes": Limits(2, 4),  # 2: tumor/normal; 3: glioma, meningioma, notumor; 4: + pituitary
     "epochs": Limits(1, 1000),
     "patience": Limits(0, 1000),
     "batch_size": Limits(1, 1024),
@@ -201,7 +202,6 @@ class Config:
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
-            (self.synthetic_classes in (2, 3, 4), f"synthetic_classes={self.synthetic_classes}: use 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (0 < self.heartbeat_interval < self.grace_period, f"heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}: need 0 < interval < grace period"),
         ]

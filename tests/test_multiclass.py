@@ -104,7 +104,7 @@ def test_the_cache_key_holds_the_mode_and_the_binary_key_is_unchanged(tmp_path: 
 
 
 def test_a_bad_class_count_is_refused_naming_the_value(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match=r"synthetic_classes=5: use 2"):
+    with pytest.raises(PipelineError, match=r"synthetic_classes=5: out of range; use a value in \[2, 4\]"):
         Config(synthetic_classes=5)
     with pytest.raises(ValueError, match=r"classes=1"):
         generate_synthetic_mri(tmp_path, 20, 32, classes=1)
