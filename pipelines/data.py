@@ -557,6 +557,12 @@ def decode_bytes(payload: bytes, name: str = "image", modality: int | None = Non
     return _finite(pixels, name)
 
 
+def row_file(path: Path | str) -> Path:
+    """The file a manifest row is read from: the row itself, or for a NIfTI slice row its volume."""
+    volume_slice = NIFTI_SLICE.match(str(path))
+    return Path(volume_slice["file"]) if volume_slice and not Path(path).exists() else Path(path)
+
+
 def request_bytes(path: Path | str) -> bytes:
     """What a client sends the served model for a manifest row: the file itself (a picture or a BraTS ``.h5``
     slice), or for a NIfTI slice row a gzipped in-memory NIfTI of that one 2-D slice (float32, with its affine),

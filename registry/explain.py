@@ -182,6 +182,7 @@ class RegisteredModels:
     teacher: keras.Model
     image_size: int
     class_names: list[str]
+    modality: int | None  # the BraTS channel an .h5 or NIfTI scan is read as; None for pictures
 
 
 def load_models(model_name: str, version) -> RegisteredModels:
@@ -194,7 +195,7 @@ def load_models(model_name: str, version) -> RegisteredModels:
     teacher_run_id = version.tags.get("teacher_run_id")
     if not teacher_run_id:
         raise PipelineError(f"{model_name} v{version.version} has no teacher_run_id tag; promote it again")
-    return RegisteredModels(version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.image_size, wrapper.class_names)
+    return RegisteredModels(version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.image_size, wrapper.class_names, wrapper.modality)
 
 
 def explain(model_name: str, image_path: Path, stage: str | None = None, alias: str | None = None, out_path: Path | None = None, class_name: str | None = None) -> Path:
@@ -205,7 +206,7 @@ def explain(model_name: str, image_path: Path, stage: str | None = None, alias: 
     from registry.fetch import resolve_version
 
     models = load_models(model_name, resolve_version(model_name, stage, alias))
-    scan = decode_image(image_path)
+    scan = decode_image(image_path, models.modality)
     explanations = {
         "student": explain_scan(models.student, scan, models.image_size, models.class_names, class_name),
         "teacher": explain_scan(models.teacher, scan, models.image_size, models.class_names, class_name),
@@ -227,7 +228,7 @@ def explanation_grid(models: RegisteredModels, examples: list[tuple[str, Path]],
 
     fig, axes = plt.subplots(len(examples), 3, figsize=(7.5, 2.6 * len(examples)), squeeze=False)
     for row, (category, path) in enumerate(examples):
-        scan = decode_image(path)
+        scan = decode_image(path, models.modality)
         axes[row, 0].imshow(scan, cmap="gray")
         axes[row, 0].set_title(f"{category}: {path.name[:28]}", fontsize=7)
         for column, (who, model) in enumerate((("student", models.student), ("teacher", models.teacher)), start=1):

@@ -273,7 +273,7 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         # Scope holdout_<who> goes with the metrics holdout_<who>_f1_<class> (fetch prints the student's).
         matrices = {f"holdout_{who}": confusion_matrix(labels[test], p) for who, p in holdout_probs.items()}
         mlflow.log_dict(confusion_record(prepared.dataset.class_names, matrices), CONFUSION_ARTIFACT)
-        mlflow.log_metrics({"student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
+        mlflow.log_metrics({"holdout_size": len(test), "student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
         frame = holdout_frame(prepared)
         logged = log_student(student, prepared, cfg, frame.head(1))
         model_uri = logged.model_uri

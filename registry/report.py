@@ -577,12 +577,14 @@ def param_importances(s: Sources) -> tuple[dict[str, float], str]:
 
 def gradcam_examples(s: Sources, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, Path]]:
     """The KD student's most confident hold-out example of each outcome whose file is still there."""
+    from pipelines.data import row_file
+
     predicted = probs.argmax(axis=1)
     if probs.shape[1] == 2:
         outcomes = {"true positive": (labels == 1) & (predicted == 1), "false positive": (labels == 0) & (predicted == 1), "false negative": (labels == 1) & (predicted == 0), "true negative": (labels == 0) & (predicted == 0)}
     else:
         outcomes = {"correct": labels == predicted, "misclassified": labels != predicted}
-    paths = s.predictions["path"].map(lambda p: Path(p).is_file()).to_numpy()
+    paths = s.predictions["path"].map(lambda p: row_file(p).is_file()).to_numpy()
     confidence = probs.max(axis=1)
     examples = []
     for outcome, rows in outcomes.items():
