@@ -40,6 +40,7 @@ class Config:
     patience: int = field(default=15, metadata={"help": "early-stopping patience in epochs"})
     batch_size: int = field(default=16, metadata={"help": "mini-batch size"})
     learning_rate: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
+    precision: str = field(default="float32", metadata={"help": "training arithmetic: float32, or bfloat16 (Keras mixed_bfloat16, float32 weights and logits); saved models are float32 either way"})
     # models
     teacher_arch: str = field(default="resnet", metadata={"help": "resnet (ours) or a keras.applications name, e.g. MobileNetV2"})
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
@@ -83,6 +84,7 @@ class Config:
             (self.epochs >= 1, f"epochs={self.epochs}: use 1 or more"),
             (self.batch_size >= 1, f"batch_size={self.batch_size}: use 1 or more"),
             (self.learning_rate > 0, f"learning_rate={self.learning_rate}: must be positive"),
+            (self.precision in ("float32", "bfloat16"), f"precision={self.precision!r}: use 'float32' or 'bfloat16'"),
             (self.temperature > 0, f"temperature={self.temperature}: must be positive"),
             (0.0 <= self.alpha <= 1.0, f"alpha={self.alpha}: must be in [0, 1]"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
@@ -121,7 +123,7 @@ def redact_url(text: str) -> str:
 # Parameters that decide a step's result; a finished run whose params and data digest match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
 DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "seed")
-TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate")
+TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
 TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights")
 DISTILL_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
 SEARCH_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_mode", "n_trials", "study_name", "objectives") + (
