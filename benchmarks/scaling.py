@@ -81,8 +81,7 @@ def precision_epochs(bench: Bench, images: np.ndarray, labels: np.ndarray, logit
     built = {precision: trainers(bench, size, precision) for precision in seconds}
     for name, model_logits, index in (("teacher_epoch_s", None, 0), ("student_kd_epoch_s", logits, 1)):
         for precision in seconds:
-            with training_precision(precision):
-                seconds[precision][name] = epoch_seconds(built[precision][index], images, labels, model_logits, cfg.batch_size, cfg.seed)
+            seconds[precision][name] = epoch_seconds(built[precision][index], images, labels, model_logits, cfg.batch_size, cfg.seed)
     speedup = {name: ratio(seconds["float32"][name], seconds["bfloat16"][name]) for name in seconds["float32"]}
     return {**seconds, "float32_over_bfloat16": speedup}
 

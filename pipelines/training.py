@@ -34,8 +34,9 @@ DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 @contextlib.contextmanager
 def training_precision(precision: str):
-    """Build and train models under ``precision``'s dtype policy; the previous global policy comes back after,
-    so code that builds models outside (loading, export, serving) stays float32."""
+    """Build models under ``precision``'s dtype policy (a layer keeps the policy it was built with, so they train
+    in it anywhere); the previous global policy comes back after, so code that builds models or augmentation
+    layers outside (input pipelines, loading, export, serving) stays float32."""
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(DTYPE_POLICIES[precision])
     try:
@@ -221,7 +222,7 @@ def cross_validate(
         print(f"{describe}: fold {k + 1}/{len(prepared.splits.folds)} ({len(train_rows)} train, {len(val_rows)} validation images)")
         with training_precision(cfg.precision):
             trainer = build_trainer(k)
-            best_epochs.append(fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
+        best_epochs.append(fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
         student = as_float32(trainer.student)
         probs = probabilities(predict_logits(student, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(labels[val_rows], probs))
@@ -239,12 +240,12 @@ def train_on_all_data(
 ) -> keras.Model:
     """Train the compiled :class:`Distiller` ``build_trainer()`` gives on every non-test row for a fixed number of
     epochs (no validation split is left to stop on); returns its student as a float32 model."""
+    with training_precision(cfg.precision):
+        trainer = build_trainer()
     labels, rows = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
     train = make_dataset(prepared.images[rows], labels[rows], weights[rows], logits, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
-    with training_precision(cfg.precision):
-        trainer = build_trainer()
-        fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
+    fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
     return as_float32(trainer.student)

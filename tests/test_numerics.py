@@ -84,9 +84,10 @@ def _train_once(seed: int, precision: str = "float32") -> tuple[list[np.ndarray]
     """Two epochs with every source of randomness on: initialisation, shuffling, augmentation, dropout."""
     cfg = Config(image_size=SIZE, epochs=2, batch_size=8, learning_rate=3e-3, augment=True, seed=seed, alpha=1.0, precision=precision)
     images, labels = _images_and_labels()
-    train = make_dataset(images, labels, batch_size=cfg.batch_size, shuffle=True, augment=True, seed=seed)
-    with training_precision(precision), mlflow.start_run():
+    with training_precision(precision):
         trainer = _trainer(cfg)
+    train = make_dataset(images, labels, batch_size=cfg.batch_size, shuffle=True, augment=True, seed=seed)
+    with mlflow.start_run():
         fit(trainer, train, None, cfg, prefix="", describe=f"seed {seed}")
     student = as_float32(trainer.student)
     return student.get_weights(), predict_logits(student, images)

@@ -90,9 +90,11 @@ def test_bfloat16_cross_validation_and_all_data_training_hand_back_float32_model
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         return trainer
 
-    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"), mlflow.start_run():
-        cv = cross_validate(prepared, cfg, [0, 1], build, lambda k: None, "student")
-        everything = train_on_all_data(prepared, cfg, lambda: build(cfg.seed), None, 1, "student")
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        mlflow.set_experiment("precision")  # not the experiment an earlier test left selected in another store
+        with mlflow.start_run():
+            cv = cross_validate(prepared, cfg, [0, 1], build, lambda k: None, "student")
+            everything = train_on_all_data(prepared, cfg, lambda: build(cfg.seed), None, 1, "student")
     assert all(model.layers[1].compute_dtype == "bfloat16" for model in built), "trained under mixed_bfloat16"
     assert keras.config.dtype_policy().name == "float32"
     for model in [*cv.models, everything]:
