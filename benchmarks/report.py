@@ -151,9 +151,24 @@ def part_tables(part: str, r: dict) -> list[str]:
         rows = [["x" + fmt(p["factor"]), p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_images"]]
         rows += [[f"{fmt(p['image_size'])} px", p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_size"]]
         slopes = [[axis] + [r["loglog_slopes"][axis][c] for c in COST_LABELS] for axis in ("vs_images", "vs_pixels")]
-        return [table(["point", "images", "size px", *(f"{label} (s)" for label in COST_LABELS.values())], rows), "Log-log slopes (1 = linear):",
-                table(["axis", *COST_LABELS.values()], slopes), f"Peak RSS of the search process (part 2, ours): **{fmt(r['search_peak_rss_mib'])} MiB**"]
+        blocks = [table(["point", "images", "size px", *(f"{label} (s)" for label in COST_LABELS.values())], rows), "Log-log slopes (1 = linear):",
+                  table(["axis", *COST_LABELS.values()], slopes), f"Peak RSS of the search process (part 2, ours): **{fmt(r['search_peak_rss_mib'])} MiB**"]
+        if "precision" in r:  # results from before these measurements existed render without them
+            p = r["precision"]
+            blocks += ["Training precision, before (float32) and after (bfloat16), same run:",
+                       table(["epoch", "float32 s", "bfloat16 s", "float32 / bfloat16"], [[COST_LABELS[c], p["float32"][c], p["bfloat16"][c], p["float32_over_bfloat16"][c]] for c in p["float32_over_bfloat16"]])]
+        if "input_pipeline" in r:
+            q = r["input_pipeline"]
+            blocks += [f"Input pipeline, before and after, {fmt(q['images'])} images ({fmt(q['image_mib'])} MiB of float32 pixels):",
+                       table(["", "before", "after", "before / after"], [[key, q["before"][key], q["after"][key], q["before_over_after"][key]] for key in q["before_over_after"]])]
+        return blocks
     raise ValueError(part)
+
+
+def main_per_1000_images(results: dict) -> float:
+    """Seconds of the ``main`` chain (teacher, search, promotion) per 1,000 images at the run's settings."""
+    steps = results["pipeline"]["teacher_s"] + results["search"]["ours"]["wall_s"] + results["pipeline"]["promote_s"]
+    return steps * 1000 / results["data"]["images"]
 
 
 def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
@@ -178,7 +193,9 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         f"**Data:** {results['data']['images']} images ({results['data']['source']}, classes {', '.join(results['data']['classes'])}, digest {results['data']['digest']}), hold-out {results['data']['holdout']}.  ",
         f"**Settings ({settings['mode']}):** " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "mode") + ".  ",
         "**Config:** " + ", ".join(f"{k} {v}" for k, v in results["config"].items()) + ".  ",
-        f"**Pipeline:** teacher training {fmt(results['pipeline']['teacher_s'])} s, promotion {fmt(results['pipeline']['promote_s'])} s.",
+        f"**Pipeline:** teacher training {fmt(results['pipeline']['teacher_s'])} s, promotion {fmt(results['pipeline']['promote_s'])} s.  ",
+        f"**Main per 1,000 images:** {fmt(main_per_1000_images(results) / 60)} min: teacher, search (ours) and promotion above at these settings, "
+        f"scaled linearly from {results['data']['images']} images (part 6 measures how close to linear the cost grows).",
         "",
         "## Targets",
         "",

@@ -152,6 +152,7 @@ class Config:
     patience: int = field(default=15, metadata={"help": "early-stopping patience in epochs"})
     batch_size: int = field(default=16, metadata={"help": "mini-batch size"})
     learning_rate: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
+    precision: str = field(default="float32", metadata={"help": "training arithmetic: float32, or bfloat16 (Keras mixed_bfloat16, float32 weights and logits); saved models are float32 either way"})
     # models
     teacher_arch: str = field(default="resnet", metadata={"help": "resnet (ours) or a keras.applications name, e.g. MobileNetV2"})
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
@@ -199,6 +200,7 @@ class Config:
         modality_index(self.modality)
         check_storage_parameter(self.storage)
         checks = [
+            (self.precision in ("float32", "bfloat16"), f"precision={self.precision!r}: use 'float32' or 'bfloat16'"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
@@ -235,7 +237,7 @@ def redact_url(text: str) -> str:
 # Parameters that decide a step's result; a finished run whose params and data digest match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
 DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "seed", "dedupe")
-TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate")
+TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
 TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights")
 DISTILL_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
 SEARCH_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_mode", "n_trials", "study_name", "objectives") + (

@@ -1,4 +1,7 @@
-"""Teacher and student builders. Both output logits: one for two classes (sigmoid), else one per class."""
+"""Teacher and student builders. Both output logits: one for two classes (sigmoid), else one per class.
+
+The logits layers are float32 under any dtype policy: with mixed_bfloat16 training the losses still get float32 logits.
+"""
 
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -
         x = layers.MaxPooling2D(name=f"block{block + 1}_pool")(x)
     x = global_pool(x)
     x = layers.Dropout(0.2, seed=seed, name="head_dropout")(x)
-    outputs = layers.Dense(output_units(num_classes), name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    outputs = layers.Dense(output_units(num_classes), name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"student_{width}x{depth}")
 
 
@@ -77,7 +80,7 @@ def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
         x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init, name=f"stage{stage + 1}")
     x = global_pool(x)
     x = layers.Dropout(0.3, seed=seed, name="head_dropout")(x)
-    outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    outputs = layers.Dense(units, name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name="teacher_resnet")
 
 
@@ -101,7 +104,7 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
         except (ValueError, OSError, KeyError) as error:
             raise PipelineError(f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the include_top=False weights file") from None
     x = layers.Dropout(0.3, seed=seed, name="head_dropout")(backbone(rgb))
-    outputs = layers.Dense(units, name="logits", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    outputs = layers.Dense(units, name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"teacher_{arch}")
 
 

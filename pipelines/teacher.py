@@ -50,19 +50,18 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
         epochs = max(1, int(np.median(cv.best_epochs)))
         labels = dataset.labels
         set_seed(cfg.seed)
-        trainer = _trainer(cfg, dataset.num_classes, cfg.seed)
-        train_on_all_data(prepared, cfg, trainer, None, epochs, "teacher (all data)")
-        logits["all"] = predict_logits(trainer.student, images)
+        teacher = train_on_all_data(prepared, cfg, lambda: _trainer(cfg, dataset.num_classes, cfg.seed), None, epochs, "teacher (all data)")
+        logits["all"] = predict_logits(teacher, images)
         test_probs = probabilities(logits["all"][splits.test], dataset.binary)
         test_metrics = classification_metrics(labels[splits.test], test_probs, dataset.class_names)
 
-        mlflow.log_metrics({**cv.summary(), **{f"test_{k}": v for k, v in test_metrics.items()}, "teacher_params": trainer.student.count_params(), "all_data_epochs": epochs})
+        mlflow.log_metrics({**cv.summary(), **{f"test_{k}": v for k, v in test_metrics.items()}, "teacher_params": teacher.count_params(), "all_data_epochs": epochs})
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             (out / "models").mkdir()
             for k, model in enumerate(cv.models):
                 model.save(out / "models" / f"fold_{k}.keras")
-            trainer.student.save(out / "models" / "all.keras")
+            teacher.save(out / "models" / "all.keras")
             (out / "logits").mkdir()
             # Fixed-width strings, not objects: the artifact then loads without pickle (allow_pickle=False).
             np.savez_compressed(out / LOGITS_ARTIFACT, sha256=dataset.manifest["sha256"].to_numpy().astype("U64"), **logits)
@@ -70,7 +69,7 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
             matrices = {**cv.confusion_matrices(), "test": confusion_matrix(labels[splits.test], test_probs)}
             write_evaluation_artifacts(labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold", matrices)
             mlflow.log_artifacts(tmp)
-        print(f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {trainer.student.count_params():,} parameters, run {run.info.run_id}")
+        print(f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {teacher.count_params():,} parameters, run {run.info.run_id}")
         return run.info.run_id
 
 

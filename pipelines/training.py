@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -24,6 +25,49 @@ if TYPE_CHECKING:
 def set_seed(seed: int) -> None:
     """Python, NumPy and TensorFlow seeds in one place, so a single-worker run is repeatable."""
     keras.utils.set_random_seed(seed)
+
+
+# Config.precision -> the Keras dtype policy models are built and trained under. Under mixed_bfloat16 the
+# variables stay float32 and the logits layers are float32 (pipelines/models.py): losses see float32 logits.
+DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+@contextlib.contextmanager
+def training_precision(precision: str):
+    """Build models under ``precision``'s dtype policy (a layer keeps the policy it was built with, so they train
+    in it anywhere); the previous global policy comes back after, so code that builds models or augmentation
+    layers outside (input pipelines, loading, export, serving) stays float32."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(DTYPE_POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _float32_policies(config):
+    """A model config with every layer's dtype policy made float32 (mixed_bfloat16 -> float32)."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy" and isinstance(config.get("config"), dict):
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(value) for value in config]
+    return config
+
+
+def as_float32(model: keras.Model) -> keras.Model:
+    """The model itself when it is float32; else a float32 twin with the same weights, for inference and saving.
+
+    Mixed-precision variables are float32 already, so the weights carry over exactly; only the arithmetic of
+    the twin (and what its saved config says) changes. Saved models, cached logits and exports are float32.
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model._flatten_layers()):
+        return model
+    with training_precision("float32"):
+        twin = model.__class__.from_config(_float32_policies(model.get_config()))
+    twin.set_weights(model.get_weights())
+    return twin
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -61,16 +105,18 @@ def make_dataset(
     augment: bool = False,
     seed: int = 0,
 ) -> tf.data.Dataset:
-    """``({"image", ["teacher_logits"]}, label[, weight])`` batches: cached in memory, shuffled, augmented, prefetched.
+    """``({"image", ["teacher_logits"]}, label[, weight])`` batches: in memory, shuffled, augmented, prefetched.
 
     Images arrive already decoded and preprocessed, so the pipeline only slices, augments and batches.
     Cached teacher logits stay those of the un-augmented image: the price of not running the teacher.
+    The slices are the only copy of the images: no ``.cache()`` (it kept a second one) and no float32 copy of
+    float32 input; slicing runs thousands of images/s, far ahead of training (benchmarks/scaling.py measures it).
     """
-    features = {"image": images.astype(np.float32)}
+    features = {"image": np.asarray(images, dtype=np.float32)}
     if teacher_logits is not None:
-        features["teacher_logits"] = teacher_logits.astype(np.float32)
+        features["teacher_logits"] = np.asarray(teacher_logits, dtype=np.float32)
     elements = (features, labels.astype(np.int32)) if sample_weights is None else (features, labels.astype(np.int32), sample_weights.astype(np.float32))
-    dataset = tf.data.Dataset.from_tensor_slices(elements).cache()
+    dataset = tf.data.Dataset.from_tensor_slices(elements)
     if shuffle:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
@@ -185,15 +231,17 @@ def cross_validate(
             return make_dataset(images[rows], labels[rows], weights[rows], None if logits is None else logits[rows], cfg.batch_size, shuffle=shuffle, augment=shuffle and cfg.augment, seed=cfg.seed + k)
 
         set_seed(cfg.seed + k)
-        trainer = build_trainer(k)
         # Folds are numbered from 0 everywhere: here, in metric and artifact names (f1_fold_<k>), pruning messages and the report.
         print(f"{describe}: fold {k} of folds 0-{len(prepared.splits.folds) - 1} ({len(train_rows)} train, {len(val_rows)} validation images)")
+        with training_precision(cfg.precision):
+            trainer = build_trainer(k)
         best_epochs.append(fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
-        probs = probabilities(predict_logits(trainer.student, images[val_rows]), dataset.binary)
+        student = as_float32(trainer.student)
+        probs = probabilities(predict_logits(student, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
         fold_matrices.append(confusion_matrix(labels[val_rows], probs))
         print(f"{describe}: fold {k} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")
-        models.append(trainer.student)
+        models.append(student)
         oof_rows.append(val_rows)
         oof_probs.append(probs)
         if on_fold is not None:
@@ -201,11 +249,17 @@ def cross_validate(
     return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids, fold_matrices)
 
 
-def train_on_all_data(prepared: "Prepared", cfg: Config, trainer: "Distiller", teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str = "all_") -> None:
-    """Train on every non-test row for a fixed number of epochs (no validation split is left to stop on)."""
+def train_on_all_data(
+    prepared: "Prepared", cfg: Config, build_trainer: Callable[[], "Distiller"], teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str = "all_"
+) -> keras.Model:
+    """Train the compiled :class:`Distiller` ``build_trainer()`` gives on every non-test row for a fixed number of
+    epochs (no validation split is left to stop on); returns its student as a float32 model."""
+    with training_precision(cfg.precision):
+        trainer = build_trainer()
     labels, rows = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
     train = make_dataset(prepared.images[rows], labels[rows], weights[rows], logits, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
+    return as_float32(trainer.student)

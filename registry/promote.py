@@ -57,11 +57,14 @@ class Promotion:
 def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str) -> keras.Model:
     """A student trained on all training data: with the all-data teacher's logits, or without KD (None)."""
     set_seed(cfg.seed)
-    student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed)
-    trainer = Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    train_on_all_data(prepared, cfg, trainer, teacher_logits, epochs, describe, prefix=prefix)
-    return student
+
+    def build_trainer() -> Distiller:
+        student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed)
+        trainer = Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
+        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        return trainer
+
+    return train_on_all_data(prepared, cfg, build_trainer, teacher_logits, epochs, describe, prefix=prefix)
 
 
 def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:

@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from benchmarks import report, throughput
+from benchmarks import report, scaling, throughput
 from benchmarks.common import SMOKE, Bench, open_bench, ratio, target
 from benchmarks.compression import count_macs
 from pipelines.distiller import Distiller
@@ -104,7 +104,10 @@ def sample_results(rng: np.random.Generator) -> dict:
         "serving": {"in_process_one_image": {"p50_ms": n(), "p95_ms": n()}, "clients": {c: {"p50_ms": n(), "p95_ms": n(), "requests_per_s": n(), "requests": 9.0, "errors": 0.0, "seconds": n()} for c in ("1", "4", "16")},
                     "served_over_in_process_p50": n(), "setup": {}, "targets": [goal()]},
         "scaling": {"by_images": [{"factor": float(f), **costs()} for f in (1, 2, 4)], "by_size": [{"pixels": float(s * s), **costs()} for s in (64, 128)],
-                    "loglog_slopes": {axis: {c: n() for c in report.COST_LABELS} for axis in ("vs_images", "vs_pixels")}, "search_peak_rss_mib": n(), "setup": {}, "targets": [goal()]},
+                    "loglog_slopes": {axis: {c: n() for c in report.COST_LABELS} for axis in ("vs_images", "vs_pixels")}, "search_peak_rss_mib": n(),
+                    "precision": {p: {c: n() for c in ("teacher_epoch_s", "student_kd_epoch_s")} for p in ("float32", "bfloat16", "float32_over_bfloat16")},
+                    "input_pipeline": {**{v: {"images_per_s": n(), "peak_rss_growth_mib": n()} for v in ("before", "after", "before_over_after")}, "images": n(), "image_mib": n()},
+                    "setup": {}, "targets": [goal()]},
     }
 
 
@@ -123,3 +126,20 @@ def test_report_shows_every_figure_target_and_plot(tmp_path):
     assert len(plots) == 3
     for plot in plots:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot.relative_to(tmp_path)})" in text
+
+
+def test_the_leaner_input_pipeline_gives_the_very_same_batches_as_the_one_it_replaced():
+    """Dropping the .cache() and the float32 copy (benchmarks/scaling.py measures the memory) changes no batch."""
+    rng = np.random.default_rng(3)
+    images, labels = rng.normal(size=(40, 8, 8, 1)).astype(np.float32), rng.integers(0, 2, 40)
+    before, after = scaling._old_pipeline(images, labels, 16, seed=5), make_dataset(images, labels, batch_size=16, shuffle=True, seed=5)
+    for _ in range(2):  # reshuffled each epoch, alike
+        pairs = list(zip(before, after, strict=True))
+        assert len(pairs) == 3
+        for (old_x, old_y), (new_x, new_y) in pairs:
+            assert np.array_equal(old_x["image"], new_x["image"]) and np.array_equal(old_y, new_y)
+
+
+def test_main_time_per_1000_images_is_the_measured_steps_scaled_to_1000_images():
+    results = {"pipeline": {"teacher_s": 100.0, "promote_s": 50.0}, "search": {"ours": {"wall_s": 350.0}}, "data": {"images": 250}}
+    assert report.main_per_1000_images(results) == pytest.approx(2000.0)

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from pipelines.config import Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.models import build_student
-from pipelines.training import fit, make_dataset, predict_logits, set_seed
+from pipelines.training import as_float32, fit, make_dataset, predict_logits, set_seed, training_precision
 
 from kdtest import child_env, tracking_at
 
@@ -81,21 +81,24 @@ def test_non_finite_loss_stops_training_with_a_failed_run(tracking: MlflowClient
     assert not running
 
 
-def _train_once(seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+def _train_once(seed: int, precision: str = "float32") -> tuple[list[np.ndarray], np.ndarray]:
     """Two epochs with every source of randomness on: initialisation, shuffling, augmentation, dropout."""
-    cfg = Config(image_size=SIZE, epochs=2, batch_size=8, learning_rate=3e-3, augment=True, seed=seed, alpha=1.0)
+    cfg = Config(image_size=SIZE, epochs=2, batch_size=8, learning_rate=3e-3, augment=True, seed=seed, alpha=1.0, precision=precision)
     images, labels = _images_and_labels()
-    trainer = _trainer(cfg)
+    with training_precision(precision):
+        trainer = _trainer(cfg)
     train = make_dataset(images, labels, batch_size=cfg.batch_size, shuffle=True, augment=True, seed=seed)
     with mlflow.start_run():
         fit(trainer, train, None, cfg, prefix="", describe=f"seed {seed}")
-    return trainer.student.get_weights(), predict_logits(trainer.student, images)
+    student = as_float32(trainer.student)
+    return student.get_weights(), predict_logits(student, images)
 
 
-def test_the_same_seed_trains_bitwise_the_same_student(tracking: MlflowClient) -> None:
-    first_weights, first_logits = _train_once(7)
-    again_weights, again_logits = _train_once(7)
-    other_weights, other_logits = _train_once(8)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_same_seed_trains_bitwise_the_same_student(tracking: MlflowClient, precision: str) -> None:
+    first_weights, first_logits = _train_once(7, precision)
+    again_weights, again_logits = _train_once(7, precision)
+    other_weights, other_logits = _train_once(8, precision)
     assert len(first_weights) == len(again_weights)
     assert all(np.array_equal(a, b) for a, b in zip(first_weights, again_weights)), "same seed, different weights"
     assert np.array_equal(first_logits, again_logits), "same seed, different logits"
