@@ -44,7 +44,7 @@ def grow(source: Path, out: Path, images: int, seed: int = 0) -> Path:
         path, label = originals[index % len(originals)]
         copy = index // len(originals)
         (out / label).mkdir(exist_ok=True)
-        name = f"{label}/{path.stem}_{copy:03d}.png"
+        name = f"{label}/{path.name.replace('.', '_')}_{copy:03d}.png"  # Y92.jpg and Y92.png are two scans
         with Image.open(path) as image:
             (image.convert("L") if copy == 0 else augmented(image, rng)).save(out / name)
         rows.append([name, label, f"{label}/{path.name}"])

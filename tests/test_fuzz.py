@@ -612,7 +612,8 @@ def served(tmp_path_factory):
         mlflow.set_experiment("fuzz")
         example = pd.DataFrame({"image": [base64.b64encode(_encoded("PNG", 0, 20, 20)).decode()]})
         # Trained on BraTS flair (modality 0), so .h5 slices are served too and reach their own checks.
-        prepared = SimpleNamespace(dataset=SimpleNamespace(class_names=["no", "yes"], positive_class="yes", modality=0))
+        dataset = SimpleNamespace(class_names=["no", "yes"], positive_class="yes", modality=0, source="brats", root=root, manifest=pd.DataFrame({"path": []}), digest="0" * 64)
+        prepared = SimpleNamespace(dataset=dataset)
         with mlflow.start_run():
             info = log_student(build_student("tiny", 32, 2, seed=3), prepared, Config(image_size=32), example)
         model = mlflow.pyfunc.load_model(info.model_uri)
