@@ -522,9 +522,9 @@ def decode_image(path: Path | str | io.BytesIO, modality: int | None = None, nam
     if isinstance(path, io.BytesIO):
         return decode_bytes(path.getvalue(), name or str(path), modality)
     name = name or shown(path)
-    volume_slice = NIFTI_SLICE.match(str(path))
-    if volume_slice and not Path(path).exists():
-        pixels, _ = _nifti_slice(Path(volume_slice["file"]), int(volume_slice["z"]))
+    volume_slice = _volume_slice(path)
+    if volume_slice:
+        pixels, _ = _nifti_slice(*volume_slice)
         return _finite(pixels, name)
     try:
         with open(path, "rb") as handle:
@@ -557,22 +557,28 @@ def decode_bytes(payload: bytes, name: str = "image", modality: int | None = Non
     return _finite(pixels, name)
 
 
+def _volume_slice(path: Path | str) -> tuple[Path, int] | None:
+    """(volume, z) for a NIfTI slice row ``<volume>#z=<k>``; None for a file (one may really be named so)."""
+    match = NIFTI_SLICE.match(str(path))
+    return (Path(match["file"]), int(match["z"])) if match and not Path(path).exists() else None
+
+
 def row_file(path: Path | str) -> Path:
     """The file a manifest row is read from: the row itself, or for a NIfTI slice row its volume."""
-    volume_slice = NIFTI_SLICE.match(str(path))
-    return Path(volume_slice["file"]) if volume_slice and not Path(path).exists() else Path(path)
+    volume_slice = _volume_slice(path)
+    return volume_slice[0] if volume_slice else Path(path)
 
 
 def request_bytes(path: Path | str) -> bytes:
     """What a client sends the served model for a manifest row: the file itself (a picture or a BraTS ``.h5``
     slice), or for a NIfTI slice row a gzipped in-memory NIfTI of that one 2-D slice (float32, with its affine),
     which :func:`decode_bytes` reads back to exactly the pixels :func:`decode_image` gives for the row."""
-    volume_slice = NIFTI_SLICE.match(str(path))
-    if not volume_slice or Path(path).exists():
+    volume_slice = _volume_slice(path)
+    if not volume_slice:
         return Path(path).read_bytes()
     import nibabel
 
-    pixels, affine = _nifti_slice(Path(volume_slice["file"]), int(volume_slice["z"]))
+    pixels, affine = _nifti_slice(*volume_slice)
     return gzip.compress(nibabel.Nifti1Image(pixels, affine).to_bytes(), mtime=0)
 
 
