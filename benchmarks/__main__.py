@@ -23,8 +23,8 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
 def run_benchmarks(settings: Settings, data_dir: Path, out_dir: Path, report_path: Path, work: Path | None = None) -> dict:
     """Run every part and write ``<out_dir>/<date>.json`` plus the rendered report; returns the results."""
-    from registry.promote import promote
     from pipelines.teacher import train_teacher
+    from registry.promote import promote
 
     started = time.perf_counter()
     keep = work is not None
@@ -32,8 +32,13 @@ def run_benchmarks(settings: Settings, data_dir: Path, out_dir: Path, report_pat
     try:
         bench = open_bench(settings, work, data_dir)
         results: dict = header(settings, bench.cfg)
-        results["data"] = {"images": int(len(bench.prepared.dataset.labels)), "holdout": int(len(bench.prepared.splits.test)), "source": bench.prepared.dataset.source,
-                           "classes": bench.prepared.dataset.class_names, "digest": bench.prepared.dataset.digest[:12]}
+        results["data"] = {
+            "images": int(len(bench.prepared.dataset.labels)),
+            "holdout": int(len(bench.prepared.splits.test)),
+            "source": bench.prepared.dataset.source,
+            "classes": bench.prepared.dataset.class_names,
+            "digest": bench.prepared.dataset.digest[:12],
+        }
         print(f"bench ({settings.mode}): {results['data']['images']} images at {settings.image_size} px; work folder {work}")
         step = time.perf_counter()
         bench.teacher_run_id = train_teacher(bench.cfg, bench.prepared)
@@ -57,22 +62,40 @@ def run_benchmarks(settings: Settings, data_dir: Path, out_dir: Path, report_pat
     json_path.write_text(json.dumps(results, indent=2, sort_keys=False))
     report.render(results, json_path, report_path)
     met = [t for part in report.PARTS for t in results[part]["targets"]]
-    print(f"bench: {sum(t['met'] for t in met)}/{len(met)} targets met in {results['total_s'] / 60:.1f} min; wrote {json_path} and {report_path}")
+    print(
+        f"bench: {sum(t['met'] for t in met)}/{len(met)} targets met in {results['total_s'] / 60:.1f} min; wrote {json_path} and {report_path}"
+    )
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Measure KD throughput, search cost, compression, edge export, serving and scaling side by side.")
-    parser.add_argument("--smoke", action="store_true", help="tiny data and settings (about 2 minutes): checks the benchmark code, not the figures")
-    parser.add_argument("--data_dir", "--data-dir", type=Path, default=REAL_DATA_DIR, help="the real brain-mri-yes-no folder (yes/ and no/)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder; default benchmarks/results (smoke: benchmarks/results/smoke)")
+    parser = argparse.ArgumentParser(
+        description="Measure KD throughput, search cost, compression, edge export, serving and scaling side by side."
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny data and settings (about 2 minutes): checks the benchmark code, not the figures"
+    )
+    parser.add_argument(
+        "--data_dir", "--data-dir", type=Path, default=REAL_DATA_DIR, help="the real brain-mri-yes-no folder (yes/ and no/)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder; default benchmarks/results (smoke: benchmarks/results/smoke)"
+    )
     parser.add_argument("--report", type=Path, default=None, help="report path; default BENCHMARKS.md (smoke: <out>/BENCHMARKS.md)")
-    parser.add_argument("--work", type=Path, default=None, help="keep the stores and models in this folder; default a temporary one, removed at the end")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the stores and models in this folder; default a temporary one, removed at the end"
+    )
 
     def run(args: argparse.Namespace) -> dict:
         settings = SMOKE if args.smoke else FULL
         out = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
-        return run_benchmarks(settings, args.data_dir, out, args.report or (out / "BENCHMARKS.md" if args.smoke else PROJECT_ROOT / "BENCHMARKS.md"), args.work)
+        return run_benchmarks(
+            settings,
+            args.data_dir,
+            out,
+            args.report or (out / "BENCHMARKS.md" if args.smoke else PROJECT_ROOT / "BENCHMARKS.md"),
+            args.work,
+        )
 
     run_cli(run, parser, argv)
 

@@ -39,8 +39,13 @@ def refusal_cost(command: list[str], env: dict[str, str]) -> dict:
     error = process.stderr.read().decode(errors="replace").strip().splitlines()
     process.stderr.close()
     code = os.waitstatus_to_exitcode(status)
-    return {"exit_code": code, "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "wall_s": round(wall, 2), "last_line": error[-1] if error else "",
-            "met": code == 2 and usage.ru_utime + usage.ru_stime < TARGET_CPU_S}
+    return {
+        "exit_code": code,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "wall_s": round(wall, 2),
+        "last_line": error[-1] if error else "",
+        "met": code == 2 and usage.ru_utime + usage.ru_stime < TARGET_CPU_S,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,8 +60,17 @@ def main(argv: list[str] | None = None) -> None:
 
             env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
             MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # the store's schema exists, as on a used machine
-            commands["mlflow run . -e teacher"] = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "run", str(PROJECT_ROOT), "-e", "teacher",
-                                                   "--env-manager", "local", "-P", "image_size=100000"]
+            commands["mlflow run . -e teacher"] = [
+                os.path.join(os.path.dirname(sys.executable), "mlflow"),
+                "run",
+                str(PROJECT_ROOT),
+                "-e",
+                "teacher",
+                "--env-manager",
+                "local",
+                "-P",
+                "image_size=100000",
+            ]
         results = {name: refusal_cost(command, env) for name, command in commands.items()}
     print(json.dumps({"target_cpu_s": TARGET_CPU_S, "bad_argument": "image_size=100000", "results": results}, indent=2))
 

@@ -7,7 +7,7 @@ import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -65,7 +65,9 @@ def resolve_data(settings: Settings, work: Path, data_dir: Path) -> str:
         if settings.mode == "smoke":
             print(f"bench: real data not found at {data_dir}; the smoke run uses the embedded synthetic set")
             return ""
-        raise PipelineError(f"real data not found at {data_dir} (expected yes/ and no/ sub-folders); put the brain-mri-yes-no set there or pass --data_dir")
+        raise PipelineError(
+            f"real data not found at {data_dir} (expected yes/ and no/ sub-folders); put the brain-mri-yes-no set there or pass --data_dir"
+        )
     if not settings.per_class:
         return str(data_dir)
     subset = work / "data"
@@ -78,9 +80,18 @@ def resolve_data(settings: Settings, work: Path, data_dir: Path) -> str:
 
 def make_config(settings: Settings, work: Path, data_dir: str) -> Config:
     return Config(
-        data_dir=data_dir, synthetic_images=40, image_size=settings.image_size, folds=settings.folds, epochs=settings.epochs, patience=settings.patience,
-        n_trials=settings.n_trials, study_name="bench", storage=f"sqlite:///{work / 'optuna.db'}", model_name=MODEL_NAME,
-        experiment_name=EXPERIMENT, cache_dir=str(work / "cache"),
+        data_dir=data_dir,
+        synthetic_images=40,
+        image_size=settings.image_size,
+        folds=settings.folds,
+        epochs=settings.epochs,
+        patience=settings.patience,
+        n_trials=settings.n_trials,
+        study_name="bench",
+        storage=f"sqlite:///{work / 'optuna.db'}",
+        model_name=MODEL_NAME,
+        experiment_name=EXPERIMENT,
+        cache_dir=str(work / "cache"),
     )
 
 
@@ -100,7 +111,9 @@ def machine() -> dict[str, object]:
     """CPU model, cores, RAM, OS and the versions of everything measured."""
     cpu = platform.processor() or "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     try:
@@ -119,11 +132,27 @@ def machine() -> dict[str, object]:
 
 def header(settings: Settings, cfg: Config) -> dict[str, object]:
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "settings": asdict(settings),
-        "config": {name: getattr(cfg, name) for name in ("data_dir", "image_size", "folds", "epochs", "patience", "batch_size", "n_trials", "teacher_arch", "student_size", "temperature", "alpha", "seed")},
+        "config": {
+            name: getattr(cfg, name)
+            for name in (
+                "data_dir",
+                "image_size",
+                "folds",
+                "epochs",
+                "patience",
+                "batch_size",
+                "n_trials",
+                "teacher_arch",
+                "student_size",
+                "temperature",
+                "alpha",
+                "seed",
+            )
+        },
     }
 
 
@@ -135,7 +164,13 @@ def ratio(numerator: float, denominator: float) -> float:
 def target(description: str, value: float, threshold: float, at_least: bool = True) -> dict[str, object]:
     """One target with its measured value: met when value >= threshold (or <= where ``at_least`` is False)."""
     met = bool(value >= threshold) if at_least else bool(value <= threshold)
-    return {"target": description, "value": float(value), "threshold": float(threshold), "comparison": ">=" if at_least else "<=", "met": met and bool(np.isfinite(value))}
+    return {
+        "target": description,
+        "value": float(value),
+        "threshold": float(threshold),
+        "comparison": ">=" if at_least else "<=",
+        "met": met and bool(np.isfinite(value)),
+    }
 
 
 class EpochTimer(keras.callbacks.Callback):

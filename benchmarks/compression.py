@@ -58,29 +58,48 @@ def describe(model: keras.Model, bench: Bench, path: Path) -> dict[str, float]:
     b1, b32 = latency(model, images, 1, repeats), latency(model, images, 32, max(10, repeats // 4))
     macs = float(count_macs(model))
     return {
-        "params": float(model.count_params()), "file_bytes": float(path.stat().st_size), "macs": macs, "flops": 2.0 * macs,
-        "batch1_p50_ms": b1["p50_ms"], "batch1_p95_ms": b1["p95_ms"], "batch32_p50_ms": b32["p50_ms"], "batch32_p95_ms": b32["p95_ms"],
-        "f1": metrics["f1"], "roc_auc": metrics["roc_auc"],
+        "params": float(model.count_params()),
+        "file_bytes": float(path.stat().st_size),
+        "macs": macs,
+        "flops": 2.0 * macs,
+        "batch1_p50_ms": b1["p50_ms"],
+        "batch1_p95_ms": b1["p95_ms"],
+        "batch32_p50_ms": b32["p50_ms"],
+        "batch32_p95_ms": b32["p95_ms"],
+        "f1": metrics["f1"],
+        "roc_auc": metrics["roc_auc"],
     }
 
 
 def run(bench: Bench) -> dict:
     models = {"teacher": load_teacher_model(bench.teacher_run_id, "all"), "student": load_student(bench.cfg.model_name, bench.version)}
-    measured = {name: describe(model, bench, bench.work / f"{name}.keras") for name, model in tqdm(models.items(), desc="part 3: compression", unit="model")}
+    measured = {
+        name: describe(model, bench, bench.work / f"{name}.keras")
+        for name, model in tqdm(models.items(), desc="part 3: compression", unit="model")
+    }
     teacher, student = measured["teacher"], measured["student"]
-    ratios = {key: ratio(teacher[key], student[key]) for key in ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms")}
+    ratios = {
+        key: ratio(teacher[key], student[key])
+        for key in ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms")
+    }
     f1_drop = teacher["f1"] - student["f1"]
     result = {
         **measured,
         "teacher_over_student": ratios,
         "f1_drop": f1_drop,
-        "setup": {"holdout_images": int(len(bench.prepared.splits.test)), "image_size": bench.cfg.image_size, "student_version": bench.version,
-                  "flops_method": "2 x MACs of Conv2D/DepthwiseConv2D/Dense layers from their kernel and output shapes"},
+        "setup": {
+            "holdout_images": int(len(bench.prepared.splits.test)),
+            "image_size": bench.cfg.image_size,
+            "student_version": bench.version,
+            "flops_method": "2 x MACs of Conv2D/DepthwiseConv2D/Dense layers from their kernel and output shapes",
+        },
         "targets": [
             target("student >= 20x fewer parameters", ratios["params"], 20.0),
             target("student >= 3x lower batch-1 latency (p50)", ratios["batch1_p50_ms"], 3.0),
             target("student hold-out F1 within 0.02 of the teacher (teacher - student <= 0.02)", f1_drop, 0.02, at_least=False),
         ],
     }
-    print(f"part 3: params {ratios['params']:.1f}x, FLOPs {ratios['flops']:.1f}x, batch-1 p50 {ratios['batch1_p50_ms']:.2f}x, F1 teacher {teacher['f1']:.4f} vs student {student['f1']:.4f}")
+    print(
+        f"part 3: params {ratios['params']:.1f}x, FLOPs {ratios['flops']:.1f}x, batch-1 p50 {ratios['batch1_p50_ms']:.2f}x, F1 teacher {teacher['f1']:.4f} vs student {student['f1']:.4f}"
+    )
     return result

@@ -21,7 +21,11 @@ def run(bench: Bench) -> dict:
         "keras_over_float32_batch1_p50": ratio(formats["keras"]["p50_ms"], formats["float32"]["p50_ms"]),
         "int8_vs_float32_f1_gap": f1_gap,
         "logged_to_run": exported.run_id,
-        "setup": {"version": exported.version, "representative_images": "up to 100 training-split images, evenly spread", "interpreter_threads": "os.cpu_count()"},
+        "setup": {
+            "version": exported.version,
+            "representative_images": "up to 100 training-split images, evenly spread",
+            "interpreter_threads": "os.cpu_count()",
+        },
         "targets": [
             target("INT8 batch-1 latency >= 3x lower than the Keras student's (p50)", speedup, 3.0),
             target("INT8 hold-out F1 within 0.01 of float32", f1_gap, 0.01, at_least=False),

@@ -60,13 +60,19 @@ def step_times(tracking_uri: str, run_id: str = "") -> dict[str, float]:
 
     client = MlflowClient(tracking_uri)
     if not run_id:
-        found = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`kd.step` = 'main' and attributes.status = 'FINISHED'",
-                                   order_by=["attributes.start_time DESC"], max_results=1)
+        found = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            "tags.`kd.step` = 'main' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         if not found:
             raise SystemExit(f"no finished main run in {tracking_uri}")
         run_id = found[0].info.run_id
     main = client.get_run(run_id)
-    runs = {"main": main} | {key[3:-7]: client.get_run(value) for key, value in main.data.tags.items() if key.startswith("kd.") and key.endswith("_run_id")}
+    runs = {"main": main} | {
+        key[3:-7]: client.get_run(value) for key, value in main.data.tags.items() if key.startswith("kd.") and key.endswith("_run_id")
+    }
     times = {step: (run.info.end_time - run.info.start_time) / 1000 for step, run in runs.items()}
     times["main"] = (max(run.info.end_time for run in runs.values()) - main.info.start_time) / 1000
     for step, seconds in times.items():
@@ -85,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     steps_parser = commands.add_parser("steps", help="wall time of each step of a finished main run")
     steps_parser.add_argument("--tracking-uri", required=True)
     steps_parser.add_argument("--run-id", default="")
-    run_cli(lambda a: grow(a.source, a.out, a.images, a.seed) if a.command == "grow" else step_times(a.tracking_uri, a.run_id), parser, argv)
+    run_cli(
+        lambda a: grow(a.source, a.out, a.images, a.seed) if a.command == "grow" else step_times(a.tracking_uri, a.run_id), parser, argv
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ TITLES = {
     "serving": "5. Serving (`mlflow models serve`, loopback)",
     "scaling": "6. Scaling and memory",
 }
-COST_LABELS = {"teacher_epoch_s": "teacher training epoch", "student_kd_epoch_s": "student KD epoch (cached)", "student_inference_s": "student inference, all images"}
+COST_LABELS = {
+    "teacher_epoch_s": "teacher training epoch",
+    "student_kd_epoch_s": "student KD epoch (cached)",
+    "student_inference_s": "student inference, all images",
+}
 
 
 def fmt(value) -> str:
@@ -61,13 +65,11 @@ def figures(tree, prefix: str = "") -> list[tuple[str, float]]:
     return found
 
 
-
 def plot_scaling(scaling: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -130,37 +132,79 @@ def part_tables(part: str, r: dict) -> list[str]:
     """The readable tables of one part (the complete figure list follows them)."""
     if part == "throughput":
         rows = [[name, value, r["first_epoch_s"][name]] for name, value in r["images_per_s"].items()]
-        return [table(["variant", "images/s (timed epochs)", "first epoch s (tracing, XLA compile)"], rows),
-                f"cached / online: **{fmt(r['cached_vs_online'])}x**; XLA on cached: x{fmt(r['xla_gain_cached'])}; best cached variant / online: {fmt(r['best_cached_vs_online'])}x"]
+        return [
+            table(["variant", "images/s (timed epochs)", "first epoch s (tracing, XLA compile)"], rows),
+            f"cached / online: **{fmt(r['cached_vs_online'])}x**; XLA on cached: x{fmt(r['xla_gain_cached'])}; best cached variant / online: {fmt(r['best_cached_vs_online'])}x",
+        ]
     if part == "search":
-        rows = [[s, r[s]["wall_s"], r[s]["best_f1"], r[s]["best_f1_std"], r[s]["trials"], r[s]["pruned"], r[s]["folds_trained"], r[s]["peak_rss_mib"]] for s in ("naive", "ours")]
-        return [table(["strategy", "wall s", "best F1", "F1 std", "trials", "pruned", "folds trained", "peak RSS MiB"], rows), f"naive / ours wall time: **{fmt(r['naive_vs_ours_wall'])}x**; best-F1 gap {fmt(r['best_f1_gap'])}"]
+        rows = [
+            [
+                s,
+                r[s]["wall_s"],
+                r[s]["best_f1"],
+                r[s]["best_f1_std"],
+                r[s]["trials"],
+                r[s]["pruned"],
+                r[s]["folds_trained"],
+                r[s]["peak_rss_mib"],
+            ]
+            for s in ("naive", "ours")
+        ]
+        return [
+            table(["strategy", "wall s", "best F1", "F1 std", "trials", "pruned", "folds trained", "peak RSS MiB"], rows),
+            f"naive / ours wall time: **{fmt(r['naive_vs_ours_wall'])}x**; best-F1 gap {fmt(r['best_f1_gap'])}",
+        ]
     if part == "compression":
         keys = ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms", "f1", "roc_auc")
         rows = [[key, r["teacher"][key], r["student"][key], r["teacher_over_student"].get(key, "")] for key in keys]
-        return [table(["", "teacher", "student", "teacher / student"], rows), f"FLOPs: {r['setup']['flops_method']}. F1 drop (teacher - student): {fmt(r['f1_drop'])}"]
+        return [
+            table(["", "teacher", "student", "teacher / student"], rows),
+            f"FLOPs: {r['setup']['flops_method']}. F1 drop (teacher - student): {fmt(r['f1_drop'])}",
+        ]
     if part == "edge":
         rows = [[name, f["size_bytes"], f["p50_ms"], f["p95_ms"], f["f1"], f["roc_auc"]] for name, f in r["formats"].items()]
-        return [table(["format", "bytes", "batch-1 p50 ms", "p95 ms", "hold-out F1", "ROC-AUC"], rows),
-                f"Keras / INT8 batch-1 p50: **{fmt(r['keras_over_int8_batch1_p50'])}x**; Keras / float32: {fmt(r['keras_over_float32_batch1_p50'])}x; |F1 INT8 - float32| {fmt(r['int8_vs_float32_f1_gap'])}; logged to run `{r['logged_to_run']}`"]
+        return [
+            table(["format", "bytes", "batch-1 p50 ms", "p95 ms", "hold-out F1", "ROC-AUC"], rows),
+            f"Keras / INT8 batch-1 p50: **{fmt(r['keras_over_int8_batch1_p50'])}x**; Keras / float32: {fmt(r['keras_over_float32_batch1_p50'])}x; |F1 INT8 - float32| {fmt(r['int8_vs_float32_f1_gap'])}; logged to run `{r['logged_to_run']}`",
+        ]
     if part == "serving":
         rows = [[n, lv["p50_ms"], lv["p95_ms"], lv["requests_per_s"], lv["requests"], lv["errors"]] for n, lv in r["clients"].items()]
         ip = r["in_process_one_image"]
-        return [table(["clients", "p50 ms", "p95 ms", "requests/s", "requests", "errors"], rows), f"in-process pyfunc, one image: p50 {fmt(ip['p50_ms'])} ms, p95 {fmt(ip['p95_ms'])} ms; served p50 at one client / in-process p50: **{fmt(r['served_over_in_process_p50'])}x**"]
+        return [
+            table(["clients", "p50 ms", "p95 ms", "requests/s", "requests", "errors"], rows),
+            f"in-process pyfunc, one image: p50 {fmt(ip['p50_ms'])} ms, p95 {fmt(ip['p95_ms'])} ms; served p50 at one client / in-process p50: **{fmt(r['served_over_in_process_p50'])}x**",
+        ]
     if part == "scaling":
         rows = [["x" + fmt(p["factor"]), p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_images"]]
         rows += [[f"{fmt(p['image_size'])} px", p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_size"]]
         slopes = [[axis] + [r["loglog_slopes"][axis][c] for c in COST_LABELS] for axis in ("vs_images", "vs_pixels")]
-        blocks = [table(["point", "images", "size px", *(f"{label} (s)" for label in COST_LABELS.values())], rows), "Log-log slopes (1 = linear):",
-                  table(["axis", *COST_LABELS.values()], slopes), f"Peak RSS of the search process (part 2, ours): **{fmt(r['search_peak_rss_mib'])} MiB**"]
+        blocks = [
+            table(["point", "images", "size px", *(f"{label} (s)" for label in COST_LABELS.values())], rows),
+            "Log-log slopes (1 = linear):",
+            table(["axis", *COST_LABELS.values()], slopes),
+            f"Peak RSS of the search process (part 2, ours): **{fmt(r['search_peak_rss_mib'])} MiB**",
+        ]
         if "precision" in r:  # results from before these measurements existed render without them
             p = r["precision"]
-            blocks += ["Training precision, before (float32) and after (bfloat16), same run:",
-                       table(["epoch", "float32 s", "bfloat16 s", "float32 / bfloat16"], [[COST_LABELS[c], p["float32"][c], p["bfloat16"][c], p["float32_over_bfloat16"][c]] for c in p["float32_over_bfloat16"]])]
+            blocks += [
+                "Training precision, before (float32) and after (bfloat16), same run:",
+                table(
+                    ["epoch", "float32 s", "bfloat16 s", "float32 / bfloat16"],
+                    [
+                        [COST_LABELS[c], p["float32"][c], p["bfloat16"][c], p["float32_over_bfloat16"][c]]
+                        for c in p["float32_over_bfloat16"]
+                    ],
+                ),
+            ]
         if "input_pipeline" in r:
             q = r["input_pipeline"]
-            blocks += [f"Input pipeline, before and after, {fmt(q['images'])} images ({fmt(q['image_mib'])} MiB of float32 pixels):",
-                       table(["", "before", "after", "before / after"], [[key, q["before"][key], q["after"][key], q["before_over_after"][key]] for key in q["before_over_after"]])]
+            blocks += [
+                f"Input pipeline, before and after, {fmt(q['images'])} images ({fmt(q['image_mib'])} MiB of float32 pixels):",
+                table(
+                    ["", "before", "after", "before / after"],
+                    [[key, q["before"][key], q["after"][key], q["before_over_after"][key]] for key in q["before_over_after"]],
+                ),
+            ]
         return blocks
     raise ValueError(part)
 
@@ -176,7 +220,9 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
     stem = json_path.with_suffix("")
     plots = {
         "scaling": plot_scaling(results["scaling"], Path(f"{stem}-scaling.png")),
-        "throughput": plot_bars(results["throughput"]["images_per_s"], "images/s", "KD training throughput", Path(f"{stem}-throughput.png")),
+        "throughput": plot_bars(
+            results["throughput"]["images_per_s"], "images/s", "KD training throughput", Path(f"{stem}-throughput.png")
+        ),
         "serving": plot_serving(results["serving"], Path(f"{stem}-serving.png")),
     }
     link = lambda path: os.path.relpath(path, report_path.parent)  # noqa: E731 (one-line helper)
@@ -199,7 +245,19 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         "",
         "## Targets",
         "",
-        table(["part", "target", "measured", "threshold", "status"], [[TITLES[part].split(" ", 1)[0].rstrip("."), t["target"], t["value"], f"{t['comparison']} {fmt(t['threshold'])}", "met" if t["met"] else "**not met**"] for part, t in targets]),
+        table(
+            ["part", "target", "measured", "threshold", "status"],
+            [
+                [
+                    TITLES[part].split(" ", 1)[0].rstrip("."),
+                    t["target"],
+                    t["value"],
+                    f"{t['comparison']} {fmt(t['threshold'])}",
+                    "met" if t["met"] else "**not met**",
+                ]
+                for part, t in targets
+            ],
+        ),
         "",
     ]
     for part in PARTS:
@@ -210,7 +268,14 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         if part in plots:
             lines += [f"![{part}]({link(plots[part])})", ""]
         lines += ["Setup: " + "; ".join(f"{k}: {v}" for k, v in section["setup"].items()), ""]
-        lines += ["<details><summary>All figures of this part</summary>", "", table(["figure", "value"], [[key, value] for key, value in figures(section)]), "", "</details>", ""]
+        lines += [
+            "<details><summary>All figures of this part</summary>",
+            "",
+            table(["figure", "value"], [[key, value] for key, value in figures(section)]),
+            "",
+            "</details>",
+            "",
+        ]
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text("\n".join(lines))
     return list(plots.values())

@@ -39,10 +39,18 @@ def grown(images: np.ndarray, labels: np.ndarray, logits: np.ndarray, factor: in
     return np.concatenate(copies), np.tile(labels, factor), np.tile(logits, (factor, 1))
 
 
-def epoch_seconds(trainer: Distiller, images: np.ndarray, labels: np.ndarray, logits: np.ndarray | None, batch_size: int, seed: int) -> float:
+def epoch_seconds(
+    trainer: Distiller, images: np.ndarray, labels: np.ndarray, logits: np.ndarray | None, batch_size: int, seed: int
+) -> float:
     """Seconds of the second of two epochs: the first traces the train step for every batch shape, the second reuses it."""
     timer = EpochTimer()
-    trainer.fit(make_dataset(images, labels, None, logits, batch_size, shuffle=True, seed=seed), epochs=2, verbose=0, callbacks=[timer], shuffle=False)
+    trainer.fit(
+        make_dataset(images, labels, None, logits, batch_size, shuffle=True, seed=seed),
+        epochs=2,
+        verbose=0,
+        callbacks=[timer],
+        shuffle=False,
+    )
     return timer.seconds[1]
 
 
@@ -62,7 +70,8 @@ def measure(bench: Bench, images: np.ndarray, labels: np.ndarray, logits: np.nda
     cfg, size = bench.cfg, images.shape[1]
     teacher, student = trainers(bench, size, "float32")
     result = {
-        "images": float(len(images)), "image_size": float(size),
+        "images": float(len(images)),
+        "image_size": float(size),
         "teacher_epoch_s": epoch_seconds(teacher, images, labels, None, cfg.batch_size, cfg.seed),
         "student_kd_epoch_s": epoch_seconds(student, images, labels, logits, cfg.batch_size, cfg.seed),
     }
@@ -127,8 +136,12 @@ def pipeline_before_after(images: np.ndarray, labels: np.ndarray, batch_size: in
             name, values = results.get(timeout=600)
             child.join()
             measured[name] = values
-    return {**measured, "images": float(len(labels)), "image_mib": images.nbytes / 2**20,
-            "before_over_after": {key: ratio(measured["before"][key], measured["after"][key]) for key in measured["after"]}}
+    return {
+        **measured,
+        "images": float(len(labels)),
+        "image_mib": images.nbytes / 2**20,
+        "before_over_after": {key: ratio(measured["before"][key], measured["after"][key]) for key in measured["after"]},
+    }
 
 
 def slope(x: list[float], y: list[float]) -> float:
@@ -162,13 +175,26 @@ def run(bench: Bench, search_peak_rss_mib: float | None) -> dict:
         "vs_pixels": {cost: slope([p["pixels"] for p in by_size], [p[cost] for p in by_size]) for cost in COSTS},
     }
     result = {
-        "by_images": by_images, "by_size": by_size, "loglog_slopes": slopes, "search_peak_rss_mib": search_peak_rss_mib, "precision": precision, "input_pipeline": pipeline,
-        "setup": {"augmentation": "pipelines.training.augmentation (flip, rotation, zoom, shift, contrast)", "batch_size": cfg.batch_size,
-                  "base_images": int(len(labels)), "memory": "peak RSS (VmHWM) of the part-2 'ours' search process",
-                  "precision": f"base point ({len(labels)} images, {cfg.image_size} px), second of two epochs, float32 and bfloat16 alternating",
-                  "input_pipeline": f"x{largest} point; before = from_tensor_slices + float32 copy + .cache(), after = make_dataset; one spawned process each"},
-        "targets": [] if search_peak_rss_mib is None else [target(f"peak RSS of a search < {MEMORY_LIMIT_MIB} MiB", search_peak_rss_mib, MEMORY_LIMIT_MIB, at_least=False)],
+        "by_images": by_images,
+        "by_size": by_size,
+        "loglog_slopes": slopes,
+        "search_peak_rss_mib": search_peak_rss_mib,
+        "precision": precision,
+        "input_pipeline": pipeline,
+        "setup": {
+            "augmentation": "pipelines.training.augmentation (flip, rotation, zoom, shift, contrast)",
+            "batch_size": cfg.batch_size,
+            "base_images": int(len(labels)),
+            "memory": "peak RSS (VmHWM) of the part-2 'ours' search process",
+            "precision": f"base point ({len(labels)} images, {cfg.image_size} px), second of two epochs, float32 and bfloat16 alternating",
+            "input_pipeline": f"x{largest} point; before = from_tensor_slices + float32 copy + .cache(), after = make_dataset; one spawned process each",
+        },
+        "targets": []
+        if search_peak_rss_mib is None
+        else [target(f"peak RSS of a search < {MEMORY_LIMIT_MIB} MiB", search_peak_rss_mib, MEMORY_LIMIT_MIB, at_least=False)],
     }
-    print(f"part 6: log-log slopes vs images {slopes['vs_images']}, vs pixels {slopes['vs_pixels']}; search peak RSS {search_peak_rss_mib} MiB; "
-          f"float32 / bfloat16 epoch s {precision['float32_over_bfloat16']}; input pipeline before / after {pipeline['before_over_after']}")
+    print(
+        f"part 6: log-log slopes vs images {slopes['vs_images']}, vs pixels {slopes['vs_pixels']}; search peak RSS {search_peak_rss_mib} MiB; "
+        f"float32 / bfloat16 epoch s {precision['float32_over_bfloat16']}; input pipeline before / after {pipeline['before_over_after']}"
+    )
     return result

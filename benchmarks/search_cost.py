@@ -30,8 +30,13 @@ def run_ours(cfg: Config) -> dict:
     best = best_trial(study)
     trials = [t for t in study.trials if "fold_f1" in t.user_attrs]
     return {
-        "wall_s": wall, "best_f1": best.values[0], "best_f1_std": best.user_attrs.get("f1_std", float("nan")), "best_params": best.params,
-        "trials": len(trials), "pruned": sum(t.state.name == "PRUNED" for t in trials), "folds_trained": sum(len(t.user_attrs["fold_f1"]) for t in trials),
+        "wall_s": wall,
+        "best_f1": best.values[0],
+        "best_f1_std": best.user_attrs.get("f1_std", float("nan")),
+        "best_params": best.params,
+        "trials": len(trials),
+        "pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "folds_trained": sum(len(t.user_attrs["fold_f1"]) for t in trials),
     }
 
 
@@ -45,7 +50,12 @@ def run_naive(cfg: Config) -> dict:
     from pipelines.teacher import train_teacher
     from search.space import SearchSpace
 
-    trials = sorted(optuna.load_study(study_name=cfg.study_name, storage=cfg.storage_url).get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)), key=lambda t: t.number)
+    trials = sorted(
+        optuna.load_study(study_name=cfg.study_name, storage=cfg.storage_url).get_trials(
+            states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        ),
+        key=lambda t: t.number,
+    )
     space = SearchSpace.from_config(cfg)
     start = time.perf_counter()
     prepared = prepare_data(cfg)
@@ -61,7 +71,15 @@ def run_naive(cfg: Config) -> dict:
             scores.append((summary["f1_mean"], summary["f1_std"], trial.params))
     wall = time.perf_counter() - start
     best = int(np.argmax([s[0] for s in scores]))
-    return {"wall_s": wall, "best_f1": scores[best][0], "best_f1_std": scores[best][1], "best_params": scores[best][2], "trials": len(trials), "pruned": 0, "folds_trained": len(trials) * cfg.folds}
+    return {
+        "wall_s": wall,
+        "best_f1": scores[best][0],
+        "best_f1_std": scores[best][1],
+        "best_params": scores[best][2],
+        "trials": len(trials),
+        "pruned": 0,
+        "folds_trained": len(trials) * cfg.folds,
+    }
 
 
 def peak_rss_mib() -> float:
@@ -100,14 +118,25 @@ def run(bench: Bench) -> dict:
         **measured,
         "naive_vs_ours_wall": cheaper,
         "best_f1_gap": gap,
-        "setup": {"trials": bench.cfg.n_trials, "folds": bench.cfg.folds, "epochs": bench.cfg.epochs, "patience": bench.cfg.patience, "seed": bench.cfg.seed,
-                  "pruner": "MedianPruner(n_startup_trials=2, n_warmup_steps=1) per fold", "image_size": bench.cfg.image_size},
+        "setup": {
+            "trials": bench.cfg.n_trials,
+            "folds": bench.cfg.folds,
+            "epochs": bench.cfg.epochs,
+            "patience": bench.cfg.patience,
+            "seed": bench.cfg.seed,
+            "pruner": "MedianPruner(n_startup_trials=2, n_warmup_steps=1) per fold",
+            "image_size": bench.cfg.image_size,
+        },
         "targets": [
             target("ours >= 4x cheaper than naive (wall time)", cheaper, 4.0),
-            target("best-F1 gap between ours and naive <= fold-to-fold F1 std of ours' best trial", gap, ours["best_f1_std"], at_least=False),
+            target(
+                "best-F1 gap between ours and naive <= fold-to-fold F1 std of ours' best trial", gap, ours["best_f1_std"], at_least=False
+            ),
         ],
     }
-    print(f"part 2: naive {naive['wall_s']:.1f} s vs ours {ours['wall_s']:.1f} s -> {cheaper:.2f}x cheaper; best F1 {naive['best_f1']:.4f} vs {ours['best_f1']:.4f}")
+    print(
+        f"part 2: naive {naive['wall_s']:.1f} s vs ours {ours['wall_s']:.1f} s -> {cheaper:.2f}x cheaper; best F1 {naive['best_f1']:.4f} vs {ours['best_f1']:.4f}"
+    )
     return result
 
 

@@ -63,8 +63,12 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict[s
     wall = time.perf_counter() - start
     ms = np.asarray(latencies) * 1e3
     return {
-        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"), "p95_ms": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
-        "requests_per_s": len(ms) / wall, "requests": float(len(ms)), "errors": float(errors[0]), "seconds": wall,
+        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p95_ms": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
+        "requests_per_s": len(ms) / wall,
+        "requests": float(len(ms)),
+        "errors": float(errors[0]),
+        "seconds": wall,
     }
 
 
@@ -85,7 +89,10 @@ def run(bench: Bench) -> dict:
     try:
         for body in bodies[:5]:  # warm-up: every worker has traced its graph before timing starts
             post(port, body)
-        levels = {str(n): load(port, bodies, n, bench.settings.serve_seconds) for n in tqdm(bench.settings.clients, desc="part 5: serving", unit="level")}
+        levels = {
+            str(n): load(port, bodies, n, bench.settings.serve_seconds)
+            for n in tqdm(bench.settings.clients, desc="part 5: serving", unit="level")
+        }
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -95,11 +102,19 @@ def run(bench: Bench) -> dict:
         "in_process_one_image": in_process,
         "clients": levels,
         "served_over_in_process_p50": over,
-        "setup": {"model_uri": model_uri, "seconds_per_level": bench.settings.serve_seconds, "request": "one real MRI file (base64 JSON) per request, hold-out files in turn",
-                  "server_workers": os.environ.get("MLFLOW_MODELS_WORKERS", f"default ({os.cpu_count()}, the CPU count)")},
-        "targets": [target(f"p50 at {bench.settings.clients[0]} client <= 2x in-process pyfunc predict of one image", over, 2.0, at_least=False)],
+        "setup": {
+            "model_uri": model_uri,
+            "seconds_per_level": bench.settings.serve_seconds,
+            "request": "one real MRI file (base64 JSON) per request, hold-out files in turn",
+            "server_workers": os.environ.get("MLFLOW_MODELS_WORKERS", f"default ({os.cpu_count()}, the CPU count)"),
+        },
+        "targets": [
+            target(f"p50 at {bench.settings.clients[0]} client <= 2x in-process pyfunc predict of one image", over, 2.0, at_least=False)
+        ],
     }
     for n, level in levels.items():
-        print(f"part 5: {n:>2} clients: p50 {level['p50_ms']:.1f} ms, p95 {level['p95_ms']:.1f} ms, {level['requests_per_s']:.1f} req/s, {level['errors']:.0f} errors")
+        print(
+            f"part 5: {n:>2} clients: p50 {level['p50_ms']:.1f} ms, p95 {level['p95_ms']:.1f} ms, {level['requests_per_s']:.1f} req/s, {level['errors']:.0f} errors"
+        )
     print(f"part 5: served p50 / in-process p50 = {over:.2f}x (in-process {in_process['p50_ms']:.1f} ms)")
     return result

@@ -26,7 +26,11 @@ def images_per_second(bench: Bench, mode: str, jit_compile: bool) -> tuple[float
     rows = prepared.splits.folds[0][0]
     labels = prepared.dataset.labels
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels[rows]]
-    logits = load_teacher_logits(bench.teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["fold_0"][rows] if mode == "cached" else None
+    logits = (
+        load_teacher_logits(bench.teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["fold_0"][rows]
+        if mode == "cached"
+        else None
+    )
     set_seed(cfg.seed)
     student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed)
     teacher = load_teacher_model(bench.teacher_run_id, "fold_0") if mode == "online" else None
@@ -53,9 +57,17 @@ def run(bench: Bench) -> dict:
         "cached_vs_online": speedup,
         "xla_gain_cached": ratio(measured["cached_xla"], measured["cached"]),
         "best_cached_vs_online": ratio(max(measured["cached"], measured["cached_xla"]), measured["online"]),
-        "setup": {"image_size": bench.cfg.image_size, "batch_size": bench.cfg.batch_size, "student": bench.cfg.student_size, "teacher": bench.cfg.teacher_arch,
-                  "train_rows": int(len(bench.prepared.splits.folds[0][0])), "timed_epochs": bench.settings.throughput_epochs},
+        "setup": {
+            "image_size": bench.cfg.image_size,
+            "batch_size": bench.cfg.batch_size,
+            "student": bench.cfg.student_size,
+            "teacher": bench.cfg.teacher_arch,
+            "train_rows": int(len(bench.prepared.splits.folds[0][0])),
+            "timed_epochs": bench.settings.throughput_epochs,
+        },
         "targets": [target(f"cached >= 3x online images/s at image size {bench.cfg.image_size}", speedup, 3.0)],
     }
-    print(f"part 1: cached {measured['cached']:.0f} img/s vs online {measured['online']:.0f} img/s -> {speedup:.2f}x; XLA on cached x{result['xla_gain_cached']:.2f} (first epoch {first_epoch_s['cached_xla']:.1f} s vs {first_epoch_s['cached']:.1f} s)")
+    print(
+        f"part 1: cached {measured['cached']:.0f} img/s vs online {measured['online']:.0f} img/s -> {speedup:.2f}x; XLA on cached x{result['xla_gain_cached']:.2f} (first epoch {first_epoch_s['cached_xla']:.1f} s vs {first_epoch_s['cached']:.1f} s)"
+    )
     return result

@@ -30,7 +30,15 @@ def train(network: keras.Model, prepared, cfg: Config, teacher_logits: np.ndarra
     set_seed(cfg.seed)
     trainer = Distiller(network, None, cfg.temperature, 1.0 if teacher_logits is None else cfg.alpha, prepared.dataset.binary)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    data = make_dataset(prepared.images[rows], labels[rows], weights, None if teacher_logits is None else teacher_logits[rows], cfg.batch_size, shuffle=True, seed=cfg.seed)
+    data = make_dataset(
+        prepared.images[rows],
+        labels[rows],
+        weights,
+        None if teacher_logits is None else teacher_logits[rows],
+        cfg.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+    )
     trainer.fit(data, epochs=cfg.epochs, shuffle=False, verbose=0)  # make_dataset shuffles
     return network
 
@@ -45,15 +53,24 @@ def main() -> None:
     prepared = prepare_data(cfg)
     dataset, test = prepared.dataset, prepared.splits.test
     teacher = train(build_teacher(cfg.teacher_arch, cfg.image_size, dataset.num_classes, seed=cfg.seed), prepared, cfg, None)
-    student = train(build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed), prepared, cfg, predict_logits(teacher, prepared.images))
+    student = train(
+        build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed),
+        prepared,
+        cfg,
+        predict_logits(teacher, prepared.images),
+    )
 
     positive = dataset.class_names.index(dataset.positive_class)
-    student_p, teacher_p = (probabilities(predict_logits(model, prepared.images[test]), dataset.binary)[:, positive] for model in (student, teacher))
+    student_p, teacher_p = (
+        probabilities(predict_logits(model, prepared.images[test]), dataset.binary)[:, positive] for model in (student, teacher)
+    )
     tumours = [i for i in range(len(test)) if dataset.labels[test[i]] == positive and student_p[i] > 0.5 and teacher_p[i] > 0.5]
     chosen = test[max(tumours, key=lambda i: student_p[i])]
     path = Path(dataset.manifest["path"].iloc[chosen])
     scan = decode_image(path)
-    explanations = {who: explain_scan(model, scan, cfg.image_size, dataset.class_names) for who, model in (("student", student), ("teacher", teacher))}
+    explanations = {
+        who: explain_scan(model, scan, cfg.image_size, dataset.class_names) for who, model in (("student", student), ("teacher", teacher))
+    }
     title = f"{path.name} (hold-out, label {dataset.class_names[dataset.labels[chosen]]})\ntrained on {Path(args.data_dir).name}, data {dataset.digest[:12]}"
     write_overlay(explanations, title, Path(args.out))
     for who, explanation in explanations.items():

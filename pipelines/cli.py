@@ -11,15 +11,23 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from pipelines.config import DATA_PARAMS, PipelineError, build_parser, config_from_args, redact_url
 
 # step -> (function run with the Config, description, the Config fields it takes; None = all)
 STEPS = {
-    "prepare": ("pipelines.prepare:prepare", "Ingest, decode and split the data; log the manifest and splits to MLflow.",
-                DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes", "experiment_name", "cache_dir")),
-    "teacher": ("pipelines.teacher:train_teacher", "Train one teacher per fold and one on all training data (reused when already trained).", None),
+    "prepare": (
+        "pipelines.prepare:prepare",
+        "Ingest, decode and split the data; log the manifest and splits to MLflow.",
+        DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes", "experiment_name", "cache_dir"),
+    ),
+    "teacher": (
+        "pipelines.teacher:train_teacher",
+        "Train one teacher per fold and one on all training data (reused when already trained).",
+        None,
+    ),
     "distill": ("pipelines.distill:distill", "Distil a student from the teachers (trained first when missing), cross-validated.", None),
     "main": ("pipelines.main:run_main", "Run prepare -> teacher -> search -> promote, reusing finished steps.", None),
 }
@@ -37,7 +45,12 @@ def run_step(name: str, argv: list[str] | None = None) -> Any:
     return run_cli(step, build_parser(description, names), argv, check=config_from_args)
 
 
-def run_cli(step: Callable[[Any], Any], parser: argparse.ArgumentParser, argv: list[str] | None = None, check: Callable[[argparse.Namespace], Any] | None = None) -> Any:
+def run_cli(
+    step: Callable[[Any], Any],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+    check: Callable[[argparse.Namespace], Any] | None = None,
+) -> Any:
     """Parse ``argv``, ``check`` the arguments (cheap: nothing heavy imported yet), then run ``step`` on the result."""
     args = parser.parse_args(argv)
     try:
@@ -56,9 +69,13 @@ def run_cli(step: Callable[[Any], Any], parser: argparse.ArgumentParser, argv: l
         from pipelines.tracking import unreachable
 
         if unreachable(error):
-            fail(f"the tracking server did not answer, even after retries with backoff ({str(error)[:300]}); check that it runs and MLFLOW_TRACKING_URI")
+            fail(
+                f"the tracking server did not answer, even after retries with backoff ({str(error)[:300]}); check that it runs and MLFLOW_TRACKING_URI"
+            )
         if error.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
-            fail(f"the tracking server refused: {error.message}; log in (MLFLOW_TRACKING_USERNAME/PASSWORD) as a user an admin granted the permission")
+            fail(
+                f"the tracking server refused: {error.message}; log in (MLFLOW_TRACKING_USERNAME/PASSWORD) as a user an admin granted the permission"
+            )
         raise
 
 

@@ -16,9 +16,10 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEDUPE_MODES = ("drop", "keep", "error")  # what prepare does with hold-out images that duplicate training images
@@ -45,7 +46,11 @@ class Limits:
     high_open: bool = False
 
     def __contains__(self, value: float) -> bool:
-        return math.isfinite(value) and (self.low < value if self.low_open else self.low <= value) and (value < self.high if self.high_open else value <= self.high)
+        return (
+            math.isfinite(value)
+            and (self.low < value if self.low_open else self.low <= value)
+            and (value < self.high if self.high_open else value <= self.high)
+        )
 
     def __str__(self) -> str:
         low, high = (f"{int(end)}" if float(end).is_integer() else f"{end:g}" for end in (self.low, self.high))
@@ -105,7 +110,9 @@ def parse_student_size(size: str) -> tuple[int, int]:
         return STUDENT_PRESETS[size]
     match = re.fullmatch(r"(\d+)x(\d+)", size.strip())
     if not match or not (1 <= int(match.group(1)) <= MAX_STUDENT_WIDTH and 1 <= int(match.group(2)) <= MAX_STUDENT_DEPTH):
-        raise PipelineError(f"student_size={size!r}: use {', '.join(STUDENT_PRESETS)} or WIDTHxDEPTH with width 1-{MAX_STUDENT_WIDTH} and depth 1-{MAX_STUDENT_DEPTH} (e.g. 24x3)")
+        raise PipelineError(
+            f"student_size={size!r}: use {', '.join(STUDENT_PRESETS)} or WIDTHxDEPTH with width 1-{MAX_STUDENT_WIDTH} and depth 1-{MAX_STUDENT_DEPTH} (e.g. 24x3)"
+        )
     return int(match.group(1)), int(match.group(2))
 
 
@@ -127,8 +134,10 @@ def has_password(url: str) -> bool:
 def check_storage_parameter(url: str) -> None:
     """Refuse a storage URL with a password: parameters are logged and printed (``mlflow run`` shows them)."""
     if has_password(url):
-        raise PipelineError(f"storage={redact_url(url)}: a password in the URL would be stored with the run's parameters; drop it and use PGPASSWORD "
-                            f"or ~/.pgpass, or put the whole URL in the environment variable {STORAGE_URL_ENV} and leave storage empty")
+        raise PipelineError(
+            f"storage={redact_url(url)}: a password in the URL would be stored with the run's parameters; drop it and use PGPASSWORD "
+            f"or ~/.pgpass, or put the whole URL in the environment variable {STORAGE_URL_ENV} and leave storage empty"
+        )
 
 
 @dataclass
@@ -139,20 +148,40 @@ class Config:
     data_dir: str = field(default="", metadata={"help": "image folder, BraTS .h5 folder or CSV manifest; empty = embedded synthetic set"})
     image_size: int = field(default=64, metadata={"help": "square input size in pixels"})
     positive_class: str = field(default="", metadata={"help": "positive class for binary metrics; empty = detect (yes, tumor, ...)"})
-    modality: str = field(default="flair", metadata={"help": "BraTS channel (.h5) or NIfTI file (<case>_<modality>.nii.gz): flair, t1, t1ce, t2 or an index 0-3"})
-    test_fraction: float = field(default=0.2, metadata={"help": "stratified hold-out fraction (ignored when the data has its own test split)"})
+    modality: str = field(
+        default="flair",
+        metadata={"help": "BraTS channel (.h5) or NIfTI file (<case>_<modality>.nii.gz): flair, t1, t1ce, t2 or an index 0-3"},
+    )
+    test_fraction: float = field(
+        default=0.2, metadata={"help": "stratified hold-out fraction (ignored when the data has its own test split)"}
+    )
     folds: int = field(default=5, metadata={"help": "stratified group k-fold splits of the training part"})
     seed: int = field(default=42, metadata={"help": "seed for splits, initialisation and augmentation"})
-    augment: bool = field(default=False, metadata={"help": "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"})
-    dedupe: str = field(default="drop", metadata={"help": "hold-out images that duplicate training images (given Testing/ split): drop, keep or error"})
+    augment: bool = field(
+        default=False,
+        metadata={
+            "help": "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"
+        },
+    )
+    dedupe: str = field(
+        default="drop", metadata={"help": "hold-out images that duplicate training images (given Testing/ split): drop, keep or error"}
+    )
     synthetic_images: int = field(default=300, metadata={"help": "size of the embedded synthetic set when data_dir is empty"})
-    synthetic_classes: int = field(default=2, metadata={"help": "classes of the embedded synthetic set: 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)"})
+    synthetic_classes: int = field(
+        default=2,
+        metadata={"help": "classes of the embedded synthetic set: 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)"},
+    )
     # optimisation
     epochs: int = field(default=60, metadata={"help": "maximum epochs per fold (early stopping on validation loss)"})
     patience: int = field(default=15, metadata={"help": "early-stopping patience in epochs"})
     batch_size: int = field(default=16, metadata={"help": "mini-batch size"})
     learning_rate: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
-    precision: str = field(default="float32", metadata={"help": "training arithmetic: float32, or bfloat16 (Keras mixed_bfloat16, float32 weights and logits); saved models are float32 either way"})
+    precision: str = field(
+        default="float32",
+        metadata={
+            "help": "training arithmetic: float32, or bfloat16 (Keras mixed_bfloat16, float32 weights and logits); saved models are float32 either way"
+        },
+    )
     # models
     teacher_arch: str = field(default="resnet", metadata={"help": "resnet (ours) or a keras.applications name, e.g. MobileNetV2"})
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
@@ -160,13 +189,17 @@ class Config:
     # distillation
     temperature: float = field(default=5.0, metadata={"help": "softmax temperature T"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the hard-label loss; 1 - alpha weighs the KD term"})
-    teacher_mode: str = field(default="cached", metadata={"help": "cached (teacher logits computed once) or online (teacher forward pass every step)"})
+    teacher_mode: str = field(
+        default="cached", metadata={"help": "cached (teacher logits computed once) or online (teacher forward pass every step)"}
+    )
     no_kd: bool = field(default=False, metadata={"help": "baseline: train the student on hard labels only (alpha = 1)"})
     fold: int = field(default=-1, metadata={"help": "train only this fold (0-based); -1 = all folds"})
     # search (Optuna)
     n_trials: int = field(default=20, metadata={"help": "finished (complete + pruned) trials the study should end with, over all workers"})
     study_name: str = field(default="kd-brain", metadata={"help": "Optuna study name"})
-    storage: str = field(default="", metadata={"help": "Optuna RDB storage URL (sqlite:///... or postgresql://...); empty = optuna.db in the project"})
+    storage: str = field(
+        default="", metadata={"help": "Optuna RDB storage URL (sqlite:///... or postgresql://...); empty = optuna.db in the project"}
+    )
     objectives: str = field(default="f1", metadata={"help": "f1, or f1,params / f1,latency for a multi-objective search"})
     temperature_range: str = field(default="1,20", metadata={"help": "temperature search range (log scale)"})
     alpha_range: str = field(default="0,1", metadata={"help": "alpha search range"})
@@ -181,7 +214,9 @@ class Config:
     force: bool = field(default=False, metadata={"help": "promote even if the gate refuses"})
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
-    tracking_wait_s: float = field(default=300.0, metadata={"help": "after a failure, how long to wait for an absent tracking server to mark the run FAILED"})
+    tracking_wait_s: float = field(
+        default=300.0, metadata={"help": "after a failure, how long to wait for an absent tracking server to mark the run FAILED"}
+    )
     cache_dir: str = field(default=str(PROJECT_ROOT / ".cache"), metadata={"help": "decoded images and the synthetic set"})
 
     def __post_init__(self) -> None:
@@ -205,7 +240,10 @@ class Config:
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
-            (0 < self.heartbeat_interval < self.grace_period, f"heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}: need 0 < interval < grace period"),
+            (
+                0 < self.heartbeat_interval < self.grace_period,
+                f"heartbeat_interval={self.heartbeat_interval}, grace_period={self.grace_period}: need 0 < interval < grace period",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -221,7 +259,7 @@ class Config:
         """The no-KD baseline is plain hard-label training: alpha = 1."""
         return 1.0 if self.no_kd else self.alpha
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
     def as_params(self, names: Sequence[str]) -> dict[str, str]:
@@ -240,8 +278,12 @@ DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "fol
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
 TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights")
 DISTILL_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
-SEARCH_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_mode", "n_trials", "study_name", "objectives") + (
-    "temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range")
+SEARCH_PARAMS = (
+    DATA_PARAMS
+    + TRAIN_PARAMS
+    + ("teacher_arch", "teacher_weights", "teacher_mode", "n_trials", "study_name", "objectives")
+    + ("temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range")
+)
 
 
 def _parse_bool(text: str) -> bool:

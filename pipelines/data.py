@@ -152,7 +152,9 @@ def _check_data_file(path: Path, data_root: Path) -> None:
     if not target.exists():
         raise PipelineError(f"{path}: broken symbolic link (target {target} does not exist); remove the link or restore its target")
     if not target.is_relative_to(data_root.resolve()):
-        raise PipelineError(f"{path}: links to {target}, outside data_dir {data_root}; copy the file into the data folder instead of linking it")
+        raise PipelineError(
+            f"{path}: links to {target}, outside data_dir {data_root}; copy the file into the data folder instead of linking it"
+        )
 
 
 def _image_files(folder: Path, data_root: Path) -> list[Path]:
@@ -166,7 +168,9 @@ def _image_files(folder: Path, data_root: Path) -> list[Path]:
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
         if path.is_symlink() and path.is_dir():
-            raise PipelineError(f"{path}: a link to a folder ({path.resolve()}), which is not followed; move or copy the images into the data folder")
+            raise PipelineError(
+                f"{path}: a link to a folder ({path.resolve()}), which is not followed; move or copy the images into the data folder"
+            )
         if path.suffix.lower() in IMAGE_EXTENSIONS and (path.is_file() or path.is_symlink()):
             _check_data_file(path, data_root)  # a broken link raises here
             files.append(path)
@@ -185,7 +189,9 @@ def _folder_rows(root: Path, data_root: Path, given_split: str = "") -> list[dic
     for class_dir in class_dirs:
         files = _image_files(class_dir, data_root)
         if not files:
-            raise PipelineError(f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
+            raise PipelineError(
+                f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
+            )
         for path in files:
             # No patient ids in these sets: the group is the image's content (see ingest).
             rows.append({"path": str(path), "label": class_dir.name, "group": "", "given_split": given_split})
@@ -194,7 +200,9 @@ def _folder_rows(root: Path, data_root: Path, given_split: str = "") -> list[dic
 
 def _split_folder_rows(root: Path, split_dirs: dict[str, Path]) -> list[dict]:
     if set(split_dirs) != {"train", "test"}:
-        raise PipelineError(f"{root}: found {sorted(p.name for p in split_dirs.values())}; a split layout needs both Training/ and Testing/")
+        raise PipelineError(
+            f"{root}: found {sorted(p.name for p in split_dirs.values())}; a split layout needs both Training/ and Testing/"
+        )
     rows = []
     for split, folder in split_dirs.items():
         rows += _folder_rows(folder, root, given_split=split)
@@ -211,7 +219,9 @@ def _check_declared(name: str, what: str, dtype: np.dtype, shape: tuple[int, ...
     if 0 in shape:
         raise PipelineError(f"{name}: {what} has shape {shape}, which holds no pixels")
     if math.prod(spatial) > MAX_PIXELS:
-        raise PipelineError(f"{name}: {what} declares shape {shape}: {math.prod(spatial):,} pixels exceed {MAX_PIXELS:,}; downsample it first")
+        raise PipelineError(
+            f"{name}: {what} declares shape {shape}: {math.prod(spatial):,} pixels exceed {MAX_PIXELS:,}; downsample it first"
+        )
 
 
 def _read_h5(source: Path | io.BytesIO, name: str | None = None, with_mask: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -229,7 +239,9 @@ def _read_h5(source: Path | io.BytesIO, name: str | None = None, with_mask: bool
         with h5py.File(source, "r") as handle:
             missing = [key for key in keys if not isinstance(handle.get(key), h5py.Dataset)]
             if missing:
-                raise PipelineError(f"{name}: no dataset(s) {missing} (keys found: {sorted(handle.keys())}); BraTS slices need 'image' (H,W,4) and 'mask' (H,W,3)")
+                raise PipelineError(
+                    f"{name}: no dataset(s) {missing} (keys found: {sorted(handle.keys())}); BraTS slices need 'image' (H,W,4) and 'mask' (H,W,3)"
+                )
             image_set = handle["image"]
             _check_declared(name, "'image'", image_set.dtype, image_set.shape, image_set.shape[:2])
             if image_set.ndim != 3 or image_set.shape[-1] != len(BRATS_MODALITIES):
@@ -239,7 +251,9 @@ def _read_h5(source: Path | io.BytesIO, name: str | None = None, with_mask: bool
                 mask_set = handle["mask"]
                 _check_declared(name, "'mask'", mask_set.dtype, mask_set.shape, mask_set.shape[:2])
                 if mask_set.shape != image_set.shape[:2] + (3,):
-                    raise PipelineError(f"{name}: 'mask' has shape {mask_set.shape}; expected {image_set.shape[:2] + (3,)} (H, W, 3), like the image")
+                    raise PipelineError(
+                        f"{name}: 'mask' has shape {mask_set.shape}; expected {image_set.shape[:2] + (3,)} (H, W, 3), like the image"
+                    )
                 mask = np.asarray(mask_set)
             image = np.asarray(image_set)
     # h5py: OSError for an unreadable file, RuntimeError or KeyError for a damaged one; numpy: a dtype it cannot represent
@@ -354,22 +368,30 @@ def _nifti_rows(root: Path, files: list[Path], modality: int) -> list[dict]:
     for (folder, case), kinds in sorted(cases.items()):
         if wanted not in kinds or "seg" not in kinds:
             missing = [f"{case}_{kind}.nii.gz" for kind in (wanted, "seg") if kind not in kinds]
-            raise PipelineError(f"{folder}: case {case!r} has no {' or '.join(missing)} (found {sorted(kinds)}); "
-                                f"every case needs modality={wanted!r} and its segmentation, which labels the slices")
+            raise PipelineError(
+                f"{folder}: case {case!r} has no {' or '.join(missing)} (found {sorted(kinds)}); "
+                f"every case needs modality={wanted!r} and its segmentation, which labels the slices"
+            )
         image_path, seg_path = kinds[wanted], kinds["seg"]
         for path in (image_path, seg_path):
             _check_data_file(path, root)
         image, seg = _load_nifti_volume(image_path), _load_nifti_volume(seg_path)
         if image.shape != seg.shape:
-            raise PipelineError(f"{seg_path}: shape {seg.shape} differs from {image_path.name}'s {image.shape}; the segmentation must cover the same voxels")
+            raise PipelineError(
+                f"{seg_path}: shape {seg.shape} differs from {image_path.name}'s {image.shape}; the segmentation must cover the same voxels"
+            )
         orientations = nibabel.aff2axcodes(image.affine), nibabel.aff2axcodes(seg.affine)
         if orientations[0] != orientations[1]:
-            raise PipelineError(f"{seg_path}: orientation {orientations[1]} differs from {image_path.name}'s {orientations[0]}; resample one onto the other")
+            raise PipelineError(
+                f"{seg_path}: orientation {orientations[1]} differs from {image_path.name}'s {orientations[0]}; resample one onto the other"
+            )
         stat = image_path.stat()
         volume, _ = _nifti_volume(str(image_path), (stat.st_mtime_ns, stat.st_size))
         segmentation, _ = _nifti_array(seg, seg_path)
         if not np.all(np.isfinite(segmentation)):
-            raise PipelineError(f"{seg_path}: segmentation has NaN or infinite values, so the slices' labels are unknown; fix or remove the case")
+            raise PipelineError(
+                f"{seg_path}: segmentation has NaN or infinite values, so the slices' labels are unknown; fix or remove the case"
+            )
         if not np.all(np.isfinite(volume)):
             raise PipelineError(f"{image_path}: volume has NaN or infinite voxels; fix or remove the case")
         area = (volume > volume.min()).sum(axis=(0, 1))
@@ -378,8 +400,15 @@ def _nifti_rows(root: Path, files: list[Path], modality: int) -> list[dict]:
         tumour = (segmentation > 0).any(axis=(0, 1))
         width = len(str(volume.shape[2] - 1))  # zero-padded, so sorting by path keeps slices in order
         for z in np.flatnonzero(area >= NIFTI_MIN_BRAIN_FRACTION * area.max()):
-            rows.append({"path": f"{image_path}#z={z:0{width}d}", "label": "tumor" if tumour[z] else "normal", "group": case,
-                         "sha256": _slice_sha256(volume[..., z]), "given_split": ""})
+            rows.append(
+                {
+                    "path": f"{image_path}#z={z:0{width}d}",
+                    "label": "tumor" if tumour[z] else "normal",
+                    "group": case,
+                    "sha256": _slice_sha256(volume[..., z]),
+                    "given_split": "",
+                }
+            )
     return rows
 
 
@@ -413,7 +442,9 @@ def _csv_rows(csv_path: Path) -> list[dict]:
     rows, first_line = [], {}
     for line, fields in records:
         if len(fields) != len(header):
-            raise PipelineError(f"{csv_path}:{line}: {len(fields)} field(s) where the header has {len(header)}; quote paths that contain commas")
+            raise PipelineError(
+                f"{csv_path}:{line}: {len(fields)} field(s) where the header has {len(header)}; quote paths that contain commas"
+            )
         record = dict(zip(header, fields))
         # Surrounding spaces would make "yes " a class of its own beside "yes".
         label, group = record["label"].strip(), record.get("group", "").strip()
@@ -423,7 +454,9 @@ def _csv_rows(csv_path: Path) -> list[dict]:
         except (OSError, ValueError) as error:  # a NUL byte, a name longer than the file system allows
             raise PipelineError(f"{csv_path}:{line}: path {record['path']!r} is not a usable file name ({error})") from None
         if not path.is_relative_to(root):
-            raise PipelineError(f"{csv_path}:{line}: path {record['path']!r} points outside {root}; keep images under the manifest's folder")
+            raise PipelineError(
+                f"{csv_path}:{line}: path {record['path']!r} points outside {root}; keep images under the manifest's folder"
+            )
         if not exists:
             raise PipelineError(f"{csv_path}:{line}: {record['path']!r} does not exist")
         if not label:
@@ -440,10 +473,14 @@ def resolve_data_dir(cfg: Config) -> tuple[Path, str]:
     if not cfg.data_dir:
         from pipelines.synthetic import ensure_synthetic_dataset
 
-        return ensure_synthetic_dataset(Path(cfg.cache_dir), n_images=cfg.synthetic_images, seed=0, classes=cfg.synthetic_classes), "synthetic"
+        return ensure_synthetic_dataset(
+            Path(cfg.cache_dir), n_images=cfg.synthetic_images, seed=0, classes=cfg.synthetic_classes
+        ), "synthetic"
     root = Path(cfg.data_dir).expanduser().resolve()
     if not root.exists():
-        raise PipelineError(f"data_dir={cfg.data_dir!r} does not exist; give a folder of class folders, a BraTS .h5 or NIfTI folder or a CSV manifest")
+        raise PipelineError(
+            f"data_dir={cfg.data_dir!r} does not exist; give a folder of class folders, a BraTS .h5 or NIfTI folder or a CSV manifest"
+        )
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise PipelineError(f"data_dir={cfg.data_dir!r} is a file but not a .csv manifest (path,label[,group])")
@@ -474,8 +511,11 @@ def ingest(cfg: Config) -> Dataset:
         rows = _csv_rows(root)
     else:
         brats_files = sorted(p for p in root.rglob("*.h5") if BRATS_PATTERN.search(p.name))
-        nifti_files = sorted(p for p in root.rglob("*.nii*") if NIFTI_PATTERN.match(p.name)
-                             and not any(part.startswith(".") for part in p.relative_to(root).parts))  # hidden: skipped, as for images
+        nifti_files = sorted(
+            p
+            for p in root.rglob("*.nii*")
+            if NIFTI_PATTERN.match(p.name) and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )  # hidden: skipped, as for images
         split_dirs = {SPLIT_DIR_NAMES[p.name.lower()]: p for p in _class_dirs(root) if p.name.lower() in SPLIT_DIR_NAMES}
         if brats_files:
             source, modality = "brats", modality_index(cfg.modality)
@@ -490,7 +530,9 @@ def ingest(cfg: Config) -> Dataset:
             rows = _folder_rows(root, root)
     manifest = pd.DataFrame(rows, columns=["path", "label", "group", "sha256", "given_split"]).sort_values("path", ignore_index=True)
     # Every row is a file, hashed here, but NIfTI slices, hashed by their pixels when read.
-    manifest["sha256"] = [digest if isinstance(digest, str) else sha256_file(Path(p)) for p, digest in zip(manifest["path"], manifest["sha256"])]
+    manifest["sha256"] = [
+        digest if isinstance(digest, str) else sha256_file(Path(p)) for p, digest in zip(manifest["path"], manifest["sha256"])
+    ]
     # Without patient ids each image is its own group, but identical files (the real yes/no set has 22
     # such pairs and triples) are one group: a copy in training and its twin in validation would be a leak.
     ungrouped = manifest["group"] == ""
@@ -655,7 +697,9 @@ def _quiet(logger: logging.Logger):
 
 def _h5_channel(source: Path | io.BytesIO, modality: int | None, name: str) -> np.ndarray:
     if modality is None:
-        raise PipelineError(f"{name}: a BraTS .h5 slice, but no modality is known (the model was not trained on BraTS slices); send a picture")
+        raise PipelineError(
+            f"{name}: a BraTS .h5 slice, but no modality is known (the model was not trained on BraTS slices); send a picture"
+        )
     image, _ = _read_h5(source, name, with_mask=False)
     return image[..., modality].astype(np.float32)
 
@@ -720,7 +764,9 @@ def preprocess(image: np.ndarray, image_size: int) -> np.ndarray:
     pixels = resized.astype(np.float64)
     normalised = ((pixels - pixels.mean()) / (pixels.std() + 1e-6)).astype(np.float32)
     if not np.all(np.isfinite(normalised)):  # left: resizing values at float32's very limit (~3.4e38) overflows
-        raise PipelineError(f"pixel values span {image.min():.3g} to {image.max():.3g}, too close to float32's limit to resize; rescale the image")
+        raise PipelineError(
+            f"pixel values span {image.min():.3g} to {image.max():.3g}, too close to float32's limit to resize; rescale the image"
+        )
     return normalised[..., None]
 
 
@@ -763,7 +809,9 @@ def perceptual_hashes(images: np.ndarray) -> np.ndarray:
     """
     hashes = []
     for image in images:
-        small = np.asarray(Image.fromarray(image[..., 0], mode="F").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR), dtype=np.float64)
+        small = np.asarray(
+            Image.fromarray(image[..., 0], mode="F").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR), dtype=np.float64
+        )
         low = dctn(small, norm="ortho")[:HASH_FREQUENCIES, :HASH_FREQUENCIES].reshape(-1)[1:]
         hashes.append(low > np.median(low))
     return np.asarray(hashes, dtype=bool).reshape(len(images), HASH_FREQUENCIES**2 - 1)
@@ -794,7 +842,9 @@ def duplicate_groups(dataset: Dataset, hashes: np.ndarray) -> np.ndarray:
     n = len(groups)
     # One node per row and per group: a row is linked to its group and to its near-duplicates.
     edges = np.concatenate([np.stack([np.arange(n), n + codes], axis=1), pairs[:, :2]])
-    _, component = connected_components(coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n + codes.max() + 1,) * 2), directed=False)
+    _, component = connected_components(
+        coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n + codes.max() + 1,) * 2), directed=False
+    )
     first = pd.Series(np.arange(n)).groupby(component[:n]).transform("min").to_numpy()
     return groups[first]
 
@@ -814,12 +864,21 @@ def holdout_duplicates(dataset: Dataset, hashes: np.ndarray, test: np.ndarray) -
     order = np.lexsort((~identical, distance, test_rows))
     _, first = np.unique(test_rows[order], return_index=True)
     best = order[first]
-    frame = pd.DataFrame({"row": test_rows[best], "test_path": paths[test_rows[best]], "train_path": paths[train_rows[best]],
-                          "kind": np.where(identical[best], "identical", "near"), "distance": distance[best]})
+    frame = pd.DataFrame(
+        {
+            "row": test_rows[best],
+            "test_path": paths[test_rows[best]],
+            "train_path": paths[train_rows[best]],
+            "kind": np.where(identical[best], "identical", "near"),
+            "distance": distance[best],
+        }
+    )
     return frame.set_index("row")
 
 
-def make_splits(dataset: Dataset, folds: int, test_fraction: float, seed: int, hashes: np.ndarray | None = None, dedupe: str = "drop") -> Splits:
+def make_splits(
+    dataset: Dataset, folds: int, test_fraction: float, seed: int, hashes: np.ndarray | None = None, dedupe: str = "drop"
+) -> Splits:
     """Hold-out test split (the data's own, else stratified by group), then stratified group k-fold.
 
     Groups (patients, volumes, identical files) never straddle the test split or two folds. Given the images'
@@ -849,7 +908,9 @@ def make_splits(dataset: Dataset, folds: int, test_fraction: float, seed: int, h
                 dropped = duplicates.index.to_numpy(np.int64)
                 test = np.setdiff1d(test, dropped)
                 if not len(test):
-                    raise PipelineError(f"{dataset.root}: every hold-out image duplicates a training image; give the test folder images of its own")
+                    raise PipelineError(
+                        f"{dataset.root}: every hold-out image duplicates a training image; give the test folder images of its own"
+                    )
     else:
         n_test_splits = max(2, round(1 / test_fraction))
         _check_enough(dataset, np.arange(len(labels)), n_test_splits, "the hold-out split", groups)
@@ -873,4 +934,6 @@ def _check_enough(dataset: Dataset, rows: np.ndarray, n_splits: int, what: str, 
     for name in dataset.class_names:
         n_groups = frame.loc[frame["label"] == name, "group"].nunique()
         if n_groups < n_splits:
-            raise PipelineError(f"class {name!r} has {n_groups} image group(s) where {what} needs at least {n_splits}; add images or lower folds")
+            raise PipelineError(
+                f"class {name!r} has {n_groups} image group(s) where {what} needs at least {n_splits}; add images or lower folds"
+            )

@@ -7,8 +7,8 @@ none. ``cached`` mode reads the teacher's stored logits; ``online`` runs the tea
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import keras
 import mlflow
@@ -32,7 +32,11 @@ def describe_student(cfg: Config) -> str:
 
 
 def cross_validate_student(
-    cfg: Config, prepared: Prepared, teacher_run_id: str | None, fold_ids: list[int], on_fold: Callable[[int, dict[str, float]], None] | None = None
+    cfg: Config,
+    prepared: Prepared,
+    teacher_run_id: str | None,
+    fold_ids: list[int],
+    on_fold: Callable[[int, dict[str, float]], None] | None = None,
 ) -> CrossValidation:
     """Train and evaluate the student on the given folds, guided by the fold teachers of ``teacher_run_id``.
 
@@ -40,7 +44,11 @@ def cross_validate_student(
     """
     alpha = cfg.effective_alpha
     dataset = prepared.dataset
-    cached = load_teacher_logits(teacher_run_id, dataset.manifest["sha256"].to_numpy()) if teacher_run_id and cfg.teacher_mode == "cached" else {}
+    cached = (
+        load_teacher_logits(teacher_run_id, dataset.manifest["sha256"].to_numpy())
+        if teacher_run_id and cfg.teacher_mode == "cached"
+        else {}
+    )
 
     def build_trainer(k: int) -> Distiller:
         student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k)
@@ -83,9 +91,13 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             for k, model in zip(fold_ids, cv.models):
                 model.save(out / "models" / f"student_fold_{k}.keras")
             labels = dataset.labels[cv.oof_rows]
-            write_evaluation_artifacts(labels, cv.oof_probs, dataset.class_names, out / "evaluation", f"{describe}, out-of-fold", cv.confusion_matrices())
+            write_evaluation_artifacts(
+                labels, cv.oof_probs, dataset.class_names, out / "evaluation", f"{describe}, out-of-fold", cv.confusion_matrices()
+            )
             mlflow.log_artifacts(tmp)
-        print(f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), {student_params:,} parameters, run {run.info.run_id}")
+        print(
+            f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), {student_params:,} parameters, run {run.info.run_id}"
+        )
         return run.info.run_id
 
 

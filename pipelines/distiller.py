@@ -72,7 +72,9 @@ class Distiller(keras.Model):
         # has one loss, and epoch lines with "distillation_loss: 0.0000e+00" would claim a teacher it never had.
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss") if self.alpha < 1.0 else None
         self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss") if self.alpha < 1.0 else None
-        self.accuracy = keras.metrics.BinaryAccuracy(name="accuracy") if binary else keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.accuracy = (
+            keras.metrics.BinaryAccuracy(name="accuracy") if binary else keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        )
         self.precision = keras.metrics.Precision(name="precision")
         self.recall = keras.metrics.Recall(name="recall")
         self.auc = keras.metrics.AUC(name="auc")

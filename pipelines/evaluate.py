@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -82,8 +82,10 @@ def confusion_matrix(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 def confusion_record(class_names: Sequence[str], matrices: dict[str, np.ndarray]) -> dict:
     """Confusion matrices as logged (``confusion_matrix.json``): named scopes, rows true, columns predicted."""
     return {
-        "class_names": list(class_names), "metric_keys": [f"f1_{key}" for key in class_keys(class_names)],
-        "rows": "true class", "columns": "predicted class",
+        "class_names": list(class_names),
+        "metric_keys": [f"f1_{key}" for key in class_keys(class_names)],
+        "rows": "true class",
+        "columns": "predicted class",
         "matrices": {scope: np.asarray(matrix).astype(int).tolist() for scope, matrix in matrices.items()},
     }
 
@@ -142,7 +144,9 @@ def write_evaluation_artifacts(
     paths = []
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    skm.ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False)
+    skm.ConfusionMatrixDisplay.from_predictions(
+        labels, predicted, labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False
+    )
     ax.set_title(f"{title}: confusion matrix")
     paths.append(save_figure(fig, out_dir / "confusion_matrix.png"))
     record = confusion_record(class_names, matrices or {"all": confusion_matrix(labels, probs)})
@@ -158,7 +162,9 @@ def write_evaluation_artifacts(
         ax.set_title(f"{title}: {'ROC' if kind == 'roc' else 'precision-recall'} curve")
         paths.append(save_figure(fig, out_dir / f"{kind}_curve.png"))
 
-    report = skm.classification_report(labels, predicted, labels=np.arange(len(class_names)), target_names=class_names, digits=4, zero_division=0)
+    report = skm.classification_report(
+        labels, predicted, labels=np.arange(len(class_names)), target_names=class_names, digits=4, zero_division=0
+    )
     (out_dir / "classification_report.txt").write_text(f"{title}\n\n{report}")
     paths.append(out_dir / "classification_report.txt")
     return paths

@@ -5,9 +5,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import sqlalchemy
 
@@ -53,7 +54,7 @@ def database_lock(url: str, name: str) -> Iterator[None]:
         yield
 
 
-def teacher_lock(cfg: "Config"):
+def teacher_lock(cfg: Config):
     """Held while the teachers are found or trained: distill runs and search workers started together train them
     once, the others wait and then reuse the finished teacher run. Through the study's storage (``storage`` or
     $KD_STORAGE_URL), so with PostgreSQL it holds across machines."""

@@ -33,9 +33,15 @@ def run_main(cfg: Config) -> dict[str, str]:
     runs["search"] = study.user_attrs[PARENT_RUN_ATTR]
     best = best_trial(study)
     champion = current_version(mlflow.MlflowClient(), cfg.model_name, CHAMPION)
-    same = champion is not None and (champion.tags.get("study"), champion.tags.get("trial"), champion.tags.get("data_digest")) == (cfg.study_name, str(best.number), prepared.dataset.digest)
+    same = champion is not None and (champion.tags.get("study"), champion.tags.get("trial"), champion.tags.get("data_digest")) == (
+        cfg.study_name,
+        str(best.number),
+        prepared.dataset.digest,
+    )
     if same:
-        print(f"promote: champion {cfg.model_name} v{champion.version} already is trial {best.number} of {cfg.study_name!r}; nothing to promote")
+        print(
+            f"promote: champion {cfg.model_name} v{champion.version} already is trial {best.number} of {cfg.study_name!r}; nothing to promote"
+        )
         runs["promote"] = champion.run_id
     else:
         promote(cfg, under=main_id)
@@ -43,16 +49,25 @@ def run_main(cfg: Config) -> dict[str, str]:
 
     production = resolve_version(cfg.model_name, stage="Production")
     client = mlflow.MlflowClient()
-    for key, value in {**{f"kd.{step}_run_id": run_id for step, run_id in runs.items()}, "kd.production_version": production.version}.items():
+    for key, value in {
+        **{f"kd.{step}_run_id": run_id for step, run_id in runs.items()},
+        "kd.production_version": production.version,
+    }.items():
         client.set_tag(main_id, key, value)
     tracking_uri = mlflow.get_tracking_uri()
     print("\nDone. Where to look:")
     print(f"  tracking store  : {tracking_uri}   (browse: mlflow ui --backend-store-uri {tracking_uri})")
     for step, run_id in {"main": main_id, **runs}.items():
         print(f"  {step:<16}: run {run_id}")
-    print(f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}, params {best.params}")
-    print(f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 {production.tags.get('holdout_f1')})")
-    print(f"  trained on      : {production.tags.get('trained_on', 'not recorded')}, data digest {production.tags.get('data_digest', '')[:12]}")
+    print(
+        f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}, params {best.params}"
+    )
+    print(
+        f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 {production.tags.get('holdout_f1')})"
+    )
+    print(
+        f"  trained on      : {production.tags.get('trained_on', 'not recorded')}, data digest {production.tags.get('data_digest', '')[:12]}"
+    )
     print(f"  serve it        : python -m registry.serve -m models:/{cfg.model_name}/Production -p 5001")
     return runs
 

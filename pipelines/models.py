@@ -32,7 +32,9 @@ def global_pool(x):
     """Average and max pooling side by side: a tumour is a local finding, and averaging alone dilutes a
     small lesion over the whole slice. Every layer is named (here and below): the report's layer tables and
     Grad-CAM read these names, and Keras' own (``conv2d_78``) depend on how many models the process built."""
-    return layers.Concatenate(name="pooled")([layers.GlobalAveragePooling2D(name="global_avg_pool")(x), layers.GlobalMaxPooling2D(name="global_max_pool")(x)])
+    return layers.Concatenate(name="pooled")(
+        [layers.GlobalAveragePooling2D(name="global_avg_pool")(x), layers.GlobalMaxPooling2D(name="global_max_pool")(x)]
+    )
 
 
 def output_units(num_classes: int) -> int:
@@ -53,7 +55,9 @@ def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -
         x = layers.MaxPooling2D(name=f"block{block + 1}_pool")(x)
     x = global_pool(x)
     x = layers.Dropout(0.2, seed=seed, name="head_dropout")(x)
-    outputs = layers.Dense(output_units(num_classes), name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    outputs = layers.Dense(
+        output_units(num_classes), name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed)
+    )(x)
     return keras.Model(inputs, outputs, name=f"student_{width}x{depth}")
 
 
@@ -65,7 +69,9 @@ def _residual_block(x, filters: int, stride: int, init, name: str):
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=init, name=f"{name}_conv2")(y)
     y = normalization(filters, name=f"{name}_norm2")(y)
     if stride != 1 or shortcut.shape[-1] != filters:
-        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=init, name=f"{name}_shortcut_conv")(shortcut)
+        shortcut = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=init, name=f"{name}_shortcut_conv")(
+            shortcut
+        )
         shortcut = normalization(filters, name=f"{name}_shortcut_norm")(shortcut)
     return layers.ReLU(name=f"{name}_relu")(layers.Add(name=f"{name}_add")([y, shortcut]))
 
@@ -87,11 +93,17 @@ def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
 def _application(arch: str, image_size: int, units: int, weights: str, seed: int) -> keras.Model:
     constructor = getattr(keras.applications, arch, None)
     if constructor is None or not callable(constructor):
-        raise PipelineError(f"teacher_arch={arch!r}: use 'resnet' or a keras.applications name such as EfficientNetB0, MobileNetV2, DenseNet121, ResNet50")
+        raise PipelineError(
+            f"teacher_arch={arch!r}: use 'resnet' or a keras.applications name such as EfficientNetB0, MobileNetV2, DenseNet121, ResNet50"
+        )
     if weights and not Path(weights).is_file():
-        raise PipelineError(f"teacher_weights={weights!r} is not a file; give a local weights file (nothing is downloaded) or leave it empty")
+        raise PipelineError(
+            f"teacher_weights={weights!r} is not a file; give a local weights file (nothing is downloaded) or leave it empty"
+        )
     if weights and not weights.lower().endswith(WEIGHT_SUFFIXES):
-        raise PipelineError(f"teacher_weights={weights!r}: use a Keras weights file ({', '.join(WEIGHT_SUFFIXES)}); pickles and other formats are not loaded")
+        raise PipelineError(
+            f"teacher_weights={weights!r}: use a Keras weights file ({', '.join(WEIGHT_SUFFIXES)}); pickles and other formats are not loaded"
+        )
     inputs = keras.Input((image_size, image_size, 1), name="image")
     # Applications expect three channels; the scans are grayscale, so repeat the channel.
     rgb = layers.Concatenate(name="grey_to_rgb")([inputs, inputs, inputs])
@@ -102,7 +114,9 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
         try:
             backbone.load_weights(weights)
         except (ValueError, OSError, KeyError) as error:
-            raise PipelineError(f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the include_top=False weights file") from None
+            raise PipelineError(
+                f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the include_top=False weights file"
+            ) from None
     x = layers.Dropout(0.3, seed=seed, name="head_dropout")(backbone(rgb))
     outputs = layers.Dense(units, name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
     return keras.Model(inputs, outputs, name=f"teacher_{arch}")
@@ -148,10 +162,14 @@ def load_keras_model(path: Path | str) -> keras.Model:
         with zipfile.ZipFile(path) as archive:
             config = json.loads(archive.read("config.json"))
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as error:
-        raise PipelineError(f"{path}: not a Keras .keras archive ({error}); only .keras models are loaded, never pickles or legacy HDF5 models") from None
+        raise PipelineError(
+            f"{path}: not a Keras .keras archive ({error}); only .keras models are loaded, never pickles or legacy HDF5 models"
+        ) from None
     unsafe = _unsafe_objects(config)
     if unsafe:
-        raise PipelineError(f"{path}: refused: the model contains {', '.join(sorted(unsafe))}, which could run code when loaded; only built-in Keras layers are loaded")
+        raise PipelineError(
+            f"{path}: refused: the model contains {', '.join(sorted(unsafe))}, which could run code when loaded; only built-in Keras layers are loaded"
+        )
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)
     except (ValueError, TypeError, OSError) as error:

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.cli import run_step
 from pipelines.config import DATA_PARAMS, Config
 from pipelines.data import Dataset, Splits, describe_duplicates, ingest, load_images, make_splits, perceptual_hashes
-from pipelines.cli import run_step
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,11 @@ def prepare_data(cfg: Config) -> Prepared:
     splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed, perceptual_hashes(images), cfg.dedupe)
     if splits.duplicates is not None and len(splits.duplicates):
         found = f"{len(splits.duplicates)} hold-out image(s) duplicate training images ({describe_duplicates(splits.duplicates)})"
-        action = f"dropped from the hold-out, {len(splits.test)} left" if len(splits.dropped) else "kept in the hold-out (dedupe=keep): its figures are inflated"
+        action = (
+            f"dropped from the hold-out, {len(splits.test)} left"
+            if len(splits.dropped)
+            else "kept in the hold-out (dedupe=keep): its figures are inflated"
+        )
         print(f"prepare: {found}: {action}; listed in data/holdout_duplicates.csv")
     return Prepared(dataset, splits, images)
 

@@ -32,9 +32,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -73,7 +73,9 @@ def _validate(n_images: int, image_size: int, tumor_fraction: float, classes: in
     if n_images < 2:
         raise ValueError(f"n_images={n_images}: need at least 2 images (one per class)")
     if classes > 2 and min(class_counts(n_images, classes).values()) < 1:
-        raise ValueError(f"n_images={n_images}: too few for {classes} classes in the proportions {CLASS_PROPORTIONS[classes]}; use more images")
+        raise ValueError(
+            f"n_images={n_images}: too few for {classes} classes in the proportions {CLASS_PROPORTIONS[classes]}; use more images"
+        )
     if not 0.0 < tumor_fraction < 1.0:  # also rejects NaN
         raise ValueError(f"tumor_fraction={tumor_fraction}: must be strictly between 0 and 1")
     if image_size < 32:
@@ -143,7 +145,7 @@ def _smoothstep(edge: np.ndarray | float, x: np.ndarray, width: float) -> np.nda
     return 1.0 / (1.0 + np.exp(np.minimum((x - edge) / width, 60.0)))
 
 
-def _draw_slice(rng: np.random.Generator, size: int, kind: "LesionKind | None") -> tuple[np.ndarray, tuple[float, float, float] | None]:
+def _draw_slice(rng: np.random.Generator, size: int, kind: LesionKind | None) -> tuple[np.ndarray, tuple[float, float, float] | None]:
     """Draw one slice, with a lesion of ``kind`` or none; return it as uint8 and the lesion's (cx, cy, radius) in pixels."""
     scale = size / 128.0  # every length below is tuned at 128 px and scaled with the image
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)

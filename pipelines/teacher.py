@@ -43,7 +43,9 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
     if previous:
         return previous
     with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested=nested) as run:
-        cv = cross_validate(prepared, cfg, list(range(cfg.folds)), lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k), lambda k: None, "teacher")
+        cv = cross_validate(
+            prepared, cfg, list(range(cfg.folds)), lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k), lambda k: None, "teacher"
+        )
         logits = {f"fold_{k}": predict_logits(model, images) for k, model in enumerate(cv.models)}
 
         # The all-data teacher has no validation split to stop on: it trains for the folds' median best epoch.
@@ -55,7 +57,14 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
         test_probs = probabilities(logits["all"][splits.test], dataset.binary)
         test_metrics = classification_metrics(labels[splits.test], test_probs, dataset.class_names)
 
-        mlflow.log_metrics({**cv.summary(), **{f"test_{k}": v for k, v in test_metrics.items()}, "teacher_params": teacher.count_params(), "all_data_epochs": epochs})
+        mlflow.log_metrics(
+            {
+                **cv.summary(),
+                **{f"test_{k}": v for k, v in test_metrics.items()},
+                "teacher_params": teacher.count_params(),
+                "all_data_epochs": epochs,
+            }
+        )
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             (out / "models").mkdir()
@@ -67,9 +76,13 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
             np.savez_compressed(out / LOGITS_ARTIFACT, sha256=dataset.manifest["sha256"].to_numpy().astype("U64"), **logits)
             # The all-data teacher's hold-out matrix is scope "test", like its test_* metrics.
             matrices = {**cv.confusion_matrices(), "test": confusion_matrix(labels[splits.test], test_probs)}
-            write_evaluation_artifacts(labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold", matrices)
+            write_evaluation_artifacts(
+                labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold", matrices
+            )
             mlflow.log_artifacts(tmp)
-        print(f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {teacher.count_params():,} parameters, run {run.info.run_id}")
+        print(
+            f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {teacher.count_params():,} parameters, run {run.info.run_id}"
+        )
         return run.info.run_id
 
 
@@ -83,7 +96,9 @@ def _stored_logits(run_id: str) -> tuple[dict[str, int], dict[str, np.ndarray]]:
                 index = {str(digest): row for row, digest in enumerate(stored["sha256"])}
                 return index, {name: stored[name] for name in stored.files if name != "sha256"}
         except ValueError as error:  # object arrays: unpickling an artifact could run code
-            raise PipelineError(f"teacher run {run_id}: {LOGITS_ARTIFACT} holds pickled objects ({error}), which are not loaded; delete that run (mlflow runs delete --run-id {run_id}) so the teacher is retrained") from None
+            raise PipelineError(
+                f"teacher run {run_id}: {LOGITS_ARTIFACT} holds pickled objects ({error}), which are not loaded; delete that run (mlflow runs delete --run-id {run_id}) so the teacher is retrained"
+            ) from None
 
 
 def load_teacher_logits(run_id: str, sha256: np.ndarray) -> dict[str, np.ndarray]:

@@ -8,8 +8,8 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import mlflow
 from mlflow.entities import Run
@@ -29,7 +29,9 @@ class TrackingUnreachable(PipelineError):
 def unreachable(error: BaseException) -> bool:
     """An MLflow client error that means the server is away (refused, timed out, 5xx until retries ran out)."""
     text = str(error)
-    return isinstance(error, MlflowException) and "API request to" in text and ("Max retries exceeded" in text or "timeout exception" in text)
+    return (
+        isinstance(error, MlflowException) and "API request to" in text and ("Max retries exceeded" in text or "timeout exception" in text)
+    )
 
 
 def _start_ticks(pid: int) -> str | None:
@@ -57,14 +59,22 @@ def close_stale_runs() -> list[str]:
     host = socket.gethostname()
     client = mlflow.MlflowClient()
     stale = [
-        run for run in mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'", output_format="list")
+        run
+        for run in mlflow.search_runs(
+            search_all_experiments=True,
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            output_format="list",
+        )
         if not _process_alive(run.data.tags.get(PROCESS_TAG, ""))
     ]
     for run in stale:
         pid = run.data.tags[PROCESS_TAG].split(":")[0]
         client.set_tag(run.info.run_id, FAILURE_TAG, f"process {pid} on {host} died while the run was RUNNING; closed by a later start")
         client.set_terminated(run.info.run_id, "KILLED")
-        print(f"tracking: run {run.info.run_id} ({run.data.tags.get(STEP_TAG, 'run')}) was left RUNNING by dead process {pid}; marked KILLED", file=sys.stderr)
+        print(
+            f"tracking: run {run.info.run_id} ({run.data.tags.get(STEP_TAG, 'run')}) was left RUNNING by dead process {pid}; marked KILLED",
+            file=sys.stderr,
+        )
     return [run.info.run_id for run in stale]
 
 
@@ -90,7 +100,11 @@ def close_run(run_id: str, status: str, reason: str, wait_s: float) -> bool:
             if not unreachable(error) or time.monotonic() > deadline:
                 return False
             if not announced:
-                print(f"tracking: server {mlflow.get_tracking_uri()} unreachable; waiting up to {wait_s:.0f} s to mark run {run_id} {status}", file=sys.stderr, flush=True)
+                print(
+                    f"tracking: server {mlflow.get_tracking_uri()} unreachable; waiting up to {wait_s:.0f} s to mark run {run_id} {status}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 announced = True
             time.sleep(2)
 
@@ -117,7 +131,9 @@ def tracked_run(cfg: Config, finished_on: tuple[type[BaseException], ...] = (), 
         closed = close_run(run_id, status, redact_url(f"{type(error).__name__}: {error}"), cfg.tracking_wait_s)
         if unreachable(error):
             outcome = f"marked {status} once it was back" if closed else "left RUNNING: the next start on this host closes it"
-            raise TrackingUnreachable(f"tracking server {mlflow.get_tracking_uri()} unreachable even after retries ({str(error)[:300]}); run {run_id} {outcome}") from error
+            raise TrackingUnreachable(
+                f"tracking server {mlflow.get_tracking_uri()} unreachable even after retries ({str(error)[:300]}); run {run_id} {outcome}"
+            ) from error
         raise
     mlflow.end_run()
 
@@ -159,7 +175,9 @@ def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, 
 
 
 @contextmanager
-def step_run(step: str, cfg: Config, names: tuple[str, ...], dataset: Dataset, splits: Splits, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
+def step_run(
+    step: str, cfg: Config, names: tuple[str, ...], dataset: Dataset, splits: Splits, nested: bool = False
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or, under ``mlflow run``, resume) the step's run with its tags, params and data lineage.
 
     An exception inside marks the run FAILED (see ``tracked_run``) and propagates.
@@ -176,7 +194,7 @@ def step_run(step: str, cfg: Config, names: tuple[str, ...], dataset: Dataset, s
         mlflow.set_tag(OUTCOME_TAG, "trained")
 
 
-def local_source(path) -> "mlflow.data.dataset_source.DatasetSource":
+def local_source(path) -> mlflow.data.dataset_source.DatasetSource:
     """The data folder as MLflow's local-file dataset source, chosen explicitly: MLflow registers that class for two
     URI schemes, so a plain path string is resolved with a warning that it "can be interpreted in multiple ways"."""
     from mlflow.data.dataset_source_registry import get_registered_sources
@@ -210,7 +228,14 @@ def log_data(dataset: Dataset, splits: Splits) -> None:
     mlflow.log_text(table.to_csv(index=False), "data/splits.csv")
     counts = table.groupby(["split", "label"]).size().unstack(fill_value=0)
     mlflow.log_text(counts.to_string(), "data/split_counts.txt")
-    mlflow.log_params({"data_source": dataset.source, "classes": ",".join(dataset.class_names), "positive": dataset.positive_class or "macro", "n_images": len(table)})
+    mlflow.log_params(
+        {
+            "data_source": dataset.source,
+            "classes": ",".join(dataset.class_names),
+            "positive": dataset.positive_class or "macro",
+            "n_images": len(table),
+        }
+    )
     if splits.duplicates is not None:  # a given hold-out split, checked against the training images
         mlflow.log_metric("holdout_duplicates", len(splits.duplicates))
         mlflow.log_text(splits.duplicates.to_csv(index=False), "data/holdout_duplicates.csv")

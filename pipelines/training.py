@@ -6,8 +6,9 @@ import contextlib
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import keras
 import mlflow
@@ -115,7 +116,11 @@ def make_dataset(
     features = {"image": np.asarray(images, dtype=np.float32)}
     if teacher_logits is not None:
         features["teacher_logits"] = np.asarray(teacher_logits, dtype=np.float32)
-    elements = (features, labels.astype(np.int32)) if sample_weights is None else (features, labels.astype(np.int32), sample_weights.astype(np.float32))
+    elements = (
+        (features, labels.astype(np.int32))
+        if sample_weights is None
+        else (features, labels.astype(np.int32), sample_weights.astype(np.float32))
+    )
     dataset = tf.data.Dataset.from_tensor_slices(elements)
     if shuffle:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
@@ -143,7 +148,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         logs = logs or {}
         if not all(math.isfinite(float(v)) for v in logs.values()):
             bad = {k: float(v) for k, v in logs.items() if not math.isfinite(float(v))}
-            raise PipelineError(f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) or check the inputs")
+            raise PipelineError(
+                f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) or check the inputs"
+            )
         mlflow.log_metrics({f"{self.prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
 
 
@@ -154,14 +161,24 @@ def progress_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def fit(model: keras.Model, train: tf.data.Dataset, validation: tf.data.Dataset | None, cfg: Config, prefix: str, describe: str, epochs: int | None = None) -> int:
+def fit(
+    model: keras.Model,
+    train: tf.data.Dataset,
+    validation: tf.data.Dataset | None,
+    cfg: Config,
+    prefix: str,
+    describe: str,
+    epochs: int | None = None,
+) -> int:
     """Train with early stopping on validation loss (best weights restored); returns the best epoch count."""
     callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate)]
     stopper = None
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
         callbacks.append(stopper)
-    history = model.fit(train, validation_data=validation, epochs=epochs or cfg.epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity())
+    history = model.fit(
+        train, validation_data=validation, epochs=epochs or cfg.epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity()
+    )
     if validation is None:
         return len(history.history["loss"])
     return int(np.argmin(history.history["val_loss"])) + 1
@@ -172,7 +189,9 @@ def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64)
     for each shorter last batch (TensorFlow's "triggered tf.function retracing" warning); for these small CNNs
     tracing cost more than it saved."""
     images = images.astype(np.float32)
-    return np.concatenate([np.asarray(model(images[start : start + batch_size], training=False)) for start in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [np.asarray(model(images[start : start + batch_size], training=False)) for start in range(0, len(images), batch_size)]
+    )
 
 
 @dataclass
@@ -205,10 +224,10 @@ class CrossValidation:
 
 
 def cross_validate(
-    prepared: "Prepared",
+    prepared: Prepared,
     cfg: Config,
     fold_ids: list[int],
-    build_trainer: Callable[[int], "Distiller"],
+    build_trainer: Callable[[int], Distiller],
     teacher_logits: Callable[[int], np.ndarray | None],
     describe: str,
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
@@ -228,14 +247,27 @@ def cross_validate(
         logits = teacher_logits(k)
 
         def subset(rows, shuffle):
-            return make_dataset(images[rows], labels[rows], weights[rows], None if logits is None else logits[rows], cfg.batch_size, shuffle=shuffle, augment=shuffle and cfg.augment, seed=cfg.seed + k)
+            return make_dataset(
+                images[rows],
+                labels[rows],
+                weights[rows],
+                None if logits is None else logits[rows],
+                cfg.batch_size,
+                shuffle=shuffle,
+                augment=shuffle and cfg.augment,
+                seed=cfg.seed + k,
+            )
 
         set_seed(cfg.seed + k)
         # Folds are numbered from 0 everywhere: here, in metric and artifact names (f1_fold_<k>), pruning messages and the report.
-        print(f"{describe}: fold {k} of folds 0-{len(prepared.splits.folds) - 1} ({len(train_rows)} train, {len(val_rows)} validation images)")
+        print(
+            f"{describe}: fold {k} of folds 0-{len(prepared.splits.folds) - 1} ({len(train_rows)} train, {len(val_rows)} validation images)"
+        )
         with training_precision(cfg.precision):
             trainer = build_trainer(k)
-        best_epochs.append(fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
+        best_epochs.append(
+            fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}")
+        )
         student = as_float32(trainer.student)
         probs = probabilities(predict_logits(student, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
@@ -250,7 +282,13 @@ def cross_validate(
 
 
 def train_on_all_data(
-    prepared: "Prepared", cfg: Config, build_trainer: Callable[[], "Distiller"], teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str = "all_"
+    prepared: Prepared,
+    cfg: Config,
+    build_trainer: Callable[[], Distiller],
+    teacher_logits: np.ndarray | None,
+    epochs: int,
+    describe: str,
+    prefix: str = "all_",
 ) -> keras.Model:
     """Train the compiled :class:`Distiller` ``build_trainer()`` gives on every non-test row for a fixed number of
     epochs (no validation split is left to stop on); returns its student as a float32 model."""
@@ -259,7 +297,9 @@ def train_on_all_data(
     labels, rows = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
-    train = make_dataset(prepared.images[rows], labels[rows], weights[rows], logits, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
+    train = make_dataset(
+        prepared.images[rows], labels[rows], weights[rows], logits, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed
+    )
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
     return as_float32(trainer.student)

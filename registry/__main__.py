@@ -46,10 +46,18 @@ def _fetch(argv: list[str]) -> None:
 def _report(argv: list[str]) -> None:
     from registry.report import BOOTSTRAP_RESAMPLES, write_report
 
-    parser = _version_parser("Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs.")
+    parser = _version_parser(
+        "Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs."
+    )
     parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default="", help="folder to write; empty = reports/<model>-v<version>")
-    parser.add_argument("--storage", default="", help="Optuna storage URL of the study, without a password; empty = $KD_STORAGE_URL, else the one the search recorded")
-    parser.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples for the hold-out confidence intervals")
+    parser.add_argument(
+        "--storage",
+        default="",
+        help="Optuna storage URL of the study, without a password; empty = $KD_STORAGE_URL, else the one the search recorded",
+    )
+    parser.add_argument(
+        "--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples for the hold-out confidence intervals"
+    )
 
     def step(args: argparse.Namespace) -> None:
         check_storage_parameter(args.storage)  # a password here would be logged with `mlflow run`'s parameters
@@ -64,8 +72,14 @@ def _explain(argv: list[str]) -> None:
     parser = _version_parser("Grad-CAM of a registered student and its teacher on one scan: writes an overlay PNG.")
     parser.add_argument("image", help="the scan (any image file the data loader reads)")
     parser.add_argument("--out", default="", help="overlay PNG; empty = <image name>.gradcam.png next to the image")
-    parser.add_argument("--class-name", "--class_name", dest="class_name", default=None, help="class to explain; default = the predicted class")
-    run_cli(lambda args: explain(args.model_name, args.image, *_stage_and_alias(args), out_path=args.out or None, class_name=args.class_name), parser, argv)
+    parser.add_argument(
+        "--class-name", "--class_name", dest="class_name", default=None, help="class to explain; default = the predicted class"
+    )
+    run_cli(
+        lambda args: explain(args.model_name, args.image, *_stage_and_alias(args), out_path=args.out or None, class_name=args.class_name),
+        parser,
+        argv,
+    )
 
 
 def _history(argv: list[str]) -> None:
@@ -76,7 +90,9 @@ def _history(argv: list[str]) -> None:
 
     def show(args: argparse.Namespace) -> None:
         for entry in history(args.model_name):
-            print(f"{entry['when']}  {entry['event']:<10} v{entry['version']:<4} (was v{entry['previous'] or '-'})  by {entry['who']}: {entry['why']}")
+            print(
+                f"{entry['when']}  {entry['event']:<10} v{entry['version']:<4} (was v{entry['previous'] or '-'})  by {entry['who']}: {entry['why']}"
+            )
 
     run_cli(show, parser, argv)
 

@@ -41,4 +41,7 @@ def authenticate_request():
     if may_create(authorization.username):
         return authorization
     what = "experiments" if "/experiments/" in request.path else "registered models"
-    return make_response(f"Permission denied: {authorization.username!r} may not create {what}; ask the admin for a role with a workspace-wide USE grant", 403)
+    return make_response(
+        f"Permission denied: {authorization.username!r} may not create {what}; ask the admin for a role with a workspace-wide USE grant",
+        403,
+    )

@@ -76,9 +76,29 @@ def table(label: str, caption: str, header: list[str], rows: list[list[str]]) ->
 
 # Characters LaTeX treats specially, and the few non-ASCII symbols the report uses.
 LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-    "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "≤": r"$\leq$", "≥": r"$\geq$",
-    "−": "--", "–": "--", "α": r"$\alpha$", "→": r"$\rightarrow$", "·": r"$\cdot$", "²": r"$^2$", "<": r"$<$", ">": r"$>$", "|": r"$|$",
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "×": r"$\times$",
+    "≤": r"$\leq$",
+    "≥": r"$\geq$",
+    "−": "--",
+    "–": "--",
+    "α": r"$\alpha$",
+    "→": r"$\rightarrow$",
+    "·": r"$\cdot$",
+    "²": r"$^2$",
+    "<": r"$<$",
+    ">": r"$>$",
+    "|": r"$|$",
 }
 
 
@@ -96,7 +116,10 @@ def latex_code(text: str) -> str:
 
 
 def _latex_spans(spans: tuple[Span, ...]) -> str:
-    return "".join(rf"\texttt{{{latex_code(s.text)}}}" if isinstance(s, Code) else f"${s.latex}$" if isinstance(s, Math) else latex_escape(s) for s in spans)
+    return "".join(
+        rf"\texttt{{{latex_code(s.text)}}}" if isinstance(s, Code) else f"${s.latex}$" if isinstance(s, Math) else latex_escape(s)
+        for s in spans
+    )
 
 
 def _numbered(blocks: list[Block], first_table: int, first_figure: int) -> dict[str, int]:
@@ -124,7 +147,12 @@ def to_markdown(blocks: list[Block], first_table: int = 1, first_figure: int = 1
             out.append(f"$$\n{block.latex}\n$$")
         elif isinstance(block, Table):
             cell = lambda text: text.replace("|", "\\|")  # noqa: E731 - a pipe would end the cell
-            lines = [f"**Table {numbers[block.label]}.** {block.caption}", "", "| " + " | ".join(map(cell, block.header)) + " |", "|" + " --- |" * len(block.header)]
+            lines = [
+                f"**Table {numbers[block.label]}.** {block.caption}",
+                "",
+                "| " + " | ".join(map(cell, block.header)) + " |",
+                "|" + " --- |" * len(block.header),
+            ]
             lines += ["| " + " | ".join(map(cell, row)) + " |" for row in block.rows]
             out.append("\n".join(lines))
         elif isinstance(block, Figure):
@@ -145,7 +173,9 @@ def to_latex(blocks: list[Block]) -> str:
         elif isinstance(block, Equation):
             out.append(f"\\begin{{equation}}\n{block.latex}\n\\end{{equation}}")
         elif isinstance(block, Table):
-            rows = [" & ".join(latex_escape(c) for c in block.header) + r" \\", r"\midrule"] + [" & ".join(latex_escape(c) for c in row) + r" \\" for row in block.rows]
+            rows = [" & ".join(latex_escape(c) for c in block.header) + r" \\", r"\midrule"] + [
+                " & ".join(latex_escape(c) for c in row) + r" \\" for row in block.rows
+            ]
             body = "\n".join(rows)
             out.append(
                 f"\\begin{{table}}[htbp]\n\\centering\n\\caption{{{latex_escape(block.caption)}}}\\label{{tab:{block.label}}}\n\\small\n"

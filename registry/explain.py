@@ -59,8 +59,10 @@ def target_layer(model: keras.Model) -> keras.layers.Layer:
     """
     pooling = [layer for layer in model.layers if isinstance(layer, GLOBAL_POOLING) and len(layer.input.shape) == 4]
     if not pooling:
-        raise PipelineError(f"model {model.name!r} has no global pooling over a convolutional feature map at its top level (a keras.applications backbone nests it); "
-                            "Grad-CAM supports the student and the resnet teacher")
+        raise PipelineError(
+            f"model {model.name!r} has no global pooling over a convolutional feature map at its top level (a keras.applications backbone nests it); "
+            "Grad-CAM supports the student and the resnet teacher"
+        )
     return pooling[-1]
 
 
@@ -116,7 +118,9 @@ def onto_scan(heatmap: np.ndarray, scan: np.ndarray) -> np.ndarray:
     return np.clip(full, 0.0, 1.0)
 
 
-def explain_scan(model: keras.Model, scan: np.ndarray, image_size: int, class_names: list[str], class_name: str | None = None) -> Explanation:
+def explain_scan(
+    model: keras.Model, scan: np.ndarray, image_size: int, class_names: list[str], class_name: str | None = None
+) -> Explanation:
     """Grad-CAM of one decoded scan for ``class_name`` (default: the predicted class), on the scan."""
     image = preprocess(scan, image_size)
     probs = probabilities(np.asarray(model(image[None], training=False)), len(class_names) == 2)[0]
@@ -195,10 +199,19 @@ def load_models(model_name: str, version) -> RegisteredModels:
     teacher_run_id = version.tags.get("teacher_run_id")
     if not teacher_run_id:
         raise PipelineError(f"{model_name} v{version.version} has no teacher_run_id tag; promote it again")
-    return RegisteredModels(version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.image_size, wrapper.class_names, wrapper.modality)
+    return RegisteredModels(
+        version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.image_size, wrapper.class_names, wrapper.modality
+    )
 
 
-def explain(model_name: str, image_path: Path, stage: str | None = None, alias: str | None = None, out_path: Path | None = None, class_name: str | None = None) -> Path:
+def explain(
+    model_name: str,
+    image_path: Path,
+    stage: str | None = None,
+    alias: str | None = None,
+    out_path: Path | None = None,
+    class_name: str | None = None,
+) -> Path:
     """Grad-CAM of the registered student and its teacher for one scan; writes the overlay PNG and returns its path."""
     image_path = Path(image_path)
     if not image_path.is_file():

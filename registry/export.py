@@ -12,9 +12,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 import mlflow
@@ -110,7 +110,9 @@ def load_student(name: str, version: str) -> keras.Model:
         return load_keras_model(found[0])
 
 
-def compare_formats(student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = 50) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
+def compare_formats(
+    student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = 50
+) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
     """Convert the student, then time batch-1 inference and score the hold-out split for Keras, float32 and INT8."""
     rows, test = prepared.splits.train, prepared.splits.test
     # An even spread over the training rows: calibration sees both classes and every acquisition.
@@ -140,7 +142,9 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
     ``cfg`` names the data the model was trained on (its digest must match the version's); the representative
     set comes from its training split, the scores from its hold-out split.
     """
-    model_version = resolve_version(cfg.model_name, alias="champion") if version is None else MlflowClient().get_model_version(cfg.model_name, version)
+    model_version = (
+        resolve_version(cfg.model_name, alias="champion") if version is None else MlflowClient().get_model_version(cfg.model_name, version)
+    )
     prepared = prepare_data(cfg.replace(image_size=int(model_version.tags.get("image_size", cfg.image_size))))
     trained_on = model_version.tags.get("data_digest")
     if trained_on and trained_on != prepared.dataset.digest:
@@ -156,12 +160,21 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
         client.log_artifact(model_version.run_id, str(path), "edge")
     client.log_batch(
         model_version.run_id,
-        metrics=[mlflow.entities.Metric(f"edge_{fmt}_{what}", value, int(time.time() * 1000), 0) for fmt, values in results.items() for what, value in values.items() if np.isfinite(value)],
+        metrics=[
+            mlflow.entities.Metric(f"edge_{fmt}_{what}", value, int(time.time() * 1000), 0)
+            for fmt, values in results.items()
+            for what, value in values.items()
+            if np.isfinite(value)
+        ],
     )
     for fmt in FORMATS:
         r = results[fmt]
-        print(f"edge: {fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  hold-out F1 {r['f1']:.4f}")
-    print(f"edge: logged {', '.join(p.name for p in files.values())} to run {model_version.run_id} ({cfg.model_name} v{model_version.version})")
+        print(
+            f"edge: {fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  hold-out F1 {r['f1']:.4f}"
+        )
+    print(
+        f"edge: logged {', '.join(p.name for p in files.values())} to run {model_version.run_id} ({cfg.model_name} v{model_version.version})"
+    )
     return EdgeExport(model_version.version, model_version.run_id, files, results)
 
 

@@ -41,7 +41,7 @@ def decode_base64(value: str | bytes) -> bytes:
     """The file in a base64 string or a base64 data URI; binascii.Error/ValueError when it is neither."""
     raw = value.encode("ascii") if isinstance(value, str) else value  # non-ASCII text: ValueError
     prefix = DATA_URI_PREFIX.match(raw)
-    return base64.b64decode(raw[prefix.end():] if prefix else raw, validate=True)
+    return base64.b64decode(raw[prefix.end() :] if prefix else raw, validate=True)
 
 
 class StudentClassifier(mlflow.pyfunc.PythonModel):
@@ -84,7 +84,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
     def _images_from_array(self, array: np.ndarray) -> np.ndarray:
         expected = (self.image_size, self.image_size, 1)
         if array.ndim != 4 or array.shape[1:] != expected:
-            raise bad_request(f"an array batch must have shape (N, {self.image_size}, {self.image_size}, 1) of preprocessed images; got {array.shape}")
+            raise bad_request(
+                f"an array batch must have shape (N, {self.image_size}, {self.image_size}, 1) of preprocessed images; got {array.shape}"
+            )
         # Real numbers only: complex values would lose their imaginary part, timedeltas their unit.
         if array.dtype.kind not in "iuf":  # signed, unsigned, float (numpy files timedelta64 under integers)
             raise bad_request(f"an array batch must be numeric: real integers or floats; got dtype {array.dtype}")
@@ -94,7 +96,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         # Each preprocessed image is z-scored over S*S pixels, so no value can exceed sqrt(S*S - 1) < S;
         # larger values are not preprocessed images (and near float32's limit they overflow the network).
         if np.abs(array).max() > self.image_size:
-            raise bad_request(f"array values up to {np.abs(array).max():.3g} in magnitude: preprocessed images are z-scored and stay within ±{self.image_size}; send the image files instead")
+            raise bad_request(
+                f"array values up to {np.abs(array).max():.3g} in magnitude: preprocessed images are z-scored and stay within ±{self.image_size}; send the image files instead"
+            )
         return array
 
     # pd.DataFrame: a type hint MLflow takes without inferring a schema (the signature is logged explicitly) or
@@ -103,7 +107,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         if not isinstance(model_input, pd.DataFrame):
             model_input = np.asarray(model_input)
             if model_input.ndim == 0:
-                raise bad_request(f"expected a DataFrame with an 'image' column or an array batch (N, {self.image_size}, {self.image_size}, 1); got a single {model_input.dtype} value")
+                raise bad_request(
+                    f"expected a DataFrame with an 'image' column or an array batch (N, {self.image_size}, {self.image_size}, 1); got a single {model_input.dtype} value"
+                )
         # Size checks first: nothing is decoded for a request that will be refused anyway.
         if len(model_input) == 0:
             raise bad_request("empty batch: send at least one image")
@@ -115,7 +121,10 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         probs = probabilities(np.asarray(self.model(images, training=False)), len(self.class_names) == 2)
         if not np.all(np.isfinite(probs)):
             # Inputs are checked above, so this is the model's fault: an error (HTTP 500), never a NaN answer.
-            raise MlflowException("the model produced non-finite probabilities for valid input; the registered model is broken, roll back", error_code=INTERNAL_ERROR)
+            raise MlflowException(
+                "the model produced non-finite probabilities for valid input; the registered model is broken, roll back",
+                error_code=INTERNAL_ERROR,
+            )
         result = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(self.class_names)})
         result.insert(0, "label", [self.class_names[i] for i in probs.argmax(axis=1)])
         return result

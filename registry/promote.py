@@ -17,7 +17,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
@@ -31,7 +31,15 @@ from mlflow.exceptions import MlflowException
 from pipelines.config import PROJECT_ROOT, Config, PipelineError
 from pipelines.data import BRATS_MODALITIES
 from pipelines.distiller import Distiller
-from pipelines.evaluate import CONFUSION_ARTIFACT, classification_metrics, confusion_matrix, confusion_record, in_batches, model_logits, probabilities
+from pipelines.evaluate import (
+    CONFUSION_ARTIFACT,
+    classification_metrics,
+    confusion_matrix,
+    confusion_record,
+    in_batches,
+    model_logits,
+    probabilities,
+)
 from pipelines.locks import database_lock, lockable
 from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
@@ -69,7 +77,7 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
 
 def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
     """The study's best trial, the study's Config (data, teachers) and the Config of the trial's student."""
-    from search.tune import load_or_create_study, open_storage, best_trial
+    from search.tune import best_trial, load_or_create_study, open_storage
 
     storage = open_storage(cfg)
     try:
@@ -79,7 +87,16 @@ def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
     study, study_cfg = load_or_create_study(cfg, storage)
     best = best_trial(study)
     params = best.params
-    return best, study_cfg, study_cfg.replace(temperature=params["temperature"], alpha=params["alpha"], student_size=f"{params['width']}x{params['depth']}", learning_rate=params["learning_rate"])
+    return (
+        best,
+        study_cfg,
+        study_cfg.replace(
+            temperature=params["temperature"],
+            alpha=params["alpha"],
+            student_size=f"{params['width']}x{params['depth']}",
+            learning_rate=params["learning_rate"],
+        ),
+    )
 
 
 def holdout_frame(prepared: Prepared) -> pd.DataFrame:
@@ -103,8 +120,12 @@ def pyfunc_f1(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame, labels: np.
 
 def code_version() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -129,8 +150,14 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
         student_path = Path(tmp) / "student.keras"
         student.save(student_path)
         metadata_path = Path(tmp) / "metadata.json"
-        modality = None if prepared.dataset.modality is None else BRATS_MODALITIES[prepared.dataset.modality]  # what served .h5 slices are read as
-        metadata = {"image_size": cfg.image_size, "class_names": prepared.dataset.class_names, "positive_class": prepared.dataset.positive_class}
+        modality = (
+            None if prepared.dataset.modality is None else BRATS_MODALITIES[prepared.dataset.modality]
+        )  # what served .h5 slices are read as
+        metadata = {
+            "image_size": cfg.image_size,
+            "class_names": prepared.dataset.class_names,
+            "positive_class": prepared.dataset.positive_class,
+        }
         metadata_path.write_text(json.dumps({**metadata, "modality": modality}))
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -140,7 +167,12 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
             signature=signature(prepared.dataset.class_names),
             input_example=example,
             pip_requirements=pinned_requirements(),
-            metadata={"inputs": INPUTS, "modality": modality, "trained_on": trained_on(prepared.dataset), "data_digest": prepared.dataset.digest},
+            metadata={
+                "inputs": INPUTS,
+                "modality": modality,
+                "trained_on": trained_on(prepared.dataset),
+                "data_digest": prepared.dataset.digest,
+            },
         )
     return info
 
@@ -170,8 +202,15 @@ def set_role(client: MlflowClient, name: str, version: str, alias: str) -> None:
 
 def record(client: MlflowClient, name: str, event: str, version: str, previous: str | None, why: str) -> None:
     """Append one entry to the model's audit trail (a registered-model tag per event, ordered by time)."""
-    when = datetime.now(timezone.utc)
-    entry = {"event": event, "version": version, "previous": previous, "who": getpass.getuser(), "when": when.isoformat(timespec="seconds"), "why": why}
+    when = datetime.now(UTC)
+    entry = {
+        "event": event,
+        "version": version,
+        "previous": previous,
+        "who": getpass.getuser(),
+        "when": when.isoformat(timespec="seconds"),
+        "why": why,
+    }
     client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{when.strftime('%Y%m%dT%H%M%S%f')}", json.dumps(entry))
 
 
@@ -256,7 +295,9 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
     with tracked_run(cfg, run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
-        mlflow.set_tags({STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest})
+        mlflow.set_tags(
+            {STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest}
+        )
         teacher_run_id = train_teacher(study_cfg, prepared, nested=True)  # the search's teachers: found, not retrained
         all_logits = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["all"]
         student = _student(cfg, prepared, all_logits, epochs, "student (KD)", "student_all_")
@@ -276,7 +317,14 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         # Scope holdout_<who> goes with the metrics holdout_<who>_f1_<class> (fetch prints the student's).
         matrices = {f"holdout_{who}": confusion_matrix(labels[test], p) for who, p in holdout_probs.items()}
         mlflow.log_dict(confusion_record(prepared.dataset.class_names, matrices), CONFUSION_ARTIFACT)
-        mlflow.log_metrics({"holdout_size": len(test), "student_params": student.count_params(), "kfold_f1_mean": best.values[0], "kfold_f1_std": best.user_attrs.get("f1_std", float("nan"))})
+        mlflow.log_metrics(
+            {
+                "holdout_size": len(test),
+                "student_params": student.count_params(),
+                "kfold_f1_mean": best.values[0],
+                "kfold_f1_std": best.user_attrs.get("f1_std", float("nan")),
+            }
+        )
         frame = holdout_frame(prepared)
         logged = log_student(student, prepared, cfg, frame.head(1))
         model_uri = logged.model_uri
@@ -288,9 +336,16 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
             f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters."
         )
         tags = {
-            "study": cfg.study_name, "trial": str(best.number), "kfold_f1_mean": f"{best.values[0]:.6f}", "kfold_f1_std": f"{best.user_attrs.get('f1_std', float('nan')):.6f}",
-            "holdout_f1": f"{new_f1:.6f}", "params_count": str(student.count_params()), "teacher_run_id": teacher_run_id,
-            "data_digest": prepared.dataset.digest, "code_version": code_version(), "image_size": str(cfg.image_size),
+            "study": cfg.study_name,
+            "trial": str(best.number),
+            "kfold_f1_mean": f"{best.values[0]:.6f}",
+            "kfold_f1_std": f"{best.user_attrs.get('f1_std', float('nan')):.6f}",
+            "holdout_f1": f"{new_f1:.6f}",
+            "params_count": str(student.count_params()),
+            "teacher_run_id": teacher_run_id,
+            "data_digest": prepared.dataset.digest,
+            "code_version": code_version(),
+            "image_size": str(cfg.image_size),
             "trained_on": trained_on(prepared.dataset),
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
@@ -302,17 +357,30 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
                 champion = current_version(client, cfg.model_name, CHAMPION)
                 champion_f1 = None
                 if champion is not None:
-                    champion_f1 = pyfunc_f1(mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{champion.version}"), frame, labels[test], prepared.dataset.class_names)["f1"]
+                    champion_f1 = pyfunc_f1(
+                        mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{champion.version}"),
+                        frame,
+                        labels[test],
+                        prepared.dataset.class_names,
+                    )["f1"]
                 if champion is None:
                     promoted, reason = True, "no champion yet"
                 elif cfg.force:
                     promoted, reason = True, f"forced (hold-out F1 {new_f1:.4f} vs champion v{champion.version} {champion_f1:.4f})"
                 elif new_f1 > champion_f1 + cfg.margin:
-                    promoted, reason = True, f"hold-out F1 {new_f1:.4f} beats champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
+                    promoted, reason = (
+                        True,
+                        f"hold-out F1 {new_f1:.4f} beats champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}",
+                    )
                 else:
-                    promoted, reason = False, f"hold-out F1 {new_f1:.4f} does not beat champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}"
+                    promoted, reason = (
+                        False,
+                        f"hold-out F1 {new_f1:.4f} does not beat champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}",
+                    )
                 set_role(client, cfg.model_name, version, CHAMPION if promoted else CHALLENGER)
-                record(client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason)
+                record(
+                    client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason
+                )
             except BaseException:
                 # No half-registered model: the new version goes, the roles return to what the audit trail says.
                 client.delete_model_version(cfg.model_name, version)
@@ -324,13 +392,17 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
     return Promotion(version, promoted, reason, new_f1, champion_f1)
 
 
-def register(client: MlflowClient, name: str, logged: mlflow.models.model.ModelInfo, run_id: str, tags: dict[str, str], description: str) -> str:
+def register(
+    client: MlflowClient, name: str, logged: mlflow.models.model.ModelInfo, run_id: str, tags: dict[str, str], description: str
+) -> str:
     """Register a READY version with its tags and description, or leave nothing behind."""
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Brain-MRI tumour classifier distilled from a CNN teacher (kd-brain).")
-    version = client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags, description=description, model_id=logged.model_id)
+    version = client.create_model_version(
+        name, logged.model_uri, run_id=run_id, tags=tags, description=description, model_id=logged.model_id
+    )
     try:
         deadline = time.monotonic() + 300
         while client.get_model_version(name, version.version).status == "PENDING_REGISTRATION":
@@ -354,7 +426,14 @@ def rollback(name: str, reason: str = "manual rollback") -> str:
         current = current_version(client, name, CHAMPION)
         if current is None:
             raise PipelineError(f"{name} has no champion to roll back from")
-        previous = next((e["previous"] for e in reversed(history(name)) if e["event"] in ("promote", "rollback") and e["version"] == current.version and e["previous"]), None)
+        previous = next(
+            (
+                e["previous"]
+                for e in reversed(history(name))
+                if e["event"] in ("promote", "rollback") and e["version"] == current.version and e["previous"]
+            ),
+            None,
+        )
         if previous is None:
             raise PipelineError(f"{name} v{current.version} has no earlier champion to roll back to")
         set_role(client, name, previous, CHAMPION)

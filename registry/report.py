@@ -38,8 +38,13 @@ ENVIRONMENT_ARTIFACT = "environment.json"
 NO_KD_CV_TAG, TRIAL_RUN_TAG = "kd.no_kd_cv_run_id", "kd.trial_run_id"
 MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
 METRICS = {
-    "f1": "F1", "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall (sensitivity)",
-    "specificity": "Specificity", "roc_auc": "ROC-AUC", "pr_auc": "PR-AUC",
+    "f1": "F1",
+    "accuracy": "Accuracy",
+    "precision": "Precision",
+    "recall": "Recall (sensitivity)",
+    "specificity": "Specificity",
+    "roc_auc": "ROC-AUC",
+    "pr_auc": "PR-AUC",
 }
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -82,11 +87,17 @@ def environment() -> dict:
             packages[name] = "not installed"
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu)
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu
+        )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return {
-        "python": platform.python_version(), "platform": platform.platform(), "packages": packages,
-        "cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": packages,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(memory / 2**30, 1),
         "gpus": [device.name for device in tf.config.list_physical_devices("GPU")],
     }
 
@@ -131,7 +142,9 @@ def _artifact(run_id: str, path: str, tmp: str) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp))
     except Exception as error:  # MLflow raises several types for a missing artifact
-        raise PipelineError(f"run {run_id} has no artifact {path!r} ({type(error).__name__}); promote the model again to record it") from None
+        raise PipelineError(
+            f"run {run_id} has no artifact {path!r} ({type(error).__name__}); promote the model again to record it"
+        ) from None
 
 
 def open_study(search: Run, storage: str) -> tuple[object | None, str]:
@@ -165,7 +178,9 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
     promote = client.get_run(version.run_id)
     missing = [tag for tag in (NO_KD_CV_TAG, TRIAL_RUN_TAG) if not promote.data.tags.get(tag)]
     if missing or not version.tags.get("teacher_run_id"):
-        raise PipelineError(f"{model_name} v{version.version} was promoted before reports existed (its run lacks {missing or ['teacher_run_id']}); promote it again")
+        raise PipelineError(
+            f"{model_name} v{version.version} was promoted before reports existed (its run lacks {missing or ['teacher_run_id']}); promote it again"
+        )
     teacher = client.get_run(version.tags["teacher_run_id"])
     trial = client.get_run(promote.data.tags[TRIAL_RUN_TAG])
     no_kd = client.get_run(promote.data.tags[NO_KD_CV_TAG])
@@ -178,8 +193,24 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
         env = json.loads(_artifact(promote.info.run_id, ENVIRONMENT_ARTIFACT, tmp).read_text())
     study, note = open_study(search, storage)
     selector = f"-P alias={alias}" if alias else f"-P stage={stage}"
-    return Sources(model_name, version, promote, teacher, trial, no_kd, search, splits, predictions, env, run_config(teacher), run_config(no_kd), study, note,
-                   load_models(model_name, version), selector)
+    return Sources(
+        model_name,
+        version,
+        promote,
+        teacher,
+        trial,
+        no_kd,
+        search,
+        splits,
+        predictions,
+        env,
+        run_config(teacher),
+        run_config(no_kd),
+        study,
+        note,
+        load_models(model_name, version),
+        selector,
+    )
 
 
 # ---------------------------------------------------------------- formatting
@@ -269,9 +300,7 @@ def kd_equation(binary: bool) -> str:
     else:
         hard = r"\ell_{\mathrm{CE}}\big(y_i, \mathrm{softmax}(\mathbf{z}_i)\big)"
         soft = r"\mathrm{KL}\Big(\mathrm{softmax}(\mathbf{z}^{t}_i/T)\,\Big\|\,\mathrm{softmax}(\mathbf{z}_i/T)\Big)"
-    return (
-        r"\mathcal{L} = \frac{\alpha \sum_i w_{y_i}\, " + hard + r" + (1-\alpha)\, T^{2} \sum_i w_{y_i}\, " + soft + r"}{\sum_i w_{y_i}}"
-    )
+    return r"\mathcal{L} = \frac{\alpha \sum_i w_{y_i}\, " + hard + r" + (1-\alpha)\, T^{2} \sum_i w_{y_i}\, " + soft + r"}{\sum_i w_{y_i}}"
 
 
 def search_settings(study) -> tuple[str, str]:
@@ -279,7 +308,9 @@ def search_settings(study) -> tuple[str, str]:
     sampler, pruner = study.sampler, study.pruner
     # multivariate=None in TPESampler means "Optuna decides per study": print what it decided, not None.
     multivariate = sampler._is_multivariate(study) if hasattr(sampler, "_is_multivariate") else getattr(sampler, "_multivariate", "n/a")
-    sampler_text = f"{type(sampler).__name__} (n_startup_trials = {getattr(sampler, '_n_startup_trials', 'n/a')}, multivariate = {multivariate})"
+    sampler_text = (
+        f"{type(sampler).__name__} (n_startup_trials = {getattr(sampler, '_n_startup_trials', 'n/a')}, multivariate = {multivariate})"
+    )
     pruner_text = f"{type(pruner).__name__} (n_startup_trials = {getattr(pruner, '_n_startup_trials', 'n/a')}, n_warmup_steps = {getattr(pruner, '_n_warmup_steps', 'n/a')}, percentile = {getattr(pruner, '_percentile', 'n/a')})"
     return sampler_text, pruner_text
 
@@ -294,7 +325,16 @@ def search_space_rows(study) -> list[list[str]]:
     for name, distribution in sorted(distributions.items()):
         kind = type(distribution).__name__.replace("Distribution", "").lower()
         step = getattr(distribution, "step", None)
-        rows.append([name, kind, f"{distribution.low:g}", f"{distribution.high:g}", "log" if getattr(distribution, "log", False) else "linear", "" if step is None else f"{step:g}"])
+        rows.append(
+            [
+                name,
+                kind,
+                f"{distribution.low:g}",
+                f"{distribution.high:g}",
+                "log" if getattr(distribution, "log", False) else "linear",
+                "" if step is None else f"{step:g}",
+            ]
+        )
     return rows
 
 
@@ -302,7 +342,13 @@ def rerun_command(s: Sources) -> str:
     """The ``main`` entry point with every parameter the study was created with (its stored settings)."""
     settings = dict(s.study.user_attrs.get("config", {})) if s.study is not None else {}
     params = {**{k: v for k, v in s.search.data.params.items() if k in {f.name for f in fields(Config)}}, **settings}
-    params.update({"study_name": s.search.data.params.get("study_name", ""), "n_trials": s.search.data.params.get("n_trials", ""), "model_name": s.model_name})
+    params.update(
+        {
+            "study_name": s.search.data.params.get("study_name", ""),
+            "n_trials": s.search.data.params.get("n_trials", ""),
+            "model_name": s.model_name,
+        }
+    )
     return "mlflow run . -e main --env-manager local " + " ".join(f"-P {k}={v}" for k, v in sorted(params.items()))
 
 
@@ -314,7 +360,10 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
     binary = len(class_names) == 2
     test, train = splits[splits["split"] == "test"], splits[splits["split"] != "test"]
     counts = splits.groupby(["label", splits["split"].eq("test").map({True: "hold-out", False: "training"})]).size().unstack(fill_value=0)
-    count_rows = [[name, str(counts.loc[name].get("training", 0)), str(counts.loc[name].get("hold-out", 0)), str(counts.loc[name].sum())] for name in class_names]
+    count_rows = [
+        [name, str(counts.loc[name].get("training", 0)), str(counts.loc[name].get("hold-out", 0)), str(counts.loc[name].sum())]
+        for name in class_names
+    ]
     count_rows.append(["total", str(len(train)), str(len(test)), str(len(splits))])
     straddling = int((splits.groupby("group")["split"].nunique() > 1).sum())
     from pipelines.training import class_weights
@@ -337,11 +386,21 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
             f"The data set is {dataset_name} (source type {s.teacher.data.params.get('data_source')}, read from ",
             Code(s.teacher.data.params["data_dir"]) if s.teacher.data.params.get("data_dir") else "the embedded synthetic generator",
             f") with {len(splits)} images in {len(class_names)} classes ({', '.join(class_names)})"
-            + (f"; the positive class is {s.teacher.data.params.get('positive')}" if binary else "; metrics are macro-averaged over classes")
+            + (
+                f"; the positive class is {s.teacher.data.params.get('positive')}"
+                if binary
+                else "; metrics are macro-averaged over classes"
+            )
             + f". Raw image sizes: {image_size_range(splits['path'].tolist())}. The data digest (SHA-256 over every file's hash, label and group) is ",
-            Code(s.promote.data.tags.get("kd.data_digest", s.teacher.data.tags.get("kd.data_digest", ""))), ".",
+            Code(s.promote.data.tags.get("kd.data_digest", s.teacher.data.tags.get("kd.data_digest", ""))),
+            ".",
         ),
-        table("class-counts", "Images per class in the training part (cross-validated) and the hold-out test split.", ["class", "training", "hold-out", "total"], count_rows),
+        table(
+            "class-counts",
+            "Images per class in the training part (cross-validated) and the hold-out test split.",
+            ["class", "training", "hold-out", "total"],
+            count_rows,
+        ),
         para(
             f"Preprocessing: each image is decoded to grey levels, cropped to the bounding box of the head (ignoring dark background and scanner annotations), "
             f"padded to a square with its background level, resized bilinearly to {cfg.image_size} × {cfg.image_size} pixels and standardised per image (zero mean, unit variance). "
@@ -351,7 +410,11 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
         para(
             f"A hold-out test split of {len(test)} images ({len(test) / len(splits):.1%}; requested fraction {cfg.test_fraction:g}) was set aside with a stratified group split, "
             f"and the remaining {len(train)} images were divided by stratified group {cfg.folds}-fold cross-validation (seed {cfg.seed}). "
-            + (f"{dropped} hold-out images that duplicated training images (identical or near-identical) were left out of every part. " if dropped else "")
+            + (
+                f"{dropped} hold-out images that duplicated training images (identical or near-identical) were left out of every part. "
+                if dropped
+                else ""
+            )
             + f"Identical and near-identical files (by a perceptual hash) form one group ({splits['group'].nunique()} groups for {len(splits)} images), and groups never straddle the hold-out split or two folds "
             f"(checked on the logged assignment: {straddling} groups straddle). Every model was selected on the folds only; the hold-out split was used once, for the final comparison."
         ),
@@ -361,21 +424,46 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
             f"Student: a plain CNN of {depth} blocks ({block_description(s.models.student)}) with first-block width {width} doubling per block, "
             f"average and max global pooling side by side, dropout and a dense logit layer; {student_params} parameters "
             f"({teacher_params / max(student_params, 1):.1f} times fewer than the teacher). "
-            + ("Two classes use a single logit z with the sigmoid." if binary else f"The {len(class_names)} classes use one logit each with the softmax.")
+            + (
+                "Two classes use a single logit z with the sigmoid."
+                if binary
+                else f"The {len(class_names)} classes use one logit each with the softmax."
+            )
         ),
-        table("student-layers", f"Layers of the student ({s.models.student.name}).", ["layer", "type", "output shape", "parameters"], layer_rows(s.models.student)),
+        table(
+            "student-layers",
+            f"Layers of the student ({s.models.student.name}).",
+            ["layer", "type", "output shape", "parameters"],
+            layer_rows(s.models.student),
+        ),
         Heading(2, "Knowledge distillation"),
         para(
-            "The student is trained on the loss below, with student logits z, cached teacher logits ", Math("z^{t}"), " (computed once per fold by that fold's teacher), temperature T and hard-loss weight ",
-            Math(r"\alpha"), "; the sums run over a mini-batch and ", Math("w_{y}"), " is the class weight of label y."
-            + (" With one logit, the two-class softmax of [0, z] is the sigmoid, so the KL term is the Bernoulli KL divergence." if binary else ""),
+            "The student is trained on the loss below, with student logits z, cached teacher logits ",
+            Math("z^{t}"),
+            " (computed once per fold by that fold's teacher), temperature T and hard-loss weight ",
+            Math(r"\alpha"),
+            "; the sums run over a mini-batch and ",
+            Math("w_{y}"),
+            " is the class weight of label y."
+            + (
+                " With one logit, the two-class softmax of [0, z] is the sigmoid, so the KL term is the Bernoulli KL divergence."
+                if binary
+                else ""
+            ),
         ),
         Equation(kd_equation(binary)),
         para(
-            "The selected configuration uses ", Math(f"T = {num(student.temperature)}"), " and ", Math(rf"\alpha = {num(student.alpha)}"),
-            ". The no-KD baseline is the same student trained with ", Math(r"\alpha = 1"), " (hard labels only). Class weights are balanced, ",
-            Math(r"w_c = n / (k\, n_c)"), ", computed on each training set; on the whole training part they are "
-            + ", ".join(f"{name} {num(w)}" for name, w in zip(class_names, weights)) + ".",
+            "The selected configuration uses ",
+            Math(f"T = {num(student.temperature)}"),
+            " and ",
+            Math(rf"\alpha = {num(student.alpha)}"),
+            ". The no-KD baseline is the same student trained with ",
+            Math(r"\alpha = 1"),
+            " (hard labels only). Class weights are balanced, ",
+            Math(r"w_c = n / (k\, n_c)"),
+            ", computed on each training set; on the whole training part they are "
+            + ", ".join(f"{name} {num(w)}" for name, w in zip(class_names, weights))
+            + ".",
         ),
         Heading(2, "Optimisation"),
         para(
@@ -410,13 +498,27 @@ def methodology(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> list[Block]
         para(
             f"Final training ran on {env.get('cpu')} ({env.get('cpu_count')} logical CPUs, {env.get('memory_gib')} GiB memory; GPUs: {', '.join(env.get('gpus') or []) or 'none'}), "
             f"{env.get('platform')}, Python {env.get('python')}, with "
-            + ", ".join(f"{name} {version}" for name, version in env.get("packages", {}).items()) + "."
+            + ", ".join(f"{name} {version}" for name, version in env.get("packages", {}).items())
+            + "."
         ),
         Heading(2, "Reproducibility"),
         bullets(
-            ("model: ", Code(f"models:/{s.model_name}/{s.version.version}"), f" ({s.version.current_stage}), code version ", Code(s.version.tags.get("code_version", "unknown"))),
+            (
+                "model: ",
+                Code(f"models:/{s.model_name}/{s.version.version}"),
+                f" ({s.version.current_stage}), code version ",
+                Code(s.version.tags.get("code_version", "unknown")),
+            ),
             ("data digest: ", Code(s.version.tags.get("data_digest", ""))),
-            ("teacher run ", Code(s.teacher.info.run_id), ", search run ", Code(s.search.info.run_id), ", best trial run ", Code(s.trial.info.run_id), f" (trial {s.version.tags.get('trial')})"),
+            (
+                "teacher run ",
+                Code(s.teacher.info.run_id),
+                ", search run ",
+                Code(s.search.info.run_id),
+                ", best trial run ",
+                Code(s.trial.info.run_id),
+                f" (trial {s.version.tags.get('trial')})",
+            ),
             ("no-KD cross-validation run ", Code(s.no_kd.info.run_id), ", promote run ", Code(s.promote.info.run_id)),
             ("rerun: ", Code(rerun_command(s))),
             ("this report: ", Code(f"mlflow run . -e report --env-manager local -P model_name={s.model_name} {s.selector}")),
@@ -429,9 +531,15 @@ def search_section(s: Sources) -> list[Block]:
     blocks: list[Block] = [Heading(2, "Hyper-parameter search")]
     params = s.search.data.params
     objectives = params.get("objectives", "f1")
-    objective = "the mean k-fold F1 of the distilled student (maximised)" + ("" if objectives == "f1" else f", and {objectives.split(',')[1]} (minimised) as a second objective")
+    objective = "the mean k-fold F1 of the distilled student (maximised)" + (
+        "" if objectives == "f1" else f", and {objectives.split(',')[1]} (minimised) as a second objective"
+    )
     if s.study is None:
-        return blocks + [para(f"Optuna study {params.get('study_name')!r} with {params.get('n_trials')} trials; objective: {objective}. The study itself could not be read: {s.study_note}.")]
+        return blocks + [
+            para(
+                f"Optuna study {params.get('study_name')!r} with {params.get('n_trials')} trials; objective: {objective}. The study itself could not be read: {s.study_note}."
+            )
+        ]
     from optuna.trial import TrialState
 
     states = {state.name.lower(): 0 for state in TrialState}
@@ -442,10 +550,17 @@ def search_section(s: Sources) -> list[Block]:
     blocks += [
         para(
             f"Optuna study {s.study.study_name!r}: objective {objective}. Sampler {sampler}, seeded with {seed} by the worker that created the study; pruner {pruner}, "
-            f"fed each fold's F1. Trials: " + ", ".join(f"{n} {state}" for state, n in states.items() if n) + f" (target: {params.get('n_trials')} finished). "
+            f"fed each fold's F1. Trials: "
+            + ", ".join(f"{n} {state}" for state, n in states.items() if n)
+            + f" (target: {params.get('n_trials')} finished). "
             f"Each trial cross-validated a student on the same {s.data_cfg.folds} folds with the teachers' cached logits. The best trial ({s.version.tags.get('trial')}) was retrained on the whole training part."
         ),
-        table("search-space", "Search space (from the study's trial distributions).", ["parameter", "type", "low", "high", "scale", "step"], search_space_rows(s.study)),
+        table(
+            "search-space",
+            "Search space (from the study's trial distributions).",
+            ["parameter", "type", "low", "high", "scale", "step"],
+            search_space_rows(s.study),
+        ),
     ]
     return blocks
 
@@ -461,7 +576,9 @@ def holdout_arrays(s: Sources) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return labels, probs
 
 
-def bootstrap_intervals(labels: np.ndarray, probs: dict[str, np.ndarray], resamples: int, seed: int) -> dict[str, dict[str, tuple[float, float]]]:
+def bootstrap_intervals(
+    labels: np.ndarray, probs: dict[str, np.ndarray], resamples: int, seed: int
+) -> dict[str, dict[str, tuple[float, float]]]:
     """95% percentile intervals of every metric; the same resampled images for every model (paired)."""
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(labels), size=(resamples, len(labels)))
@@ -478,7 +595,9 @@ def bootstrap_intervals(labels: np.ndarray, probs: dict[str, np.ndarray], resamp
         for name, samples in by_metric.items():
             samples = np.asarray(samples, dtype=np.float64)
             samples = samples[np.isfinite(samples)]
-            result[who][name] = (float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))) if samples.size else (math.nan, math.nan)
+            result[who][name] = (
+                (float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))) if samples.size else (math.nan, math.nan)
+            )
     return result
 
 
@@ -497,7 +616,13 @@ def paired_test(kd: list[float], no_kd: list[float]) -> dict[str, float]:
         warnings.simplefilter("ignore")  # identical folds give NaN statistics, reported as n/a
         t = stats.ttest_rel(kd, no_kd)
         w = stats.wilcoxon(kd, no_kd)
-    return {"mean_difference": float(np.mean(np.subtract(kd, no_kd))), "t": float(t.statistic), "t_pvalue": float(t.pvalue), "wilcoxon": float(w.statistic), "wilcoxon_pvalue": float(w.pvalue)}
+    return {
+        "mean_difference": float(np.mean(np.subtract(kd, no_kd))),
+        "t": float(t.statistic),
+        "t_pvalue": float(t.pvalue),
+        "wilcoxon": float(w.statistic),
+        "wilcoxon_pvalue": float(w.pvalue),
+    }
 
 
 def _plt():
@@ -520,7 +645,9 @@ def confusion_figure(labels: np.ndarray, probs: dict[str, np.ndarray], class_nam
 
     fig, axes = _plt().subplots(1, len(probs), figsize=(4.2 * len(probs), 3.8))
     for ax, (who, p) in zip(np.ravel(axes), probs.items()):
-        ConfusionMatrixDisplay.from_predictions(labels, p.argmax(axis=1), labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False)
+        ConfusionMatrixDisplay.from_predictions(
+            labels, p.argmax(axis=1), labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False
+        )
         ax.set_title(MODELS[who])
     return _save(fig, path)
 
@@ -581,7 +708,12 @@ def gradcam_examples(s: Sources, labels: np.ndarray, probs: np.ndarray) -> list[
 
     predicted = probs.argmax(axis=1)
     if probs.shape[1] == 2:
-        outcomes = {"true positive": (labels == 1) & (predicted == 1), "false positive": (labels == 0) & (predicted == 1), "false negative": (labels == 1) & (predicted == 0), "true negative": (labels == 0) & (predicted == 0)}
+        outcomes = {
+            "true positive": (labels == 1) & (predicted == 1),
+            "false positive": (labels == 0) & (predicted == 1),
+            "false negative": (labels == 1) & (predicted == 0),
+            "true negative": (labels == 0) & (predicted == 0),
+        }
     else:
         outcomes = {"correct": labels == predicted, "misclassified": labels != predicted}
     paths = s.predictions["path"].map(lambda p: row_file(p).is_file()).to_numpy()
@@ -601,7 +733,10 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
     class_names, folds = s.class_names, s.data_cfg.folds
     labels, probs = holdout_arrays(s)
     runs = {"teacher": s.teacher, "student": s.trial, "no_kd": s.no_kd}
-    kfold = {who: {m: {"mean": run.data.metrics.get(f"{m}_mean", math.nan), "std": run.data.metrics.get(f"{m}_std", math.nan)} for m in METRICS} for who, run in runs.items()}
+    kfold = {
+        who: {m: {"mean": run.data.metrics.get(f"{m}_mean", math.nan), "std": run.data.metrics.get(f"{m}_std", math.nan)} for m in METRICS}
+        for who, run in runs.items()
+    }
     holdout = {who: {m: s.promote.data.metrics.get(f"holdout_{who}_{m}", math.nan) for m in METRICS} for who in MODELS}
     intervals = bootstrap_intervals(labels, probs, resamples, s.data_cfg.seed)
     per_fold = {"teacher": fold_f1(s.teacher, folds), "student": fold_f1(s.trial, folds), "no_kd": fold_f1(s.no_kd, folds)}
@@ -614,51 +749,105 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
     blocks: list[Block] = [
         Heading(1, "Results"),
         table(
-            "kfold", f"Stratified group {folds}-fold cross-validation: mean ± standard deviation over the validation folds "
+            "kfold",
+            f"Stratified group {folds}-fold cross-validation: mean ± standard deviation over the validation folds "
             f"(teacher run, best search trial {s.version.tags.get('trial')}, no-KD run of the same student configuration).",
-            ["metric"] + list(MODELS.values()), [[label] + [mean_std(runs[who], m) for who in MODELS] for m, label in METRICS.items()],
+            ["metric"] + list(MODELS.values()),
+            [[label] + [mean_std(runs[who], m) for who in MODELS] for m, label in METRICS.items()],
         ),
         table(
-            "holdout", f"Hold-out test split ({holdout_text}): value [95% bootstrap confidence interval, {resamples} resamples]. "
+            "holdout",
+            f"Hold-out test split ({holdout_text}): value [95% bootstrap confidence interval, {resamples} resamples]. "
             "Teacher and students were retrained on the whole training part.",
             ["metric"] + list(MODELS.values()),
-            [[label] + [f"{num(holdout[who][m])} [{num(intervals[who][m][0])}, {num(intervals[who][m][1])}]" for who in MODELS] for m, label in METRICS.items()],
+            [
+                [label] + [f"{num(holdout[who][m])} [{num(intervals[who][m][0])}, {num(intervals[who][m][1])}]" for who in MODELS]
+                for m, label in METRICS.items()
+            ],
         ),
         table(
-            "folds", f"F1 per validation fold (numbered 0 to {folds - 1}, as in the logs and the runs' f1_fold_<k> metrics); the KD and no-KD students share folds and initialisation seeds.",
+            "folds",
+            f"F1 per validation fold (numbered 0 to {folds - 1}, as in the logs and the runs' f1_fold_<k> metrics); the KD and no-KD students share folds and initialisation seeds.",
             ["fold"] + list(MODELS.values()) + ["KD − no-KD"],
-            [[str(k)] + [num(per_fold[who][k]) for who in MODELS] + [num(per_fold["student"][k] - per_fold["no_kd"][k])] for k in range(folds)],
+            [
+                [str(k)] + [num(per_fold[who][k]) for who in MODELS] + [num(per_fold["student"][k] - per_fold["no_kd"][k])]
+                for k in range(folds)
+            ],
         ),
         para(
             f"KD vs no-KD across the {folds} folds: mean F1 difference {num(test['mean_difference'])}; paired t-test t = {num(test['t'])}, p = {num(test['t_pvalue'])}; "
             f"Wilcoxon signed-rank W = {num(test['wilcoxon'])}, p = {num(test['wilcoxon_pvalue'])}."
-            + (f" With {folds} folds the smallest attainable two-sided Wilcoxon p-value is {num(2 / 2**folds)}, so this test cannot reach significance at 0.05." if 2 / 2**folds >= 0.05 else "")
+            + (
+                f" With {folds} folds the smallest attainable two-sided Wilcoxon p-value is {num(2 / 2**folds)}, so this test cannot reach significance at 0.05."
+                if 2 / 2**folds >= 0.05
+                else ""
+            )
         ),
         per_class_table(labels, probs["student"], class_names),
         per_class_f1_table(s, runs),
-        Figure("confusion", confusion_figure(labels, probs, class_names, figures / "confusion-matrices.png"), f"Confusion matrices on the {holdout_text}, arg-max decisions; rows are true classes."),
-        Figure("roc", curve_figure("roc", labels, probs, holdout, figures / "roc-curves.png"), "ROC curves on the hold-out split" + ("" if len(class_names) == 2 else " (micro-averaged one-vs-rest)") + "; the legend gives the logged ROC-AUC."),
-        Figure("pr", curve_figure("pr", labels, probs, holdout, figures / "pr-curves.png"), "Precision-recall curves on the hold-out split" + ("" if len(class_names) == 2 else " (micro-averaged one-vs-rest)") + "; the legend gives the logged PR-AUC."),
+        Figure(
+            "confusion",
+            confusion_figure(labels, probs, class_names, figures / "confusion-matrices.png"),
+            f"Confusion matrices on the {holdout_text}, arg-max decisions; rows are true classes.",
+        ),
+        Figure(
+            "roc",
+            curve_figure("roc", labels, probs, holdout, figures / "roc-curves.png"),
+            "ROC curves on the hold-out split"
+            + ("" if len(class_names) == 2 else " (micro-averaged one-vs-rest)")
+            + "; the legend gives the logged ROC-AUC.",
+        ),
+        Figure(
+            "pr",
+            curve_figure("pr", labels, probs, holdout, figures / "pr-curves.png"),
+            "Precision-recall curves on the hold-out split"
+            + ("" if len(class_names) == 2 else " (micro-averaged one-vs-rest)")
+            + "; the legend gives the logged PR-AUC.",
+        ),
     ]
     if importances:
         blocks += [
-            Figure("importance", importance_figure(importances, figures / "param-importances.png"), f"Importance of each searched hyper-parameter for the objective ({importance_note}): "
-                   + ", ".join(f"{name} {num(value)}" for name, value in importances.items()) + "."),
+            Figure(
+                "importance",
+                importance_figure(importances, figures / "param-importances.png"),
+                f"Importance of each searched hyper-parameter for the objective ({importance_note}): "
+                + ", ".join(f"{name} {num(value)}" for name, value in importances.items())
+                + ".",
+            ),
         ]
     else:
         blocks.append(para(f"Search parameter importances: {importance_note}."))
     examples = gradcam_examples(s, labels, probs["student"])
     if examples:
-        blocks.append(Figure("gradcam", f"figures/{explanation_grid(s.models, examples, figures / 'gradcam-holdout.png').name}",
-                             "Grad-CAM of the KD student and the teacher on hold-out scans, one per outcome of the KD student (" + ", ".join(o for o, _ in examples)
-                             + "); the map explains each model's predicted class and is drawn over the scan, except where it is zero everywhere (the panel title says so)."))
+        blocks.append(
+            Figure(
+                "gradcam",
+                f"figures/{explanation_grid(s.models, examples, figures / 'gradcam-holdout.png').name}",
+                "Grad-CAM of the KD student and the teacher on hold-out scans, one per outcome of the KD student ("
+                + ", ".join(o for o, _ in examples)
+                + "); the map explains each model's predicted class and is drawn over the scan, except where it is zero everywhere (the panel title says so).",
+            )
+        )
     else:
         blocks.append(para("Grad-CAM examples: the hold-out files are no longer at their recorded paths."))
     numbers = {
-        "model": s.model_name, "version": s.version.version, "kfold": kfold, "holdout": holdout,
-        "holdout_ci95": {who: {m: list(v) for m, v in by.items()} for who, by in intervals.items()}, "fold_f1": per_fold, "paired_test": test,
-        "param_importances": importances, "holdout_class_counts": n_class, "per_class_f1": per_class_f1_numbers(s, runs),
-        "runs": {"promote": s.promote.info.run_id, "teacher": s.teacher.info.run_id, "trial": s.trial.info.run_id, "no_kd_cv": s.no_kd.info.run_id, "search": s.search.info.run_id},
+        "model": s.model_name,
+        "version": s.version.version,
+        "kfold": kfold,
+        "holdout": holdout,
+        "holdout_ci95": {who: {m: list(v) for m, v in by.items()} for who, by in intervals.items()},
+        "fold_f1": per_fold,
+        "paired_test": test,
+        "param_importances": importances,
+        "holdout_class_counts": n_class,
+        "per_class_f1": per_class_f1_numbers(s, runs),
+        "runs": {
+            "promote": s.promote.info.run_id,
+            "teacher": s.teacher.info.run_id,
+            "trial": s.trial.info.run_id,
+            "no_kd_cv": s.no_kd.info.run_id,
+            "search": s.search.info.run_id,
+        },
     }
     return blocks, numbers
 
@@ -666,7 +855,9 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
 def per_class_table(labels: np.ndarray, probs: np.ndarray, class_names: list[str]):
     from sklearn.metrics import precision_recall_fscore_support
 
-    precision, recall, f1, support = precision_recall_fscore_support(labels, probs.argmax(axis=1), labels=np.arange(len(class_names)), zero_division=0)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, probs.argmax(axis=1), labels=np.arange(len(class_names)), zero_division=0
+    )
     rows = [[name, num(precision[i]), num(recall[i]), num(f1[i]), str(int(support[i]))] for i, name in enumerate(class_names)]
     return table("per-class", "Per-class hold-out metrics of the KD student.", ["class", "precision", "recall", "F1", "images"], rows)
 
@@ -697,8 +888,10 @@ def per_class_f1_table(s: Sources, runs: dict[str, Run]):
         for label, key in per_class_f1_rows(s)
     ]
     return table(
-        "per-class-f1", "F1 per class and macro-F1 (unweighted mean over the classes): k-fold mean / hold-out, as logged by the runs.",
-        ["class"] + list(MODELS.values()), rows,
+        "per-class-f1",
+        "F1 per class and macro-F1 (unweighted mean over the classes): k-fold mean / hold-out, as logged by the runs.",
+        ["class"] + list(MODELS.values()),
+        rows,
     )
 
 
@@ -716,7 +909,14 @@ class ReportPaths:
     numbers: Path  # report.json
 
 
-def write_report(model_name: str, stage: str | None = None, alias: str | None = None, out_dir: Path | str | None = None, storage: str = "", resamples: int = BOOTSTRAP_RESAMPLES) -> ReportPaths:
+def write_report(
+    model_name: str,
+    stage: str | None = None,
+    alias: str | None = None,
+    out_dir: Path | str | None = None,
+    storage: str = "",
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> ReportPaths:
     """Write the methodology and results (Markdown and LaTeX) of a registered version and log them to its run.
 
     ``out_dir`` defaults to ``reports/<model>-v<version>``; ``storage`` overrides the Optuna storage recorded by the search.
@@ -729,7 +929,15 @@ def write_report(model_name: str, stage: str | None = None, alias: str | None = 
     method_blocks = methodology(s, resamples)
     result_blocks, numbers = results(s, folder, resamples)
     first_table = 1 + sum(1 for block in method_blocks if type(block).__name__ == "Table")
-    paths = ReportPaths(folder, folder / "methodology.md", folder / "results.md", folder / "methodology.tex", folder / "results.tex", folder / "report.tex", folder / "report.json")
+    paths = ReportPaths(
+        folder,
+        folder / "methodology.md",
+        folder / "results.md",
+        folder / "methodology.tex",
+        folder / "results.tex",
+        folder / "report.tex",
+        folder / "report.json",
+    )
     paths.methodology_md.write_text(to_markdown(method_blocks))
     paths.results_md.write_text(to_markdown(result_blocks, first_table=first_table))
     paths.methodology_tex.write_text(to_latex(method_blocks))
@@ -739,8 +947,12 @@ def write_report(model_name: str, stage: str | None = None, alias: str | None = 
     MlflowClient().log_artifacts(s.version.run_id, str(folder), "report")
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run . -e report`: say what this run produced
         # Nested under the version's promote run (shown so in the UI when both are in one experiment, as the README's commands keep them).
-        for key, value in {"kd.step": "report", "kd.report_of": f"{model_name} v{s.version.version}", "kd.report_run_id": s.version.run_id,
-                           "mlflow.parentRunId": s.version.run_id}.items():
+        for key, value in {
+            "kd.step": "report",
+            "kd.report_of": f"{model_name} v{s.version.version}",
+            "kd.report_run_id": s.version.run_id,
+            "mlflow.parentRunId": s.version.run_id,
+        }.items():
             MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
     print(f"report: {model_name} v{s.version.version} -> {folder} (also logged to run {s.version.run_id} under report/)")
     return paths

@@ -35,9 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     # -h is the host, as in `mlflow models serve`; help is --help only.
-    parser = argparse.ArgumentParser(description="Serve a registered model like `mlflow models serve`, answering every malformed request with 4xx.", add_help=False)
+    parser = argparse.ArgumentParser(
+        description="Serve a registered model like `mlflow models serve`, answering every malformed request with 4xx.", add_help=False
+    )
     parser.add_argument("--help", action="help", help="show this help and exit")
-    parser.add_argument("-m", "--model-uri", required=True, help="e.g. models:/brain-tumor-student/Production (MLFLOW_TRACKING_URI says where)")
+    parser.add_argument(
+        "-m", "--model-uri", required=True, help="e.g. models:/brain-tumor-student/Production (MLFLOW_TRACKING_URI says where)"
+    )
     parser.add_argument("-h", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=5001)
     args = parser.parse_args(argv)

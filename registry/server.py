@@ -25,12 +25,21 @@ ADMIN_PASSWORD_ENV, SECRET_KEY_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK
 
 def server_command(backend_store_uri: str, artifacts_destination: str, host: str, port: int, auth: bool = False) -> list[str]:
     command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", artifacts_destination,
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        artifacts_destination,
         "--serve-artifacts",
-        "--host", host, "--port", str(port),
-        "--workers", "2",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "2",
     ]
     return command + (["--app-name", "basic-auth"] if auth else [])
 
@@ -70,7 +79,13 @@ def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=tracking_uri)
     command = [sys.executable, "-m", "registry.serve"] if wrapped else [f"{bin_dir}/mlflow", "models", "serve", "--env-manager", "local"]
-    server = subprocess.Popen(command + ["-m", model_uri, "-p", str(port), "-h", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        command + ["-m", model_uri, "-p", str(port), "-h", "127.0.0.1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -85,19 +100,36 @@ def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Start the MLflow tracking and model-registry server.")
-    parser.add_argument("--backend-store-uri", default=os.environ.get("KD_BACKEND_STORE_URI", f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"), help="SQLAlchemy URL of the tracking store")
-    parser.add_argument("--artifacts-destination", default=os.environ.get("KD_ARTIFACTS_DESTINATION", str(PROJECT_ROOT / "mlartifacts")), help="local folder or s3://bucket/prefix")
+    parser.add_argument(
+        "--backend-store-uri",
+        default=os.environ.get("KD_BACKEND_STORE_URI", f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"),
+        help="SQLAlchemy URL of the tracking store",
+    )
+    parser.add_argument(
+        "--artifacts-destination",
+        default=os.environ.get("KD_ARTIFACTS_DESTINATION", str(PROJECT_ROOT / "mlartifacts")),
+        help="local folder or s3://bucket/prefix",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--auth", action="store_true", help=f"require MLflow basic-auth logins (first start: set {ADMIN_PASSWORD_ENV})")
-    parser.add_argument("--auth-database-uri", default=f"sqlite:///{PROJECT_ROOT / 'mlflow-auth.db'}", help="SQLAlchemy URL of the users and permissions database")
+    parser.add_argument(
+        "--auth-database-uri",
+        default=f"sqlite:///{PROJECT_ROOT / 'mlflow-auth.db'}",
+        help="SQLAlchemy URL of the users and permissions database",
+    )
     args = parser.parse_args(argv)
     if args.auth:
         os.environ.update(auth_environment(args.auth_database_uri, PROJECT_ROOT / ".cache" / "basic_auth.ini"))
         if not os.environ.get(SECRET_KEY_ENV):
-            sys.exit(f"error: --auth needs {SECRET_KEY_ENV} (a random string, the same on every server of the team: it signs the CSRF tokens)")
+            sys.exit(
+                f"error: --auth needs {SECRET_KEY_ENV} (a random string, the same on every server of the team: it signs the CSRF tokens)"
+            )
         if not os.environ.get(ADMIN_PASSWORD_ENV):
-            print(f"note: on first start the admin user needs a password: set {ADMIN_PASSWORD_ENV} (MLflow refuses to start without one)", file=sys.stderr)
+            print(
+                f"note: on first start the admin user needs a password: set {ADMIN_PASSWORD_ENV} (MLflow refuses to start without one)",
+                file=sys.stderr,
+            )
     command = server_command(args.backend_store_uri, args.artifacts_destination, args.host, args.port, args.auth)
     print("starting:", " ".join(command), flush=True)
     os.execv(command[0], command)

@@ -12,7 +12,9 @@ def _search(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Optuna search of temperature, alpha, student size and learning rate by k-fold F1. Start more workers with the same --storage and --study-name to share the study.")
+    parser = build_parser(
+        "Optuna search of temperature, alpha, student size and learning rate by k-fold F1. Start more workers with the same --storage and --study-name to share the study."
+    )
     run_cli(_search, parser, argv)
 
 

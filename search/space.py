@@ -24,7 +24,7 @@ class SearchSpace:
     learning_rate: tuple[float, float]
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "SearchSpace":
+    def from_config(cls, cfg: Config) -> SearchSpace:
         """Parse and check every range before any training starts."""
         space = cls(
             temperature=_range(cfg, "temperature_range", positive=True),
@@ -43,11 +43,16 @@ class SearchSpace:
             "temperature": trial.suggest_float("temperature", *self.temperature, log=True),
             "alpha": trial.suggest_float("alpha", *self.alpha),
             # Widths in steps of 4: finer steps change the student too little to be worth a trial.
-            "width": trial.suggest_int("width", self.width[0], self.width[0] + (self.width[1] - self.width[0]) // WIDTH_STEP * WIDTH_STEP, step=WIDTH_STEP),
+            "width": trial.suggest_int(
+                "width", self.width[0], self.width[0] + (self.width[1] - self.width[0]) // WIDTH_STEP * WIDTH_STEP, step=WIDTH_STEP
+            ),
             "depth": trial.suggest_int("depth", *self.depth),
             "learning_rate": trial.suggest_float("learning_rate", *self.learning_rate, log=True),
         }
         trial_cfg = cfg.replace(
-            temperature=params["temperature"], alpha=params["alpha"], student_size=f"{params['width']}x{params['depth']}", learning_rate=params["learning_rate"]
+            temperature=params["temperature"],
+            alpha=params["alpha"],
+            student_size=f"{params['width']}x{params['depth']}",
+            learning_rate=params["learning_rate"],
         )
         return params, trial_cfg

@@ -37,7 +37,11 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_CONFIG_ATTR, PARENT_RUN_ATTR, DIGEST_ATTR = "config", "mlflow_parent_run_id", "data_digest"
 # Settings a joining worker takes from the study, so every trial trains on the same data the same way.
-SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials", "study_name")) + ("data_dir", "synthetic_images", "synthetic_classes")
+SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials", "study_name")) + (
+    "data_dir",
+    "synthetic_images",
+    "synthetic_classes",
+)
 
 
 class SurplusTrial(Exception):
@@ -47,7 +51,9 @@ class SurplusTrial(Exception):
 def open_storage(cfg: Config) -> RDBStorage:
     """The study's RDB storage, checked before any training: known scheme, reachable database."""
     if cfg.storage_url == mlflow.get_tracking_uri():
-        raise PipelineError("storage is the MLflow tracking database; Optuna and MLflow both keep an alembic_version table, so give them separate databases")
+        raise PipelineError(
+            "storage is the MLflow tracking database; Optuna and MLflow both keep an alembic_version table, so give them separate databases"
+        )
     scheme = cfg.storage_url.split(":", 1)[0].split("+", 1)[0]
     if scheme not in ("sqlite", "postgresql", "mysql"):
         raise PipelineError(f"storage: unknown URL scheme {scheme!r}; use sqlite:///path.db or postgresql://user@host/db")
@@ -59,7 +65,9 @@ def open_storage(cfg: Config) -> RDBStorage:
         engine.dispose()
     except Exception as error:  # any driver's connection error: report it in one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PipelineError(f"storage={redact_url(cfg.storage_url)}: cannot connect ({reason}); check the URL and that the database server runs") from None
+        raise PipelineError(
+            f"storage={redact_url(cfg.storage_url)}: cannot connect ({reason}); check the URL and that the database server runs"
+        ) from None
     # Workers starting together on an empty database would race to create the Optuna and MLflow schemas.
     with storage_lock(cfg, "schema"):
         storage = RDBStorage(
@@ -106,13 +114,17 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
         study_id = None
     if study_id is not None and storage.get_study_directions(study_id) != wanted:
         have = [d.name.lower() for d in storage.get_study_directions(study_id)]
-        raise PipelineError(f"study {cfg.study_name!r} exists with directions {have}, not {directions(cfg)}; use another study_name or the same objectives")
+        raise PipelineError(
+            f"study {cfg.study_name!r} exists with directions {have}, not {directions(cfg)}; use another study_name or the same objectives"
+        )
     # The creating worker is seeded, so a single-worker study is reproducible; a joining worker with the
     # same seed would propose the very same parameters, so it draws its own.
     seed = cfg.seed if study_id is None else int.from_bytes(os.urandom(4), "big")
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, cfg.n_trials // 3)))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    study = optuna.create_study(study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(
+        study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True
+    )
     stored = study.user_attrs.get(STUDY_CONFIG_ATTR)
     if stored is None:
         study.set_metric_names(cfg.objectives.split(","))  # optuna-dashboard's labels: "f1", not "Objective 0"
@@ -165,7 +177,9 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
         params, trial_cfg = space.suggest(trial, cfg)
         with tracked_run(cfg, finished_on=(optuna.TrialPruned,), nested=True, run_name=f"trial-{trial.number}") as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
-            mlflow.set_tags({STEP_TAG: "trial", "optuna.study": cfg.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"})
+            mlflow.set_tags(
+                {STEP_TAG: "trial", "optuna.study": cfg.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
+            )
             mlflow.log_params({**params, "student_size": trial_cfg.student_size})
             fold_f1: list[float] = []
 
@@ -232,7 +246,9 @@ def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
     if digest is None:
         study.set_user_attr(DIGEST_ATTR, prepared.dataset.digest)
     elif digest != prepared.dataset.digest:
-        raise PipelineError(f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from study {cfg.study_name!r}'s data (digest {digest[:12]})")
+        raise PipelineError(
+            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from study {cfg.study_name!r}'s data (digest {digest[:12]})"
+        )
 
     close_stale_runs()
     parent = parent_run_id(study, cfg, storage, under)
@@ -240,7 +256,14 @@ def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
     mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
     worker = uuid.uuid4().hex[:8]
     with tracked_run(cfg, run_id=parent):
-        mlflow.set_tags({STEP_TAG: "search", "optuna.study": cfg.study_name, "optuna.storage": redact_url(cfg.storage_url), "kd.data_digest": prepared.dataset.digest})
+        mlflow.set_tags(
+            {
+                STEP_TAG: "search",
+                "optuna.study": cfg.study_name,
+                "optuna.storage": redact_url(cfg.storage_url),
+                "kd.data_digest": prepared.dataset.digest,
+            }
+        )
         if not mlflow.get_run(parent).data.params.get("study_name"):
             mlflow.log_params({**cfg.as_params(SEARCH_PARAMS), "data_dir": cfg.data_dir})
             log_data(prepared.dataset, prepared.splits)
@@ -269,15 +292,27 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
     """Best trial, the results table and Optuna's plots on the parent run (the last worker's write wins)."""
     best = best_trial(study)
     counts = state_counts(study)
-    mlflow.log_metrics({"best_f1_mean": best.values[0], "best_f1_std": best.user_attrs.get("f1_std", float("nan")), "n_complete": counts[TrialState.COMPLETE], "n_pruned": counts[TrialState.PRUNED], "n_failed": counts[TrialState.FAIL]})
+    mlflow.log_metrics(
+        {
+            "best_f1_mean": best.values[0],
+            "best_f1_std": best.user_attrs.get("f1_std", float("nan")),
+            "n_complete": counts[TrialState.COMPLETE],
+            "n_pruned": counts[TrialState.PRUNED],
+            "n_failed": counts[TrialState.FAIL],
+        }
+    )
     mlflow.set_tags({"kd.best_trial": str(best.number), "kd.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
-    mlflow.log_dict({"number": best.number, "values": best.values, "params": best.params, "user_attrs": best.user_attrs}, "search/best_trial.json")
+    mlflow.log_dict(
+        {"number": best.number, "values": best.values, "params": best.params, "user_attrs": best.user_attrs}, "search/best_trial.json"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
         write_plots(study, cfg, out)
         mlflow.log_artifacts(tmp, "search")
-    print(f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} with {json.dumps(best.params)}")
+    print(
+        f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} with {json.dumps(best.params)}"
+    )
 
 
 def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
@@ -314,4 +349,3 @@ def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
         figure.tight_layout()
         figure.savefig(out / f"{name}.png", dpi=100)
         plt.close(figure)
-

@@ -6,12 +6,12 @@ import base64
 import json
 import os
 import sys
-from contextlib import contextmanager
-from dataclasses import fields
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import numpy as np
@@ -36,8 +36,18 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def tiny_config(data_dir: Path, root: Path, **changes) -> Config:
     base = dict(
-        data_dir=str(data_dir), image_size=32, folds=2, epochs=2, patience=1, batch_size=16, n_trials=2, study_name="registry-test",
-        storage=f"sqlite:///{root / 'optuna.db'}", model_name=MODEL, experiment_name="registry-test", cache_dir=str(root / "cache"),
+        data_dir=str(data_dir),
+        image_size=32,
+        folds=2,
+        epochs=2,
+        patience=1,
+        batch_size=16,
+        n_trials=2,
+        study_name="registry-test",
+        storage=f"sqlite:///{root / 'optuna.db'}",
+        model_name=MODEL,
+        experiment_name="registry-test",
+        cache_dir=str(root / "cache"),
     )
     return Config(**{**base, **changes})
 
@@ -56,7 +66,12 @@ def tracking_at(uri: str) -> Iterator[str]:
 def cli_args(cfg: Config) -> list[str]:
     """The command-line flags that give ``cfg`` (its fields that differ from the defaults)."""
     defaults = Config()
-    return [arg for f in fields(Config) if getattr(cfg, f.name) != getattr(defaults, f.name) for arg in (f"--{f.name}", str(getattr(cfg, f.name)))]
+    return [
+        arg
+        for f in fields(Config)
+        if getattr(cfg, f.name) != getattr(defaults, f.name)
+        for arg in (f"--{f.name}", str(getattr(cfg, f.name)))
+    ]
 
 
 def assert_roles_agree(name: str) -> None:
@@ -90,7 +105,9 @@ def check_serving(model_name: str, tracking_uri: str, files: list[Path]) -> None
         served = pd.DataFrame(body["predictions"])
         local = registry.fetch_model(model_name, stage="Production").predict(pd.DataFrame({"image": images}))
         np.testing.assert_allclose(served[["prob_no", "prob_yes"]].sum(axis=1), 1.0, rtol=1e-6)
-        np.testing.assert_allclose(served[["prob_no", "prob_yes"]].to_numpy(), local[["prob_no", "prob_yes"]].to_numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            served[["prob_no", "prob_yes"]].to_numpy(), local[["prob_no", "prob_yes"]].to_numpy(), rtol=1e-5, atol=1e-6
+        )
         assert list(served["label"]) == list(local["label"])
 
         truncated = base64.b64encode(files[0].read_bytes()[:200]).decode()
@@ -107,5 +124,3 @@ def check_serving(model_name: str, tracking_uri: str, files: list[Path]) -> None
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-

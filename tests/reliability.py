@@ -45,7 +45,7 @@ class ReliabilityLog:
     losses: list[Loss] = field(default_factory=list)
     tests: set[str] = field(default_factory=set)  # node ids of the tests that recorded anything
 
-    def recorder(self, test: str) -> "Recorder":
+    def recorder(self, test: str) -> Recorder:
         return Recorder(self, test)
 
     @property
@@ -87,7 +87,7 @@ def _cell(text: str) -> str:
 
 def render(log: ReliabilityLog, results: dict[str, str], selection: str, now: dt.datetime | None = None) -> str:
     """The report as Markdown. ``results`` maps test node ids to passed/failed/skipped/error."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     outcome_counts: dict[str, int] = {}
     for test in log.tests:
         result = results.get(test, "not finished")
@@ -126,10 +126,14 @@ def render(log: ReliabilityLog, results: dict[str, str], selection: str, now: dt
     lost = sorted((loss for loss in log.losses if loss.count), key=lambda l: (l.kind, l.test, l.detail))
     lines.append("")
     if lost:
-        lines += ["**Losses found:**", ""] + [f"- {loss.count} {loss.kind}: {_cell(loss.detail)} (`{_cell(loss.test)}`)" for loss in lost] + [""]
+        lines += (
+            ["**Losses found:**", ""] + [f"- {loss.count} {loss.kind}: {_cell(loss.detail)} (`{_cell(loss.test)}`)" for loss in lost] + [""]
+        )
     details = sorted({(loss.kind, loss.detail, loss.test) for loss in log.losses if loss.detail and not loss.count})
     if details:
-        lines += ["Checked with nothing lost:", ""] + [f"- {kind}: {_cell(detail)} (`{_cell(test)}`)" for kind, detail, test in details] + [""]
+        lines += (
+            ["Checked with nothing lost:", ""] + [f"- {kind}: {_cell(detail)} (`{_cell(test)}`)" for kind, detail, test in details] + [""]
+        )
     return "\n".join(lines)
 
 

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
+from kdtest import child_env
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.server import get_app_client
-
-from kdtest import child_env
-from registry.server import auth_environment, free_port, server_command
 from test_server import wait_until_up
+
+from registry.server import auth_environment, free_port, server_command
 
 pytestmark = pytest.mark.slow
 ADMIN, USER = ("admin", "kd-admin-pw-5e1c"), ("alice", "kd-alice-pw-0b7d")
@@ -31,11 +30,19 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("access")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**child_env(), **auth_environment(f"sqlite:///{root / 'auth.db'}", root / "basic_auth.ini"),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "kd-access-test-key"}
+    env = {
+        **child_env(),
+        **auth_environment(f"sqlite:///{root / 'auth.db'}", root / "basic_auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "kd-access-test-key",
+    }
     log = root / "server.log"
-    process = subprocess.Popen(server_command(f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), "127.0.0.1", port, auth=True),
-                               env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        server_command(f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), "127.0.0.1", port, auth=True),
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until_up(url, process, log)
         with pytest.MonkeyPatch.context() as patch:
@@ -50,8 +57,12 @@ def server(tmp_path_factory):
 
 def _post(url: str, path: str, body: dict, login: tuple[str, str]) -> int:
     token = base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
-    request = urllib.request.Request(f"{url}{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"})
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status
@@ -61,8 +72,11 @@ def _post(url: str, path: str, body: dict, login: tuple[str, str]) -> int:
 
 def _creates(url: str, login: tuple[str, str], suffix: str) -> dict[str, int]:
     """HTTP status of creating an experiment and a registered model, on the REST API and the UI's ajax API."""
-    return {f"{api} {kind}": _post(url, f"/{api}/2.0/mlflow/{kind}/create", {"name": f"{kind}-{api}-{suffix}"}, login)
-            for api in ("api", "ajax-api") for kind in ("experiments", "registered-models")}
+    return {
+        f"{api} {kind}": _post(url, f"/{api}/2.0/mlflow/{kind}/create", {"name": f"{kind}-{api}-{suffix}"}, login)
+        for api in ("api", "ajax-api")
+        for kind in ("experiments", "registered-models")
+    }
 
 
 def test_a_user_without_the_admins_grant_cannot_create_experiments_or_registered_models(server, monkeypatch, reliability):
@@ -94,5 +108,8 @@ def test_a_user_without_the_admins_grant_cannot_create_experiments_or_registered
 
     names = {model.name for model in admin.search_registered_models()}
     assert not any(name.endswith(("before", "revoked")) for name in names) and "brain-tumor-student-2" not in names, names
-    reliability.fault("a logged-in user without a grant creates experiments and registered models (REST, ajax API, MLflow client), "
-                      "then with the admin's creator role, then after it is taken back", "HTTP 403 / PERMISSION_DENIED without the grant, 200 with it; nothing created")
+    reliability.fault(
+        "a logged-in user without a grant creates experiments and registered models (REST, ajax API, MLflow client), "
+        "then with the admin's creator role, then after it is taken back",
+        "HTTP 403 / PERMISSION_DENIED without the grant, 200 with it; nothing created",
+    )

@@ -17,8 +17,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
+from brats_cases import write_h5_slices, write_nifti_cases
+from kdtest import child_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -27,9 +28,6 @@ from pipelines.data import ingest, request_bytes
 from pipelines.synthetic import generate_synthetic_mri
 from registry.model import MAX_BATCH
 from registry.server import serve_model
-
-from brats_cases import write_h5_slices, write_nifti_cases
-from kdtest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -71,7 +69,17 @@ def csv_manifest_set(root: Path) -> Path:
 
 
 def mlflow_main(tracking_uri: str, storage: str, experiment: str, **params: str) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", "main", "--env-manager", "local", "--experiment-name", experiment]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "run",
+        str(ROOT),
+        "-e",
+        "main",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
     for name, value in {**TINY, "storage": storage, "study_name": experiment, "model_name": experiment, **params}.items():
         command += ["-P", f"{name}={value}"]
     return subprocess.run(command, env=child_env(MLFLOW_TRACKING_URI=tracking_uri), capture_output=True, text=True, timeout=900)
@@ -110,7 +118,9 @@ def run_case(tmp_path: Path, name: str, request_path: str, **params: str) -> tup
 
 def test_a_given_split_with_a_holdout_beyond_one_serving_batch_and_leaked_copies_is_promoted_and_served(tmp_path):
     data_dir, leaked = split_folder_set(tmp_path)
-    client, production, _ = run_case(tmp_path, "split-set", str(next((data_dir / "Testing" / "tumor").glob("synth_*.png"))), data_dir=str(data_dir))
+    client, production, _ = run_case(
+        tmp_path, "split-set", str(next((data_dir / "Testing" / "tumor").glob("synth_*.png"))), data_dir=str(data_dir)
+    )
     promote_run = client.get_run(production.run_id)
     prepare_run = client.search_runs([promote_run.info.experiment_id], "tags.`kd.step` = 'prepare'")[0]
     assert prepare_run.data.metrics["holdout_duplicates"] == leaked
@@ -132,7 +142,9 @@ def test_brats_nifti_cases_are_promoted_and_a_served_model_reads_a_nifti_slice(t
 
 def test_a_4_class_synthetic_set_is_promoted_with_per_class_metrics(tmp_path):
     scan = generate_synthetic_mri(tmp_path / "scans", n_images=20, image_size=48, seed=7, classes=4) / "pituitary"
-    client, production, prediction = run_case(tmp_path, "four-classes", str(next(scan.glob("*.png"))), synthetic_classes="4", synthetic_images="120")
+    client, production, prediction = run_case(
+        tmp_path, "four-classes", str(next(scan.glob("*.png"))), synthetic_classes="4", synthetic_images="120"
+    )
     assert len([key for key in prediction if key.startswith("prob_")]) == 4
     metrics = client.get_run(production.run_id).data.metrics
     assert sum(key.startswith("holdout_student_f1_") for key in metrics) >= 4

@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 import pytest
-
 from kdtest import child_env
+
 from pipelines.config import LIMITS, RANGE_LIMITS, STORAGE_URL_ENV, Config, PipelineError, build_parser
 
 HEAVY = ("tensorflow", "keras", "mlflow", "optuna", "pandas", "sklearn", "sqlalchemy")
@@ -42,8 +42,15 @@ def test_search_ranges_beyond_the_parameters_limits_are_refused(name: str) -> No
         Config(**{name: f"{limits.low if not limits.low_open else 1},{limits.high * 10 + 1}"})
 
 
-@pytest.mark.parametrize("url", ["postgresql://kd:PgSecretPw99@db.example/optuna", "postgresql+psycopg://:PgSecretPw99@127.0.0.1/optuna",
-                                 "postgresql://kd@db.example/optuna?sslmode=require&password=PgSecretPw99", "mysql://kd:PgSecretPw99@db/optuna"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://kd:PgSecretPw99@db.example/optuna",
+        "postgresql+psycopg://:PgSecretPw99@127.0.0.1/optuna",
+        "postgresql://kd@db.example/optuna?sslmode=require&password=PgSecretPw99",
+        "mysql://kd:PgSecretPw99@db/optuna",
+    ],
+)
 def test_a_storage_url_with_a_password_is_refused_without_repeating_it(url: str) -> None:
     with pytest.raises(PipelineError) as error:
         Config(storage=url)
@@ -61,17 +68,36 @@ def test_the_storage_url_comes_from_the_environment_when_the_parameter_is_empty(
 def _refuse(cli: str, *options: str) -> tuple[str, list[str]]:
     """Run a CLI with bad options; returns its error line and the heavy modules it had imported when it exited."""
     module, rest = CLIS[cli][1], CLIS[cli][2:]
-    probe = ("import atexit, runpy, sys; "
-             f"atexit.register(lambda: print('IMPORTED', *(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)); "
-             f"sys.argv = ['x', *{[*rest, *options]!r}]; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
-    result = subprocess.run([sys.executable, "-c", probe], env=child_env(**{STORAGE_URL_ENV: ""}), capture_output=True, text=True, timeout=120)
+    probe = (
+        "import atexit, runpy, sys; "
+        f"atexit.register(lambda: print('IMPORTED', *(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)); "
+        f"sys.argv = ['x', *{[*rest, *options]!r}]; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=child_env(**{STORAGE_URL_ENV: ""}), capture_output=True, text=True, timeout=120
+    )
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("IMPORTED"), (cli, options, result.stderr[-2000:])
+    assert result.returncode == 2 and len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("IMPORTED"), (
+        cli,
+        options,
+        result.stderr[-2000:],
+    )
     return lines[0], lines[1].split()[1:]
 
 
-BAD = [("image_size", "100000"), ("image_size", "-1"), ("folds", "1000"), ("seed", "-5"), ("learning_rate", "5"), ("temperature", "1e20"),
-       ("n_trials", "0"), ("student_size", "4096x9"), ("width_range", "8,100000"), ("modality", "dwi"), ("storage", "postgresql://kd:PgSecretPw99@db/optuna")]
+BAD = [
+    ("image_size", "100000"),
+    ("image_size", "-1"),
+    ("folds", "1000"),
+    ("seed", "-5"),
+    ("learning_rate", "5"),
+    ("temperature", "1e20"),
+    ("n_trials", "0"),
+    ("student_size", "4096x9"),
+    ("width_range", "8,100000"),
+    ("modality", "dwi"),
+    ("storage", "postgresql://kd:PgSecretPw99@db/optuna"),
+]
 
 
 @pytest.mark.parametrize("cli", sorted(CLIS))
@@ -86,5 +112,7 @@ def test_every_cli_refuses_bad_arguments_before_importing_tensorflow_or_the_stor
         assert not imported, f"{cli} imported {imported} before refusing {name}={value}"
         tried += 1
     assert tried >= 5
-    reliability.bad_input(f"`{' '.join(['python', *CLIS[cli]])}` with an out-of-range size, seed, rate, range, student size, modality or a password in storage",
-                          f"{tried} bad arguments: exit 2 with one line naming the parameter, before TensorFlow, MLflow, Optuna, pandas or a store is imported")
+    reliability.bad_input(
+        f"`{' '.join(['python', *CLIS[cli]])}` with an out-of-range size, seed, rate, range, student size, modality or a password in storage",
+        f"{tried} bad arguments: exit 2 with one line naming the parameter, before TensorFlow, MLflow, Optuna, pandas or a store is imported",
+    )

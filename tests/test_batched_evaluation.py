@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from kdtest import tracking_at
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
@@ -17,8 +18,6 @@ from pipelines.models import build_student
 from pipelines.prepare import prepare_data
 from registry.model import MAX_BATCH
 from registry.promote import holdout_frame, log_student, pyfunc_f1
-
-from kdtest import tracking_at
 
 HOLDOUT = MAX_BATCH + 44  # more than one request's worth, and not a multiple of it: the last chunk is partial
 

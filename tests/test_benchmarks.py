@@ -10,6 +10,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from kdtest import tiny_config, tracking_at
 
 from benchmarks import report, scaling, throughput
 from benchmarks.common import SMOKE, Bench, open_bench, ratio, target
@@ -20,8 +21,6 @@ from pipelines.models import build_student
 from pipelines.prepare import prepare_data
 from pipelines.training import class_weights, make_dataset, set_seed
 from registry.export import TFLiteModel, to_tflite
-
-from kdtest import tiny_config, tracking_at
 
 
 def test_int8_tflite_agrees_with_keras_on_most_real_scans(mri_subset, tmp_path):
@@ -86,28 +85,105 @@ def sample_results(rng: np.random.Generator) -> dict:
     """A results file with the structure the benchmark writes and arbitrary numbers."""
     n = lambda: float(rng.uniform(0.001, 5000))  # noqa: E731
     goal = lambda: target("a target", n(), n(), bool(rng.integers(2)))  # noqa: E731
-    model = lambda: {k: n() for k in ("params", "file_bytes", "macs", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms", "f1", "roc_auc")}  # noqa: E731
-    strategy = lambda: {"wall_s": n(), "best_f1": n(), "best_f1_std": n(), "best_params": {"width": 16}, "trials": 4.0, "pruned": 1.0, "folds_trained": 11.0, "peak_rss_mib": n()}  # noqa: E731
+    model = lambda: {
+        k: n()
+        for k in (
+            "params",
+            "file_bytes",
+            "macs",
+            "flops",
+            "batch1_p50_ms",
+            "batch1_p95_ms",
+            "batch32_p50_ms",
+            "batch32_p95_ms",
+            "f1",
+            "roc_auc",
+        )
+    }  # noqa: E731
+    strategy = lambda: {
+        "wall_s": n(),
+        "best_f1": n(),
+        "best_f1_std": n(),
+        "best_params": {"width": 16},
+        "trials": 4.0,
+        "pruned": 1.0,
+        "folds_trained": 11.0,
+        "peak_rss_mib": n(),
+    }  # noqa: E731
     costs = lambda: {"images": n(), "image_size": n(), "teacher_epoch_s": n(), "student_kd_epoch_s": n(), "student_inference_s": n()}  # noqa: E731
     return {
-        "date": "2026-01-02", "started_utc": "2026-01-02T03:04:05+00:00", "total_s": n(),
+        "date": "2026-01-02",
+        "started_utc": "2026-01-02T03:04:05+00:00",
+        "total_s": n(),
         "machine": {"cpu": "test cpu", "cores": 2, "ram_gib": n(), "os": "linux", "versions": {"python": "3.11"}},
-        "settings": {"mode": "smoke", "image_size": 32}, "config": {"folds": 2}, "pipeline": {"teacher_s": n(), "promote_s": n()},
+        "settings": {"mode": "smoke", "image_size": 32},
+        "config": {"folds": 2},
+        "pipeline": {"teacher_s": n(), "promote_s": n()},
         "data": {"images": 24, "holdout": 5, "source": "folder", "classes": ["no", "yes"], "digest": "abc"},
-        "throughput": {"images_per_s": {v: n() for v in ("online", "cached", "cached_xla")}, "first_epoch_s": {v: n() for v in ("online", "cached", "cached_xla")},
-                       "cached_vs_online": n(), "xla_gain_cached": n(), "best_cached_vs_online": n(), "setup": {"batch_size": 16}, "targets": [goal()]},
-        "search": {"ours": strategy(), "naive": strategy(), "naive_vs_ours_wall": n(), "best_f1_gap": n(), "setup": {"trials": 4}, "targets": [goal(), goal()]},
-        "compression": {"teacher": model(), "student": model(), "teacher_over_student": {k: n() for k in ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms")},
-                        "f1_drop": n(), "setup": {"flops_method": "counted"}, "targets": [goal(), goal(), goal()]},
-        "edge": {"formats": {f: {"size_bytes": n(), "p50_ms": n(), "p95_ms": n(), "f1": n(), "roc_auc": n()} for f in ("keras", "float32", "int8")},
-                 "keras_over_int8_batch1_p50": n(), "keras_over_float32_batch1_p50": n(), "int8_vs_float32_f1_gap": n(), "logged_to_run": "run1", "setup": {}, "targets": [goal(), goal()]},
-        "serving": {"in_process_one_image": {"p50_ms": n(), "p95_ms": n()}, "clients": {c: {"p50_ms": n(), "p95_ms": n(), "requests_per_s": n(), "requests": 9.0, "errors": 0.0, "seconds": n()} for c in ("1", "4", "16")},
-                    "served_over_in_process_p50": n(), "setup": {}, "targets": [goal()]},
-        "scaling": {"by_images": [{"factor": float(f), **costs()} for f in (1, 2, 4)], "by_size": [{"pixels": float(s * s), **costs()} for s in (64, 128)],
-                    "loglog_slopes": {axis: {c: n() for c in report.COST_LABELS} for axis in ("vs_images", "vs_pixels")}, "search_peak_rss_mib": n(),
-                    "precision": {p: {c: n() for c in ("teacher_epoch_s", "student_kd_epoch_s")} for p in ("float32", "bfloat16", "float32_over_bfloat16")},
-                    "input_pipeline": {**{v: {"images_per_s": n(), "peak_rss_growth_mib": n()} for v in ("before", "after", "before_over_after")}, "images": n(), "image_mib": n()},
-                    "setup": {}, "targets": [goal()]},
+        "throughput": {
+            "images_per_s": {v: n() for v in ("online", "cached", "cached_xla")},
+            "first_epoch_s": {v: n() for v in ("online", "cached", "cached_xla")},
+            "cached_vs_online": n(),
+            "xla_gain_cached": n(),
+            "best_cached_vs_online": n(),
+            "setup": {"batch_size": 16},
+            "targets": [goal()],
+        },
+        "search": {
+            "ours": strategy(),
+            "naive": strategy(),
+            "naive_vs_ours_wall": n(),
+            "best_f1_gap": n(),
+            "setup": {"trials": 4},
+            "targets": [goal(), goal()],
+        },
+        "compression": {
+            "teacher": model(),
+            "student": model(),
+            "teacher_over_student": {
+                k: n() for k in ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms")
+            },
+            "f1_drop": n(),
+            "setup": {"flops_method": "counted"},
+            "targets": [goal(), goal(), goal()],
+        },
+        "edge": {
+            "formats": {
+                f: {"size_bytes": n(), "p50_ms": n(), "p95_ms": n(), "f1": n(), "roc_auc": n()} for f in ("keras", "float32", "int8")
+            },
+            "keras_over_int8_batch1_p50": n(),
+            "keras_over_float32_batch1_p50": n(),
+            "int8_vs_float32_f1_gap": n(),
+            "logged_to_run": "run1",
+            "setup": {},
+            "targets": [goal(), goal()],
+        },
+        "serving": {
+            "in_process_one_image": {"p50_ms": n(), "p95_ms": n()},
+            "clients": {
+                c: {"p50_ms": n(), "p95_ms": n(), "requests_per_s": n(), "requests": 9.0, "errors": 0.0, "seconds": n()}
+                for c in ("1", "4", "16")
+            },
+            "served_over_in_process_p50": n(),
+            "setup": {},
+            "targets": [goal()],
+        },
+        "scaling": {
+            "by_images": [{"factor": float(f), **costs()} for f in (1, 2, 4)],
+            "by_size": [{"pixels": float(s * s), **costs()} for s in (64, 128)],
+            "loglog_slopes": {axis: {c: n() for c in report.COST_LABELS} for axis in ("vs_images", "vs_pixels")},
+            "search_peak_rss_mib": n(),
+            "precision": {
+                p: {c: n() for c in ("teacher_epoch_s", "student_kd_epoch_s")} for p in ("float32", "bfloat16", "float32_over_bfloat16")
+            },
+            "input_pipeline": {
+                **{v: {"images_per_s": n(), "peak_rss_growth_mib": n()} for v in ("before", "after", "before_over_after")},
+                "images": n(),
+                "image_mib": n(),
+            },
+            "setup": {},
+            "targets": [goal()],
+        },
     }
 
 

@@ -262,7 +262,8 @@ def test_real_files_with_lying_extensions_decode(real_dataset: data.Dataset) -> 
             liars.append(path)
     # An independent check of the same thing: the file signature against the suffix.
     by_signature = [
-        path for path in map(Path, real_dataset.manifest["path"])
+        path
+        for path in map(Path, real_dataset.manifest["path"])
         if path.read_bytes()[:8].startswith(PNG_SIGNATURE) != (path.suffix.lower() == ".png")
     ]
     assert liars and sorted(liars) == sorted(by_signature)
@@ -987,7 +988,9 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a[:, None, :] != b[None, :, :]).sum(axis=2)
 
 
-def test_the_perceptual_hash_matches_copies_of_a_scan_but_never_two_different_real_scans(real_decoded, real_dataset: data.Dataset, tmp_path: Path) -> None:
+def test_the_perceptual_hash_matches_copies_of_a_scan_but_never_two_different_real_scans(
+    real_decoded, real_dataset: data.Dataset, tmp_path: Path
+) -> None:
     images, _ = real_decoded
     hashes = data.perceptual_hashes(images)
     assert hashes.shape == (253, 143) and hashes.dtype == bool
@@ -1002,8 +1005,10 @@ def test_the_perceptual_hash_matches_copies_of_a_scan_but_never_two_different_re
     # ... and every match among different files is one scan saved twice (the real set holds such copies).
     matched = different_files & (distance[pairs] <= data.NEAR_DUPLICATE_BITS)
     assert matched.any() and correlation[pairs][matched].min() > 0.95
-    print(f"\nreal set, {different.sum()} pairs of different scans: min distance {distance[pairs][different].min()}, "
-          f"0.1th percentile {np.percentile(distance[pairs][different], 0.1):.0f}; {matched.sum()} re-saved pairs matched, max distance {distance[pairs][matched].max()}")
+    print(
+        f"\nreal set, {different.sum()} pairs of different scans: min distance {distance[pairs][different].min()}, "
+        f"0.1th percentile {np.percentile(distance[pairs][different], 0.1):.0f}; {matched.sum()} re-saved pairs matched, max distance {distance[pairs][matched].max()}"
+    )
 
     # JPEG re-encodes and slightly rescaled copies of real scans are matched to their originals.
     paths = real_dataset.manifest["path"].to_numpy()
@@ -1038,16 +1043,22 @@ def _leaky_split_set(real_data_dir: Path, root: Path) -> dict[str, set[str]]:
     return {"identical": {"copy of yes 0.jpg", "copy of no 1.jpg"}, "near": {"re-encoded yes 2.jpg", "rescaled no 3.png"}}
 
 
-def test_duplicates_across_a_given_split_are_dropped_from_the_holdout_logged_and_printed(real_data_dir: Path, tmp_path: Path, capsys) -> None:
+def test_duplicates_across_a_given_split_are_dropped_from_the_holdout_logged_and_printed(
+    real_data_dir: Path, tmp_path: Path, capsys
+) -> None:
     import mlflow
     from kdtest import tracking_at
+
     from pipelines.prepare import prepare, prepare_data
 
     copies = _leaky_split_set(real_data_dir, tmp_path / "leaky")
     cfg = _config(tmp_path / "leaky", tmp_path / "cache", image_size=32, folds=2, experiment_name="dedupe")
     prepared = prepare_data(cfg)
     dataset, splits = prepared.dataset, prepared.splits
-    assert "prepare: 4 hold-out image(s) duplicate training images (2 identical, 2 near-identical within 16 hash bits): dropped from the hold-out, 4 left" in capsys.readouterr().out
+    assert (
+        "prepare: 4 hold-out image(s) duplicate training images (2 identical, 2 near-identical within 16 hash bits): dropped from the hold-out, 4 left"
+        in capsys.readouterr().out
+    )
     names = dataset.manifest["path"].map(lambda p: Path(p).name).to_numpy()
     duplicates = splits.duplicates
     assert {kind: set(names[duplicates.index[duplicates["kind"] == kind]]) for kind in ("identical", "near")} == copies
@@ -1071,8 +1082,14 @@ def test_duplicates_across_a_given_split_are_dropped_from_the_holdout_logged_and
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
         run = mlflow.get_run(prepare(cfg, prepared))
         assert run.data.metrics["holdout_duplicates"] == 4 and run.data.params["dedupe"] == "drop"
-        logged = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/holdout_duplicates.csv", dst_path=str(tmp_path / "dl")))
-        splits_csv = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/splits.csv", dst_path=str(tmp_path / "dl")))
+        logged = pd.read_csv(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="data/holdout_duplicates.csv", dst_path=str(tmp_path / "dl")
+            )
+        )
+        splits_csv = pd.read_csv(
+            mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/splits.csv", dst_path=str(tmp_path / "dl"))
+        )
     assert list(logged.columns) == ["test_path", "train_path", "kind", "distance"]
     pd.testing.assert_frame_equal(logged, duplicates.reset_index(drop=True))
     assert (splits_csv["split"] == "dropped").sum() == 4
@@ -1087,7 +1104,9 @@ def test_dedupe_keep_keeps_the_duplicates_in_the_holdout_and_error_refuses_the_d
     assert len(kept.splits.duplicates) == 4 and kept.splits.dropped.size == 0 and len(kept.splits.test) == 8
     assert "4 hold-out image(s) duplicate training images" in capsys.readouterr().out
     assert set(kept.splits.duplicates.index) <= set(kept.splits.test)  # the user's choice: the leak stays, and is on record
-    with pytest.raises(PipelineError, match=r"4 hold-out image\(s\) duplicate training images \(2 identical, 2 near-identical.*dedupe=drop"):
+    with pytest.raises(
+        PipelineError, match=r"4 hold-out image\(s\) duplicate training images \(2 identical, 2 near-identical.*dedupe=drop"
+    ):
         prepare_data(cfg.replace(dedupe="error"))
     with pytest.raises(PipelineError, match="dedupe='maybe': use drop, keep, error"):
         cfg.replace(dedupe="maybe")

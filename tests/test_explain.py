@@ -30,17 +30,32 @@ CELL = 128 // 8
 @pytest.fixture(scope="module")
 def lesion_models(tmp_path_factory):
     """A student and a teacher trained on 180 synthetic slices at 64 px (60 held out); a few minutes on 2 busy cores."""
-    cfg = Config(data_dir="", synthetic_images=240, image_size=IMAGE_SIZE, folds=2, test_fraction=0.25, cache_dir=str(tmp_path_factory.mktemp("synthetic")))
+    cfg = Config(
+        data_dir="",
+        synthetic_images=240,
+        image_size=IMAGE_SIZE,
+        folds=2,
+        test_fraction=0.25,
+        cache_dir=str(tmp_path_factory.mktemp("synthetic")),
+    )
     prepared = prepare_data(cfg)
     labels, train = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[train], prepared.dataset.num_classes)[labels[train]]
     models = {}
-    for who, build, epochs in (("student", lambda: build_student("small", IMAGE_SIZE, 2, seed=0), 15), ("teacher", lambda: build_teacher("resnet", IMAGE_SIZE, 2, seed=0), 20)):
+    for who, build, epochs in (
+        ("student", lambda: build_student("small", IMAGE_SIZE, 2, seed=0), 15),
+        ("teacher", lambda: build_teacher("resnet", IMAGE_SIZE, 2, seed=0), 20),
+    ):
         set_seed(0)
         network = build()
         trainer = Distiller(network, None, temperature=1.0, alpha=1.0, binary=True)
         trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
-        trainer.fit(make_dataset(prepared.images[train], labels[train], weights, batch_size=16, shuffle=True, seed=0), epochs=epochs, shuffle=False, verbose=0)
+        trainer.fit(
+            make_dataset(prepared.images[train], labels[train], weights, batch_size=16, shuffle=True, seed=0),
+            epochs=epochs,
+            shuffle=False,
+            verbose=0,
+        )
         models[who] = network
     return models, prepared
 
@@ -81,7 +96,9 @@ def test_the_tumour_map_points_at_the_lesion_and_the_normal_map_does_not(lesion_
         true_positives += 1
         assert tumour.heatmap.shape == scan.shape and np.all(np.isfinite(tumour.heatmap))
         assert tumour.heatmap.min() >= 0.0 and tumour.heatmap.max() <= 1.0
-        assert not tumour.empty, f"{path.name}: the {who} predicts tumour (p={tumour.probabilities['tumor']:.2f}) but no region raises the tumour score"
+        assert not tumour.empty, (
+            f"{path.name}: the {who} predicts tumour (p={tumour.probabilities['tumor']:.2f}) but no region raises the tumour score"
+        )
         hits += peak_in_box(tumour.heatmap, cx, cy, radius + CELL)
         normal = explain_scan(model, scan, IMAGE_SIZE, names, "normal")
         y, x = np.unravel_index(np.argmax(normal.heatmap), scan.shape)
@@ -89,7 +106,9 @@ def test_the_tumour_map_points_at_the_lesion_and_the_normal_map_does_not(lesion_
     assert true_positives >= 15, f"only {true_positives} true positives of the {who}"
     print(f"{who}: pointing game {hits}/{true_positives}; normal map peaks on the lesion in {normal_on_lesion}")
     assert hits >= 0.8 * true_positives, f"the {who}'s tumour map peaks on the lesion in {hits} of {true_positives} true positives"
-    assert normal_on_lesion <= 0.2 * true_positives, f"the {who}'s normal map peaks on the lesion in {normal_on_lesion} of {true_positives} true positives"
+    assert normal_on_lesion <= 0.2 * true_positives, (
+        f"the {who}'s normal map peaks on the lesion in {normal_on_lesion} of {true_positives} true positives"
+    )
 
 
 def test_the_map_sums_to_the_score_and_the_two_classes_of_one_logit_are_opposite():

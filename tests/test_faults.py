@@ -20,13 +20,13 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from kdtest import MODEL, assert_roles_agree, child_env, cli_args, tiny_config, tracking_at
 from mlflow import MlflowClient
 
-from kdtest import MODEL, assert_roles_agree, child_env, cli_args, tiny_config, tracking_at
-from registry.server import free_port, server_command
 from pipelines.config import PROJECT_ROOT
 from registry.model import encode_file
 from registry.promote import history
+from registry.server import free_port, server_command
 from search.tune import run_search
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -41,12 +41,21 @@ def all_runs(client: MlflowClient) -> list:
 
 def left_running(tracking_uri: str) -> list[str]:
     """Runs still RUNNING: each one is a run lost to a fault."""
-    return [f"{r.info.run_id} ({r.data.tags.get('kd.step', '?')})" for r in all_runs(MlflowClient(tracking_uri)) if r.info.status == "RUNNING"]
+    return [
+        f"{r.info.run_id} ({r.data.tags.get('kd.step', '?')})" for r in all_runs(MlflowClient(tracking_uri)) if r.info.status == "RUNNING"
+    ]
 
 
 def start(command: list[str], tracking_uri: str, log: Path, **env: str) -> subprocess.Popen:
     """A CLI in its own process group, so kill -9 takes it and every child it started."""
-    return subprocess.Popen(command, env=child_env(MLFLOW_TRACKING_URI=tracking_uri, **env), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=PROJECT_ROOT)
+    return subprocess.Popen(
+        command,
+        env=child_env(MLFLOW_TRACKING_URI=tracking_uri, **env),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=PROJECT_ROOT,
+    )
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -83,12 +92,33 @@ def teacher_runs(client: MlflowClient, status: str | None = None) -> list:
 
 
 def test_a_killed_teacher_run_is_closed_and_trained_once_on_restart(mri_subset, postgres_uri, tmp_path, reliability):
-    command = [str(BIN / "mlflow"), "run", str(PROJECT_ROOT), "-e", "teacher", "--env-manager", "local", "--experiment-name", "faults",
-               "-P", f"data_dir={mri_subset}", "-P", "image_size=32", "-P", "folds=2", "-P", "epochs=6", "-P", "patience=6"]
+    command = [
+        str(BIN / "mlflow"),
+        "run",
+        str(PROJECT_ROOT),
+        "-e",
+        "teacher",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "faults",
+        "-P",
+        f"data_dir={mri_subset}",
+        "-P",
+        "image_size=32",
+        "-P",
+        "folds=2",
+        "-P",
+        "epochs=6",
+        "-P",
+        "patience=6",
+    ]
     client = MlflowClient(postgres_uri)
     victim = start(command, postgres_uri, tmp_path / "victim.log")
     # mid-training: after the first epoch's metrics, plus a random delay
-    [run] = wait_for(lambda: [r for r in teacher_runs(client, "RUNNING") if r.data.metrics], "the teacher's first epoch", victim, tmp_path / "victim.log")
+    [run] = wait_for(
+        lambda: [r for r in teacher_runs(client, "RUNNING") if r.data.metrics], "the teacher's first epoch", victim, tmp_path / "victim.log"
+    )
     delay = RNG.uniform(0, 3)
     time.sleep(delay)
     kill_group(victim)
@@ -105,7 +135,10 @@ def test_a_killed_teacher_run_is_closed_and_trained_once_on_restart(mri_subset, 
     assert len([r for r in teacher_runs(client) if r.data.tags.get("kd.outcome") == "trained"]) == 1
     lost = left_running(postgres_uri)
     assert not lost, lost
-    reliability.fault(f"kill -9 of `mlflow run -e teacher` (process group) {delay:.1f} s after its first epoch", "run closed KILLED with the reason by the restart; teacher trained once, then reused")
+    reliability.fault(
+        f"kill -9 of `mlflow run -e teacher` (process group) {delay:.1f} s after its first epoch",
+        "run closed KILLED with the reason by the restart; teacher trained once, then reused",
+    )
     reliability.lost("runs", len(lost), "teacher run killed mid-training")
 
 
@@ -159,7 +192,9 @@ def test_promotions_killed_at_several_points_leave_a_loadable_champion(study, tm
     kill_points = {
         "at a random moment": lambda: time.monotonic() - begun > delay,
         "right after registering its version": lambda: versions() - known,
-        "as its version enters Production": lambda: [v for v in client.get_latest_versions(MODEL, stages=["Production"]) if v.version not in known],
+        "as its version enters Production": lambda: [
+            v for v in client.get_latest_versions(MODEL, stages=["Production"]) if v.version not in known
+        ],
     }
     for point, reached in kill_points.items():
         delay = RNG.uniform(0.2, 1.0) * duration
@@ -170,8 +205,10 @@ def test_promotions_killed_at_several_points_leave_a_loadable_champion(study, tm
         kill_group(victim)
         registered = sorted(versions() - known)
         champion = check_champion_serves(tracking_uri, image, roles_agree=False)  # before any restart: still loadable
-        reliability.fault(f"kill -9 of a forced promotion {point}" + (f" ({delay:.0f} s in)" if point == "at a random moment" else ""),
-                          f"champion v{champion} still READY and loadable; {len(registered)} unrecorded version(s) left for the restart to clean")
+        reliability.fault(
+            f"kill -9 of a forced promotion {point}" + (f" ({delay:.0f} s in)" if point == "at a random moment" else ""),
+            f"champion v{champion} still READY and loadable; {len(registered)} unrecorded version(s) left for the restart to clean",
+        )
         known |= set(registered)
 
     last = finish(start(promote_command(cfg, "--force", "true"), tracking_uri, tmp_path / "restart.log"), tmp_path / "restart.log")
@@ -212,12 +249,17 @@ def test_two_promotions_racing_for_one_model_leave_one_champion(study, tmp_path,
         assert events[1]["event"] in ("promote", "challenger") and events[1]["previous"] == events[0]["version"], events
         production = MlflowClient().get_latest_versions(name, stages=["Production"])
         assert len(production) == 1
-    reliability.fault("two promotions of one model started at the same moment", f"one champion (v{production[0].version}); history: {events[0]['event']} then {events[1]['event']} against it")
+    reliability.fault(
+        "two promotions of one model started at the same moment",
+        f"one champion (v{production[0].version}); history: {events[0]['event']} then {events[1]['event']} against it",
+    )
     reliability.lost("models", 0, "racing promotions")
 
 
 def start_server(backend: str, artifacts: Path, port: int, log: Path) -> subprocess.Popen:
-    server = subprocess.Popen(server_command(backend, str(artifacts), "127.0.0.1", port), stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        server_command(backend, str(artifacts), "127.0.0.1", port), stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -238,11 +280,32 @@ def test_the_tracking_server_going_away_mid_run(outage, mri_subset, postgres_uri
     url = f"http://127.0.0.1:{port}"
     server = start_server(postgres_uri, tmp_path / "artifacts", port, tmp_path / "server.log")
     log = tmp_path / "step.log"
-    command = [sys.executable, "-m", "pipelines.teacher", "--data_dir", str(mri_subset), "--image_size", "32", "--folds", "2", "--epochs", "8", "--patience", "8",
-               "--experiment_name", "outage", "--cache_dir", str(tmp_path / "cache"), "--tracking_wait_s", "120"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.teacher",
+        "--data_dir",
+        str(mri_subset),
+        "--image_size",
+        "32",
+        "--folds",
+        "2",
+        "--epochs",
+        "8",
+        "--patience",
+        "8",
+        "--experiment_name",
+        "outage",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        "--tracking_wait_s",
+        "120",
+    ]
     # MLflow's own retry with backoff, made short for the test (its defaults ride out minutes).
     retries = "5" if outage == "short" else "2"  # about 30 s of backoff, enough for a restart; or a few seconds
-    step = start(command, url, log, MLFLOW_HTTP_REQUEST_MAX_RETRIES=retries, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    step = start(
+        command, url, log, MLFLOW_HTTP_REQUEST_MAX_RETRIES=retries, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10"
+    )
     client = MlflowClient(url)
     try:
         [run] = wait_for(lambda: [r for r in teacher_runs(client, "RUNNING") if r.data.metrics], "the first epoch", step, log)
@@ -254,7 +317,14 @@ def test_the_tracking_server_going_away_mid_run(outage, mri_subset, postgres_uri
             assert client.get_run(run.info.run_id).info.status == "FINISHED"
             reliability.fault("tracking server killed for 2 s under a running teacher step", "client retried with backoff; run FINISHED")
         else:
-            wait_for(lambda: "unreachable" in log.read_text(), "the client giving up and waiting for the server", step, log, timeout=180, every=0.5)
+            wait_for(
+                lambda: "unreachable" in log.read_text(),
+                "the client giving up and waiting for the server",
+                step,
+                log,
+                timeout=180,
+                every=0.5,
+            )
             server = start_server(postgres_uri, tmp_path / "artifacts", port, tmp_path / "server.log")
             step.wait(timeout=300)
             output = log.read_text()
@@ -264,7 +334,10 @@ def test_the_tracking_server_going_away_mid_run(outage, mri_subset, postgres_uri
             assert "Traceback" not in output
             failed = client.get_run(run.info.run_id)
             assert failed.info.status == "FAILED" and "API request" in failed.data.tags["kd.failure"]
-            reliability.fault("tracking server killed under a running teacher step until the client gave up", "clear error, exit 2; run marked FAILED once the server was back")
+            reliability.fault(
+                "tracking server killed under a running teacher step until the client gave up",
+                "clear error, exit 2; run marked FAILED once the server was back",
+            )
         lost = left_running(url)
         assert not lost, lost
         reliability.lost("runs", len(lost), f"tracking server outage ({outage})")

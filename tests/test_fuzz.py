@@ -31,12 +31,12 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from kdtest import tracking_at
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines import data
 from pipelines.config import LIMITS, Config, PipelineError
-from kdtest import tracking_at
 
 # Function-scoped fixtures (tmp_path, reliability) are shared by all examples of a test on purpose.
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -108,7 +108,9 @@ def test_truncated_images_are_refused_or_decoded_whole(tmp_path: Path, reliabili
             tally("decoded identical to the whole file")
 
     check()
-    reliability.bad_input("truncated image files (PNG, JPEG, BMP, GIF, TIFF, WebP; 0 bytes up to all but one), data loader", tally.summary())
+    reliability.bad_input(
+        "truncated image files (PNG, JPEG, BMP, GIF, TIFF, WebP; 0 bytes up to all but one), data loader", tally.summary()
+    )
 
 
 def test_corrupted_images_are_refused_or_decode_to_a_valid_image(tmp_path: Path, reliability) -> None:
@@ -150,7 +152,11 @@ def test_zero_byte_files_in_a_folder_are_named(tmp_path: Path, reliability) -> N
     names = st.text(st.characters(categories=("L", "N", "Zs"), exclude_characters="/"), min_size=1, max_size=12)
 
     @settings(FUZZ, max_examples=25)
-    @given(name=names, extension=st.sampled_from(sorted(data.IMAGE_EXTENSIONS)).map(lambda e: e.upper() if len(e) % 2 else e), label=st.sampled_from(["yes", "no"]))
+    @given(
+        name=names,
+        extension=st.sampled_from(sorted(data.IMAGE_EXTENSIONS)).map(lambda e: e.upper() if len(e) % 2 else e),
+        label=st.sampled_from(["yes", "no"]),
+    )
     def check(name, extension, label):
         path = root / label / f"empty {name}{extension}"
         path.write_bytes(b"")
@@ -171,7 +177,12 @@ def _png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _patched(fmt: str, width: int, height: int) -> bytes:
@@ -194,7 +205,9 @@ def _patched(fmt: str, width: int, height: int) -> bytes:
 
 
 # Width and height up to 65535 (GIF's limit) with width * height over MAX_PIXELS.
-bomb_sizes = st.integers(data.MAX_PIXELS // 65535 + 1, 65535).flatmap(lambda w: st.tuples(st.just(w), st.integers(data.MAX_PIXELS // w + 1, 65535)))
+bomb_sizes = st.integers(data.MAX_PIXELS // 65535 + 1, 65535).flatmap(
+    lambda w: st.tuples(st.just(w), st.integers(data.MAX_PIXELS // w + 1, 65535))
+)
 
 
 def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path, reliability) -> None:
@@ -213,7 +226,10 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path, reliabi
         tally(_refused(error.value, path) + " (pixel limit)")
 
     check()
-    reliability.bad_input(f"decompression-bomb headers (PNG, BMP, GIF, TIFF; over {data.MAX_PIXELS:,} pixels, up to 65535x65535), data loader", tally.summary())
+    reliability.bad_input(
+        f"decompression-bomb headers (PNG, BMP, GIF, TIFF; over {data.MAX_PIXELS:,} pixels, up to 65535x65535), data loader",
+        tally.summary(),
+    )
 
 
 def _at_float32_limit(array: np.ndarray) -> bool:
@@ -272,7 +288,9 @@ def test_pixel_values_of_every_depth_load_finite_or_are_named(tmp_path: Path, re
             tally(f"loaded finite and normalised ({mode})")
 
     check()
-    reliability.bad_input("pixel values of every depth (uint8, uint16, int32, float32 with NaN/inf/extremes) in TIFFs, ingest + load_images", tally.summary())
+    reliability.bad_input(
+        "pixel values of every depth (uint8, uint16, int32, float32 with NaN/inf/extremes) in TIFFs, ingest + load_images", tally.summary()
+    )
 
 
 H5_DTYPES = ["float32", "float64", "int16", "uint8", "bool", "complex64", "bytes", "str", "record"]
@@ -289,7 +307,15 @@ def _h5_array(dtype: str, shape: tuple[int, ...], draw_values) -> np.ndarray:
         return np.zeros(shape, dtype=[("a", "f4"), ("b", "i4")])
     if dtype == "complex64":
         return np.full(shape, 1 + 1j, dtype=np.complex64)
-    return draw_values(hnp.arrays(np.dtype(dtype), shape, elements=st.floats(allow_nan=True, allow_infinity=True, width=64 if dtype == "float64" else 32) if dtype.startswith("float") else None))
+    return draw_values(
+        hnp.arrays(
+            np.dtype(dtype),
+            shape,
+            elements=st.floats(allow_nan=True, allow_infinity=True, width=64 if dtype == "float64" else 32)
+            if dtype.startswith("float")
+            else None,
+        )
+    )
 
 
 def test_brats_slices_with_wrong_dtypes_shapes_and_values(tmp_path: Path, reliability) -> None:
@@ -311,7 +337,13 @@ def test_brats_slices_with_wrong_dtypes_shapes_and_values(tmp_path: Path, reliab
 
     @settings(FUZZ, max_examples=60)
     # Weighted towards the real dtypes, so that valid slices (and their labels) are checked too.
-    @given(image_dtype=st.sampled_from(["float32"] * 4 + H5_DTYPES), image_shape=shapes, mask_dtype=st.sampled_from(["uint8"] * 4 + H5_DTYPES), mask_shape=mask_shapes, draw=st.data())
+    @given(
+        image_dtype=st.sampled_from(["float32"] * 4 + H5_DTYPES),
+        image_shape=shapes,
+        mask_dtype=st.sampled_from(["uint8"] * 4 + H5_DTYPES),
+        mask_shape=mask_shapes,
+        draw=st.data(),
+    )
     def check(image_dtype, image_shape, mask_dtype, mask_shape, draw):
         image = _h5_array(image_dtype, image_shape, draw.draw)
         mask = _h5_array(mask_dtype, mask_shape, draw.draw)
@@ -334,11 +366,16 @@ def test_brats_slices_with_wrong_dtypes_shapes_and_values(tmp_path: Path, reliab
         tally("accepted with the label its mask gives")
 
     check()
-    reliability.bad_input("BraTS .h5 slices: image/mask of wrong dtypes (bool, int, float, complex, bytes, str, records), shapes and NaN/inf values", tally.summary())
+    reliability.bad_input(
+        "BraTS .h5 slices: image/mask of wrong dtypes (bool, int, float, complex, bytes, str, records), shapes and NaN/inf values",
+        tally.summary(),
+    )
 
 
 # Declared shapes over MAX_PIXELS per slice: as BraTS .h5 'image' (H, W, 4) or as NIfTI (H, W) / (H, W, D).
-huge_planes = st.integers(data.MAX_PIXELS // 200_000 + 1, 200_000).flatmap(lambda h: st.tuples(st.just(h), st.integers(data.MAX_PIXELS // h + 1, 200_000)))
+huge_planes = st.integers(data.MAX_PIXELS // 200_000 + 1, 200_000).flatmap(
+    lambda h: st.tuples(st.just(h), st.integers(data.MAX_PIXELS // h + 1, 200_000))
+)
 
 
 def _declared_h5(path: Path, plane: tuple[int, int], dtype: str) -> bytes:
@@ -404,8 +441,10 @@ def test_oversized_declared_h5_and_nifti_are_refused_from_their_headers(tmp_path
 
     check()
     worst = max(float(text.split()[0]) for text in slowest.outcomes)
-    reliability.bad_input(f"oversized declared arrays: tiny .h5 and NIfTI files declaring up to 200000x200000 pixels, loader and served model",
-                          tally.summary() + f"; slowest example {worst:.1f} s for all four")
+    reliability.bad_input(
+        "oversized declared arrays: tiny .h5 and NIfTI files declaring up to 200000x200000 pixels, loader and served model",
+        tally.summary() + f"; slowest example {worst:.1f} s for all four",
+    )
 
 
 def test_non_utf8_file_names_are_refused_with_a_printable_message(tmp_path: Path, reliability) -> None:
@@ -420,7 +459,9 @@ def test_non_utf8_file_names_are_refused_with_a_printable_message(tmp_path: Path
             return True
         return False
 
-    names = st.binary(min_size=1, max_size=16).filter(lambda raw: b"/" not in raw and b"\0" not in raw and not raw.startswith(b".") and not_utf8(raw))
+    names = st.binary(min_size=1, max_size=16).filter(
+        lambda raw: b"/" not in raw and b"\0" not in raw and not raw.startswith(b".") and not_utf8(raw)
+    )
 
     @settings(FUZZ, max_examples=25)
     @given(raw=names, label=st.sampled_from(["yes", "no"]))
@@ -448,12 +489,22 @@ def test_symlinks_out_of_the_data_dir_are_refused(tmp_path: Path, reliability) -
     tally = Tally()
 
     @settings(FUZZ, max_examples=25)
-    @given(kind=st.sampled_from(["file outside", "folder outside", "dangling", "loop", "file inside"]), label=st.sampled_from(["yes", "no"]), nested=st.booleans())
+    @given(
+        kind=st.sampled_from(["file outside", "folder outside", "dangling", "loop", "file inside"]),
+        label=st.sampled_from(["yes", "no"]),
+        nested=st.booleans(),
+    )
     def check(kind, label, nested):
         folder = root / label / ("sub" if nested else "")
         folder.mkdir(exist_ok=True)
         link = folder / ("linked" if kind == "folder outside" else "linked.png")
-        target = {"file outside": outside / "yes" / "yes 0.png", "folder outside": outside / "yes", "dangling": tmp_path / "gone.png", "loop": link, "file inside": root / "no" / "no 1.png"}[kind]
+        target = {
+            "file outside": outside / "yes" / "yes 0.png",
+            "folder outside": outside / "yes",
+            "dangling": tmp_path / "gone.png",
+            "loop": link,
+            "file inside": root / "no" / "no 1.png",
+        }[kind]
         link.symlink_to(target)
         try:
             if kind == "file inside":
@@ -467,11 +518,23 @@ def test_symlinks_out_of_the_data_dir_are_refused(tmp_path: Path, reliability) -
             link.unlink()
 
     check()
-    reliability.bad_input("symbolic links in class folders (to files/folders outside data_dir, dangling, loops; inside as control), ingest", tally.summary())
+    reliability.bad_input(
+        "symbolic links in class folders (to files/folders outside data_dir, dangling, loops; inside as control), ingest", tally.summary()
+    )
 
 
 # A CSV manifest's rows: (path kind, label kind). Good kinds must be accepted, any bad kind refused.
-PATH_KINDS = {"good": True, "good with spaces": True, "absolute inside": True, "../ outside": False, "absolute outside": False, "missing": False, "NUL byte": False, "too long": False, "folder": False}
+PATH_KINDS = {
+    "good": True,
+    "good with spaces": True,
+    "absolute inside": True,
+    "../ outside": False,
+    "absolute outside": False,
+    "missing": False,
+    "NUL byte": False,
+    "too long": False,
+    "folder": False,
+}
 LABEL_KINDS = {"yes": True, "no": True, " no ": True, "": False, "  ": False}
 
 
@@ -489,18 +552,39 @@ def test_csv_manifests_are_exact_or_refused(tmp_path: Path, reliability) -> None
     def path_text(kind: str, index: int) -> str:
         good = goods[index % len(goods)]
         return {
-            "good": good, "good with spaces": goods[-1], "absolute inside": str(root / good), "../ outside": "../outside.png",
-            "absolute outside": str(outside), "missing": "no/missing.png", "NUL byte": "yes/a\0.png", "too long": "x" * 300 + ".png", "folder": "yes",
+            "good": good,
+            "good with spaces": goods[-1],
+            "absolute inside": str(root / good),
+            "../ outside": "../outside.png",
+            "absolute outside": str(outside),
+            "missing": "no/missing.png",
+            "NUL byte": "yes/a\0.png",
+            "too long": "x" * 300 + ".png",
+            "folder": "yes",
         }[kind]
 
     # Weighted towards valid parts, so that about half the manifests are valid and the oracle sees both outcomes.
     path_kinds = st.sampled_from(["good"] * 12 + sorted(PATH_KINDS))
     label_kinds = st.sampled_from(["yes", "no"] * 6 + sorted(LABEL_KINDS))
-    rows = st.lists(st.tuples(path_kinds, st.integers(0, 20), label_kinds, st.sampled_from(["", "p1", "p2"])), min_size=0, max_size=5, unique_by=lambda row: row[1] % len(goods))
+    rows = st.lists(
+        st.tuples(path_kinds, st.integers(0, 20), label_kinds, st.sampled_from(["", "p1", "p2"])),
+        min_size=0,
+        max_size=5,
+        unique_by=lambda row: row[1] % len(goods),
+    )
     rarely = lambda *values: st.sampled_from([values[0]] * 8 + list(values[1:]))  # noqa: E731
 
     @settings(FUZZ, max_examples=60)
-    @given(rows=rows, group=st.booleans(), extra=st.sampled_from(["", "site"]), drop=rarely("", "path", "label"), duplicate=rarely(False, True), ragged=rarely(0, 1, -1), encoding=rarely("utf-8", "utf-8-sig", "latin-1 bytes"), order=st.randoms(use_true_random=False))
+    @given(
+        rows=rows,
+        group=st.booleans(),
+        extra=st.sampled_from(["", "site"]),
+        drop=rarely("", "path", "label"),
+        duplicate=rarely(False, True),
+        ragged=rarely(0, 1, -1),
+        encoding=rarely("utf-8", "utf-8-sig", "latin-1 bytes"),
+        order=st.randoms(use_true_random=False),
+    )
     def check(rows, group, extra, drop, duplicate, ragged, encoding, order):
         header = [c for c in ["path", "label"] + (["group"] if group else []) + ([extra] if extra else []) if c != drop]
         order.shuffle(header)
@@ -521,9 +605,14 @@ def test_csv_manifests_are_exact_or_refused(tmp_path: Path, reliability) -> None
         resolved = [(root / path_text(kind, index)).resolve() if PATH_KINDS[kind] else None for kind, index, _, _ in rows]
         labels = [label.strip() for _, _, label, _ in rows]
         valid = (
-            encoding != "latin-1 bytes" and not drop and not duplicate and ragged == 0 and rows
+            encoding != "latin-1 bytes"
+            and not drop
+            and not duplicate
+            and ragged == 0
+            and rows
             and all(PATH_KINDS[kind] and LABEL_KINDS[label] for kind, _, label, _ in rows)
-            and len(set(resolved)) == len(resolved) and set(labels) == {"yes", "no"}
+            and len(set(resolved)) == len(resolved)
+            and set(labels) == {"yes", "no"}
         )
         try:
             dataset = data.ingest(_cfg(manifest, tmp_path))
@@ -537,7 +626,10 @@ def test_csv_manifests_are_exact_or_refused(tmp_path: Path, reliability) -> None
         tally("accepted with exactly the rows written")
 
     check()
-    reliability.bad_input("CSV manifests: missing/duplicate columns, ragged rows, bad encodings, paths outside the root/absent/NUL/too long/duplicated, blank labels", tally.summary())
+    reliability.bad_input(
+        "CSV manifests: missing/duplicate columns, ragged rows, bad encodings, paths outside the root/absent/NUL/too long/duplicated, blank labels",
+        tally.summary(),
+    )
 
 
 def test_a_path_listed_twice_in_a_manifest_is_refused(tmp_path: Path) -> None:
@@ -554,10 +646,16 @@ def test_a_path_listed_twice_in_a_manifest_is_refused(tmp_path: Path) -> None:
 def _outside_range(limits) -> st.SearchStrategy:
     """Values just outside, far outside and not finite, on both sides of a range."""
     width = max(limits.high - limits.low, 1)
-    below = st.one_of(st.just(limits.low), st.floats(limits.low - 1e12, limits.low, exclude_max=True)) if limits.low_open else \
-        st.floats(limits.low - 1e12, limits.low, exclude_max=True)
-    above = st.one_of(st.just(limits.high), st.floats(limits.high, limits.high + 1e12, exclude_min=True)) if limits.high_open else \
-        st.floats(limits.high, limits.high + 1e12, exclude_min=True)
+    below = (
+        st.one_of(st.just(limits.low), st.floats(limits.low - 1e12, limits.low, exclude_max=True))
+        if limits.low_open
+        else st.floats(limits.low - 1e12, limits.low, exclude_max=True)
+    )
+    above = (
+        st.one_of(st.just(limits.high), st.floats(limits.high, limits.high + 1e12, exclude_min=True))
+        if limits.high_open
+        else st.floats(limits.high, limits.high + 1e12, exclude_min=True)
+    )
     return st.one_of(below, above, st.sampled_from([float("nan"), float("inf"), -float("inf"), limits.high + width * 1e6]))
 
 
@@ -583,7 +681,9 @@ def test_out_of_range_values_of_every_numeric_parameter_are_refused_by_name(reli
                 Config(**{name: value})
             assert str(limits) in str(error.value), error.value
             refused[name] = refused.get(name, 0) + 1
-            inside = _as_field_value(name, data.draw(st.floats(limits.low, limits.high, exclude_min=limits.low_open, exclude_max=limits.high_open)))
+            inside = _as_field_value(
+                name, data.draw(st.floats(limits.low, limits.high, exclude_min=limits.low_open, exclude_max=limits.high_open))
+            )
             try:
                 Config(**{name: inside})
             except PipelineError as error:  # only a rule between two parameters may refuse it (fold < folds, heartbeat < grace period)
@@ -591,8 +691,10 @@ def test_out_of_range_values_of_every_numeric_parameter_are_refused_by_name(reli
 
     check()
     assert set(refused) == set(LIMITS)
-    reliability.bad_input(f"out-of-range values (just outside, far outside, NaN, ±inf) of all {len(LIMITS)} numeric parameters, Config",
-                          f"{sum(refused.values())} generated values, all refused with a PipelineError naming the parameter and its range")
+    reliability.bad_input(
+        f"out-of-range values (just outside, far outside, NaN, ±inf) of all {len(LIMITS)} numeric parameters, Config",
+        f"{sum(refused.values())} generated values, all refused with a PipelineError naming the parameter and its range",
+    )
 
 
 # -------------------------------------------------------------------------------------- served model
@@ -612,7 +714,15 @@ def served(tmp_path_factory):
         mlflow.set_experiment("fuzz")
         example = pd.DataFrame({"image": [base64.b64encode(_encoded("PNG", 0, 20, 20)).decode()]})
         # Trained on BraTS flair (modality 0), so .h5 slices are served too and reach their own checks.
-        dataset = SimpleNamespace(class_names=["no", "yes"], positive_class="yes", modality=0, source="brats", root=root, manifest=pd.DataFrame({"path": []}), digest="0" * 64)
+        dataset = SimpleNamespace(
+            class_names=["no", "yes"],
+            positive_class="yes",
+            modality=0,
+            source="brats",
+            root=root,
+            manifest=pd.DataFrame({"path": []}),
+            digest="0" * 64,
+        )
         prepared = SimpleNamespace(dataset=dataset)
         with mlflow.start_run():
             info = log_student(build_student("tiny", 32, 2, seed=3), prepared, Config(image_size=32), example)
@@ -641,7 +751,9 @@ def _frame(*payloads: bytes | str) -> pd.DataFrame:
 def test_served_model_refuses_bad_base64(served, reliability) -> None:
     tally = Tally()
     valid = base64.b64encode(_encoded("PNG", 1, 16, 16)).decode()
-    mangled = st.tuples(st.integers(0, len(valid) - 1), st.sampled_from(list("!@#$%^&*()é \n-_~") + ["", "=", "=="])).map(lambda edit: valid[: edit[0]] + edit[1] + valid[edit[0] + 1 :])
+    mangled = st.tuples(st.integers(0, len(valid) - 1), st.sampled_from(list("!@#$%^&*()é \n-_~") + ["", "=", "=="])).map(
+        lambda edit: valid[: edit[0]] + edit[1] + valid[edit[0] + 1 :]
+    )
 
     @FUZZ
     @given(text=st.one_of(st.text(max_size=200), mangled))
@@ -662,7 +774,13 @@ def test_served_model_answers_data_uri_images_like_plain_base64(served, reliabil
     parameters = st.lists(st.tuples(st.sampled_from(["name", "charset", "x-scan"]), st.text("abc%20.-_0123", max_size=12)), max_size=2)
 
     @settings(FUZZ, max_examples=24)
-    @given(image=images, media=media, parameters=parameters, upper=st.booleans(), broken=st.sampled_from([None] * 5 + [",", ";base64;", "data:;base65,", " data:;base64,"]))
+    @given(
+        image=images,
+        media=media,
+        parameters=parameters,
+        upper=st.booleans(),
+        broken=st.sampled_from([None] * 5 + [",", ";base64;", "data:;base65,", " data:;base64,"]),
+    )
     def check(image, media, parameters, upper, broken):
         plain = base64.b64encode(_encoded(*image)).decode()
         prefix = "data:" + media + "".join(f";{key}={value}" for key, value in parameters) + ";base64,"
@@ -678,7 +796,9 @@ def test_served_model_answers_data_uri_images_like_plain_base64(served, reliabil
         tally("data URI: answered like the plain base64")
 
     check()
-    reliability.bad_input("served model: data-URI images (data:<media type>;<params>;base64,..., any case) and broken data-URI prefixes", tally.summary())
+    reliability.bad_input(
+        "served model: data-URI images (data:<media type>;<params>;base64,..., any case) and broken data-URI prefixes", tally.summary()
+    )
 
 
 def test_served_model_on_truncated_corrupted_and_huge_images(served, reliability) -> None:
@@ -716,7 +836,6 @@ def test_served_model_on_truncated_and_corrupted_h5_and_nifti_slices(served, tmp
     NIfTI-1, NIfTI-2, gzipped). Each is answered with valid probabilities or refused with a 400, never a 500
     (h5py raises RuntimeError on some damaged files: 2 in 300 damaged .h5 in a longer run than this one)."""
     import nibabel
-
     from brats_cases import write_h5_slices
 
     h5_file = next(iter(write_h5_slices(tmp_path / "h5", volumes=1, slices=2)))
@@ -730,7 +849,11 @@ def test_served_model_on_truncated_and_corrupted_h5_and_nifti_slices(served, tmp
     tally = Tally()
 
     @settings(FUZZ, max_examples=60)
-    @given(kind=st.sampled_from(sorted(bases)), cut=st.floats(0.0, 1.0), flips=st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 255)), max_size=4))
+    @given(
+        kind=st.sampled_from(sorted(bases)),
+        cut=st.floats(0.0, 1.0),
+        flips=st.lists(st.tuples(st.integers(0, 2**20), st.integers(1, 255)), max_size=4),
+    )
     def check(kind, cut, flips):
         payload = bytearray(bases[kind][: max(1, int(cut * len(bases[kind])))] if not flips else bases[kind])
         for position, mask in flips:
@@ -738,17 +861,30 @@ def test_served_model_on_truncated_and_corrupted_h5_and_nifti_slices(served, tmp
         tally(f"{kind} {'byte-flipped' if flips else 'truncated'}: {_answer_or_400(served.model.predict, _frame(bytes(payload)))}")
 
     check()
-    reliability.bad_input("served model: truncated and byte-flipped BraTS .h5 slices and NIfTI-1, NIfTI-2 and gzipped NIfTI slices", tally.summary())
+    reliability.bad_input(
+        "served model: truncated and byte-flipped BraTS .h5 slices and NIfTI-1, NIfTI-2 and gzipped NIfTI slices", tally.summary()
+    )
 
 
-cells = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.binary(max_size=20), st.lists(st.integers(), max_size=3))
+cells = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    st.lists(st.integers(), max_size=3),
+)
 
 
 def test_served_model_refuses_wrong_columns_and_cell_types(served, reliability) -> None:
     tally = Tally()
 
     @FUZZ
-    @given(columns=st.lists(st.sampled_from(["image", "Image", "picture", "", "0", "image "]), min_size=1, max_size=3, unique=True), values=st.lists(cells, min_size=1, max_size=3))
+    @given(
+        columns=st.lists(st.sampled_from(["image", "Image", "picture", "", "0", "image "]), min_size=1, max_size=3, unique=True),
+        values=st.lists(cells, min_size=1, max_size=3),
+    )
     def check(columns, values):
         frame = pd.DataFrame({column: values for column in columns})
         outcome = _answer_or_400(served.model.predict, frame)
@@ -756,7 +892,9 @@ def test_served_model_refuses_wrong_columns_and_cell_types(served, reliability) 
         tally(outcome)
 
     check()
-    reliability.bad_input("served model: wrong columns and cell types (None, bool, int, float NaN/inf, text, bytes, lists)", tally.summary())
+    reliability.bad_input(
+        "served model: wrong columns and cell types (None, bool, int, float NaN/inf, text, bytes, lists)", tally.summary()
+    )
 
 
 def test_served_model_on_non_finite_pixels_and_array_batches(served, reliability) -> None:
@@ -770,7 +908,9 @@ def test_served_model_on_non_finite_pixels_and_array_batches(served, reliability
     @given(
         pixels=hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=2, max_side=16), elements=floats),
         batch=st.tuples(dtypes, st.integers(1, 3), st.sampled_from([32, 16])).flatmap(
-            lambda spec: hnp.arrays(np.dtype(spec[0]), (spec[1], spec[2], spec[2], 1), elements=floats if spec[0].startswith("float") else None)
+            lambda spec: hnp.arrays(
+                np.dtype(spec[0]), (spec[1], spec[2], spec[2], 1), elements=floats if spec[0].startswith("float") else None
+            )
         ),
     )
     def check(pixels, batch):
@@ -785,7 +925,10 @@ def test_served_model_on_non_finite_pixels_and_array_batches(served, reliability
         tally(f"array batch: {outcome}")
 
     check()
-    reliability.bad_input("served model: float TIFFs with NaN/inf/extreme pixels; array batches of wrong dtypes (bool, complex, timedelta), shapes and NaN/inf/huge values", tally.summary())
+    reliability.bad_input(
+        "served model: float TIFFs with NaN/inf/extreme pixels; array batches of wrong dtypes (bool, complex, timedelta), shapes and NaN/inf/huge values",
+        tally.summary(),
+    )
 
 
 @pytest.mark.slow
@@ -793,17 +936,26 @@ def test_mlflow_models_serve_answers_fuzzed_requests_with_400(served, reliabilit
     """The same bad requests over HTTP to a real `mlflow models serve` process: each gets 400, and the
     server still answers a good request afterwards."""
     from kdtest import _post
+
     from registry.server import serve_model
 
     server, port = serve_model(served.uri, served.tracking_uri)
     tally = Tally()
     try:
-        body = lambda frame: json.dumps({"dataframe_split": {"columns": list(frame.columns), "data": frame.to_numpy().tolist()}}, default=str).encode()  # noqa: E731
+        body = lambda frame: json.dumps(
+            {"dataframe_split": {"columns": list(frame.columns), "data": frame.to_numpy().tolist()}}, default=str
+        ).encode()  # noqa: E731
         requests = st.one_of(
             st.text(max_size=50).map(lambda text: ("text as image", body(pd.DataFrame({"image": [text]})))),
-            st.tuples(images, st.floats(0.0, 1.0, exclude_max=True)).map(lambda spec: ("truncated image", body(_frame(_encoded(*spec[0])[: int(spec[1] * 200)])))),
-            st.tuples(st.sampled_from(["PNG", "BMP", "GIF", "TIFF"]), bomb_sizes).map(lambda spec: ("decompression bomb", body(_frame(_patched(spec[0], *spec[1]))))),
-            st.lists(st.text(max_size=8), min_size=1, max_size=3, unique=True).filter(lambda c: "image" not in c).map(lambda columns: ("wrong columns", body(pd.DataFrame({c: ["x"] for c in columns})))),
+            st.tuples(images, st.floats(0.0, 1.0, exclude_max=True)).map(
+                lambda spec: ("truncated image", body(_frame(_encoded(*spec[0])[: int(spec[1] * 200)])))
+            ),
+            st.tuples(st.sampled_from(["PNG", "BMP", "GIF", "TIFF"]), bomb_sizes).map(
+                lambda spec: ("decompression bomb", body(_frame(_patched(spec[0], *spec[1]))))
+            ),
+            st.lists(st.text(max_size=8), min_size=1, max_size=3, unique=True)
+            .filter(lambda c: "image" not in c)
+            .map(lambda columns: ("wrong columns", body(pd.DataFrame({c: ["x"] for c in columns})))),
             st.binary(max_size=40).map(lambda raw: ("raw bytes as JSON", raw)),
         )
 
@@ -823,7 +975,10 @@ def test_mlflow_models_serve_answers_fuzzed_requests_with_400(served, reliabilit
     finally:
         server.terminate()
         server.wait(timeout=30)
-    reliability.bad_input("HTTP requests to `mlflow models serve` (text, truncated images, bombs, wrong columns, non-JSON)", tally.summary() + "; server alive and answering afterwards")
+    reliability.bad_input(
+        "HTTP requests to `mlflow models serve` (text, truncated images, bombs, wrong columns, non-JSON)",
+        tally.summary() + "; server alive and answering afterwards",
+    )
 
 
 def _post_with_type(port: int, body: bytes, content_type: str | None) -> tuple[int, bytes]:
@@ -856,11 +1011,23 @@ def test_the_wrapped_scoring_server_answers_missing_and_wrong_content_types_with
     request = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[good]]}}).encode()
     header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
     content_types = st.one_of(
-        st.none(), st.just(""), st.sampled_from(["text/plain", "application/xml", "multipart/form-data", "application/jsonx", "application/json; charset=latin-1",
-                                                  "application/json; boundary=x", "text/csv; charset=utf-16"]),
+        st.none(),
+        st.just(""),
+        st.sampled_from(
+            [
+                "text/plain",
+                "application/xml",
+                "multipart/form-data",
+                "application/jsonx",
+                "application/json; charset=latin-1",
+                "application/json; boundary=x",
+                "text/csv; charset=utf-16",
+            ]
+        ),
         header_text.filter(lambda text: text.split(";")[0].strip() not in ("application/json", "text/csv", "application/x-parquet")),
     )
     try:
+
         @settings(FUZZ, max_examples=25)
         @given(content_type=content_types, body=st.one_of(st.just(request), st.binary(max_size=40)))
         def check(content_type, body):
@@ -873,10 +1040,14 @@ def test_the_wrapped_scoring_server_answers_missing_and_wrong_content_types_with
         assert status == 200, answer[:300]
         served_answer = pd.DataFrame(json.loads(answer)["predictions"])
         expected = served.model.predict(pd.DataFrame({"image": [good]}))
-        np.testing.assert_allclose(served_answer[["prob_no", "prob_yes"]].to_numpy(), expected[["prob_no", "prob_yes"]].to_numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            served_answer[["prob_no", "prob_yes"]].to_numpy(), expected[["prob_no", "prob_yes"]].to_numpy(), rtol=1e-5, atol=1e-6
+        )
         assert server.poll() is None, "the server died"
     finally:
         server.terminate()
         server.wait(timeout=30)
-    reliability.bad_input("HTTP requests to `python -m registry.serve` with a missing, empty or wrong Content-Type (other types, charsets, parameters, random text)",
-                          tally.summary() + "; server alive and answering like the in-process model afterwards")
+    reliability.bad_input(
+        "HTTP requests to `python -m registry.serve` with a missing, empty or wrong Content-Type (other types, charsets, parameters, random text)",
+        tally.summary() + "; server alive and answering like the in-process model afterwards",
+    )

@@ -50,7 +50,10 @@ def test_keras_application_teacher_loads_a_local_weights_file(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("arch, weights, match", [("NoSuchNet", "", "teacher_arch"), ("MobileNetV2", "/no/such/file.h5", "teacher_weights"), ("resnet", "x.h5", "teacher_weights")])
+@pytest.mark.parametrize(
+    "arch, weights, match",
+    [("NoSuchNet", "", "teacher_arch"), ("MobileNetV2", "/no/such/file.h5", "teacher_weights"), ("resnet", "x.h5", "teacher_weights")],
+)
 def test_bad_teacher_settings_fail_clearly(arch, weights, match):
     with pytest.raises(PipelineError, match=match):
         build_teacher(arch, 32, 2, weights=weights)

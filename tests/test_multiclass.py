@@ -16,14 +16,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from kdtest import MODEL, tiny_config, tracking_at
 from mlflow import MlflowClient
 from sklearn.metrics import f1_score
 
 from pipelines.config import Config, PipelineError
 from pipelines.evaluate import CONFUSION_ARTIFACT, class_keys
 from pipelines.synthetic import CLASS_PROPORTIONS, class_counts, ensure_synthetic_dataset, generate_synthetic_mri
-
-from kdtest import MODEL, tiny_config, tracking_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +33,11 @@ def _rows(root: Path) -> list[dict[str, str]]:
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(root.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
 
 
 # ---------------------------------------------------------------- the generator
@@ -137,7 +140,15 @@ def pipeline(tmp_path_factory):
         run_search(cfg)
         version = MlflowClient().get_model_version(MODEL, promote(cfg).version)
         tags = MlflowClient().get_run(version.run_id).data.tags
-        yield root, {"teacher": version.tags["teacher_run_id"], "distill": tags[NO_KD_CV_TAG], "trial": tags[TRIAL_RUN_TAG], "promote": version.run_id}
+        yield (
+            root,
+            {
+                "teacher": version.tags["teacher_run_id"],
+                "distill": tags[NO_KD_CV_TAG],
+                "trial": tags[TRIAL_RUN_TAG],
+                "promote": version.run_id,
+            },
+        )
 
 
 def _logged(run_id: str) -> tuple[dict, dict[str, float]]:

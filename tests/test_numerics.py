@@ -16,14 +16,13 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from kdtest import child_env, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.models import build_student
 from pipelines.training import as_float32, fit, make_dataset, predict_logits, set_seed, training_precision
-
-from kdtest import child_env, tracking_at
 
 N_IMAGES, SIZE = 32, 32
 
@@ -76,7 +75,10 @@ def test_non_finite_loss_stops_training_with_a_failed_run(tracking: MlflowClient
     assert finished.info.status == "FAILED"
     assert not finished.data.metrics, "no metric of the diverged epoch reaches MLflow"
     running = tracking.search_runs([finished.info.experiment_id], "attributes.status = 'RUNNING'")
-    reliability.fault(f"{kind} loss in training (tiny student, {', '.join(f'{k}={v}' for k, v in changes.items())})", "PipelineError at epoch 1, MLflow run FAILED, no non-finite metric logged")
+    reliability.fault(
+        f"{kind} loss in training (tiny student, {', '.join(f'{k}={v}' for k, v in changes.items())})",
+        "PipelineError at epoch 1, MLflow run FAILED, no non-finite metric logged",
+    )
     reliability.lost("runs", len(running), f"runs left RUNNING after the {kind} loss")
     assert not running
 
@@ -111,10 +113,7 @@ def test_a_fresh_process_trains_bitwise_the_same_student(tracking: MlflowClient,
     """Across processes too (another interpreter, hash seed and thread pool): the run a user repeats."""
     weights, logits = _train_once(7)
     out = tmp_path / "child.npz"
-    child = (
-        "import numpy as np; from test_numerics import _train_once; "
-        f"w, l = _train_once(7); np.savez({str(out)!r}, logits=l, *w)"
-    )
+    child = f"import numpy as np; from test_numerics import _train_once; w, l = _train_once(7); np.savez({str(out)!r}, logits=l, *w)"
     env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'child.db'}", PYTHONHASHSEED="random")
     result = subprocess.run([sys.executable, "-c", child], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -140,7 +139,9 @@ def test_a_model_with_nan_weights_never_answers_nan(tmp_path: Path, reliability)
     student.save(tmp_path / "student.keras")
     (tmp_path / "metadata.json").write_text(json.dumps({"image_size": SIZE, "class_names": ["no", "yes"]}))
     served = StudentClassifier()
-    served.load_context(SimpleNamespace(artifacts={"student": str(tmp_path / "student.keras"), "metadata": str(tmp_path / "metadata.json")}))
+    served.load_context(
+        SimpleNamespace(artifacts={"student": str(tmp_path / "student.keras"), "metadata": str(tmp_path / "metadata.json")})
+    )
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40), dtype=np.uint8)).save(buffer, format="PNG")
     with pytest.raises(MlflowException, match="non-finite probabilities") as error:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from kdtest import child_env
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import Config, PipelineError
-
-from kdtest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -22,7 +21,17 @@ TINY = {"image_size": "32", "folds": "2", "epochs": "2", "patience": "1", "batch
 
 def mlflow_run(entry: str, tracking_uri: str, **params: str) -> subprocess.CompletedProcess:
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
-    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local", "--experiment-name", "e2e"]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "run",
+        str(ROOT),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        "e2e",
+    ]
     for name, value in params.items():
         command += ["-P", f"{name}={value}"]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -45,7 +54,12 @@ def check_teacher_then_distill(tracking_uri: str, data_dir: Path) -> None:
     assert {"fold_0_loss", "fold_1_val_loss", "fold_0_val_auc"} <= set(metrics)
     artifacts = {a.path for top in ("models", "logits", "evaluation", "data") for a in client.list_artifacts(teacher_run.info.run_id, top)}
     assert {"models/fold_0.keras", "models/fold_1.keras", "models/all.keras", "logits/teacher_logits.npz", "data/splits.csv"} <= artifacts
-    assert {"evaluation/confusion_matrix.png", "evaluation/roc_curve.png", "evaluation/pr_curve.png", "evaluation/classification_report.txt"} <= artifacts
+    assert {
+        "evaluation/confusion_matrix.png",
+        "evaluation/roc_curve.png",
+        "evaluation/pr_curve.png",
+        "evaluation/classification_report.txt",
+    } <= artifacts
     [dataset_input] = teacher_run.inputs.dataset_inputs
     assert dataset_input.dataset.digest == teacher_run.data.tags["kd.data_digest"][:32]
 
@@ -58,7 +72,9 @@ def check_teacher_then_distill(tracking_uri: str, data_dir: Path) -> None:
     assert metrics["student_params"] * 20 <= teacher_run.data.metrics["teacher_params"]
     assert distill_run.data.tags["kd.teacher_run_id"] == teacher_run.info.run_id, "the finished teacher is reused"
     assert len(runs_of(client, "teacher", "trained")) == 1, "no teacher was trained twice"
-    assert {"models/student_fold_0.keras", "models/student_fold_1.keras"} <= {a.path for a in client.list_artifacts(distill_run.info.run_id, "models")}
+    assert {"models/student_fold_0.keras", "models/student_fold_1.keras"} <= {
+        a.path for a in client.list_artifacts(distill_run.info.run_id, "models")
+    }
 
 
 def test_teacher_and_distill_entry_points_on_real_scans(mri_subset, tmp_path):
@@ -74,7 +90,9 @@ def test_teacher_and_distill_entry_points_on_real_scans(mri_subset, tmp_path):
 
     online = mlflow_run("distill", tracking_uri, data_dir=str(mri_subset), teacher_mode="online", fold="1", **TINY)
     assert online.returncode == 0, online.stderr[-3000:]
-    assert any(run.data.params.get("teacher_mode") == "online" and "f1_fold_1" in run.data.metrics for run in runs_of(client, "distill", "trained"))
+    assert any(
+        run.data.params.get("teacher_mode") == "online" and "f1_fold_1" in run.data.metrics for run in runs_of(client, "distill", "trained")
+    )
 
     baseline = mlflow_run("distill", tracking_uri, data_dir=str(mri_subset), no_kd="true", **TINY)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
@@ -138,11 +156,29 @@ def test_two_distill_runs_started_together_train_the_teacher_once(mri_subset, tm
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
     client.create_experiment("e2e")  # the schema and experiment exist before the two start, as on a team server
-    args = [f"--{name}={value}" for name, value in {**TINY, "data_dir": str(mri_subset), "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
-                                                    "experiment_name": "e2e", "cache_dir": str(tmp_path / "cache"), "student_size": "tiny", "fold": "0"}.items()]
+    args = [
+        f"--{name}={value}"
+        for name, value in {
+            **TINY,
+            "data_dir": str(mri_subset),
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+            "experiment_name": "e2e",
+            "cache_dir": str(tmp_path / "cache"),
+            "student_size": "tiny",
+            "fold": "0",
+        }.items()
+    ]
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
-    workers = [subprocess.Popen([sys.executable, "-m", "pipelines", "distill", *args, f"--temperature={t}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for t in (2, 4)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "distill", *args, f"--temperature={t}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for t in (2, 4)
+    ]
     outputs = [worker.communicate(timeout=900)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], "\n".join(output[-2000:] for output in outputs)
 
@@ -150,6 +186,12 @@ def test_two_distill_runs_started_together_train_the_teacher_once(mri_subset, tm
     distills = runs_of(client, "distill", "trained")
     assert len(teachers) == 1 and teachers[0].info.status == "FINISHED", [(r.info.run_id, r.data.tags.get("kd.outcome")) for r in teachers]
     assert len(distills) == 2 and {run.data.tags["kd.teacher_run_id"] for run in distills} == {teachers[0].info.run_id}
-    reliability.fault("two `python -m pipelines distill` runs started together on the same data (SQLite storage lock)",
-                      "one teacher run trained, both distill runs FINISHED and use it")
-    reliability.lost("runs", sum(run.info.status == "RUNNING" for run in client.search_runs([teachers[0].info.experiment_id])), "after two distill runs started together")
+    reliability.fault(
+        "two `python -m pipelines distill` runs started together on the same data (SQLite storage lock)",
+        "one teacher run trained, both distill runs FINISHED and use it",
+    )
+    reliability.lost(
+        "runs",
+        sum(run.info.status == "RUNNING" for run in client.search_runs([teachers[0].info.experiment_id])),
+        "after two distill runs started together",
+    )

@@ -10,6 +10,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from kdtest import tiny_config, tracking_at
 
 from pipelines.config import DISTILL_PARAMS, SEARCH_PARAMS, TEACHER_PARAMS, Config, PipelineError
 from pipelines.distiller import Distiller
@@ -17,8 +18,6 @@ from pipelines.models import build_student, load_keras_model
 from pipelines.prepare import prepare_data
 from pipelines.tracking import step_key
 from pipelines.training import as_float32, cross_validate, make_dataset, predict_logits, set_seed, train_on_all_data, training_precision
-
-from kdtest import tiny_config, tracking_at
 
 SIZE = 32
 

@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from kdtest import MODEL, assert_roles_agree, check_serving, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 import registry
@@ -17,8 +18,6 @@ from registry.fetch import resolve_version
 from registry.model import encode_file
 from registry.promote import history, promote, rollback
 from search.tune import run_search
-
-from kdtest import MODEL, assert_roles_agree, check_serving, tiny_config, tracking_at
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +43,27 @@ def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
     assert first.promoted and first.reason == "no champion yet"
     assert_roles_agree(MODEL)
     version = MlflowClient().get_model_version(MODEL, first.version)
-    for tag in ("study", "trial", "kfold_f1_mean", "kfold_f1_std", "holdout_f1", "params_count", "teacher_run_id", "data_digest", "code_version"):
+    for tag in (
+        "study",
+        "trial",
+        "kfold_f1_mean",
+        "kfold_f1_std",
+        "holdout_f1",
+        "params_count",
+        "teacher_run_id",
+        "data_digest",
+        "code_version",
+    ):
         assert version.tags.get(tag), tag
     assert float(version.tags["holdout_f1"]) == pytest.approx(first.holdout_f1, abs=1e-6)
     assert "k-fold F1" in version.description
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{first.version}"))
-    assert not [f for f in model_dir.rglob("*") if f.suffix in (".pkl", ".pickle")], "the served model is code and a safe-mode .keras file, no pickle"
-    teachers = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'")
+    assert not [f for f in model_dir.rglob("*") if f.suffix in (".pkl", ".pickle")], (
+        "the served model is code and a safe-mode .keras file, no pickle"
+    )
+    teachers = MlflowClient().search_runs(
+        [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'"
+    )
     assert len(teachers) == 1 and version.tags["teacher_run_id"] == teachers[0].info.run_id, "promotion reuses the search's teachers"
 
     # an impossible margin: the new version cannot beat the champion, the registry keeps its champion
@@ -71,7 +84,12 @@ def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
     assert resolve_version(MODEL, alias="champion").version == first.version
     assert_roles_agree(MODEL)
     events = [(e["event"], e["version"], e["previous"]) for e in history(MODEL)]
-    assert events == [("promote", first.version, None), ("challenger", refused.version, first.version), ("promote", forced.version, first.version), ("rollback", first.version, forced.version)]
+    assert events == [
+        ("promote", first.version, None),
+        ("challenger", refused.version, first.version),
+        ("promote", forced.version, first.version),
+        ("rollback", first.version, forced.version),
+    ]
     assert all(e["who"] and e["when"] and e["why"] for e in history(MODEL))
 
 
@@ -90,7 +108,11 @@ def test_fetch_by_stage_and_alias_predicts_on_image_files(champion, real_data_di
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"stage": "Production", "name": "no-such-model"}, "no registered model"), ({"stage": "Live"}, "stage='Live'"), ({"alias": "nobody"}, "no version with alias")],
+    [
+        ({"stage": "Production", "name": "no-such-model"}, "no registered model"),
+        ({"stage": "Live"}, "stage='Live'"),
+        ({"alias": "nobody"}, "no version with alias"),
+    ],
 )
 def test_bad_fetch_requests_fail_clearly(champion, kwargs, match):
     name = kwargs.pop("name", MODEL)

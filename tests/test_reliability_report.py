@@ -6,10 +6,9 @@ import datetime as dt
 from types import SimpleNamespace
 
 import pytest
-
 from reliability import ReliabilityLog, render, results_from_stats
 
-NOW = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.UTC)
 
 
 def _log() -> ReliabilityLog:

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from kdtest import MODEL, child_env, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
@@ -22,8 +23,6 @@ from registry.fetch import resolve_version
 from registry.promote import promote
 from registry.report import METRICS, MODELS, NO_KD_CV_TAG, TRIAL_RUN_TAG, write_report
 from search.tune import run_search
-
-from kdtest import MODEL, child_env, tiny_config, tracking_at
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -66,8 +65,10 @@ def runs_of_report(paths) -> dict[str, object]:
     version = resolve_version(MODEL, stage="Production")
     promote_run = client.get_run(version.run_id)
     return {
-        "promote": promote_run, "teacher": client.get_run(version.tags["teacher_run_id"]),
-        "student": client.get_run(promote_run.data.tags[TRIAL_RUN_TAG]), "no_kd": client.get_run(promote_run.data.tags[NO_KD_CV_TAG]),
+        "promote": promote_run,
+        "teacher": client.get_run(version.tags["teacher_run_id"]),
+        "student": client.get_run(promote_run.data.tags[TRIAL_RUN_TAG]),
+        "no_kd": client.get_run(promote_run.data.tags[NO_KD_CV_TAG]),
     }
 
 
@@ -188,6 +189,7 @@ def test_changing_a_logged_metric_changes_the_report(tracked):
 def test_markdown_renders_and_latex_is_well_formed(tracked):
     _, paths = tracked
     import markdown_it  # pinned in the test extra: the Markdown must render
+
     for path in (paths.methodology_md, paths.results_md):
         text = path.read_text()
         tokens = markdown_it.MarkdownIt("commonmark").enable("table").parse(text)
@@ -200,7 +202,9 @@ def test_markdown_renders_and_latex_is_well_formed(tracked):
     for path in (paths.methodology_tex, paths.results_tex, paths.latex):
         text = path.read_text()
         assert text.isascii(), f"{path.name}: non-ASCII characters (pdflatex without extra fonts chokes on some)"
-        assert re.findall(r"\\begin\{(\w+)\}", text) and sorted(re.findall(r"\\begin\{(\w+)\}", text)) == sorted(re.findall(r"\\end\{(\w+)\}", text)), path.name
+        assert re.findall(r"\\begin\{(\w+)\}", text) and sorted(re.findall(r"\\begin\{(\w+)\}", text)) == sorted(
+            re.findall(r"\\end\{(\w+)\}", text)
+        ), path.name
         unescaped = re.sub(r"\\[{}]", "", text)
         assert unescaped.count("{") == unescaped.count("}"), f"{path.name}: unbalanced braces"
         prose = re.sub(r"\$[^$]*\$|\\begin\{equation\}.*?\\end\{equation\}|\\includegraphics\[[^]]*\]\{[^}]*\}", "", text, flags=re.S)
@@ -214,7 +218,11 @@ def test_latex_compiles(tracked, tmp_path):
         pytest.skip("no TeX distribution (latexmk or pdflatex) on PATH; CI installs one where the time budget allows")
     build = tmp_path / "build"
     shutil.copytree(paths.folder, build)
-    command = [compiler, "-pdf", "-interaction=nonstopmode", "report.tex"] if compiler.endswith("latexmk") else [compiler, "-interaction=nonstopmode", "-halt-on-error", "report.tex"]
+    command = (
+        [compiler, "-pdf", "-interaction=nonstopmode", "report.tex"]
+        if compiler.endswith("latexmk")
+        else [compiler, "-interaction=nonstopmode", "-halt-on-error", "report.tex"]
+    )
     result = subprocess.run(command, cwd=build, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and (build / "report.pdf").is_file(), result.stdout[-3000:]
 
@@ -223,7 +231,14 @@ def test_report_is_logged_to_the_version_run(tracked):
     _, paths = tracked
     run_id = resolve_version(MODEL, stage="Production").run_id
     logged = {a.path for a in MlflowClient().list_artifacts(run_id, "report")}
-    assert {"report/methodology.md", "report/results.md", "report/methodology.tex", "report/results.tex", "report/report.tex", "report/report.json"} <= logged
+    assert {
+        "report/methodology.md",
+        "report/results.md",
+        "report/methodology.tex",
+        "report/results.tex",
+        "report/report.tex",
+        "report/report.json",
+    } <= logged
     figures = {a.path for a in MlflowClient().list_artifacts(run_id, "report/figures")}
     assert {"report/figures/confusion-matrices.png", "report/figures/roc-curves.png", "report/figures/gradcam-holdout.png"} <= figures
 
@@ -235,8 +250,27 @@ def test_mlflow_run_report_and_explain_cli(tracked, mri_subset, tmp_path):
     bin_dir = Path(sys.executable).parent
     out = tmp_path / "from-mlflow-run"
     result = subprocess.run(
-        [str(bin_dir / "mlflow"), "run", str(ROOT), "-e", "report", "--env-manager", "local", "-P", f"model_name={MODEL}", "-P", "stage=Production", "-P", f"out_dir={out}", "-P", "resamples=50"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(bin_dir / "mlflow"),
+            "run",
+            str(ROOT),
+            "-e",
+            "report",
+            "--env-manager",
+            "local",
+            "-P",
+            f"model_name={MODEL}",
+            "-P",
+            "stage=Production",
+            "-P",
+            f"out_dir={out}",
+            "-P",
+            "resamples=50",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "methodology.md").is_file() and (out / "report.tex").is_file()
@@ -245,13 +279,22 @@ def test_mlflow_run_report_and_explain_cli(tracked, mri_subset, tmp_path):
     overlay = tmp_path / "overlay.png"
     result = subprocess.run(
         [sys.executable, "-m", "registry", "explain", "--model-name", MODEL, "--stage", "Production", str(scan), "--out", str(overlay)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert overlay.is_file() and overlay.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "student: predicts" in result.stdout and "teacher: predicts" in result.stdout
 
-    missing = subprocess.run([sys.executable, "-m", "registry", "explain", "--model-name", MODEL, str(tmp_path / "nope.jpg")], env=env, capture_output=True, text=True, timeout=300)
+    missing = subprocess.run(
+        [sys.executable, "-m", "registry", "explain", "--model-name", MODEL, str(tmp_path / "nope.jpg")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 

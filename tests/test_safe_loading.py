@@ -18,7 +18,6 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-
 from kdtest import tracking_at
 
 from pipelines.config import PipelineError
@@ -85,7 +84,9 @@ def test_lambda_layer_is_refused_before_it_runs(lambda_model: Path, marker: Path
         load_keras_model(lambda_model)
     assert str(lambda_model) in str(error.value)
     assert not marker.exists()
-    reliability.bad_input("model file: .keras with a Lambda layer (load_keras_model)", "refused with PipelineError before deserialising; lambda not executed")
+    reliability.bad_input(
+        "model file: .keras with a Lambda layer (load_keras_model)", "refused with PipelineError before deserialising; lambda not executed"
+    )
 
 
 def test_non_keras_objects_in_the_config_are_refused(tmp_path: Path, marker: Path, reliability) -> None:
@@ -99,7 +100,9 @@ def test_non_keras_objects_in_the_config_are_refused(tmp_path: Path, marker: Pat
     path = _with_config(tmp_path / "student.keras", tmp_path / "smuggled.keras", smuggle)
     with pytest.raises(PipelineError, match=r"os\.system"):
         load_keras_model(path)
-    reliability.bad_input("model file: .keras config naming a non-Keras class (os.system)", "refused with PipelineError before deserialising")
+    reliability.bad_input(
+        "model file: .keras config naming a non-Keras class (os.system)", "refused with PipelineError before deserialising"
+    )
 
 
 @pytest.mark.parametrize("name", ["model.pkl", "student.keras", "teacher.h5"])
@@ -144,7 +147,9 @@ def test_teacher_run_artifacts_are_loaded_safely(tracking, lambda_model: Path, p
     shutil.copy(lambda_model, staged / "models" / "all.keras")
     shutil.copy(pickle_file, staged / "models" / "fold_0.keras")
     # Logits keyed by object (pickled) strings, one of which unpickles into the marker.
-    np.savez_compressed(staged / LOGITS_ARTIFACT, sha256=np.array(["a" * 64, MarkerPickle(marker)], dtype=object), all=np.zeros((2, 1), np.float32))
+    np.savez_compressed(
+        staged / LOGITS_ARTIFACT, sha256=np.array(["a" * 64, MarkerPickle(marker)], dtype=object), all=np.zeros((2, 1), np.float32)
+    )
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(staged))
 
@@ -155,10 +160,14 @@ def test_teacher_run_artifacts_are_loaded_safely(tracking, lambda_model: Path, p
     with pytest.raises(PipelineError, match="pickled objects"):
         load_teacher_logits(run.info.run_id, np.array(["a" * 64]))
     assert not marker.exists()
-    reliability.bad_input("teacher run artifacts: Lambda .keras, pickle as .keras, pickled logits .npz", "each refused with PipelineError; nothing executed")
+    reliability.bad_input(
+        "teacher run artifacts: Lambda .keras, pickle as .keras, pickled logits .npz", "each refused with PipelineError; nothing executed"
+    )
 
 
-def test_served_student_is_loaded_safely(tracking, lambda_model: Path, pickle_file: Path, marker: Path, tmp_path: Path, reliability) -> None:
+def test_served_student_is_loaded_safely(
+    tracking, lambda_model: Path, pickle_file: Path, marker: Path, tmp_path: Path, reliability
+) -> None:
     """The pyfunc's load_context, in process and through mlflow.pyfunc.load_model of a logged model."""
     metadata = tmp_path / "metadata.json"
     metadata.write_text(json.dumps({"image_size": 32, "class_names": ["no", "yes"]}))
@@ -166,11 +175,15 @@ def test_served_student_is_loaded_safely(tracking, lambda_model: Path, pickle_fi
         with pytest.raises(PipelineError, match=str(student.name)):
             StudentClassifier().load_context(SimpleNamespace(artifacts={"student": str(student), "metadata": str(metadata)}))
     with mlflow.start_run():
-        info = mlflow.pyfunc.log_model(name="model", python_model=StudentClassifier(), artifacts={"student": str(lambda_model), "metadata": str(metadata)})
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=StudentClassifier(), artifacts={"student": str(lambda_model), "metadata": str(metadata)}
+        )
     with pytest.raises(PipelineError, match="Lambda layer"):
         mlflow.pyfunc.load_model(info.model_uri)
     assert not marker.exists()
-    reliability.bad_input("served model: Lambda .keras / pickle as the pyfunc's student", "load_context refuses with PipelineError; nothing executed")
+    reliability.bad_input(
+        "served model: Lambda .keras / pickle as the pyfunc's student", "load_context refuses with PipelineError; nothing executed"
+    )
 
 
 def _weights_of_a_no_top_backbone(path: Path) -> list[np.ndarray]:
@@ -188,8 +201,14 @@ def test_teacher_weights_load_and_refuse(lambda_model: Path, pickle_file: Path, 
 
     pickle_as_h5 = tmp_path / "weights.h5"
     shutil.copy(pickle_file, pickle_as_h5)
-    for weights, needle in ((pickle_file, "pickles and other formats"), (pickle_as_h5, "not MobileNetV2 weights"), (lambda_model, "not MobileNetV2 weights")):
+    for weights, needle in (
+        (pickle_file, "pickles and other formats"),
+        (pickle_as_h5, "not MobileNetV2 weights"),
+        (lambda_model, "not MobileNetV2 weights"),
+    ):
         with pytest.raises(PipelineError, match=needle):
             build_teacher("MobileNetV2", 32, 2, weights=str(weights))
     assert not marker.exists()
-    reliability.bad_input("teacher_weights: pickle (.pkl, and named .h5), a Lambda .keras model", "refused with PipelineError; nothing executed")
+    reliability.bad_input(
+        "teacher_weights: pickle (.pkl, and named .h5), a Lambda .keras model", "refused with PipelineError; nothing executed"
+    )

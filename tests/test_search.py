@@ -14,21 +14,36 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from kdtest import child_env, tracking_at
 from optuna.trial import TrialState
 
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError
+from registry.server import free_port
 from search.space import SearchSpace
 from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, run_search
-
-from kdtest import child_env, tracking_at
-from registry.server import free_port
 
 TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
 
 
 def start_worker(data_dir: Path, storage: str, tracking_uri: str, study: str, n_trials: int, *extra: str) -> subprocess.Popen:
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
-    command = [sys.executable, "-m", "search", "--data_dir", str(data_dir), "--storage", storage, "--study_name", study, "--n_trials", str(n_trials), "--experiment_name", "search-test", *TINY, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "search",
+        "--data_dir",
+        str(data_dir),
+        "--storage",
+        storage,
+        "--study_name",
+        study,
+        "--n_trials",
+        str(n_trials),
+        "--experiment_name",
+        "search-test",
+        *TINY,
+        *extra,
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -49,7 +64,9 @@ def check_study(storage: str, tracking_uri: str, study_name: str, n_trials: int)
 
     client = mlflow.MlflowClient(tracking_uri)
     parent = study.user_attrs[PARENT_RUN_ATTR]
-    trial_runs = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.`optuna.study` = '{study_name}' and tags.`kd.step` = 'trial'")
+    trial_runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.`optuna.study` = '{study_name}' and tags.`kd.step` = 'trial'"
+    )
     assert len(trial_runs) == len([t for t in trials if "mlflow_run_id" in t.user_attrs])
     by_id = {run.info.run_id: run for run in trial_runs}
     for trial in finished:
@@ -61,7 +78,9 @@ def check_study(storage: str, tracking_uri: str, study_name: str, n_trials: int)
         if trial.state == TrialState.COMPLETE:
             assert run.data.metrics["f1_mean"] == pytest.approx(trial.value)
             assert len(trial.user_attrs["fold_f1"]) == 2 and trial.user_attrs["student_params"] > 0 and trial.user_attrs["latency_ms"] > 0
-    teachers = client.search_runs([client.get_run(parent).info.experiment_id], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'")
+    teachers = client.search_runs(
+        [client.get_run(parent).info.experiment_id], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'"
+    )
     assert len(teachers) == 1, "the teachers are trained once, before the first trial, and shared"
     artifacts = {a.path for a in client.list_artifacts(parent, "search")}
     assert {"search/trials.csv", "search/optimization_history.png", "search/best_trial.json"} <= artifacts
@@ -92,7 +111,10 @@ def test_four_workers_share_one_postgresql_study(mri_subset, postgres_databases,
     storage, tracking_uri = postgres_databases(), postgres_databases()
     study = run_workers(4, mri_subset, storage, tracking_uri)
     assert runs_left_running(tracking_uri) == 0
-    reliability.fault("four search workers started together on one PostgreSQL study of 4 trials", f"{len(study.trials)} trials made, 4 finished, numbers unique, teachers trained once")
+    reliability.fault(
+        "four search workers started together on one PostgreSQL study of 4 trials",
+        f"{len(study.trials)} trials made, 4 finished, numbers unique, teachers trained once",
+    )
     reliability.lost("trials", 0, "four workers on one study: exactly n_trials finished, none left RUNNING")
 
 
@@ -132,13 +154,20 @@ def test_a_killed_worker_leaves_the_study_consistent(mri_subset, postgres_databa
     dead_run = mlflow.MlflowClient(tracking_uri).get_run(dead.user_attrs["mlflow_run_id"])
     assert dead_run.info.status == "KILLED", "the dead trial's MLflow run is closed, not left RUNNING"
     assert runs_left_running(tracking_uri) == 0
-    reliability.fault("kill -9 of a search worker mid-trial (PostgreSQL study), then a restart", f"dead trial {dead.number} retried once with its parameters; its run KILLED")
+    reliability.fault(
+        "kill -9 of a search worker mid-trial (PostgreSQL study), then a restart",
+        f"dead trial {dead.number} retried once with its parameters; its run KILLED",
+    )
     reliability.lost("trials", 0, "killed worker: the study holds exactly n_trials finished trials")
     reliability.lost("runs", 0, "killed worker: no run left RUNNING")
 
 
 def _cfg(tmp_path: Path, **changes) -> Config:
-    defaults = {"data_dir": "/nonexistent-never-read", "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "cache_dir": str(tmp_path / "cache")}
+    defaults = {
+        "data_dir": "/nonexistent-never-read",
+        "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "cache_dir": str(tmp_path / "cache"),
+    }
     return Config(**{**defaults, **changes})
 
 
@@ -197,7 +226,11 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
     study = optuna.create_study(study_name="dashboard-study", storage=storage, direction="maximize")
     study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
     port = free_port()
-    dashboard = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dashboard = subprocess.Popen(
+        [str(Path(sys.executable).parent / "optuna-dashboard"), storage, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -222,7 +255,18 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
 @pytest.mark.slow
 def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
-        cfg = _cfg(tmp_path, data_dir=str(mri_subset), image_size=32, folds=2, epochs=2, patience=1, batch_size=16, n_trials=3, objectives="f1,params", study_name="pareto")
+        cfg = _cfg(
+            tmp_path,
+            data_dir=str(mri_subset),
+            image_size=32,
+            folds=2,
+            epochs=2,
+            patience=1,
+            batch_size=16,
+            n_trials=3,
+            objectives="f1,params",
+            study_name="pareto",
+        )
         study = run_search(cfg)
         assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]

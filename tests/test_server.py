@@ -22,16 +22,16 @@ import boto3
 import mlflow
 import pandas as pd
 import pytest
+from kdtest import MODEL, assert_roles_agree, check_serving, child_env, cli_args, tiny_config
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from moto.server import ThreadedMotoServer
 
 import registry
-from kdtest import MODEL, assert_roles_agree, check_serving, child_env, cli_args, tiny_config
 from pipelines.config import STORAGE_URL_ENV
-from registry.server import auth_environment, free_port, server_command
 from registry.model import encode_file
 from registry.promote import history
+from registry.server import auth_environment, free_port, server_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 SECRETS = {
@@ -82,14 +82,29 @@ def team(module_postgres_databases, mri_subset, tmp_path_factory):
     moto.start()
     s3_endpoint = f"http://127.0.0.1:{moto._port}"
     with pytest.MonkeyPatch.context() as env:
-        for key, value in {**S3_KEYS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": SECRETS["admin"]}.items():
+        for key, value in {
+            **S3_KEYS,
+            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": SECRETS["admin"],
+        }.items():
             env.setenv(key, value)
         boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="kd-artifacts")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server_env = {**os.environ, **auth_environment(f"sqlite:///{root / 'auth.db'}", root / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": SECRETS["admin"], "MLFLOW_FLASK_SERVER_SECRET_KEY": SECRETS["csrf key"]}
+        server_env = {
+            **os.environ,
+            **auth_environment(f"sqlite:///{root / 'auth.db'}", root / "basic_auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": SECRETS["admin"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": SECRETS["csrf key"],
+        }
         server_log = root / "server.log"
-        server = subprocess.Popen(server_command(module_postgres_databases(), "s3://kd-artifacts/mlflow", "127.0.0.1", port, auth=True), env=server_env, stdout=open(server_log, "w"), stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            server_command(module_postgres_databases(), "s3://kd-artifacts/mlflow", "127.0.0.1", port, auth=True),
+            env=server_env,
+            stdout=open(server_log, "w"),
+            stderr=subprocess.STDOUT,
+        )
         previous = mlflow.get_tracking_uri()
         try:
             wait_until_up(url, server, server_log)
@@ -113,7 +128,11 @@ def team(module_postgres_databases, mri_subset, tmp_path_factory):
 def test_search_promote_fetch_serve_through_postgresql_and_s3(team, real_data_dir):
     assert_roles_agree(MODEL)
     assert [e["event"] for e in history(MODEL)] == ["promote", "promote"]
-    keys = [item["Key"] for page in boto3.client("s3", endpoint_url=team.s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket="kd-artifacts") for item in page.get("Contents", [])]
+    keys = [
+        item["Key"]
+        for page in boto3.client("s3", endpoint_url=team.s3_endpoint).get_paginator("list_objects_v2").paginate(Bucket="kd-artifacts")
+        for item in page.get("Contents", [])
+    ]
     assert any(key.endswith("logits/teacher_logits.npz") for key in keys), "teacher artifacts are in the bucket"
     assert any(key.endswith("artifacts/student.keras") for key in keys), "the registered model is in the bucket"
     assert any(key.endswith("MLmodel") for key in keys)
@@ -123,7 +142,9 @@ def test_search_promote_fetch_serve_through_postgresql_and_s3(team, real_data_di
 
 
 def _request(url: str, method: str = "GET", body: dict | None = None) -> int:
-    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, method=method, data=json.dumps(body).encode() if body else None, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -169,13 +190,24 @@ def test_a_read_only_user_fetches_production_but_cannot_register_promote_or_roll
             attempt()
         assert refused.value.error_code == "PERMISSION_DENIED", (what, refused.value)
     for command in (["rollback", "--model-name", MODEL], ["promote", *cli_args(team.cfg)]):
-        result = subprocess.run([sys.executable, "-m", "registry", *command], env=child_env(MLFLOW_TRACKING_URI=team.url), capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and "error: the tracking server refused" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+        result = subprocess.run(
+            [sys.executable, "-m", "registry", *command],
+            env=child_env(MLFLOW_TRACKING_URI=team.url),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2 and "error: the tracking server refused" in result.stderr and "Traceback" not in result.stderr, (
+            result.stderr[-3000:]
+        )
 
     monkeypatch.undo()
     assert ([e["when"] for e in history(MODEL)], admin.get_model_version_by_alias(MODEL, "champion").version) == before, "nothing changed"
     assert_roles_agree(MODEL)
-    reliability.fault("read-only user: register, stage, alias, audit tag, `registry rollback`, `registry promote`", "PERMISSION_DENIED / exit 2 with a clear error; registry unchanged; Production fetch works")
+    reliability.fault(
+        "read-only user: register, stage, alias, audit tag, `registry rollback`, `registry promote`",
+        "PERMISSION_DENIED / exit 2 with a clear error; registry unchanged; Production fetch works",
+    )
 
 
 def test_credentials_never_reach_params_tags_artifacts_or_logs(team, tmp_path, reliability):
@@ -196,10 +228,15 @@ def test_credentials_never_reach_params_tags_artifacts_or_logs(team, tmp_path, r
     for model in client.search_registered_models():
         check(f"model {model.name}", json.dumps({"tags": model.tags, "description": model.description}))
         for version in client.search_model_versions(f"name = '{model.name}'"):
-            check(f"{model.name} v{version.version}", json.dumps({"tags": version.tags, "description": version.description, "source": version.source}))
+            check(
+                f"{model.name} v{version.version}",
+                json.dumps({"tags": version.tags, "description": version.description, "source": version.source}),
+            )
     for step, output in team.logs.items():
         check(f"output of {step}", output)
     check("server log", team.server_log.read_text())
     assert not found, found
-    reliability.fault(f"secrets planted (S3 key, database password, two logins); searched {len(runs)} runs' params, tags and artifacts, the registry, CLI and server logs",
-                      "no secret found anywhere")
+    reliability.fault(
+        f"secrets planted (S3 key, database password, two logins); searched {len(runs)} runs' params, tags and artifacts, the registry, CLI and server logs",
+        "no secret found anywhere",
+    )

@@ -122,7 +122,6 @@ def test_h5_and_nifti_slices_give_the_same_probabilities_as_their_preprocessed_a
 
 def test_a_model_trained_on_pictures_refuses_h5_slices_and_nifti_volumes_clearly(wrapper, tmp_path):
     import nibabel
-
     from brats_cases import write_h5_slices
 
     h5_file = next(iter(write_h5_slices(tmp_path / "h5", volumes=1, slices=2)))
@@ -131,7 +130,9 @@ def test_a_model_trained_on_pictures_refuses_h5_slices_and_nifti_volumes_clearly
     _rejects(wrapper, pd.DataFrame({"image": [base64.b64encode(volume).decode()]}), r"row 0: NIfTI shape \(8, 8, 3\); send one 2-D slice")
 
 
-@pytest.mark.parametrize("prefix", ["data:image/png;base64,", "DATA:image/PNG;BASE64,", "data:;base64,", "data:image/png;name=scan%201.png;base64,"])
+@pytest.mark.parametrize(
+    "prefix", ["data:image/png;base64,", "DATA:image/PNG;BASE64,", "data:;base64,", "data:image/png;name=scan%201.png;base64,"]
+)
 def test_a_browsers_data_uri_is_served_like_the_plain_base64(wrapper, prefix):
     plain = _png()
     expected = wrapper.predict(None, pd.DataFrame({"image": [plain]}))
@@ -139,6 +140,8 @@ def test_a_browsers_data_uri_is_served_like_the_plain_base64(wrapper, prefix):
     pd.testing.assert_frame_equal(wrapper.predict(None, pd.DataFrame({"image": [(prefix + plain).encode()]})), expected)
 
 
-@pytest.mark.parametrize("text", ["data:image/png," + _png(), "data:image/png;base64;" + _png(), "xdata:image/png;base64," + _png(), "data:image/png;base64,@@"])
+@pytest.mark.parametrize(
+    "text", ["data:image/png," + _png(), "data:image/png;base64;" + _png(), "xdata:image/png;base64," + _png(), "data:image/png;base64,@@"]
+)
 def test_a_data_uri_without_valid_base64_is_refused(wrapper, text):
     _rejects(wrapper, pd.DataFrame({"image": [text]}), "not valid base64")

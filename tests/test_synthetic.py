@@ -140,10 +140,7 @@ def test_lesion_is_visible_where_lesions_csv_says(dataset: Path) -> None:
     normals = [row for row in rows if row["label"] == NEGATIVE_CLASS]
 
     contrasts = np.array(
-        [
-            _inside_minus_ring(_load(dataset, row["file"]), float(row["cx"]), float(row["cy"]), float(row["radius"]))
-            for row in tumours
-        ]
+        [_inside_minus_ring(_load(dataset, row["file"]), float(row["cx"]), float(row["cy"]), float(row["radius"])) for row in tumours]
     )
     # Control: the same circles laid over normal images. Anatomy (ventricles, cortex) alone gives
     # differences of either sign around zero; a real lesion makes the inside brighter.
@@ -163,9 +160,7 @@ def test_background_is_dark_and_head_brighter(dataset: Path) -> None:
     corner = max(2, SIZE // 16)
     for path in sorted(dataset.rglob("*.png")):
         image = _load(dataset, path.relative_to(dataset).as_posix())
-        corners = np.concatenate(
-            [image[:corner, :corner], image[:corner, -corner:], image[-corner:, :corner], image[-corner:, -corner:]]
-        )
+        corners = np.concatenate([image[:corner, :corner], image[:corner, -corner:], image[-corner:, :corner], image[-corner:, -corner:]])
         centre = image[SIZE // 4 : 3 * SIZE // 4, SIZE // 4 : 3 * SIZE // 4]
         assert corners.mean() < 25  # Rician noise floor only (observed ~10)
         assert centre.mean() > corners.mean() + 50  # observed ~90 grey levels brighter
