@@ -104,6 +104,21 @@ def parse_range(name: str, text: str, cast=float, positive: bool = False, limits
     return low, high
 
 
+TEACHER_SIZES = ("S", "M", "L")
+
+
+def parse_teacher(spec: str) -> tuple[str, str]:
+    """``resnet``, ``hybrid:L`` or a ``keras.applications`` name -> (architecture, size); our teachers default to M."""
+    arch, colon, size = spec.strip().partition(":")
+    if arch in ("resnet", "hybrid"):
+        size = size if colon else "M"
+        if size not in TEACHER_SIZES:
+            raise PipelineError(f"teacher_arch={spec!r}: sizes are {', '.join(TEACHER_SIZES)} (e.g. {arch}:L)")
+    elif colon:
+        raise PipelineError(f"teacher_arch={spec!r}: only resnet and hybrid take a size; keras.applications names come without one")
+    return arch, size
+
+
 def parse_student_size(size: str) -> tuple[int, int]:
     """``small`` or ``24x3`` -> (width, depth)."""
     if size in STUDENT_PRESETS:
@@ -111,7 +126,8 @@ def parse_student_size(size: str) -> tuple[int, int]:
     match = re.fullmatch(r"(\d+)x(\d+)", size.strip())
     if not match or not (1 <= int(match.group(1)) <= MAX_STUDENT_WIDTH and 1 <= int(match.group(2)) <= MAX_STUDENT_DEPTH):
         raise PipelineError(
-            f"student_size={size!r}: use {', '.join(STUDENT_PRESETS)} or WIDTHxDEPTH with width 1-{MAX_STUDENT_WIDTH} and depth 1-{MAX_STUDENT_DEPTH} (e.g. 24x3)"
+            f"student_size={size!r}: use {', '.join(STUDENT_PRESETS)} or WIDTHxDEPTH with width 1-{MAX_STUDENT_WIDTH} and depth "
+            f"1-{MAX_STUDENT_DEPTH} (e.g. 24x3)"
         )
     return int(match.group(1)), int(match.group(2))
 
@@ -160,7 +176,9 @@ class Config:
     augment: bool = field(
         default=False,
         metadata={
-            "help": "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"
+            "help": (
+                "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"
+            )
         },
     )
     dedupe: str = field(
@@ -179,11 +197,16 @@ class Config:
     precision: str = field(
         default="float32",
         metadata={
-            "help": "training arithmetic: float32, or bfloat16 (Keras mixed_bfloat16, float32 weights and logits); saved models are float32 either way"
+            "help": (
+                "training arithmetic: float32, or bfloat16 (Keras mixed_bfloat16, float32 weights and logits); saved models are "
+                "float32 either way"
+            )
         },
     )
     # models
-    teacher_arch: str = field(default="resnet", metadata={"help": "resnet (ours) or a keras.applications name, e.g. MobileNetV2"})
+    teacher_arch: str = field(
+        default="resnet", metadata={"help": "resnet or hybrid (ours; :S, :M or :L: size, default M) or a keras.applications name"}
+    )
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
     student_size: str = field(default="small", metadata={"help": "tiny, small, medium, large or WIDTHxDEPTH, e.g. 24x3"})
     # distillation
@@ -232,6 +255,7 @@ class Config:
         for name, (limits, cast, positive) in RANGE_LIMITS.items():
             parse_range(name, getattr(self, name), cast, positive, limits)
         parse_student_size(self.student_size)
+        parse_teacher(self.teacher_arch)
         modality_index(self.modality)
         check_storage_parameter(self.storage)
         checks = [

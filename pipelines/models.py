@@ -13,11 +13,17 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from pipelines.config import STUDENT_PRESETS, PipelineError, parse_student_size  # noqa: F401 (STUDENT_PRESETS: part of this module's API)
+from pipelines.config import STUDENT_PRESETS, PipelineError, parse_student_size, parse_teacher  # noqa: F401 (STUDENT_PRESETS: part of this module's API)
 
 # What a user may give as teacher_weights: weights only (arrays), never a model with code.
 WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".keras")
-RESNET_WIDTHS = (24, 48, 96, 192)
+# Teacher sizes (``resnet:S``, ``hybrid:L``; no size = M). ResNet: the four stages' widths.
+RESNET_WIDTHS = {"S": (16, 32, 64, 128), "M": (24, 48, 96, 192), "L": (32, 64, 128, 256)}
+# Hybrid: token width, Transformer blocks, attention heads.
+HYBRID_SIZES = {"S": (64, 2, 2), "M": (96, 4, 4), "L": (128, 6, 4)}
+# The hybrid's convolutional stem halves the image until at most this many tokens per side remain: attention costs
+# the square of the token count, and a 16x16 grid still resolves a lesion of a few percent of the slice.
+HYBRID_MAX_GRID = 16
 
 
 def normalization(channels: int, name: str | None = None) -> layers.Layer:
@@ -76,25 +82,73 @@ def _residual_block(x, filters: int, stride: int, init, name: str):
     return layers.ReLU(name=f"{name}_relu")(layers.Add(name=f"{name}_add")([y, shortcut]))
 
 
-def _resnet(image_size: int, units: int, seed: int) -> keras.Model:
+def _resnet(image_size: int, units: int, seed: int, size: str = "M") -> keras.Model:
+    widths = RESNET_WIDTHS[size]
     init = keras.initializers.HeNormal(seed=seed)
     inputs = keras.Input((image_size, image_size, 1), name="image")
-    x = layers.Conv2D(RESNET_WIDTHS[0], 3, padding="same", use_bias=False, kernel_initializer=init, name="stem_conv")(inputs)
-    x = normalization(RESNET_WIDTHS[0], name="stem_norm")(x)
+    x = layers.Conv2D(widths[0], 3, padding="same", use_bias=False, kernel_initializer=init, name="stem_conv")(inputs)
+    x = normalization(widths[0], name="stem_norm")(x)
     x = layers.ReLU(name="stem_relu")(x)
-    for stage, filters in enumerate(RESNET_WIDTHS):
+    for stage, filters in enumerate(widths):
         x = _residual_block(x, filters, stride=1 if stage == 0 else 2, init=init, name=f"stage{stage + 1}")
     x = global_pool(x)
     x = layers.Dropout(0.3, seed=seed, name="head_dropout")(x)
     outputs = layers.Dense(units, name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
-    return keras.Model(inputs, outputs, name="teacher_resnet")
+    return keras.Model(inputs, outputs, name="teacher_resnet" if size == "M" else f"teacher_resnet_{size}")
+
+
+def _transformer_block(tokens, dim: int, heads: int, seed: int, name: str):
+    """Pre-norm Transformer encoder block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+    y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_attn_norm")(tokens)
+    y = layers.MultiHeadAttention(heads, dim // heads, dropout=0.1, seed=seed, name=f"{name}_attn")(y, y)
+    tokens = layers.Add(name=f"{name}_attn_add")([tokens, y])
+    y = layers.LayerNormalization(epsilon=1e-6, name=f"{name}_mlp_norm")(tokens)
+    y = layers.Dense(2 * dim, activation="gelu", name=f"{name}_mlp_expand")(y)
+    y = layers.Dropout(0.1, seed=seed, name=f"{name}_mlp_dropout")(y)
+    y = layers.Dense(dim, name=f"{name}_mlp_project")(y)
+    return layers.Add(name=f"{name}_mlp_add")([tokens, y])
+
+
+def _hybrid(image_size: int, units: int, seed: int, size: str = "M") -> keras.Model:
+    """A compact convolutional transformer (Hassani et al. 2021; Keras example "CCT"), built for small data.
+
+    A convolutional stem turns the slice into a grid of tokens (convolutions give the locality prior a few
+    hundred scans cannot teach attention); a depthwise convolution on that grid adds where each token lies
+    (a conditional positional encoding, Chu et al. 2021: built-in layers only, so the model loads in safe mode);
+    pre-norm Transformer blocks relate distant regions; the tokens are folded back into their grid, so pooling,
+    logits and Grad-CAM work as for the CNNs (Grad-CAM reads the grid that enters the global pooling).
+    """
+    dim, blocks, heads = HYBRID_SIZES[size]
+    init = keras.initializers.HeNormal(seed=seed)
+    inputs = keras.Input((image_size, image_size, 1), name="image")
+    x, side, stage = inputs, image_size, 0
+    while side > HYBRID_MAX_GRID or stage < 2:
+        stage += 1
+        channels = dim if side // 2 <= HYBRID_MAX_GRID and stage >= 2 else dim // 2
+        x = layers.Conv2D(channels, 3, padding="same", use_bias=False, kernel_initializer=init, name=f"stem{stage}_conv")(x)
+        x = normalization(channels, name=f"stem{stage}_norm")(x)
+        x = layers.ReLU(name=f"stem{stage}_relu")(x)
+        x = layers.MaxPooling2D(name=f"stem{stage}_pool")(x)
+        side = x.shape[1]
+    x = layers.Add(name="position_add")([x, layers.DepthwiseConv2D(3, padding="same", name="position_conv")(x)])
+    grid = (x.shape[1], x.shape[2])
+    tokens = layers.Reshape((grid[0] * grid[1], dim), name="to_tokens")(x)
+    for block in range(blocks):
+        tokens = _transformer_block(tokens, dim, heads, seed, name=f"encoder{block + 1}")
+    tokens = layers.LayerNormalization(epsilon=1e-6, name="encoder_norm")(tokens)
+    x = layers.Reshape((*grid, dim), name="to_grid")(tokens)
+    x = global_pool(x)
+    x = layers.Dropout(0.3, seed=seed, name="head_dropout")(x)
+    outputs = layers.Dense(units, name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
+    return keras.Model(inputs, outputs, name="teacher_hybrid" if size == "M" else f"teacher_hybrid_{size}")
 
 
 def _application(arch: str, image_size: int, units: int, weights: str, seed: int) -> keras.Model:
     constructor = getattr(keras.applications, arch, None)
     if constructor is None or not callable(constructor):
         raise PipelineError(
-            f"teacher_arch={arch!r}: use 'resnet' or a keras.applications name such as EfficientNetB0, MobileNetV2, DenseNet121, ResNet50"
+            f"teacher_arch={arch!r}: use 'resnet', 'hybrid' (optionally :S, :M or :L) or a keras.applications name such as EfficientNetB0, "
+            "MobileNetV2, DenseNet121, ResNet50"
         )
     if weights and not Path(weights).is_file():
         raise PipelineError(
@@ -102,7 +156,8 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
         )
     if weights and not weights.lower().endswith(WEIGHT_SUFFIXES):
         raise PipelineError(
-            f"teacher_weights={weights!r}: use a Keras weights file ({', '.join(WEIGHT_SUFFIXES)}); pickles and other formats are not loaded"
+            f"teacher_weights={weights!r}: use a Keras weights file ({', '.join(WEIGHT_SUFFIXES)}); pickles and other formats are not "
+            "loaded"
         )
     inputs = keras.Input((image_size, image_size, 1), name="image")
     # Applications expect three channels; the scans are grayscale, so repeat the channel.
@@ -115,7 +170,8 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
             backbone.load_weights(weights)
         except (ValueError, OSError, KeyError) as error:
             raise PipelineError(
-                f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the include_top=False weights file"
+                f"teacher_weights={weights!r}: not {arch} weights without the top layers ({str(error).splitlines()[0]}); give the "
+                "include_top=False weights file"
             ) from None
     x = layers.Dropout(0.3, seed=seed, name="head_dropout")(backbone(rgb))
     outputs = layers.Dense(units, name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed))(x)
@@ -123,13 +179,15 @@ def _application(arch: str, image_size: int, units: int, weights: str, seed: int
 
 
 def build_teacher(arch: str, image_size: int, num_classes: int, weights: str = "", seed: int = 0) -> keras.Model:
-    """Our residual CNN (``resnet``) or a ``keras.applications`` backbone with ``weights=None`` or a local file."""
+    """Our residual CNN (``resnet[:S|M|L]``), our CNN-Transformer hybrid (``hybrid[:S|M|L]``) or a
+    ``keras.applications`` backbone with ``weights=None`` or a local file."""
     units = output_units(num_classes)
-    if arch == "resnet":
+    name, size = parse_teacher(arch)
+    if name in ("resnet", "hybrid"):
         if weights:
-            raise PipelineError("teacher_weights only applies to keras.applications teachers; leave it empty for 'resnet'")
-        return _resnet(image_size, units, seed)
-    return _application(arch, image_size, units, weights, seed)
+            raise PipelineError(f"teacher_weights only applies to keras.applications teachers; leave it empty for {name!r}")
+        return (_resnet if name == "resnet" else _hybrid)(image_size, units, seed, size)
+    return _application(name, image_size, units, weights, seed)
 
 
 def _unsafe_objects(config) -> set[str]:
@@ -168,7 +226,8 @@ def load_keras_model(path: Path | str) -> keras.Model:
     unsafe = _unsafe_objects(config)
     if unsafe:
         raise PipelineError(
-            f"{path}: refused: the model contains {', '.join(sorted(unsafe))}, which could run code when loaded; only built-in Keras layers are loaded"
+            f"{path}: refused: the model contains {', '.join(sorted(unsafe))}, which could run code when loaded; only built-in Keras "
+            "layers are loaded"
         )
     try:
         return keras.models.load_model(path, compile=False, safe_mode=True)

@@ -54,14 +54,15 @@ def caption(explanation: Explanation, who: str) -> str:
 def target_layer(model: keras.Model) -> keras.layers.Layer:
     """The global pooling layer whose input is the map Grad-CAM is computed on: the last convolutional feature map.
 
-    Our student and ResNet teacher end in average and max pooling side by side over that map. A
+    Our student and our ResNet and hybrid teachers end in average and max pooling side by side over that map. A
     ``keras.applications`` teacher nests its convolutions and pooling in one backbone layer and is refused.
     """
     pooling = [layer for layer in model.layers if isinstance(layer, GLOBAL_POOLING) and len(layer.input.shape) == 4]
     if not pooling:
         raise PipelineError(
-            f"model {model.name!r} has no global pooling over a convolutional feature map at its top level (a keras.applications backbone nests it); "
-            "Grad-CAM supports the student and the resnet teacher"
+            f"model {model.name!r} has no global pooling over a convolutional feature map at its top level (a keras.applications backbone "
+            "nests it); "
+            "Grad-CAM supports the student and our resnet and hybrid teachers"
         )
     return pooling[-1]
 

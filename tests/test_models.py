@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 
-from pipelines.config import PipelineError
-from pipelines.models import STUDENT_PRESETS, build_student, build_teacher, parse_student_size
+from pipelines.config import Config, PipelineError
+from pipelines.models import STUDENT_PRESETS, build_student, build_teacher, load_keras_model, parse_student_size
+from registry.explain import class_activation, gradcam
 
 
 def test_student_presets_grow_in_size_and_stay_far_below_the_teacher():
@@ -57,3 +59,53 @@ def test_keras_application_teacher_loads_a_local_weights_file(tmp_path):
 def test_bad_teacher_settings_fail_clearly(arch, weights, match):
     with pytest.raises(PipelineError, match=match):
         build_teacher(arch, 32, 2, weights=weights)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "hybrid"])
+def test_our_teachers_grow_from_size_s_to_l_and_m_is_the_default(arch):
+    counts = {size: build_teacher(f"{arch}:{size}", 32, 2).count_params() for size in ("S", "M", "L")}
+    assert counts["S"] < counts["M"] < counts["L"]
+    assert build_teacher(arch, 32, 2).count_params() == counts["M"]
+
+
+@pytest.mark.parametrize("spec", ["hybrid:XL", "resnet:", "MobileNetV2:S"])
+def test_a_bad_teacher_size_is_refused_with_the_config(spec):
+    with pytest.raises(PipelineError, match="teacher_arch"):
+        Config(teacher_arch=spec)
+
+
+def lesion_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noise slices, half with a bright square at a random place: a task any working model learns in a few steps."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(0.2, 0.05, (n, size, size, 1)).astype(np.float32)
+    labels = np.arange(n) % 2
+    for image, label in zip(images, labels):
+        if label:
+            row, col = rng.integers(0, size - 8, 2)
+            image[row : row + 8, col : col + 8] = 1.0
+    return images, labels.astype(np.float32)
+
+
+def test_hybrid_teacher_learns_and_round_trips_through_safe_loading(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = build_teacher("hybrid:S", 32, 2)
+    assert any(isinstance(layer, keras.layers.MultiHeadAttention) for layer in model.layers)
+    images, labels = lesion_images(64, 32)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    history = model.fit(images, labels, epochs=6, batch_size=16, verbose=0)
+    assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
+    path = tmp_path / "hybrid.keras"
+    model.save(path)
+    loaded = load_keras_model(path)
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_teacher_grad_cam_is_a_map_over_its_token_grid_that_sums_to_the_score():
+    model = build_teacher("hybrid:S", 64, 2, seed=3)
+    image = lesion_images(2, 64)[0][1]
+    activation = class_activation(model, image, 1)
+    assert activation.shape == (16, 16)  # the stem halves 64 px twice: a 16x16 grid of tokens
+    logit = float(model(image[None], training=False)[0, 0])
+    bias = float(model.get_layer("logits").bias.numpy()[0])
+    assert activation.sum() == pytest.approx(logit - bias, rel=1e-3, abs=1e-4)
+    assert gradcam(model, image, 1).shape == (64, 64)
