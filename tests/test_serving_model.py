@@ -14,7 +14,6 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipelines import images
 from pipelines.config import Config
 from pipelines.images import decode_image, load_images, preprocess
 from pipelines.models import build_student
@@ -79,7 +78,7 @@ def test_truncated_file_is_refused(wrapper, real_data_dir):
 
 
 def test_oversized_images_are_refused_before_decoding(wrapper, monkeypatch):
-    monkeypatch.setattr(images, "MAX_PIXELS", 100)  # a 60x40 image now counts as a decompression bomb
+    monkeypatch.setattr("pipelines.images.MAX_PIXELS", 100)  # a 60x40 image now counts as a decompression bomb
     _rejects(wrapper, pd.DataFrame({"image": [_png()]}), "exceeds 100 pixels")
     monkeypatch.setattr("registry.model.MAX_IMAGE_BYTES", 10)
     _rejects(wrapper, pd.DataFrame({"image": [_png()]}), "larger than")
