@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from pipelines.cli import run_cli
-from pipelines.data import IMAGE_EXTENSIONS
+from pipelines.sources import IMAGE_EXTENSIONS
 
 
 def augmented(image: Image.Image, rng: np.random.Generator) -> Image.Image:

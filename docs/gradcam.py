@@ -15,9 +15,9 @@ import keras
 import numpy as np
 
 from pipelines.config import PROJECT_ROOT, Config
-from pipelines.data import decode_image
 from pipelines.distiller import Distiller
 from pipelines.evaluate import probabilities
+from pipelines.images import decode_image
 from pipelines.models import build_student, build_teacher
 from pipelines.prepare import prepare_data
 from pipelines.training import class_weights, make_dataset, predict_logits, set_seed

@@ -8,7 +8,9 @@ import numpy as np
 
 from pipelines.cli import run_step
 from pipelines.config import DATA_PARAMS, Config
-from pipelines.data import Dataset, Splits, describe_duplicates, ingest, load_images, make_splits, perceptual_hashes
+from pipelines.images import load_images
+from pipelines.sources import Dataset, ingest
+from pipelines.splits import Splits, describe_duplicates, make_splits, perceptual_hashes
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import Config, PipelineError, redact_url
-from pipelines.data import Dataset, Splits
+from pipelines.sources import Dataset
+from pipelines.splits import Splits
 
 STEP_TAG, OUTCOME_TAG, DIGEST_TAG, PARAMS_TAG = "kd.step", "kd.outcome", "kd.data_digest", "kd.params"
 HOST_TAG, PROCESS_TAG, FAILURE_TAG = "kd.host", "kd.process", "kd.failure"

@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import PipelineError
-from pipelines.data import decode_image, head_box, preprocess
 from pipelines.evaluate import probabilities, save_figure
+from pipelines.images import decode_image, head_box, preprocess
 
 GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
 # How strongly the heat map tints the scan in overlays.

@@ -54,14 +54,14 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
         self.image_size = int(metadata["image_size"])
         self.class_names = list(metadata["class_names"])
-        from pipelines.data import BRATS_MODALITIES
+        from pipelines.config import BRATS_MODALITIES
 
         # The BraTS channel an .h5 slice is read from; models trained on pictures have none (and refuse .h5).
         self.modality = BRATS_MODALITIES.index(metadata["modality"]) if metadata.get("modality") else None
 
     def _images_from_frame(self, frame: pd.DataFrame) -> np.ndarray:
         from pipelines.config import PipelineError
-        from pipelines.data import decode_bytes, preprocess
+        from pipelines.images import decode_bytes, preprocess
 
         if "image" not in frame.columns:
             raise bad_request(f"expected a column 'image' of base64-encoded image files; got columns {list(frame.columns)}")
@@ -144,6 +144,6 @@ def signature(class_names: list[str]) -> ModelSignature:
 
 def encode_file(path: Path | str) -> str:
     """A file, or a manifest row (a NIfTI slice ``<volume>#z=<k>`` included), as the base64 string the served model takes."""
-    from pipelines.data import request_bytes
+    from pipelines.images import request_bytes
 
     return base64.b64encode(request_bytes(path)).decode("ascii")

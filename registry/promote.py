@@ -28,8 +28,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines.config import PROJECT_ROOT, Config, PipelineError
-from pipelines.data import BRATS_MODALITIES
+from pipelines.config import BRATS_MODALITIES, PROJECT_ROOT, Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.evaluate import (
     CONFUSION_ARTIFACT,

@@ -704,7 +704,7 @@ def param_importances(s: Sources) -> tuple[dict[str, float], str]:
 
 def gradcam_examples(s: Sources, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, Path]]:
     """The KD student's most confident hold-out example of each outcome whose file is still there."""
-    from pipelines.data import row_file
+    from pipelines.images import row_file
 
     predicted = probs.argmax(axis=1)
     if probs.shape[1] == 2:

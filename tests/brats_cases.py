@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.data import BRATS_MODALITIES
+from pipelines.config import BRATS_MODALITIES
 from pipelines.synthetic import generate_synthetic_mri
 
 # BraTS volumes are stored left-right and front-back flipped against RAS; the loader reorients them.

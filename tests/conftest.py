@@ -6,8 +6,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from reliability import REPORT_NAME, Recorder, ReliabilityLog, results_from_stats, write_report
+
+from pipelines.config import Config
+from pipelines.images import decode_image, load_images
+from pipelines.sources import Dataset, ingest
 
 # The real "Brain MRI Images for Brain Tumor Detection" set, read-only, beside the repository
 # (``../shared/data/brain-mri-yes-no`` from the project root).
@@ -20,6 +25,35 @@ def real_data_dir() -> Path:
     if not (REAL_DATA_DIR / "yes").is_dir() or not (REAL_DATA_DIR / "no").is_dir():
         pytest.skip(f"real data not found at {REAL_DATA_DIR} (expected yes/ and no/ sub-folders)")
     return REAL_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def real_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache the real set's arrays are decoded into once per session."""
+    return tmp_path_factory.mktemp("real-cache")
+
+
+@pytest.fixture(scope="session")
+def real_dataset(real_data_dir: Path, real_cache_dir: Path) -> Dataset:
+    """The real yes/no set ingested (hashing, no decoding)."""
+    return ingest(Config(data_dir=str(real_data_dir), cache_dir=str(real_cache_dir)))
+
+
+@pytest.fixture(scope="session")
+def real_decoded(real_dataset: Dataset, real_cache_dir: Path) -> tuple[np.ndarray, dict[str, tuple]]:
+    """The one decode of all real images (load_images at 32 px), recording each raw decode's properties."""
+    raw: dict[str, tuple] = {}
+    original = decode_image
+
+    def recording(path, modality=None):
+        image = original(path, modality)
+        raw[str(path)] = (image.shape, image.dtype, bool(np.all(np.isfinite(image))), float(image.std()))
+        return image
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("pipelines.images.decode_image", recording)
+        images = load_images(real_dataset, 32, real_cache_dir)
+    return images, raw
 
 
 POSTGRES_ADMIN = dict(host="127.0.0.1", port=5432, user="postgres", dbname="test")

@@ -24,7 +24,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipelines.config import Config
-from pipelines.data import ingest, request_bytes
+from pipelines.images import request_bytes
+from pipelines.sources import ingest
 from pipelines.synthetic import generate_synthetic_mri
 from registry.model import MAX_BATCH
 from registry.server import serve_model

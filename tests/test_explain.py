@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from pipelines.config import Config, PipelineError
-from pipelines.data import decode_image, head_box, preprocess
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, probabilities
+from pipelines.images import decode_image, head_box, preprocess
 from pipelines.models import build_student, build_teacher
 from pipelines.prepare import prepare_data
 from pipelines.training import class_weights, make_dataset, set_seed

@@ -35,8 +35,9 @@ from kdtest import tracking_at
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipelines import data
 from pipelines.config import LIMITS, Config, PipelineError
+from pipelines.images import crop_to_head, decode_bytes, decode_image, load_images
+from pipelines.sources import IMAGE_EXTENSIONS, MAX_PIXELS, ingest, shown
 
 # Function-scoped fixtures (tmp_path, reliability) are shared by all examples of a test on purpose.
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -100,11 +101,11 @@ def test_truncated_images_are_refused_or_decoded_whole(tmp_path: Path, reliabili
         path = tmp_path / f"scan {fmt}{FORMATS[fmt]}"
         path.write_bytes(payload[: int(fraction * len(payload))])  # 0 bytes included
         try:
-            decoded = data.decode_image(path)
+            decoded = decode_image(path)
         except PipelineError as error:
             tally(_refused(error, path))
         else:  # only cut trailing bytes the decoder never needed: then the pixels must be all there
-            np.testing.assert_array_equal(decoded, data.decode_bytes(payload))
+            np.testing.assert_array_equal(decoded, decode_bytes(payload))
             tally("decoded identical to the whole file")
 
     check()
@@ -130,13 +131,13 @@ def test_corrupted_images_are_refused_or_decode_to_a_valid_image(tmp_path: Path,
         path = tmp_path / f"scan{FORMATS[fmt]}"
         path.write_bytes(bytes(corrupted))
         try:
-            decoded = data.decode_image(path)
+            decoded = decode_image(path)
         except PipelineError as error:
             tally(_refused(error, path))
             return
-        assert decoded.ndim == 2 and decoded.dtype == np.float32 and np.all(np.isfinite(decoded)) and decoded.size <= data.MAX_PIXELS
-        if fmt == "PNG" or np.array_equal(decoded, data.decode_bytes(payload)):
-            np.testing.assert_array_equal(decoded, data.decode_bytes(payload))
+        assert decoded.ndim == 2 and decoded.dtype == np.float32 and np.all(np.isfinite(decoded)) and decoded.size <= MAX_PIXELS
+        if fmt == "PNG" or np.array_equal(decoded, decode_bytes(payload)):
+            np.testing.assert_array_equal(decoded, decode_bytes(payload))
             tally("decoded identical (flip in bytes the decoder ignores)")
         else:
             tally(f"decoded to other pixels ({fmt}: no checksum in the format)")
@@ -147,24 +148,24 @@ def test_corrupted_images_are_refused_or_decode_to_a_valid_image(tmp_path: Path,
 
 def test_zero_byte_files_in_a_folder_are_named(tmp_path: Path, reliability) -> None:
     root = _class_folder(tmp_path / "scans")
-    assert data.load_images(data.ingest(_cfg(root, tmp_path)), 32, tmp_path / "cache").shape == (4, 32, 32, 1)
+    assert load_images(ingest(_cfg(root, tmp_path)), 32, tmp_path / "cache").shape == (4, 32, 32, 1)
     tally = Tally()
     names = st.text(st.characters(categories=("L", "N", "Zs"), exclude_characters="/"), min_size=1, max_size=12)
 
     @settings(FUZZ, max_examples=25)
     @given(
         name=names,
-        extension=st.sampled_from(sorted(data.IMAGE_EXTENSIONS)).map(lambda e: e.upper() if len(e) % 2 else e),
+        extension=st.sampled_from(sorted(IMAGE_EXTENSIONS)).map(lambda e: e.upper() if len(e) % 2 else e),
         label=st.sampled_from(["yes", "no"]),
     )
     def check(name, extension, label):
         path = root / label / f"empty {name}{extension}"
         path.write_bytes(b"")
         try:
-            dataset = data.ingest(_cfg(root, tmp_path))
+            dataset = ingest(_cfg(root, tmp_path))
             assert str(path) in set(dataset.manifest["path"])
             with pytest.raises(PipelineError) as error:
-                data.load_images(dataset, 32, tmp_path / "cache")
+                load_images(dataset, 32, tmp_path / "cache")
             tally(_refused(error.value, path))
         finally:
             path.unlink()
@@ -205,9 +206,7 @@ def _patched(fmt: str, width: int, height: int) -> bytes:
 
 
 # Width and height up to 65535 (GIF's limit) with width * height over MAX_PIXELS.
-bomb_sizes = st.integers(data.MAX_PIXELS // 65535 + 1, 65535).flatmap(
-    lambda w: st.tuples(st.just(w), st.integers(data.MAX_PIXELS // w + 1, 65535))
-)
+bomb_sizes = st.integers(MAX_PIXELS // 65535 + 1, 65535).flatmap(lambda w: st.tuples(st.just(w), st.integers(MAX_PIXELS // w + 1, 65535)))
 
 
 def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path, reliability) -> None:
@@ -220,14 +219,14 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path: Path, reliabi
         path = tmp_path / f"bomb{FORMATS[fmt]}"
         path.write_bytes(_patched(fmt, width, height))
         with pytest.raises(PipelineError) as error:
-            data.decode_image(path)
+            decode_image(path)
         message = str(error.value)
-        assert f"{width}x{height} exceeds {data.MAX_PIXELS}" in message or "decompression bomb" in message, message
+        assert f"{width}x{height} exceeds {MAX_PIXELS}" in message or "decompression bomb" in message, message
         tally(_refused(error.value, path) + " (pixel limit)")
 
     check()
     reliability.bad_input(
-        f"decompression-bomb headers (PNG, BMP, GIF, TIFF; over {data.MAX_PIXELS:,} pixels, up to 65535x65535), data loader",
+        f"decompression-bomb headers (PNG, BMP, GIF, TIFF; over {MAX_PIXELS:,} pixels, up to 65535x65535), data loader",
         tally.summary(),
     )
 
@@ -271,9 +270,9 @@ def test_pixel_values_of_every_depth_load_finite_or_are_named(tmp_path: Path, re
         mode, array = pixels
         path = root / "yes" / "generated.tif"
         Image.fromarray(array).save(path, format="TIFF")  # the mode follows the dtype
-        dataset = data.ingest(_cfg(root, tmp_path))
+        dataset = ingest(_cfg(root, tmp_path))
         try:
-            loaded = data.load_images(dataset, 32, tmp_path / "cache")
+            loaded = load_images(dataset, 32, tmp_path / "cache")
         except PipelineError as error:
             assert not np.all(np.isfinite(array)) or _at_float32_limit(array), f"a valid image was refused: {error}"
             tally(_refused(error, path) + (" (NaN/inf pixels)" if not np.all(np.isfinite(array)) else " (pixels at float32's limit)"))
@@ -283,7 +282,7 @@ def test_pixel_values_of_every_depth_load_finite_or_are_named(tmp_path: Path, re
             assert loaded.shape == (5, 32, 32, 1) and np.all(np.isfinite(loaded))
             # z-scored: std 1 wherever the cropped head has real contrast (the 1e-6 in the divisor damps only
             # near-flat images); an overflow once flattened high-contrast images to zeros.
-            contrast = np.ptp(data.crop_to_head(data.decode_image(path)).astype(np.float64))
+            contrast = np.ptp(crop_to_head(decode_image(path)).astype(np.float64))
             assert abs(float(generated.std()) - 1.0) < 1e-2 if contrast > 1 else float(generated.std()) < 1.01, (contrast, generated.std())
             tally(f"loaded finite and normalised ({mode})")
 
@@ -352,8 +351,8 @@ def test_brats_slices_with_wrong_dtypes_shapes_and_values(tmp_path: Path, reliab
         real = lambda array: array.dtype.kind in "biuf"  # noqa: E731
         valid = real(image) and image.shape == (8, 8, 4) and real(mask) and mask.shape == (8, 8, 3) and np.all(np.isfinite(mask))
         try:
-            dataset = data.ingest(_cfg(root, tmp_path))
-            loaded = data.load_images(dataset, 32, tmp_path / "cache")
+            dataset = ingest(_cfg(root, tmp_path))
+            loaded = load_images(dataset, 32, tmp_path / "cache")
         except PipelineError as error:
             flair = image[..., 0].astype(np.float32) if valid else None
             assert not valid or not np.all(np.isfinite(flair)) or _at_float32_limit(flair), f"a valid slice was refused: {error}"
@@ -373,8 +372,8 @@ def test_brats_slices_with_wrong_dtypes_shapes_and_values(tmp_path: Path, reliab
 
 
 # Declared shapes over MAX_PIXELS per slice: as BraTS .h5 'image' (H, W, 4) or as NIfTI (H, W) / (H, W, D).
-huge_planes = st.integers(data.MAX_PIXELS // 200_000 + 1, 200_000).flatmap(
-    lambda h: st.tuples(st.just(h), st.integers(data.MAX_PIXELS // h + 1, 200_000))
+huge_planes = st.integers(MAX_PIXELS // 200_000 + 1, 200_000).flatmap(
+    lambda h: st.tuples(st.just(h), st.integers(MAX_PIXELS // h + 1, 200_000))
 )
 
 
@@ -422,13 +421,13 @@ def test_oversized_declared_h5_and_nifti_are_refused_from_their_headers(tmp_path
         h5_path = h5_root / "volume_1_slice_0.h5"
         h5_bytes = _declared_h5(h5_path, plane, dtype)
         with pytest.raises(PipelineError) as error:
-            data.ingest(_cfg(h5_root, tmp_path))
+            ingest(_cfg(h5_root, tmp_path))
         assert "exceed" in str(error.value), error.value
         tally(_refused(error.value, h5_path) + " (.h5, loader)")
         volume = tmp_path / "nifti" / "Case_001" / "Case_001_flair.nii.gz"
         volume.write_bytes(_declared_nifti((*plane, depth), dtype))
         with pytest.raises(PipelineError) as error:
-            data.ingest(_cfg(tmp_path / "nifti", tmp_path))
+            ingest(_cfg(tmp_path / "nifti", tmp_path))
         assert "exceed" in str(error.value), error.value
         tally(_refused(error.value, volume) + " (NIfTI volume, loader)")
         for what, payload in ((".h5", h5_bytes), ("NIfTI slice", _declared_nifti(plane, dtype))):
@@ -471,10 +470,10 @@ def test_non_utf8_file_names_are_refused_with_a_printable_message(tmp_path: Path
             handle.write(image)
         try:
             with pytest.raises(PipelineError) as error:
-                data.ingest(_cfg(root, tmp_path))
+                ingest(_cfg(root, tmp_path))
             message = str(error.value)
             message.encode("utf-8")  # printable: no lone surrogates from the raw name
-            assert data.shown(os.fsdecode(path)) in message and "rename" in message
+            assert shown(os.fsdecode(path)) in message and "rename" in message
             tally("refused with PipelineError naming the file (bytes shown as \\x escapes)")
         finally:
             os.unlink(path)
@@ -508,11 +507,11 @@ def test_symlinks_out_of_the_data_dir_are_refused(tmp_path: Path, reliability) -
         link.symlink_to(target)
         try:
             if kind == "file inside":
-                assert str(link) in set(data.ingest(_cfg(root, tmp_path)).manifest["path"])
+                assert str(link) in set(ingest(_cfg(root, tmp_path)).manifest["path"])
                 tally("link inside the data dir: accepted")
                 return
             with pytest.raises(PipelineError) as error:
-                data.ingest(_cfg(root, tmp_path))
+                ingest(_cfg(root, tmp_path))
             tally(_refused(error.value, link) + f" ({kind})")
         finally:
             link.unlink()
@@ -615,7 +614,7 @@ def test_csv_manifests_are_exact_or_refused(tmp_path: Path, reliability) -> None
             and set(labels) == {"yes", "no"}
         )
         try:
-            dataset = data.ingest(_cfg(manifest, tmp_path))
+            dataset = ingest(_cfg(manifest, tmp_path))
         except PipelineError as error:
             assert not valid, f"a valid manifest was refused: {error}"
             tally(_refused(error, manifest))
@@ -637,7 +636,7 @@ def test_a_path_listed_twice_in_a_manifest_is_refused(tmp_path: Path) -> None:
     root = _class_folder(tmp_path / "set")
     (root / "m.csv").write_text("path,label\nyes/yes 0.png,yes\nno/no 0.png,no\nyes/yes 0.png,no\n")
     with pytest.raises(PipelineError, match=r"m\.csv:4: .*also on line 2"):
-        data.ingest(_cfg(root / "m.csv", tmp_path))
+        ingest(_cfg(root / "m.csv", tmp_path))
 
 
 # -------------------------------------------------------------------------------------- configuration

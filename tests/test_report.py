@@ -299,7 +299,7 @@ def test_mlflow_run_report_and_explain_cli(tracked, mri_subset, tmp_path):
 
 
 def test_registered_models_explain_on_the_scan(tracked, mri_subset):
-    from pipelines.data import decode_image
+    from pipelines.images import decode_image
     from registry.explain import explain_scan, load_models
 
     models = load_models(MODEL, resolve_version(MODEL, alias="champion"))

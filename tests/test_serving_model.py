@@ -14,10 +14,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from pipelines import data
 from pipelines.config import Config
-from pipelines.data import decode_image, preprocess
+from pipelines.images import decode_image, load_images, preprocess
 from pipelines.models import build_student
+from pipelines.sources import ingest
 from registry.model import MAX_BATCH, StudentClassifier, encode_file
 
 
@@ -78,7 +78,7 @@ def test_truncated_file_is_refused(wrapper, real_data_dir):
 
 
 def test_oversized_images_are_refused_before_decoding(wrapper, monkeypatch):
-    monkeypatch.setattr(data, "MAX_PIXELS", 100)  # a 60x40 image now counts as a decompression bomb
+    monkeypatch.setattr("pipelines.images.MAX_PIXELS", 100)  # a 60x40 image now counts as a decompression bomb
     _rejects(wrapper, pd.DataFrame({"image": [_png()]}), "exceeds 100 pixels")
     monkeypatch.setattr("registry.model.MAX_IMAGE_BYTES", 10)
     _rejects(wrapper, pd.DataFrame({"image": [_png()]}), "larger than")
@@ -112,10 +112,10 @@ def test_h5_and_nifti_slices_give_the_same_probabilities_as_their_preprocessed_a
     write_h5_slices(tmp_path / "h5", volumes=2, slices=2)
     write_nifti_cases(tmp_path / "nifti", cases=2, depth=2)
     for source in ("h5", "nifti"):
-        dataset = data.ingest(Config(data_dir=str(tmp_path / source), cache_dir=str(tmp_path / "cache"), modality="t1ce"))
+        dataset = ingest(Config(data_dir=str(tmp_path / source), cache_dir=str(tmp_path / "cache"), modality="t1ce"))
         rows = list(dataset.manifest["path"])
         from_files = served.predict(None, pd.DataFrame({"image": [encode_file(p) for p in rows]}))
-        from_array = served.predict(None, data.load_images(dataset, 32, tmp_path / "cache"))
+        from_array = served.predict(None, load_images(dataset, 32, tmp_path / "cache"))
         pd.testing.assert_frame_equal(from_files, from_array)
         assert len(set(from_files["prob_yes"])) > 1  # distinct slices, distinct answers: the comparison is not vacuous
 

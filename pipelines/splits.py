@@ -1,0 +1,201 @@
+"""Splits: the hold-out test split and stratified group k-fold on the rest.
+
+Groups (patients, volumes, identical files) never straddle two parts, and near-identical images (by
+:func:`perceptual_hashes` of the preprocessed images) join one group, so duplicates stay on one side of every split;
+a given test split (``Testing/``) is checked against the training images instead (:func:`holdout_duplicates`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.fft import dctn
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold
+
+from pipelines.config import DEDUPE_MODES, PipelineError
+from pipelines.sources import Dataset, shown
+
+# Near-duplicates (see perceptual_hashes): hash of the 12x12 lowest DCT frequencies of the preprocessed image at
+# 32x32, and the largest Hamming distance (of its 143 bits) that still counts as the same scan. On the real yes/no
+# set at 64 px, re-saved copies of one scan are at most 8 apart and two different scans at least 22, and JPEG
+# re-encodes and 0.9x-1.1x rescaled copies fall within 16 (tests/test_splits.py measures all three, at 32 px).
+HASH_SIDE, HASH_FREQUENCIES, NEAR_DUPLICATE_BITS = 32, 12, 16
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Row indices into the manifest: a hold-out test set and k (train, validation) folds of the rest."""
+
+    test: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    # Rows of a given hold-out split that duplicate training rows and were left out of every part (dedupe=drop).
+    dropped: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # Those duplicates (test_path, train_path, kind, distance), indexed by hold-out row; None: no given split to check.
+    duplicates: pd.DataFrame | None = None
+    # The group each row was split by (near-duplicates joined, see duplicate_groups); None: the manifest's groups.
+    groups: np.ndarray | None = None
+
+    @property
+    def train(self) -> np.ndarray:
+        """Every non-test row (what the all-data models train on)."""
+        return np.sort(np.concatenate([self.folds[0][0], self.folds[0][1]]))
+
+    def table(self, dataset: Dataset) -> pd.DataFrame:
+        """One row per image with the group it was split by and its assignment (``test``, ``fold_<k>`` or ``dropped``), for logging."""
+        assignment = np.empty(len(dataset.manifest), dtype=object)
+        assignment[self.test] = "test"
+        assignment[self.dropped] = "dropped"
+        for k, (_, val) in enumerate(self.folds):
+            assignment[val] = f"fold_{k}"
+        frame = dataset.manifest[["path", "label", "group", "sha256"]].copy()
+        if self.groups is not None:
+            frame["group"] = self.groups
+        frame["split"] = assignment
+        return frame
+
+
+def perceptual_hashes(images: np.ndarray) -> np.ndarray:
+    """A perceptual hash per preprocessed image ``(N, S, S, 1)``: ``(N, 143)`` bits (pHash).
+
+    Each image (already cropped to the head, squared and normalised) is resized to 32x32; of its 2-D DCT the
+    12x12 lowest frequencies but the constant one are kept, and each bit says whether that coefficient is
+    above their median. Low frequencies survive JPEG re-encoding and small rescaling, while different scans
+    differ in them (the thresholds are in ``NEAR_DUPLICATE_BITS``). A plain 8x8 difference hash was measured
+    too and rejected: the flat background of MRIs makes its bits noise, so different scans were 1 bit apart.
+    """
+    hashes = []
+    for image in images:
+        small = np.asarray(
+            Image.fromarray(image[..., 0], mode="F").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.BILINEAR), dtype=np.float64
+        )
+        low = dctn(small, norm="ortho")[:HASH_FREQUENCIES, :HASH_FREQUENCIES].reshape(-1)[1:]
+        hashes.append(low > np.median(low))
+    return np.asarray(hashes, dtype=bool).reshape(len(images), HASH_FREQUENCIES**2 - 1)
+
+
+def _close_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(i, j, distance)`` for every hash ``a[i]`` within ``NEAR_DUPLICATE_BITS`` of ``b[j]``, computed in row
+    blocks so memory stays bounded for tens of thousands of images."""
+    from pipelines.evaluate import in_batches
+
+    ones_b, zeros_b = b.astype(np.float32).T, (~b).astype(np.float32).T
+
+    def block(rows: np.ndarray) -> np.ndarray:
+        block_a = a[rows].astype(np.float32)
+        distance = np.rint(block_a @ zeros_b + (1 - block_a) @ ones_b).astype(np.int64)  # Hamming: bits that differ
+        i, j = np.nonzero(distance <= NEAR_DUPLICATE_BITS)
+        return np.stack([rows[i], j, distance[i, j]], axis=1)
+
+    return in_batches(block, np.arange(len(a)), 1024) if len(a) else np.empty((0, 3), dtype=np.int64)
+
+
+def duplicate_groups(dataset: Dataset, hashes: np.ndarray) -> np.ndarray:
+    """The manifest's groups with near-duplicates joined: rows connected by identical groups or by hashes within
+    ``NEAR_DUPLICATE_BITS`` (transitively) share one group, named by its first member's group."""
+    groups = dataset.manifest["group"].to_numpy()
+    codes = pd.factorize(groups)[0]
+    pairs = _close_pairs(hashes, hashes)
+    n = len(groups)
+    # One node per row and per group: a row is linked to its group and to its near-duplicates.
+    edges = np.concatenate([np.stack([np.arange(n), n + codes], axis=1), pairs[:, :2]])
+    _, component = connected_components(
+        coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n + codes.max() + 1,) * 2), directed=False
+    )
+    first = pd.Series(np.arange(n)).groupby(component[:n]).transform("min").to_numpy()
+    return groups[first]
+
+
+def holdout_duplicates(dataset: Dataset, hashes: np.ndarray, test: np.ndarray) -> pd.DataFrame:
+    """Hold-out rows that duplicate a training row: one row each with its closest training image.
+
+    ``kind`` is ``identical`` (same sha256, distance 0) or ``near`` (perceptual hashes within
+    ``NEAR_DUPLICATE_BITS``; ``distance`` in bits). Indexed by the hold-out row.
+    """
+    train = np.setdiff1d(np.arange(len(dataset.manifest)), test)
+    paths, sha = dataset.manifest["path"].to_numpy(), dataset.manifest["sha256"].to_numpy()
+    pairs = _close_pairs(hashes[test], hashes[train])  # identical files decode alike: always among them, at distance 0
+    test_rows, train_rows, distance = test[pairs[:, 0]], train[pairs[:, 1]], pairs[:, 2]
+    identical = sha[test_rows] == sha[train_rows]
+    # Per hold-out row its closest training image, an identical file first: the first pair of each row after sorting.
+    order = np.lexsort((~identical, distance, test_rows))
+    _, first = np.unique(test_rows[order], return_index=True)
+    best = order[first]
+    frame = pd.DataFrame(
+        {
+            "row": test_rows[best],
+            "test_path": paths[test_rows[best]],
+            "train_path": paths[train_rows[best]],
+            "kind": np.where(identical[best], "identical", "near"),
+            "distance": distance[best],
+        }
+    )
+    return frame.set_index("row")
+
+
+def make_splits(
+    dataset: Dataset, folds: int, test_fraction: float, seed: int, hashes: np.ndarray | None = None, dedupe: str = "drop"
+) -> Splits:
+    """Hold-out test split (the data's own, else stratified by group), then stratified group k-fold.
+
+    Groups (patients, volumes, identical files) never straddle the test split or two folds. Given the images'
+    :func:`perceptual_hashes`, near-identical images join one group too (:func:`duplicate_groups`), and a
+    given test split (``Testing/``) is checked against the training images (:func:`holdout_duplicates`):
+    ``dedupe`` = ``drop`` leaves those hold-out rows out of every part, ``keep`` keeps them in the hold-out,
+    ``error`` refuses the data. Deterministic for a seed.
+    """
+    if dedupe not in DEDUPE_MODES:
+        raise PipelineError(f"dedupe={dedupe!r}: use one of {', '.join(DEDUPE_MODES)}")
+    labels, groups = dataset.labels, dataset.manifest["group"].to_numpy()
+    if hashes is not None:
+        groups = duplicate_groups(dataset, hashes)
+    given = dataset.manifest["given_split"].to_numpy()
+    duplicates, dropped = None, np.empty(0, dtype=np.int64)
+    if (given == "test").any():
+        test = np.flatnonzero(given == "test")
+        if hashes is not None:
+            duplicates = holdout_duplicates(dataset, hashes, test)
+            if len(duplicates) and dedupe == "error":
+                first = duplicates.iloc[0]
+                raise PipelineError(
+                    f"{len(duplicates)} hold-out image(s) duplicate training images ({describe_duplicates(duplicates)}), "
+                    f"e.g. {shown(first['test_path'])} and {shown(first['train_path'])}; "
+                    "remove them from the test folder, or pass dedupe=drop (leave them out) or dedupe=keep"
+                )
+            if dedupe == "drop":
+                dropped = duplicates.index.to_numpy(np.int64)
+                test = np.setdiff1d(test, dropped)
+                if not len(test):
+                    raise PipelineError(
+                        f"{dataset.root}: every hold-out image duplicates a training image; give the test folder images of its own"
+                    )
+    else:
+        n_test_splits = max(2, round(1 / test_fraction))
+        _check_enough(dataset, np.arange(len(labels)), n_test_splits, "the hold-out split", groups)
+        splitter = StratifiedGroupKFold(n_splits=n_test_splits, shuffle=True, random_state=seed)
+        _, test = next(splitter.split(np.zeros(len(labels)), labels, groups))
+    rest = np.setdiff1d(np.arange(len(labels)), np.concatenate([test, dropped]))
+    _check_enough(dataset, rest, folds, f"folds={folds}", groups)
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    fold_indices = [(rest[train], rest[val]) for train, val in splitter.split(np.zeros(len(rest)), labels[rest], groups[rest])]
+    return Splits(test=np.sort(test), folds=fold_indices, dropped=np.sort(dropped), duplicates=duplicates, groups=groups)
+
+
+def describe_duplicates(duplicates: pd.DataFrame) -> str:
+    """``3 identical, 1 near-identical``: the duplicate table's kinds, counted."""
+    counts = duplicates["kind"].value_counts()
+    return f"{counts.get('identical', 0)} identical, {counts.get('near', 0)} near-identical within {NEAR_DUPLICATE_BITS} hash bits"
+
+
+def _check_enough(dataset: Dataset, rows: np.ndarray, n_splits: int, what: str, groups: np.ndarray) -> None:
+    frame = dataset.manifest.iloc[rows].assign(group=groups[rows])
+    for name in dataset.class_names:
+        n_groups = frame.loc[frame["label"] == name, "group"].nunique()
+        if n_groups < n_splits:
+            raise PipelineError(
+                f"class {name!r} has {n_groups} image group(s) where {what} needs at least {n_splits}; add images or lower folds"
+            )
