@@ -2,10 +2,10 @@
 
 Input: a DataFrame column ``image`` of base64-encoded files (a browser's data URI ``data:image/jpeg;base64,...``
 too), or an array batch of preprocessed images
-``(N, S, S, 1)``. The files are read by content (``pipelines.data.decode_bytes``), as every source the loader
+``(N, S, S, 1)``. The files are read by content (``pipelines.images.decode_bytes``), as every source the loader
 reads: a picture (JPEG, PNG, TIFF, ... any size or mode), a BraTS ``.h5`` slice (the channel the model was
 trained on, from its ``metadata.json``; only models trained on BraTS data know one), or a NIfTI file, plain or
-gzipped, holding one 2-D slice (``pipelines.data.request_bytes`` gives it for a row of a NIfTI data set). Output: one row per image with
+gzipped, holding one 2-D slice (``pipelines.images.request_bytes`` gives it for a row of a NIfTI data set). Output: one row per image with
 ``label`` and ``prob_<class>`` for each class. Bad input raises ``MlflowException`` with
 INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400.
 """
