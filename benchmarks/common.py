@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import keras
@@ -16,6 +14,7 @@ import mlflow
 import numpy as np
 
 from pipelines.config import PROJECT_ROOT, Config, PipelineError
+from pipelines.machine import describe_machine
 from pipelines.prepare import Prepared, prepare_data
 
 REAL_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-yes-no"
@@ -107,34 +106,11 @@ def open_bench(settings: Settings, work: Path, data_dir: Path) -> Bench:
     return Bench(settings, cfg, work, tracking_uri, prepare_data(cfg))
 
 
-def machine() -> dict[str, object]:
-    """CPU model, cores, RAM, OS and the versions of everything measured."""
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    try:
-        kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
-        ram_gib = round(kib / 2**20, 1)
-    except (OSError, StopIteration):
-        ram_gib = float("nan")
-    versions = {"python": platform.python_version()}
-    for package in ("tensorflow-cpu", "keras", "mlflow", "optuna", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram_gib, "os": platform.platform(), "versions": versions}
-
-
 def header(settings: Settings, cfg: Config) -> dict[str, object]:
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": describe_machine(),
         "settings": asdict(settings),
         "config": {
             name: getattr(cfg, name)

@@ -2,8 +2,8 @@
 
 FLOPs are counted, not profiled: multiply-accumulates of every Conv2D, DepthwiseConv2D and Dense layer from
 its output shape and kernel (MACs = output positions x kernel weights, i.e. output pixels x output channels x
-kernel area x input channels / groups; Dense: inputs x units), FLOPs = 2 x MACs. Normalisation, activations, pooling and additions are left out:
-they are a few percent of the convolutions here and the same rule applies to both models.
+kernel area x input channels / groups; Dense: inputs x units), FLOPs = 2 x MACs. Normalisation, activations, pooling
+and additions are left out: they are a few percent of the convolutions here and the same rule applies to both models.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import math
 from pathlib import Path
 
 import keras
-import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
 from pipelines.evaluate import classification_metrics, model_logits, probabilities
+from pipelines.latency import keras_latency
 from pipelines.teacher import load_teacher_model
-from registry.export import latency_percentiles, load_student
+from registry.export import load_student
 
 
 def _layers(model: keras.Model):
@@ -42,20 +41,13 @@ def count_macs(model: keras.Model) -> int:
     return int(total)
 
 
-def latency(model: keras.Model, images: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
-    """p50/p95 ms of one forward pass of ``batch`` images (a compiled graph, as a server would run it)."""
-    forward = tf.function(lambda x: model(x, training=False))
-    inputs = tf.constant(np.resize(images, (batch, *images.shape[1:])).astype(np.float32))
-    return latency_percentiles(lambda: forward(inputs).numpy(), repeats)
-
-
 def describe(model: keras.Model, bench: Bench, path: Path) -> dict[str, float]:
     prepared, test = bench.prepared, bench.prepared.splits.test
     model.save(path)
     images = prepared.images[test]
     metrics = classification_metrics(prepared.dataset.labels[test], probabilities(model_logits(model, images), prepared.dataset.binary))
     repeats = bench.settings.latency_repeats
-    b1, b32 = latency(model, images, 1, repeats), latency(model, images, 32, max(10, repeats // 4))
+    b1, b32 = keras_latency(model, images, 1, repeats), keras_latency(model, images, 32, max(10, repeats // 4))
     macs = float(count_macs(model))
     return {
         "params": float(model.count_params()),
@@ -100,6 +92,7 @@ def run(bench: Bench) -> dict:
         ],
     }
     print(
-        f"part 3: params {ratios['params']:.1f}x, FLOPs {ratios['flops']:.1f}x, batch-1 p50 {ratios['batch1_p50_ms']:.2f}x, F1 teacher {teacher['f1']:.4f} vs student {student['f1']:.4f}"
+        f"part 3: params {ratios['params']:.1f}x, FLOPs {ratios['flops']:.1f}x, batch-1 p50 {ratios['batch1_p50_ms']:.2f}x, "
+        f"F1 teacher {teacher['f1']:.4f} vs student {student['f1']:.4f}"
     )
     return result

@@ -14,12 +14,11 @@ import time
 import urllib.request
 
 import mlflow
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
-from registry.export import latency_percentiles
+from pipelines.latency import latency_percentiles, percentiles_ms
 from registry.model import encode_file
 from registry.server import serve_model
 
@@ -61,12 +60,10 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict[s
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - start
-    ms = np.asarray(latencies) * 1e3
     return {
-        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-        "p95_ms": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
-        "requests_per_s": len(ms) / wall,
-        "requests": float(len(ms)),
+        **percentiles_ms(latencies),
+        "requests_per_s": len(latencies) / wall,
+        "requests": float(len(latencies)),
         "errors": float(errors[0]),
         "seconds": wall,
     }
@@ -114,7 +111,8 @@ def run(bench: Bench) -> dict:
     }
     for n, level in levels.items():
         print(
-            f"part 5: {n:>2} clients: p50 {level['p50_ms']:.1f} ms, p95 {level['p95_ms']:.1f} ms, {level['requests_per_s']:.1f} req/s, {level['errors']:.0f} errors"
+            f"part 5: {n:>2} clients: p50 {level['p50_ms']:.1f} ms, p95 {level['p95_ms']:.1f} ms, "
+            f"{level['requests_per_s']:.1f} req/s, {level['errors']:.0f} errors"
         )
     print(f"part 5: served p50 / in-process p50 = {over:.2f}x (in-process {in_process['p50_ms']:.1f} ms)")
     return result

@@ -296,7 +296,7 @@ def redact_url(text: str) -> str:
     return re.sub(r"([?&]password=)[^&\s]+", r"\1***", re.sub(r"(://[^/:@\s]*:)[^@/\s]+@", r"\1***@", text), flags=re.IGNORECASE)
 
 
-# Parameters that decide a step's result; a finished run whose params and data digest match is reused.
+# Parameters that decide a step's result; a finished run whose params, data digest and code fingerprint match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
 DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "seed", "dedupe")
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")

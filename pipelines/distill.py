@@ -1,6 +1,6 @@
 """Step ``distill``: train the student with knowledge distillation on every fold (or one), or the no-KD baseline.
 
-The teachers come from a finished teacher run with the same data and parameters, trained first if there is
+The teachers come from a finished teacher run with the same data, parameters and code, trained first if there is
 none. ``cached`` mode reads the teacher's stored logits; ``online`` runs the teacher on every step.
 """
 
@@ -63,7 +63,7 @@ def cross_validate_student(
 def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
     """Cross-validated KD (or no-KD) student training; returns the run id with ``f1_mean``, ``f1_std``, ``student_params``.
 
-    A finished distill run with the same data and parameters is reused.
+    A finished distill run with the same data, parameters and code fingerprint is reused.
     """
     prepared = prepared or prepare_data(cfg)
     dataset = prepared.dataset

@@ -179,21 +179,3 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
-
-
-def batch1_latency_ms(model, repeats: int = 30) -> float:
-    """Median wall time of one single-image forward pass on the CPU, after warm-up, in milliseconds."""
-    import time
-
-    import tensorflow as tf
-
-    image = tf.zeros((1, *model.input_shape[1:]), dtype=tf.float32)
-    forward = tf.function(lambda x: model(x, training=False))
-    for _ in range(3):
-        forward(image)
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(image).numpy()
-        timings.append(time.perf_counter() - start)
-    return float(np.median(timings) * 1e3)

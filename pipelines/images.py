@@ -24,14 +24,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.config import PipelineError
+from pipelines.fingerprint import SOURCE_ROOT, fingerprint_sources
 from pipelines.sources import MAX_PIXELS, Dataset, check_declared, nifti_errors, nifti_slice, one_line, read_h5, shown, squeezed
 
 NIFTI_SLICE = re.compile(r"^(?P<file>.+\.nii(\.gz)?)#z=(?P<z>\d+)$", re.IGNORECASE)
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI2_HEADER_BYTES = 540  # NIfTI-1 headers are 348 bytes, NIfTI-2 headers 540: enough bytes to sniff either
-# Bumped whenever preprocessing changes, so cached arrays from an older version are never reused.
-PREPROCESS_VERSION = 2
 
 
 def decode_image(path: Path | str | io.BytesIO, modality: int | None = None, name: str | None = None) -> np.ndarray:
@@ -251,8 +250,10 @@ def preprocess(image: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def load_images(dataset: Dataset, image_size: int, cache_dir: Path | str) -> np.ndarray:
-    """Every image decoded and preprocessed once, ``(N, S, S, 1)``; cached on disk by digest and size."""
-    cache = Path(cache_dir) / "arrays" / f"{dataset.digest[:16]}-{image_size}px-v{PREPROCESS_VERSION}.npy"
+    """Every image decoded and preprocessed once, ``(N, S, S, 1)``; cached on disk by digest, size and the source of
+    this module (an edit to decoding or preprocessing never reads arrays the old code made: no version to bump by hand)."""
+    code = fingerprint_sources(SOURCE_ROOT, ("pipelines/images.py",))[:12]
+    cache = Path(cache_dir) / "arrays" / f"{dataset.digest[:16]}-{image_size}px-{code}.npy"
     if cache.exists():
         return np.load(cache)
     images = np.stack([_load_image(Path(p), dataset.modality, image_size) for p in _progress(dataset.manifest["path"], "decoding images")])

@@ -1,6 +1,6 @@
 """Step ``teacher``: one teacher per fold plus one on all training data, with their logits for distillation.
 
-A finished teacher run with the same data digest and parameters is reused, never retrained.
+A finished teacher run with the same data digest, parameters and code fingerprint is reused, never retrained.
 Artifacts: ``models/fold_<k>.keras``, ``models/all.keras``, ``logits/teacher_logits.npz`` (keyed by image
 sha256: ``fold_<k>`` and ``all`` logits for every image), evaluation plots and a classification report.
 """

@@ -16,11 +16,13 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import Config, PipelineError, redact_url
+from pipelines.fingerprint import code_fingerprint
 from pipelines.sources import Dataset
 from pipelines.splits import Splits
 
 STEP_TAG, OUTCOME_TAG, DIGEST_TAG, PARAMS_TAG = "kd.step", "kd.outcome", "kd.data_digest", "kd.params"
 HOST_TAG, PROCESS_TAG, FAILURE_TAG = "kd.host", "kd.process", "kd.failure"
+CODE_TAG = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint() of the process that ran it
 
 
 class TrackingUnreachable(PipelineError):
@@ -114,11 +116,12 @@ def close_run(run_id: str, status: str, reason: str, wait_s: float) -> bool:
 def tracked_run(cfg: Config, finished_on: tuple[type[BaseException], ...] = (), **start_run: object) -> Iterator[mlflow.ActiveRun]:
     """``mlflow.start_run`` that never leaves its run RUNNING: an exception ends it FAILED (KILLED on Ctrl-C)
     with the reason in ``kd.failure``, waiting for an absent tracking server; ``finished_on`` exceptions
-    (a pruned trial) end it FINISHED. The run is tagged with its process (see ``close_stale_runs``)."""
+    (a pruned trial) end it FINISHED. The run is tagged with its process (see ``close_stale_runs``) and the
+    fingerprint of the code it ran (``kd.code_fingerprint``)."""
     run = mlflow.start_run(**start_run)
     run_id = run.info.run_id
     try:
-        mlflow.set_tags(process_tags())
+        mlflow.set_tags({**process_tags(), CODE_TAG: code_fingerprint()})
         yield run
     except finished_on:
         mlflow.end_run()
@@ -144,15 +147,17 @@ def step_key(cfg: Config, names: tuple[str, ...]) -> str:
     return json.dumps({name: getattr(cfg, name) for name in sorted(names)}, sort_keys=True)
 
 
-def find_finished_run(step: str, digest: str, key: str) -> Run | None:
-    """The newest run of ``step`` that trained to the end on the same data with the same parameters.
+def find_finished_run(step: str, digest: str, key: str, fingerprint: str) -> Run | None:
+    """The newest run of ``step`` that trained to the end on the same data with the same parameters and code
+    (``fingerprint``: see :mod:`pipelines.fingerprint`).
 
     Runs that only pointed at another run (``outcome = reused``), failed or were killed never match.
     All experiments are searched: ``mlflow run`` without an experiment name logs to ``Default``.
     """
     runs = mlflow.search_runs(
         search_all_experiments=True,
-        filter_string=f"tags.`{STEP_TAG}` = '{step}' and tags.`{OUTCOME_TAG}` = 'trained' and tags.`{DIGEST_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{STEP_TAG}` = '{step}' and tags.`{OUTCOME_TAG}` = 'trained' and tags.`{DIGEST_TAG}` = '{digest}' "
+        f"and tags.`{CODE_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
@@ -160,18 +165,18 @@ def find_finished_run(step: str, digest: str, key: str) -> Run | None:
 
 
 def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, nested: bool) -> str | None:
-    """The id of a finished run of ``step`` on the same data with the same parameters, or None.
+    """The id of a finished run of ``step`` on the same data with the same parameters and code, or None.
 
     Under ``mlflow run`` (not nested) a run already exists for this step: it is tagged with the run it
     stands for and ends FINISHED, so the user sees why nothing trained.
     """
-    previous = find_finished_run(step, digest, step_key(cfg, names))
+    previous = find_finished_run(step, digest, step_key(cfg, names), code_fingerprint())
     if previous is None:
         return None
-    print(f"{step}: reusing finished run {previous.info.run_id} (same data digest and parameters)")
+    print(f"{step}: reusing finished run {previous.info.run_id} (same data digest, parameters and code fingerprint)")
     if not nested and os.environ.get("MLFLOW_RUN_ID"):
         with mlflow.start_run():
-            mlflow.set_tags({STEP_TAG: step, OUTCOME_TAG: "reused", "kd.reused_run_id": previous.info.run_id})
+            mlflow.set_tags({STEP_TAG: step, OUTCOME_TAG: "reused", "kd.reused_run_id": previous.info.run_id, CODE_TAG: code_fingerprint()})
     return previous.info.run_id
 
 

@@ -12,7 +12,6 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,25 +24,13 @@ from mlflow import MlflowClient
 from pipelines.cli import run_cli
 from pipelines.config import Config, PipelineError, build_parser, config_from_args
 from pipelines.evaluate import classification_metrics, model_logits, probabilities
+from pipelines.latency import REPEATS, keras_latency, latency_percentiles
 from pipelines.models import load_keras_model
 from pipelines.prepare import Prepared, prepare_data
 from registry.fetch import resolve_version
 
 FORMATS = ("keras", "float32", "int8")
 REPRESENTATIVE_IMAGES = 100
-
-
-def latency_percentiles(call: Callable[[], object], repeats: int = 50, warmup: int = 5) -> dict[str, float]:
-    """p50 and p95 wall time of ``call()`` in milliseconds, after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        call()
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        timings.append(time.perf_counter() - start)
-    timings_ms = np.asarray(timings) * 1e3
-    return {"p50_ms": float(np.percentile(timings_ms, 50)), "p95_ms": float(np.percentile(timings_ms, 95))}
 
 
 def to_tflite(model: keras.Model, representative: np.ndarray | None = None) -> bytes:
@@ -111,7 +98,7 @@ def load_student(name: str, version: str) -> keras.Model:
 
 
 def compare_formats(
-    student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = 50
+    student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = REPEATS
 ) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
     """Convert the student, then time batch-1 inference and score the hold-out split for Keras, float32 and INT8."""
     rows, test = prepared.splits.train, prepared.splits.test
@@ -125,18 +112,16 @@ def compare_formats(
     files["int8"].write_bytes(to_tflite(student, prepared.images[pick]))
 
     labels, images, binary = prepared.dataset.labels[test], prepared.images[test], prepared.dataset.binary
-    forward = tf.function(lambda x: student(x, training=False))
-    one = tf.constant(images[:1].astype(np.float32))
-    results = {"keras": {"size_bytes": float(keras_path.stat().st_size), **latency_percentiles(lambda: forward(one).numpy(), repeats)}}
+    results = {"keras": {"size_bytes": float(keras_path.stat().st_size), **keras_latency(student, images, 1, repeats)}}
     results["keras"].update(classification_metrics(labels, probabilities(model_logits(student, images), binary)))
     for name, path in files.items():
-        model = TFLiteModel(path.read_bytes())
-        results[name] = {"size_bytes": float(path.stat().st_size), **latency_percentiles(lambda: model.logit(images[0]), repeats)}
-        results[name].update(classification_metrics(labels, probabilities(model.logits(images), binary)))
+        tflite = TFLiteModel(path.read_bytes())
+        results[name] = {"size_bytes": float(path.stat().st_size), **latency_percentiles(lambda m=tflite: m.logit(images[0]), repeats)}
+        results[name].update(classification_metrics(labels, probabilities(tflite.logits(images), binary)))
     return files, results
 
 
-def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = None, repeats: int = 50) -> EdgeExport:
+def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = None, repeats: int = REPEATS) -> EdgeExport:
     """Export ``cfg.model_name`` (the given version, else the champion) to TFLite and log files and metrics to its run.
 
     ``cfg`` names the data the model was trained on (its digest must match the version's); the representative
@@ -149,8 +134,8 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
     trained_on = model_version.tags.get("data_digest")
     if trained_on and trained_on != prepared.dataset.digest:
         raise PipelineError(
-            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) is not the data {cfg.model_name} v{model_version.version} "
-            f"was trained on (digest {trained_on[:12]}); pass that data_dir"
+            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) is not the data "
+            f"{cfg.model_name} v{model_version.version} was trained on (digest {trained_on[:12]}); pass that data_dir"
         )
     student = load_student(cfg.model_name, model_version.version)
     target = out_dir or Path(tempfile.mkdtemp(prefix="kd-edge-"))
@@ -170,10 +155,12 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
     for fmt in FORMATS:
         r = results[fmt]
         print(
-            f"edge: {fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  hold-out F1 {r['f1']:.4f}"
+            f"edge: {fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  "
+            f"hold-out F1 {r['f1']:.4f}"
         )
     print(
-        f"edge: logged {', '.join(p.name for p in files.values())} to run {model_version.run_id} ({cfg.model_name} v{model_version.version})"
+        f"edge: logged {', '.join(p.name for p in files.values())} to run {model_version.run_id} "
+        f"({cfg.model_name} v{model_version.version})"
     )
     return EdgeExport(model_version.version, model_version.run_id, files, results)
 

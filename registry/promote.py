@@ -40,6 +40,7 @@ from pipelines.evaluate import (
     probabilities,
 )
 from pipelines.locks import database_lock, lockable
+from pipelines.machine import pinned_requirements
 from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, train_teacher
@@ -128,12 +129,6 @@ def code_version() -> str:
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def pinned_requirements() -> list[str]:
-    import tomllib
-
-    return tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 def trained_on(dataset) -> str:
@@ -330,7 +325,8 @@ def promote(cfg: Config, under: str | None = None) -> Promotion:
         new_f1 = pyfunc_f1(mlflow.pyfunc.load_model(model_uri), frame, labels[test], prepared.dataset.class_names)["f1"]
 
         description = (
-            f"KD student {cfg.student_size} (T={cfg.temperature:.3g}, alpha={cfg.alpha:.3g}) from study {cfg.study_name!r} trial {best.number}. "
+            f"KD student {cfg.student_size} (T={cfg.temperature:.3g}, alpha={cfg.alpha:.3g}) "
+            f"from study {cfg.study_name!r} trial {best.number}. "
             f"k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}; hold-out F1 {new_f1:.4f} "
             f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters."
         )

@@ -74,32 +74,9 @@ def log_evidence(cfg: Config, prepared, probs: dict[str, np.ndarray], trial_run_
 
 def environment() -> dict:
     """Python, package versions (the project's pinned dependencies) and the machine."""
-    import tensorflow as tf
+    from pipelines.machine import describe_machine
 
-    from registry.promote import pinned_requirements
-
-    names = [requirement.split("==")[0].split("[")[0] for requirement in pinned_requirements()]
-    packages = {}
-    for name in names + ["scipy"]:  # scipy (via scikit-learn) runs the paired tests
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = "not installed"
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu
-        )
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": packages,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(memory / 2**30, 1),
-        "gpus": [device.name for device in tf.config.list_physical_devices("GPU")],
-    }
+    return describe_machine()
 
 
 # ---------------------------------------------------------------- reading the store

@@ -25,7 +25,8 @@ from optuna.trial import TrialState
 
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
 from pipelines.distill import cross_validate_student
-from pipelines.evaluate import CONFUSION_ARTIFACT, batch1_latency_ms, confusion_record
+from pipelines.evaluate import CONFUSION_ARTIFACT, confusion_record
+from pipelines.latency import keras_latency
 from pipelines.locks import database_lock, teacher_lock
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
@@ -202,7 +203,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
                 raise
             summary = cv.summary()
             student_params = cv.models[0].count_params()
-            latency = batch1_latency_ms(cv.models[0])
+            latency = keras_latency(cv.models[0], prepared.images[:1])["p50_ms"]
             trial.set_user_attr("fold_f1", [m["f1"] for m in cv.fold_metrics])
             trial.set_user_attr("best_epochs", cv.best_epochs)
             trial.set_user_attr("f1_std", summary["f1_std"])
@@ -247,7 +248,8 @@ def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
         study.set_user_attr(DIGEST_ATTR, prepared.dataset.digest)
     elif digest != prepared.dataset.digest:
         raise PipelineError(
-            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from study {cfg.study_name!r}'s data (digest {digest[:12]})"
+            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from "
+            f"study {cfg.study_name!r}'s data (digest {digest[:12]})"
         )
 
     close_stale_runs()
@@ -311,7 +313,8 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
         write_plots(study, cfg, out)
         mlflow.log_artifacts(tmp, "search")
     print(
-        f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} with {json.dumps(best.params)}"
+        f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} "
+        f"with {json.dumps(best.params)}"
     )
 
 
