@@ -27,8 +27,8 @@ TINY_TEACHER = [
     "--batch_size", "16", "--experiment_name", "fingerprint",
 ]  # fmt: skip
 # A model-shaping edit: the teacher's stem convolution gets a 5 x 5 kernel instead of 3 x 3 (more parameters).
-STEM_BEFORE = 'layers.Conv2D(RESNET_WIDTHS[0], 3, padding="same"'
-STEM_AFTER = 'layers.Conv2D(RESNET_WIDTHS[0], 5, padding="same"'
+STEM_BEFORE = 'layers.Conv2D(widths[0], 3, padding="same"'
+STEM_AFTER = 'layers.Conv2D(widths[0], 5, padding="same"'
 
 
 def copy_sources(target: Path) -> Path:
@@ -49,6 +49,7 @@ def test_the_fingerprint_changes_with_a_fingerprinted_module_and_not_with_anothe
     assert fingerprint_sources(copy) == before, "a module outside FINGERPRINTED_MODULES does not shape a model"
 
     models = copy / "pipelines" / "models.py"
+    assert STEM_BEFORE in models.read_text(), "the edit below must change the teacher's stem"
     models.write_text(models.read_text().replace(STEM_BEFORE, STEM_AFTER))
     assert fingerprint_sources(copy) != before
 
