@@ -280,13 +280,13 @@ def repair_roles(client: MlflowClient, name: str) -> list[str]:
     return repaired
 
 
-def promote(cfg: Config, under: str | None = None) -> Promotion:
+def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = None) -> Promotion:
     """Final training, hold-out comparison, registration and the promotion gate.
 
-    ``under``: the id of a pipeline run (``main``) this step's run is nested in.
+    ``under``: the id of a pipeline run (``main``) this step's run is nested in; ``prepared``: its data.
     """
     best, study_cfg, cfg = study_best(cfg)
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(cfg, reuse=prepared)
     client = MlflowClient()
     epochs = max(1, int(np.median(best.user_attrs.get("best_epochs", [cfg.epochs]))))
     if under:
