@@ -3,7 +3,7 @@ register it, and promote it only if it beats the champion.
 
 Stage and alias move together: ``Production`` + ``champion`` for the winner (the previous champion is
 archived), ``Staging`` + ``challenger`` otherwise. Every promotion and rollback is appended to the
-registered model's audit trail (``python -m registry history``).
+registered model's audit trail (``kd history``).
 """
 
 from __future__ import annotations
