@@ -41,11 +41,13 @@ def run_cli(
 
         if unreachable(error):
             fail(
-                f"the tracking server did not answer, even after retries with backoff ({str(error)[:300]}); check that it runs and MLFLOW_TRACKING_URI"
+                f"the tracking server did not answer, even after retries with backoff ({str(error)[:300]});"
+                " check that it runs and MLFLOW_TRACKING_URI"
             )
         if error.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
             fail(
-                f"the tracking server refused: {error.message}; log in (MLFLOW_TRACKING_USERNAME/PASSWORD) as a user an admin granted the permission"
+                f"the tracking server refused: {error.message}; log in (MLFLOW_TRACKING_USERNAME/PASSWORD)"
+                " as a user an admin granted the permission"
             )
         raise
 

@@ -93,7 +93,8 @@ def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"{' '.join(command[:3])} did not start: {server.stderr.read()[-3000:]}")
+                # its stderr says why; the refused /ping only says that it did not answer
+                raise RuntimeError(f"{' '.join(command[:3])} did not start: {server.stderr.read()[-3000:]}") from None
             time.sleep(0.5)
 
 
