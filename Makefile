@@ -37,7 +37,7 @@ PORT ?= 5000
 AUTH ?=
 AUTH_DB ?= sqlite:///$(CURDIR)/mlflow-auth.db
 server: venv
-	$(BIN)/python -m registry.server --backend-store-uri "$(BACKEND)" --artifacts-destination "$(ARTIFACTS)" --port $(PORT) $(if $(AUTH),--auth --auth-database-uri "$(AUTH_DB)")
+	$(BIN)/kd server --backend-store-uri "$(BACKEND)" --artifacts-destination "$(ARTIFACTS)" --port $(PORT) $(if $(AUTH),--auth --auth-database-uri "$(AUTH_DB)")
 
 # Benchmarks (issue 5): its own temporary MLflow store and Optuna database on ../shared/data/brain-mri-yes-no;
 # writes benchmarks/results/<date>.json and renders BENCHMARKS.md from it. bench-smoke: the same code, tiny data.

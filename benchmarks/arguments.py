@@ -19,15 +19,8 @@ import time
 from pipelines.config import PROJECT_ROOT
 
 TARGET_CPU_S = 5.0
-CLIS = {
-    "python -m pipelines teacher": [sys.executable, "-m", "pipelines", "teacher"],
-    "python -m pipelines distill": [sys.executable, "-m", "pipelines", "distill"],
-    "python -m pipelines main": [sys.executable, "-m", "pipelines", "main"],
-    "python -m search": [sys.executable, "-m", "search"],
-    "python -m registry promote": [sys.executable, "-m", "registry", "promote"],
-    # the pre-issue path, kept for comparison: the step module (and TensorFlow) is imported before the check
-    "python -m pipelines.teacher": [sys.executable, "-m", "pipelines.teacher"],
-}
+# as users run them (`kd <command>`; `python -m kd` is the same code without the console script's launcher)
+CLIS = {f"kd {name}": [sys.executable, "-m", "kd", name] for name in ("teacher", "distill", "main", "search", "promote")}
 
 
 def refusal_cost(command: list[str], env: dict[str, str]) -> dict:

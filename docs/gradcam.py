@@ -3,7 +3,7 @@
 Trains a teacher and a KD student (cached teacher logits) on the training part of the real scans in
 ``../shared/data/brain-mri-yes-no`` (or ``--data_dir``) with the project's own code, picks the hold-out tumour
 scan the student is surest of among those both models call a tumour, and draws both Grad-CAM overlays with
-:func:`registry.explain.write_overlay`, as ``python -m registry explain`` does for a registered model.
+:func:`registry.explain.write_overlay`, as ``kd explain`` does for a registered model.
 """
 
 from __future__ import annotations

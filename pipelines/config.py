@@ -1,6 +1,6 @@
 """One configuration object for every stage, and the thin CLI layer over it.
 
-Every entry point (MLproject, ``python -m pipelines.<stage>``, tests) builds a :class:`Config`
+Every entry point (MLproject, ``kd <command>``, tests) builds a :class:`Config`
 and passes it down explicitly; nothing deeper reads globals or the environment, except MLflow's
 own ``MLFLOW_TRACKING_URI`` which MLflow resolves itself, and ``KD_STORAGE_URL``, the study's storage
 URL when the ``storage`` parameter is empty (the place for a URL with a password: parameters are logged).
@@ -299,6 +299,8 @@ def redact_url(text: str) -> str:
 # Parameters that decide a step's result; a finished run whose params, data digest and code fingerprint match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
 DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "seed", "dedupe")
+# every field that decides what prepare_data returns (cache_dir only says where the decoded images are kept)
+DATA_INPUTS = DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes")
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
 TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights")
 DISTILL_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
@@ -327,9 +329,9 @@ def _parse_int(text: str) -> int:
     return int(value)
 
 
-def build_parser(description: str, names: Sequence[str] | None = None) -> argparse.ArgumentParser:
+def build_parser(description: str, names: Sequence[str] | None = None, add_help: bool = True) -> argparse.ArgumentParser:
     """An argparse parser whose options are Config fields (``--data_dir`` and ``--data-dir`` both work)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, add_help=add_help)
     defaults = Config()
     for f in fields(Config):
         if names is not None and f.name not in names:

@@ -13,7 +13,6 @@ from pathlib import Path
 import keras
 import mlflow
 
-from pipelines.cli import run_step
 from pipelines.config import DISTILL_PARAMS, Config
 from pipelines.distiller import Distiller
 from pipelines.evaluate import write_evaluation_artifacts
@@ -99,11 +98,3 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), {student_params:,} parameters, run {run.info.run_id}"
         )
         return run.info.run_id
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step("distill", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.cli import run_step
-from pipelines.config import DATA_PARAMS, Config
+from pipelines.config import DATA_INPUTS, DATA_PARAMS, Config
 from pipelines.images import load_images
 from pipelines.sources import Dataset, ingest
 from pipelines.splits import Splits, describe_duplicates, make_splits, perceptual_hashes
@@ -18,14 +17,19 @@ class Prepared:
     dataset: Dataset
     splits: Splits
     images: np.ndarray  # (N, S, S, 1), rows aligned with dataset.manifest
+    inputs: dict[str, str]  # the DATA_INPUTS of the Config it was prepared from
 
 
-def prepare_data(cfg: Config) -> Prepared:
+def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
     """Manifest, deterministic splits and preprocessed images (decoded once, then read from the cache).
 
     Splits keep duplicates together, identical or near-identical by a perceptual hash of the preprocessed images;
     hold-out images of a given split that duplicate training images are handled as ``cfg.dedupe`` says.
+    ``reuse``: data a caller already prepared (``main`` for its whole chain), returned as is when it was prepared
+    from the same data settings as ``cfg`` (a joined study may bring its own), so the data is ingested only once.
     """
+    if reuse is not None and reuse.inputs == cfg.as_params(DATA_INPUTS):
+        return reuse
     dataset = ingest(cfg)
     images = load_images(dataset, cfg.image_size, cfg.cache_dir)
     splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed, perceptual_hashes(images), cfg.dedupe)
@@ -37,7 +41,7 @@ def prepare_data(cfg: Config) -> Prepared:
             else "kept in the hold-out (dedupe=keep): its figures are inflated"
         )
         print(f"prepare: {found}: {action}; listed in data/holdout_duplicates.csv")
-    return Prepared(dataset, splits, images)
+    return Prepared(dataset, splits, images, cfg.as_params(DATA_INPUTS))
 
 
 def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
@@ -53,11 +57,3 @@ def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
         return previous
     with step_run("prepare", cfg, DATA_PARAMS, dataset, prepared.splits, nested=nested) as run:
         return run.info.run_id
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step("prepare", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,6 @@ import keras
 import mlflow
 import numpy as np
 
-from pipelines.cli import run_step
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities, write_evaluation_artifacts
@@ -113,11 +112,3 @@ def load_teacher_model(run_id: str, name: str) -> keras.Model:
     with tempfile.TemporaryDirectory() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"models/{name}.keras", dst_path=tmp)
         return load_keras_model(path)
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step("teacher", argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@ The heat map is computed on the model's input (the preprocessed, head-cropped sq
 through the same crop, padding and resizing onto the scan as it was read, so it has the scan's shape and
 can be laid over it. Values are in [0, 1]; pixels outside the head box are 0.
 
-``python -m registry explain --model-name NAME --stage Production scan.jpg`` writes an overlay PNG;
+``kd explain --model-name NAME --stage Production scan.jpg`` writes an overlay PNG;
 :func:`explanation_grid` draws hold-out examples (true/false positives/negatives) for the report.
 """
 

@@ -21,8 +21,7 @@ import numpy as np
 import tensorflow as tf
 from mlflow import MlflowClient
 
-from pipelines.cli import run_cli
-from pipelines.config import Config, PipelineError, build_parser, config_from_args
+from pipelines.config import Config, PipelineError
 from pipelines.evaluate import classification_metrics, model_logits, probabilities
 from pipelines.latency import REPEATS, keras_latency, latency_percentiles
 from pipelines.models import load_keras_model
@@ -163,13 +162,3 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
         f"({cfg.model_name} v{model_version.version})"
     )
     return EdgeExport(model_version.version, model_version.run_id, files, results)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser("Export a registered student to TFLite float32 and INT8; log files, latency and hold-out F1 to its run.")
-    parser.add_argument("--version", default=None, help="model version; default: the champion")
-    run_cli(lambda args: export_edge(config_from_args(args), args.version), parser, argv)
-
-
-if __name__ == "__main__":
-    main()

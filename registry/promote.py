@@ -3,7 +3,7 @@ register it, and promote it only if it beats the champion.
 
 Stage and alias move together: ``Production`` + ``champion`` for the winner (the previous champion is
 archived), ``Staging`` + ``challenger`` otherwise. Every promotion and rollback is appended to the
-registered model's audit trail (``python -m registry history``).
+registered model's audit trail (``kd history``).
 """
 
 from __future__ import annotations
@@ -274,13 +274,13 @@ def repair_roles(client: MlflowClient, name: str) -> list[str]:
     return repaired
 
 
-def promote(cfg: Config, under: str | None = None) -> Promotion:
+def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = None) -> Promotion:
     """Final training, hold-out comparison, registration and the promotion gate.
 
-    ``under``: the id of a pipeline run (``main``) this step's run is nested in.
+    ``under``: the id of a pipeline run (``main``) this step's run is nested in; ``prepared``: its data.
     """
     best, study_cfg, cfg = study_best(cfg)
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(cfg, reuse=prepared)
     client = MlflowClient()
     epochs = max(1, int(np.median(best.user_attrs.get("best_epochs", [cfg.epochs]))))
     if under:

@@ -1,4 +1,4 @@
-"""``python -m registry.serve -m models:/<name>/Production -p 5001``: MLflow's scoring server, with a 4xx for every
+"""``kd serve -m models:/<name>/Production -p 5001``: MLflow's scoring server, with a 4xx for every
 malformed request.
 
 The same app ``mlflow models serve --env-manager local`` runs (``/invocations``, ``/ping``, ``/health``,
@@ -8,8 +8,6 @@ The same app ``mlflow models serve --env-manager local`` runs (``/invocations``,
 """
 
 from __future__ import annotations
-
-import argparse
 
 from mlflow.pyfunc import load_model, scoring_server
 
@@ -31,22 +29,8 @@ def scoring_app(model_uri: str):
     return app
 
 
-def main(argv: list[str] | None = None) -> None:
+def serve(model_uri: str, host: str, port: int) -> None:
+    """Serve the model at ``model_uri`` on ``host:port`` until stopped."""
     import uvicorn
 
-    # -h is the host, as in `mlflow models serve`; help is --help only.
-    parser = argparse.ArgumentParser(
-        description="Serve a registered model like `mlflow models serve`, answering every malformed request with 4xx.", add_help=False
-    )
-    parser.add_argument("--help", action="help", help="show this help and exit")
-    parser.add_argument(
-        "-m", "--model-uri", required=True, help="e.g. models:/brain-tumor-student/Production (MLFLOW_TRACKING_URI says where)"
-    )
-    parser.add_argument("-h", "--host", default="127.0.0.1")
-    parser.add_argument("-p", "--port", type=int, default=5001)
-    args = parser.parse_args(argv)
-    uvicorn.run(scoring_app(args.model_uri), host=args.host, port=args.port)
-
-
-if __name__ == "__main__":
-    main()
+    uvicorn.run(scoring_app(model_uri), host=host, port=port)

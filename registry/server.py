@@ -1,4 +1,4 @@
-"""``python -m registry.server``: the tracking + registry service (``make server``).
+"""``kd server``: the tracking + registry service (``make server``).
 
 ``mlflow server`` with a SQLAlchemy backend (SQLite by default, PostgreSQL for a team) and artifacts
 proxied to local disk or any S3-compatible store through boto3 (``MLFLOW_S3_ENDPOINT_URL`` for a
@@ -9,7 +9,6 @@ creator role (``registry/access.py``) to create experiments or registered models
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from pipelines.config import PROJECT_ROOT
+from pipelines.config import PROJECT_ROOT, PipelineError
 
 ADMIN_PASSWORD_ENV, SECRET_KEY_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"
 
@@ -72,13 +71,13 @@ def free_port() -> int:
 
 
 def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped: bool = False) -> tuple[subprocess.Popen, int]:
-    """`mlflow models serve` (``wrapped``: ``python -m registry.serve``) on a free loopback port as a user runs it
+    """`mlflow models serve` (``wrapped``: ``kd serve``) on a free loopback port as a user runs it
     (this environment's bin first on PATH, no run or experiment leaked from the caller), returned once it answers /ping."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=tracking_uri)
-    command = [sys.executable, "-m", "registry.serve"] if wrapped else [f"{bin_dir}/mlflow", "models", "serve", "--env-manager", "local"]
+    command = [sys.executable, "-m", "kd", "serve"] if wrapped else [f"{bin_dir}/mlflow", "models", "serve", "--env-manager", "local"]
     server = subprocess.Popen(
         command + ["-m", model_uri, "-p", str(port), "-h", "127.0.0.1"],
         env=env,
@@ -94,46 +93,26 @@ def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError(f"{' '.join(command[:3])} did not start: {server.stderr.read()[-3000:]}")
+                # its stderr says why; the refused /ping only says that it did not answer
+                raise RuntimeError(f"{' '.join(command[:3])} did not start: {server.stderr.read()[-3000:]}") from None
             time.sleep(0.5)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Start the MLflow tracking and model-registry server.")
-    parser.add_argument(
-        "--backend-store-uri",
-        default=os.environ.get("KD_BACKEND_STORE_URI", f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"),
-        help="SQLAlchemy URL of the tracking store",
-    )
-    parser.add_argument(
-        "--artifacts-destination",
-        default=os.environ.get("KD_ARTIFACTS_DESTINATION", str(PROJECT_ROOT / "mlartifacts")),
-        help="local folder or s3://bucket/prefix",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--auth", action="store_true", help=f"require MLflow basic-auth logins (first start: set {ADMIN_PASSWORD_ENV})")
-    parser.add_argument(
-        "--auth-database-uri",
-        default=f"sqlite:///{PROJECT_ROOT / 'mlflow-auth.db'}",
-        help="SQLAlchemy URL of the users and permissions database",
-    )
-    args = parser.parse_args(argv)
-    if args.auth:
-        os.environ.update(auth_environment(args.auth_database_uri, PROJECT_ROOT / ".cache" / "basic_auth.ini"))
+def start_server(
+    backend_store_uri: str, artifacts_destination: str, host: str, port: int, auth: bool = False, auth_database_uri: str = ""
+) -> None:
+    """Replace this process by the tracking server (``auth``: with basic-auth logins kept in ``auth_database_uri``)."""
+    if auth:
+        os.environ.update(auth_environment(auth_database_uri, PROJECT_ROOT / ".cache" / "basic_auth.ini"))
         if not os.environ.get(SECRET_KEY_ENV):
-            sys.exit(
-                f"error: --auth needs {SECRET_KEY_ENV} (a random string, the same on every server of the team: it signs the CSRF tokens)"
+            raise PipelineError(
+                f"--auth needs {SECRET_KEY_ENV} (a random string, the same on every server of the team: it signs the CSRF tokens)"
             )
         if not os.environ.get(ADMIN_PASSWORD_ENV):
             print(
                 f"note: on first start the admin user needs a password: set {ADMIN_PASSWORD_ENV} (MLflow refuses to start without one)",
                 file=sys.stderr,
             )
-    command = server_command(args.backend_store_uri, args.artifacts_destination, args.host, args.port, args.auth)
+    command = server_command(backend_store_uri, artifacts_destination, host, port, auth)
     print("starting:", " ".join(command), flush=True)
     os.execv(command[0], command)
-
-
-if __name__ == "__main__":
-    main()

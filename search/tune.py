@@ -234,15 +234,15 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return max(candidates, key=lambda t: (round(t.values[0], 6), -t.user_attrs.get("student_params", np.inf)))
 
 
-def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
+def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None = None) -> optuna.Study:
     """Join or create the study, make sure the teachers exist, then work until it has ``n_trials`` finished trials.
 
-    ``under``: the id of a pipeline run the study's MLflow run is nested in (``main``).
+    ``under``: the id of a pipeline run the study's MLflow run is nested in (``main``); ``prepared``: its data.
     """
     space = SearchSpace.from_config(cfg)
     storage = open_storage(cfg)
     study, cfg = load_or_create_study(cfg, storage)
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(cfg, reuse=prepared)
     digest = study.user_attrs.get(DIGEST_ATTR)
     if digest is None:
         study.set_user_attr(DIGEST_ATTR, prepared.dataset.digest)

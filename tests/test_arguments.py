@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 from kdtest import child_env
@@ -14,15 +15,8 @@ from kdtest import child_env
 from pipelines.config import LIMITS, RANGE_LIMITS, STORAGE_URL_ENV, Config, PipelineError, build_parser
 
 HEAVY = ("tensorflow", "keras", "mlflow", "optuna", "pandas", "sklearn", "sqlalchemy")
-# The CLIs users and MLproject run, each with the options it takes.
-CLIS = {
-    "prepare": ["-m", "pipelines", "prepare"],
-    "teacher": ["-m", "pipelines", "teacher"],
-    "distill": ["-m", "pipelines", "distill"],
-    "main": ["-m", "pipelines", "main"],
-    "search": ["-m", "search"],
-    "promote": ["-m", "registry", "promote"],
-}
+# The `kd` commands that take the data and training options (as users and MLproject run them: `python -m kd <command>`).
+CLIS = ("prepare", "teacher", "distill", "main", "search", "promote", "export")
 PREPARE_OPTIONS = {"image_size", "test_fraction", "folds", "seed", "synthetic_images"}
 
 
@@ -67,11 +61,10 @@ def test_the_storage_url_comes_from_the_environment_when_the_parameter_is_empty(
 
 def _refuse(cli: str, *options: str) -> tuple[str, list[str]]:
     """Run a CLI with bad options; returns its error line and the heavy modules it had imported when it exited."""
-    module, rest = CLIS[cli][1], CLIS[cli][2:]
     probe = (
         "import atexit, runpy, sys; "
         f"atexit.register(lambda: print('IMPORTED', *(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)); "
-        f"sys.argv = ['x', *{[*rest, *options]!r}]; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+        f"sys.argv = ['x', *{[cli, *options]!r}]; runpy.run_module('kd', run_name='__main__', alter_sys=True)"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], env=child_env(**{STORAGE_URL_ENV: ""}), capture_output=True, text=True, timeout=120
@@ -113,6 +106,32 @@ def test_every_cli_refuses_bad_arguments_before_importing_tensorflow_or_the_stor
         tried += 1
     assert tried >= 5
     reliability.bad_input(
-        f"`{' '.join(['python', *CLIS[cli]])}` with an out-of-range size, seed, rate, range, student size, modality or a password in storage",
-        f"{tried} bad arguments: exit 2 with one line naming the parameter, before TensorFlow, MLflow, Optuna, pandas or a store is imported",
+        f"`kd {cli}` with an out-of-range size, seed, rate, range, student size, modality or a password in storage",
+        f"{tried} bad arguments: exit 2 with one line naming the parameter,"
+        " before TensorFlow, MLflow, Optuna, pandas or a store is imported",
     )
+
+
+def test_kd_lists_every_command_and_each_command_shows_its_config_options(capsys) -> None:
+    from kd.cli import COMMANDS, main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    listing = capsys.readouterr().out
+    assert done.value.code == 0 and all(f"\n    {name} " in listing for name in COMMANDS), listing
+    for name, command in COMMANDS.items():
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        shown = capsys.readouterr().out
+        assert done.value.code == 0 and shown.startswith(f"usage: kd {name} "), (name, shown[:200])
+        options = [f.name for f in fields(Config)] if command.fields is None else command.fields
+        assert all(f"--{option}" in shown for option in options), (name, shown)
+
+
+@pytest.mark.parametrize("argv", [[], ["teach"], ["--image_size", "64"]])
+def test_kd_without_a_known_command_exits_2_naming_the_commands(argv: list[str], capsys) -> None:
+    from kd.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and "usage: kd" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from pipelines.tracking import CODE_TAG, DIGEST_TAG, OUTCOME_TAG, PARAMS_TAG, ST
 
 ROOT = Path(__file__).resolve().parents[1]
 # How a step is started from the command line; the arguments after it are the step's name and options.
-STEP_COMMAND = (sys.executable, "-m", "pipelines")
+STEP_COMMAND = (sys.executable, "-m", "kd")
 TINY_TEACHER = [
     "--synthetic_images", "20", "--image_size", "32", "--folds", "2", "--epochs", "1", "--patience", "0",
     "--batch_size", "16", "--experiment_name", "fingerprint",

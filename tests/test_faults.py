@@ -154,7 +154,7 @@ def study(mri_subset, module_postgres_databases, tmp_path_factory):
 
 
 def promote_command(cfg, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "registry", "promote", *cli_args(cfg), *extra]
+    return [sys.executable, "-m", "kd", "promote", *cli_args(cfg), *extra]
 
 
 def check_champion_serves(tracking_uri: str, image: Path, roles_agree: bool = True) -> str:
@@ -283,7 +283,8 @@ def test_the_tracking_server_going_away_mid_run(outage, mri_subset, postgres_uri
     command = [
         sys.executable,
         "-m",
-        "pipelines.teacher",
+        "kd",
+        "teacher",
         "--data_dir",
         str(mri_subset),
         "--image_size",

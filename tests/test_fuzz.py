@@ -999,7 +999,7 @@ def _post_with_type(port: int, body: bytes, content_type: str | None) -> tuple[i
 
 @pytest.mark.slow
 def test_the_wrapped_scoring_server_answers_missing_and_wrong_content_types_with_4xx(served, reliability) -> None:
-    """``python -m registry.serve`` (MLflow's scoring app plus a Content-Type rule): no header, an empty one, other
+    """``kd serve`` (MLflow's scoring app plus a Content-Type rule): no header, an empty one, other
     types, charsets and parameters all get 4xx (MLflow's own server answers a missing header with 500); a good
     request still gets the in-process model's answer."""
     from registry.server import serve_model
@@ -1047,6 +1047,6 @@ def test_the_wrapped_scoring_server_answers_missing_and_wrong_content_types_with
         server.terminate()
         server.wait(timeout=30)
     reliability.bad_input(
-        "HTTP requests to `python -m registry.serve` with a missing, empty or wrong Content-Type (other types, charsets, parameters, random text)",
+        "HTTP requests to `kd serve` with a missing, empty or wrong Content-Type (other types, charsets, parameters, random text)",
         tally.summary() + "; server alive and answering like the in-process model afterwards",
     )

@@ -1,5 +1,5 @@
 """Multi-class throughout: the embedded generator's 3- and 4-class sets, and per-class F1, macro-F1 and the
-confusion matrix in every step (teacher, distill, search trial, promote) and in `python -m registry fetch`.
+confusion matrix in every step (teacher, distill, search trial, promote) and in `kd fetch`.
 
 The training part is one tiny real pipeline (32 px, 2 folds, 1 epoch, 40 images) in a temporary tracking
 store; every per-class figure it logs is recomputed from the logged confusion matrices with scikit-learn.

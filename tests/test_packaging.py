@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import tomllib
 from pathlib import Path
 
@@ -64,3 +65,23 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme and "make run" in readme
     makefile = (ROOT / "Makefile").read_text()
     assert "\nrun:" in makefile and "\ntest:" in makefile
+
+
+def test_the_kd_console_script_is_the_kd_command_line():
+    from kd.cli import main
+
+    module, function = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["kd"].split(":")
+    assert getattr(importlib.import_module(module), function) is main
+    assert "kd*" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+
+
+def test_every_mlproject_entry_point_runs_the_kd_command_of_its_name():
+    from mlflow.projects._project_spec import load_project
+
+    from kd.cli import COMMANDS
+
+    project = load_project(str(ROOT))
+    for entry in project._entry_points:
+        command = project.get_entry_point(entry).command.split()
+        # `python -m kd`, not the `kd` script: conda.yaml's environment (mlflow run without --env-manager) lacks the project
+        assert command[:4] == ["python", "-m", "kd", entry] and entry in COMMANDS, command[:4]

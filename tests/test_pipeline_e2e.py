@@ -171,7 +171,7 @@ def test_two_distill_runs_started_together_train_the_teacher_once(mri_subset, tm
     env = child_env(MLFLOW_TRACKING_URI=tracking_uri)
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "pipelines", "distill", *args, f"--temperature={t}"],
+            [sys.executable, "-m", "kd", "distill", *args, f"--temperature={t}"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -187,7 +187,7 @@ def test_two_distill_runs_started_together_train_the_teacher_once(mri_subset, tm
     assert len(teachers) == 1 and teachers[0].info.status == "FINISHED", [(r.info.run_id, r.data.tags.get("kd.outcome")) for r in teachers]
     assert len(distills) == 2 and {run.data.tags["kd.teacher_run_id"] for run in distills} == {teachers[0].info.run_id}
     reliability.fault(
-        "two `python -m pipelines distill` runs started together on the same data (SQLite storage lock)",
+        "two `kd distill` runs started together on the same data (SQLite storage lock)",
         "one teacher run trained, both distill runs FINISHED and use it",
     )
     reliability.lost(

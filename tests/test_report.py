@@ -1,6 +1,6 @@
 """The report, for real: a tiny search and promotion in a temporary tracking store, then the methodology and
 results written from it. Every number in the tables is parsed back and compared with the logged value;
-changing a logged metric changes the report. Also the `mlflow run . -e report` and `python -m registry
+changing a logged metric changes the report. Also the `mlflow run . -e report` and `kd
 explain` commands as a user runs them."""
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def test_mlflow_run_report_and_explain_cli(tracked, mri_subset, tmp_path):
     scan = sorted((mri_subset / "yes").iterdir())[0]
     overlay = tmp_path / "overlay.png"
     result = subprocess.run(
-        [sys.executable, "-m", "registry", "explain", "--model-name", MODEL, "--stage", "Production", str(scan), "--out", str(overlay)],
+        [sys.executable, "-m", "kd", "explain", "--model-name", MODEL, "--stage", "Production", str(scan), "--out", str(overlay)],
         env=env,
         capture_output=True,
         text=True,
@@ -289,7 +289,7 @@ def test_mlflow_run_report_and_explain_cli(tracked, mri_subset, tmp_path):
     assert "student: predicts" in result.stdout and "teacher: predicts" in result.stdout
 
     missing = subprocess.run(
-        [sys.executable, "-m", "registry", "explain", "--model-name", MODEL, str(tmp_path / "nope.jpg")],
+        [sys.executable, "-m", "kd", "explain", "--model-name", MODEL, str(tmp_path / "nope.jpg")],
         env=env,
         capture_output=True,
         text=True,

@@ -30,6 +30,7 @@ def start_worker(data_dir: Path, storage: str, tracking_uri: str, study: str, n_
     command = [
         sys.executable,
         "-m",
+        "kd",
         "search",
         "--data_dir",
         str(data_dir),

@@ -114,9 +114,9 @@ def team(module_postgres_databases, mri_subset, tmp_path_factory):
             env.setenv(STORAGE_URL_ENV, module_postgres_databases().replace("postgres@", f"postgres:{SECRETS['database']}@"))
             cfg = tiny_config(mri_subset, root, storage="", n_trials=1)
             logs: dict[str, str] = {}
-            run_cli("search", [sys.executable, "-m", "search", *cli_args(cfg)], url, logs)
-            run_cli("promote", [sys.executable, "-m", "registry", "promote", *cli_args(cfg)], url, logs)
-            run_cli("promote --force", [sys.executable, "-m", "registry", "promote", *cli_args(cfg), "--force", "true"], url, logs)
+            run_cli("search", [sys.executable, "-m", "kd", "search", *cli_args(cfg)], url, logs)
+            run_cli("promote", [sys.executable, "-m", "kd", "promote", *cli_args(cfg)], url, logs)
+            run_cli("promote --force", [sys.executable, "-m", "kd", "promote", *cli_args(cfg), "--force", "true"], url, logs)
             yield Team(url, s3_endpoint, cfg, logs, server_log)
         finally:
             mlflow.set_tracking_uri(previous)
@@ -191,7 +191,7 @@ def test_a_read_only_user_fetches_production_but_cannot_register_promote_or_roll
         assert refused.value.error_code == "PERMISSION_DENIED", (what, refused.value)
     for command in (["rollback", "--model-name", MODEL], ["promote", *cli_args(team.cfg)]):
         result = subprocess.run(
-            [sys.executable, "-m", "registry", *command],
+            [sys.executable, "-m", "kd", *command],
             env=child_env(MLFLOW_TRACKING_URI=team.url),
             capture_output=True,
             text=True,

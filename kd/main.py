@@ -7,19 +7,20 @@ import os
 
 import mlflow
 
-from pipelines.cli import run_step
 from pipelines.config import Config
 from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
+from registry.fetch import resolve_version
+from registry.promote import CHAMPION, current_version, promote
+from search.tune import PARENT_RUN_ATTR, best_trial, run_search
 
 
 def run_main(cfg: Config) -> dict[str, str]:
-    """Run the chain under one ``main`` run (steps nested in it); returns each step's run id."""
-    from registry.fetch import resolve_version
-    from registry.promote import CHAMPION, current_version, promote
-    from search.tune import PARENT_RUN_ATTR, best_trial, run_search
+    """Run the chain under one ``main`` run (steps nested in it); returns each step's run id.
 
+    The data is ingested, decoded and hashed once here; every step of the chain gets that one :class:`Prepared`.
+    """
     prepared = prepare_data(cfg)
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.experiment_name)
@@ -29,7 +30,7 @@ def run_main(cfg: Config) -> dict[str, str]:
         runs = {"prepare": prepare(cfg, prepared, nested=True), "teacher": train_teacher(cfg, prepared, nested=True)}
     main_id = parent.info.run_id
 
-    study = run_search(cfg, under=main_id)
+    study = run_search(cfg, under=main_id, prepared=prepared)
     runs["search"] = study.user_attrs[PARENT_RUN_ATTR]
     best = best_trial(study)
     champion = current_version(mlflow.MlflowClient(), cfg.model_name, CHAMPION)
@@ -40,11 +41,12 @@ def run_main(cfg: Config) -> dict[str, str]:
     )
     if same:
         print(
-            f"promote: champion {cfg.model_name} v{champion.version} already is trial {best.number} of {cfg.study_name!r}; nothing to promote"
+            f"promote: champion {cfg.model_name} v{champion.version} already is trial {best.number} of {cfg.study_name!r};"
+            " nothing to promote"
         )
         runs["promote"] = champion.run_id
     else:
-        promote(cfg, under=main_id)
+        promote(cfg, under=main_id, prepared=prepared)
         runs["promote"] = resolve_version(cfg.model_name, alias=CHAMPION).run_id
 
     production = resolve_version(cfg.model_name, stage="Production")
@@ -60,21 +62,15 @@ def run_main(cfg: Config) -> dict[str, str]:
     for step, run_id in {"main": main_id, **runs}.items():
         print(f"  {step:<16}: run {run_id}")
     print(
-        f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}, params {best.params}"
+        f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f},"
+        f" params {best.params}"
     )
     print(
         f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 {production.tags.get('holdout_f1')})"
     )
     print(
-        f"  trained on      : {production.tags.get('trained_on', 'not recorded')}, data digest {production.tags.get('data_digest', '')[:12]}"
+        f"  trained on      : {production.tags.get('trained_on', 'not recorded')},"
+        f" data digest {production.tags.get('data_digest', '')[:12]}"
     )
-    print(f"  serve it        : python -m registry.serve -m models:/{cfg.model_name}/Production -p 5001")
+    print(f"  serve it        : kd serve -m models:/{cfg.model_name}/Production -p 5001")
     return runs
-
-
-def main(argv: list[str] | None = None) -> None:
-    run_step("main", argv)
-
-
-if __name__ == "__main__":
-    main()

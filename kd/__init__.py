@@ -1,0 +1,2 @@
+"""The orchestrator on top of the layers (pipelines < search < registry < benchmarks < kd): the ``main`` chain
+and the ``kd`` command line."""

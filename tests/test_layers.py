@@ -1,0 +1,97 @@
+"""The layers stay layers: every import statement of the project's packages (at module level or inside a function)
+points to its own layer or one below (pipelines < search < registry < benchmarks < kd), and no modules import
+each other in a cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("pipelines", "search", "registry", "benchmarks", "kd")  # bottom first
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for layer in LAYERS for path in sorted((ROOT / layer).rglob("*.py"))}
+
+
+def imported_modules(name: str) -> set[str]:
+    """The project's modules ``name`` imports anywhere in its code: ``from a.b import c`` counts as ``a.b.c`` when that
+    is a module, else as ``a.b``."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the importing module's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            # `import a.b.c` names the module a.b.c; the nearest enclosing project module is what is imported
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target:
+                found.add(target)
+    return found - {name}
+
+
+GRAPH = {name: imported_modules(name) for name in MODULES}
+
+
+def layer(name: str) -> int:
+    return LAYERS.index(name.split(".")[0])
+
+
+def test_the_import_graph_sees_imports_at_module_level_and_inside_functions() -> None:
+    assert {"pipelines.config", "search.tune", "registry.promote"} <= GRAPH["kd.main"]
+    assert "kd.main" in GRAPH["kd.cli"], "kd.cli imports the main chain inside a function, only after the arguments are checked"
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    upward = sorted(f"{name} -> {target}" for name, targets in GRAPH.items() for target in targets if layer(target) > layer(name))
+    assert not upward, f"imports of a higher layer (order {' < '.join(LAYERS)}): {upward}"
+
+
+def test_no_modules_import_each_other_in_a_cycle() -> None:
+    # Tarjan's strongly connected components: any component of more than one module is a cycle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(name: str) -> None:
+        index[name] = low[name] = len(index)
+        stack.append(name)
+        on_stack.add(name)
+        for target in sorted(GRAPH[name]):
+            if target not in index:
+                visit(target)
+                low[name] = min(low[name], low[target])
+            elif target in on_stack:
+                low[name] = min(low[name], index[target])
+        if low[name] == index[name]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == name:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for name in sorted(GRAPH):
+        if name not in index:
+            visit(name)
+    assert not cycles, f"modules that import each other (directly or through others): {cycles}"
