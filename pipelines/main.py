@@ -17,7 +17,8 @@ from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 def run_main(cfg: Config) -> dict[str, str]:
     """Run the chain under one ``main`` run (steps nested in it); returns each step's run id."""
     from registry.fetch import resolve_version
-    from registry.promote import CHAMPION, current_version, promote
+    from registry.promote import promote
+    from registry.roles import CHAMPION, current_version
     from search.tune import PARENT_RUN_ATTR, best_trial, run_search
 
     prepared = prepare_data(cfg)

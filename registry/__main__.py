@@ -83,7 +83,7 @@ def _explain(argv: list[str]) -> None:
 
 
 def _history(argv: list[str]) -> None:
-    from registry.promote import history
+    from registry.roles import history
 
     parser = argparse.ArgumentParser(description="Every promotion and rollback: who, when, which version, why.")
     parser.add_argument("--model-name", "--model_name", dest="model_name", default=Config().model_name)
@@ -98,7 +98,7 @@ def _history(argv: list[str]) -> None:
 
 
 def _rollback(argv: list[str]) -> None:
-    from registry.promote import rollback
+    from registry.roles import rollback
 
     parser = argparse.ArgumentParser(description="Restore the previous champion (Production + alias champion).")
     parser.add_argument("--model-name", "--model_name", dest="model_name", default=Config().model_name)

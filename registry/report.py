@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import tempfile
 import warnings
 from dataclasses import dataclass, fields
-from importlib import metadata
 from pathlib import Path
 
 import mlflow
@@ -32,10 +30,8 @@ from mlflow.entities import Run
 from pipelines.config import PROJECT_ROOT, STORAGE_URL_ENV, Config, PipelineError, build_parser, config_from_args
 from pipelines.evaluate import classification_metrics, save_figure
 from registry.document import Block, Code, Equation, Figure, Heading, Math, bullets, latex_document, para, table, to_latex, to_markdown
+from registry.evidence import ENVIRONMENT_ARTIFACT, NO_KD_CV_TAG, PREDICTIONS_ARTIFACT, TRIAL_RUN_TAG
 
-PREDICTIONS_ARTIFACT = "evaluation/holdout_predictions.csv"
-ENVIRONMENT_ARTIFACT = "environment.json"
-NO_KD_CV_TAG, TRIAL_RUN_TAG = "kd.no_kd_cv_run_id", "kd.trial_run_id"
 MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
 METRICS = {
     "f1": "F1",
@@ -47,59 +43,6 @@ METRICS = {
     "pr_auc": "PR-AUC",
 }
 BOOTSTRAP_RESAMPLES = 1000
-
-
-# ---------------------------------------------------------------- evidence logged by promote
-
-
-def log_evidence(cfg: Config, prepared, probs: dict[str, np.ndarray], trial_run_id: str) -> str:
-    """Log to the active promote run what the report reads back; returns the no-KD cross-validation run id.
-
-    ``probs``: hold-out class probabilities of ``teacher``, ``student`` and ``no_kd``. The no-KD student of the
-    trial's configuration is cross-validated on the same folds with the same seeds (a finished run is reused).
-    """
-    from pipelines.distill import distill
-
-    test = prepared.splits.test
-    frame = prepared.dataset.manifest.iloc[test][["path", "sha256", "label"]].reset_index(drop=True)
-    for who, values in probs.items():
-        for index, name in enumerate(prepared.dataset.class_names):
-            frame[f"{who}_prob_{name}"] = values[:, index]
-    mlflow.log_text(frame.to_csv(index=False), PREDICTIONS_ARTIFACT)
-    mlflow.log_dict(environment(), ENVIRONMENT_ARTIFACT)
-    no_kd_run_id = distill(cfg.replace(no_kd=True), prepared, nested=True)
-    mlflow.set_tags({NO_KD_CV_TAG: no_kd_run_id, TRIAL_RUN_TAG: trial_run_id})
-    return no_kd_run_id
-
-
-def environment() -> dict:
-    """Python, package versions (the project's pinned dependencies) and the machine."""
-    import tensorflow as tf
-
-    from registry.promote import pinned_requirements
-
-    names = [requirement.split("==")[0].split("[")[0] for requirement in pinned_requirements()]
-    packages = {}
-    for name in names + ["scipy"]:  # scipy (via scikit-learn) runs the paired tests
-        try:
-            packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            packages[name] = "not installed"
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu
-        )
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": packages,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "memory_gib": round(memory / 2**30, 1),
-        "gpus": [device.name for device in tf.config.list_physical_devices("GPU")],
-    }
 
 
 # ---------------------------------------------------------------- reading the store

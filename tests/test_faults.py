@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT
 from registry.model import encode_file
-from registry.promote import history
+from registry.roles import history
 from registry.server import free_port, server_command
 from search.tune import run_search
 

@@ -19,9 +19,10 @@ from kdtest import MODEL, child_env, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
+from registry.evidence import NO_KD_CV_TAG, TRIAL_RUN_TAG
 from registry.fetch import resolve_version
 from registry.promote import promote
-from registry.report import METRICS, MODELS, NO_KD_CV_TAG, TRIAL_RUN_TAG, write_report
+from registry.report import METRICS, MODELS, write_report
 from search.tune import run_search
 
 ROOT = Path(__file__).resolve().parents[1]

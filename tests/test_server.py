@@ -30,7 +30,7 @@ from moto.server import ThreadedMotoServer
 import registry
 from pipelines.config import STORAGE_URL_ENV
 from registry.model import encode_file
-from registry.promote import history
+from registry.roles import history
 from registry.server import auth_environment, free_port, server_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
