@@ -22,7 +22,9 @@ from pipelines.config import PipelineError
 from registry.evidence import NO_KD_CV_TAG, TRIAL_RUN_TAG
 from registry.fetch import resolve_version
 from registry.promote import promote
-from registry.report import METRICS, MODELS, write_report
+from registry.report import write_report
+from registry.report.gather import MODELS
+from registry.report.stats import METRICS
 from search.tune import run_search
 
 ROOT = Path(__file__).resolve().parents[1]
