@@ -47,6 +47,8 @@ from search.tune import best_trial, open_study
 
 @dataclass(frozen=True)
 class Promotion:
+    """What a promotion did: the version it registered, whether the gate made it champion and why, and both F1 scores."""
+
     version: str
     promoted: bool
     reason: str
