@@ -367,10 +367,12 @@ def augmentation_description(cfg: Config) -> str:
 
 
 def layer_rows(model) -> list[list[str]]:
+    """Name, type, output shape and parameter count of each layer."""
     return [[layer.name, type(layer).__name__, str(tuple(layer.output.shape[1:])), str(layer.count_params())] for layer in model.layers]
 
 
 def layer_counts(model) -> str:
+    """How many layers of each type, the most frequent first (``12 Conv2D, 4 BatchNormalization, ...``)."""
     counts: dict[str, int] = {}
     for layer in model.layers:
         counts[type(layer).__name__] = counts.get(type(layer).__name__, 0) + 1
@@ -388,6 +390,7 @@ def block_description(model) -> str:
 
 
 def kd_equation(binary: bool) -> str:
+    """The distillation loss in LaTeX: sigmoid and Bernoulli KL for one logit, softmax and KL for more."""
     if binary:
         hard = r"\ell_{\mathrm{BCE}}\big(y_i, \sigma(z_i)\big)"
         soft = r"\mathrm{KL}\Big(\mathrm{Bern}\big(\sigma(z^{t}_i/T)\big)\,\Big\|\,\mathrm{Bern}\big(\sigma(z_i/T)\big)\Big)"
@@ -457,7 +460,7 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
     blocks: list[Block] = [
         Heading(1, "Results"),
         kfold_table(s, f),
-        holdout_table(s, f),
+        holdout_table(f),
         *fold_comparison(s, f),
         per_class_table(s, f),
         per_class_f1_table(s, f),
@@ -484,7 +487,7 @@ def kfold_table(s: Sources, f: Findings) -> Block:
     )
 
 
-def holdout_table(s: Sources, f: Findings) -> Block:
+def holdout_table(f: Findings) -> Block:
     """Hold-out metrics of the three models with their bootstrap intervals."""
     return table(
         "holdout",
