@@ -257,7 +257,8 @@ def run_search(cfg: Config, under: str | None = None) -> optuna.Study:
         study.set_user_attr(DIGEST_ATTR, prepared.dataset.digest)
     elif digest != prepared.dataset.digest:
         raise PipelineError(
-            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) differs from study {cfg.study_name!r}'s data (digest {digest[:12]})"
+            f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) "
+            f"differs from study {cfg.study_name!r}'s data (digest {digest[:12]})"
         )
 
     close_stale_runs()
@@ -321,7 +322,8 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
         write_plots(study, cfg, out)
         mlflow.log_artifacts(tmp, "search")
     print(
-        f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} with {json.dumps(best.params)}"
+        f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} "
+        f"with {json.dumps(best.params)}"
     )
 
 

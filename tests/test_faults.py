@@ -268,7 +268,7 @@ def start_server(backend: str, artifacts: Path, port: int, log: Path) -> subproc
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 kill_group(server)
-                raise AssertionError(log.read_text()[-3000:])
+                raise AssertionError(log.read_text()[-3000:]) from None
             time.sleep(0.5)
 
 

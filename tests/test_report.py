@@ -151,7 +151,8 @@ LOOSE_ENDS = {
     "None": r"\bNone\b",
     "nan": r"(?i)\bnan\b",
     "a range whose ends are equal": r"(?<![\w.\-])(\d+(?:\.\d+)?)\s*(?:–|-|to)\s*\1(?![\w.\-])",
-    "a Keras auto-generated layer name": r"\b(?:conv2d|re_lu|group_normalization|max_pooling2d|global_(?:average|max)_pooling2d|concatenate|dropout|dense|add|input_layer)_\d+\b",
+    "a Keras auto-generated layer name": r"\b(?:conv2d|re_lu|group_normalization|max_pooling2d|global_(?:average|max)_pooling2d"
+    r"|concatenate|dropout|dense|add|input_layer)_\d+\b",
 }
 
 
