@@ -132,7 +132,7 @@ def _fetch(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _history(cfg: Config, args: argparse.Namespace) -> None:
-    from registry.promote import history
+    from registry.roles import history
 
     for entry in history(cfg.model_name):
         previous = entry["previous"] or "-"
@@ -140,7 +140,7 @@ def _history(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _rollback(cfg: Config, args: argparse.Namespace) -> str:
-    from registry.promote import rollback
+    from registry.roles import rollback
 
     return rollback(cfg.model_name, args.reason)
 

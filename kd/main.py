@@ -12,7 +12,8 @@ from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 from registry.fetch import resolve_version
-from registry.promote import CHAMPION, current_version, promote
+from registry.promote import promote
+from registry.roles import CHAMPION, current_version
 from search.tune import PARENT_RUN_ATTR, best_trial, run_search
 
 

@@ -134,40 +134,61 @@ def write_evaluation_artifacts(
 
     The JSON holds ``matrices`` (named scopes, e.g. per fold) when given, else the plotted one as scope ``all``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    predicted = probs.argmax(axis=1)
     paths = []
 
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    skm.ConfusionMatrixDisplay.from_predictions(
-        labels, predicted, labels=np.arange(len(class_names)), display_labels=class_names, ax=ax, colorbar=False
-    )
-    ax.set_title(f"{title}: confusion matrix")
+    plot_confusion(ax, labels, probs, class_names, f"{title}: confusion matrix")
     paths.append(save_figure(fig, out_dir / "confusion_matrix.png"))
     record = confusion_record(class_names, matrices or {"all": confusion_matrix(labels, probs)})
     paths.append(out_dir / Path(CONFUSION_ARTIFACT).name)
     paths[-1].write_text(json.dumps(record, indent=1))
 
     curves = [(1, class_names[1])] if len(class_names) == 2 else list(enumerate(class_names))
-    for kind, display in (("roc", skm.RocCurveDisplay), ("pr", skm.PrecisionRecallDisplay)):
+    for kind in CURVES:
         fig, ax = plt.subplots(figsize=(4.5, 4))
-        for index, name in curves:
-            if np.any(labels == index) and np.any(labels != index):
-                display.from_predictions(labels == index, probs[:, index], name=name, ax=ax)
-        ax.set_title(f"{title}: {'ROC' if kind == 'roc' else 'precision-recall'} curve")
+        plot_curves(ax, kind, {name: (labels == index, probs[:, index]) for index, name in curves})
+        ax.set_title(f"{title}: {CURVES[kind][1]} curve")
         paths.append(save_figure(fig, out_dir / f"{kind}_curve.png"))
 
     report = skm.classification_report(
-        labels, predicted, labels=np.arange(len(class_names)), target_names=class_names, digits=4, zero_division=0
+        labels, probs.argmax(axis=1), labels=np.arange(len(class_names)), target_names=class_names, digits=4, zero_division=0
     )
     (out_dir / "classification_report.txt").write_text(f"{title}\n\n{report}")
     paths.append(out_dir / "classification_report.txt")
     return paths
+
+
+# The curves plot_curves draws: kind -> (scikit-learn display, name in titles).
+CURVES = {"roc": (skm.RocCurveDisplay, "ROC"), "pr": (skm.PrecisionRecallDisplay, "precision-recall")}
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: figures are only ever written to files (no display on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion(ax, labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], title: str) -> None:
+    """The confusion matrix of arg-max decisions on ``ax``: rows true classes, every class shown, no colour bar."""
+    skm.ConfusionMatrixDisplay.from_predictions(
+        labels, probs.argmax(axis=1), labels=np.arange(len(class_names)), display_labels=list(class_names), ax=ax, colorbar=False
+    )
+    ax.set_title(title)
+
+
+def plot_curves(ax, kind: str, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """ROC (``kind="roc"``) or precision-recall (``"pr"``) curves on ``ax``: one per legend name, from
+    (boolean truth, score) pairs. A truth without both values has no curve and is left out."""
+    display = CURVES[kind][0]
+    for name, (truth, score) in curves.items():
+        if np.any(truth) and not np.all(truth):
+            display.from_predictions(truth, score, name=name, ax=ax)
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:

@@ -1,23 +1,15 @@
 """Step ``promote``: retrain the study's best student on all training data, compare it on the hold-out split,
-register it, and promote it only if it beats the champion.
-
-Stage and alias move together: ``Production`` + ``champion`` for the winner (the previous champion is
-archived), ``Staging`` + ``challenger`` otherwise. Every promotion and rollback is appended to the
-registered model's audit trail (``kd history``).
+register it, and promote it only if it beats the champion (the gate: ``registry.gate``; the roles it moves and the
+audit trail: ``registry.roles``). It also logs what the report reads back (``registry.evidence``).
 """
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import keras
@@ -39,22 +31,24 @@ from pipelines.evaluate import (
     model_logits,
     probabilities,
 )
-from pipelines.locks import database_lock, lockable
 from pipelines.machine import pinned_requirements
 from pipelines.models import build_student
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
+from registry.evidence import code_version, log_evidence
+from registry.gate import Champion, decide
 from registry.model import INPUTS, MAX_BATCH, encode_file, signature
-
-CHAMPION, CHALLENGER = "champion", "challenger"
-STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}
-AUDIT_PREFIX = "audit."
+from registry.roles import CHALLENGER, CHAMPION, current_version, record, registry_lock, repair_roles, set_role
+from search.space import trial_config
+from search.tune import best_trial, open_study
 
 
 @dataclass(frozen=True)
 class Promotion:
+    """What a promotion did: the version it registered, whether the gate made it champion and why, and both F1 scores."""
+
     version: str
     promoted: bool
     reason: str
@@ -77,26 +71,9 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
 
 def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
     """The study's best trial, the study's Config (data, teachers) and the Config of the trial's student."""
-    from search.tune import best_trial, load_or_create_study, open_storage
-
-    storage = open_storage(cfg)
-    try:
-        storage.get_study_id_from_name(cfg.study_name)
-    except KeyError:
-        raise PipelineError(f"no study {cfg.study_name!r} in {cfg.storage_url.split('@')[-1]}; run the search first") from None
-    study, study_cfg = load_or_create_study(cfg, storage)
+    study, study_cfg = open_study(cfg)
     best = best_trial(study)
-    params = best.params
-    return (
-        best,
-        study_cfg,
-        study_cfg.replace(
-            temperature=params["temperature"],
-            alpha=params["alpha"],
-            student_size=f"{params['width']}x{params['depth']}",
-            learning_rate=params["learning_rate"],
-        ),
-    )
+    return best, study_cfg, trial_config(study_cfg, best.params)
 
 
 def holdout_frame(prepared: Prepared) -> pd.DataFrame:
@@ -116,19 +93,6 @@ def pyfunc_f1(model: mlflow.pyfunc.PyFuncModel, frame: pd.DataFrame, labels: np.
         raise PipelineError(f"the model predicts other classes than this data's {class_names}; compare on data with the same classes")
     probs = output[[f"prob_{name}" for name in class_names]].to_numpy()
     return classification_metrics(labels, probs)
-
-
-def code_version() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def trained_on(dataset) -> str:
@@ -171,113 +135,10 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
     return info
 
 
-def current_version(client: MlflowClient, name: str, alias: str):
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def set_role(client: MlflowClient, name: str, version: str, alias: str) -> None:
-    """Move stage and alias together: the version leaves its other role, the role's previous holder is archived."""
-    for other in STAGE_OF_ALIAS:
-        holder = current_version(client, name, other)
-        if other != alias and holder is not None and holder.version == version:
-            client.delete_registered_model_alias(name, other)
-    stage = STAGE_OF_ALIAS[alias]
-    # Archive the stage's other versions ourselves: MLflow's archive_existing_versions=True compares the
-    # integer version column with a string on PostgreSQL and fails there.
-    for other in client.get_latest_versions(name, stages=[stage]):
-        if other.version != version:
-            client.transition_model_version_stage(name, other.version, "Archived")
-    client.transition_model_version_stage(name, version, stage)
-    client.set_registered_model_alias(name, alias, version)
-
-
-def record(client: MlflowClient, name: str, event: str, version: str, previous: str | None, why: str) -> None:
-    """Append one entry to the model's audit trail (a registered-model tag per event, ordered by time)."""
-    when = datetime.now(UTC)
-    entry = {
-        "event": event,
-        "version": version,
-        "previous": previous,
-        "who": getpass.getuser(),
-        "when": when.isoformat(timespec="seconds"),
-        "why": why,
-    }
-    client.set_registered_model_tag(name, f"{AUDIT_PREFIX}{when.strftime('%Y%m%dT%H%M%S%f')}", json.dumps(entry))
-
-
-def history(name: str) -> list[dict]:
-    client = MlflowClient()
-    try:
-        tags = client.get_registered_model(name).tags
-    except MlflowException:
-        raise PipelineError(f"no registered model {name!r}; promote one first (mlflow run . -e promote)") from None
-    return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(AUDIT_PREFIX))]
-
-
-def _version(client: MlflowClient, name: str, version: str):
-    try:
-        return client.get_model_version(name, version)
-    except MlflowException:
-        return None
-
-
-def _run_status(client: MlflowClient, run_id: str) -> str:
-    try:
-        return client.get_run(run_id).info.status
-    except MlflowException:
-        return "DELETED"
-
-
-def registry_lock(name: str, storage_url: str | None = None):
-    """Serialise promotions and rollbacks of one model: through the tracking database when MLflow talks to
-    one directly, else through the study's database (an HTTP tracking server offers no lock)."""
-    tracking_uri = mlflow.get_tracking_uri()
-    url = tracking_uri if lockable(tracking_uri) else storage_url or ""
-    return database_lock(url, f"registry:{name}") if lockable(url) else nullcontext()
-
-
-def repair_roles(client: MlflowClient, name: str) -> list[str]:
-    """Undo what a promotion killed half-way left behind; returns what was repaired.
-
-    The audit trail is the record: a version no event names, whose run has ended (its process died or failed
-    after registering it), is deleted; then the champion of record and the challenger hold their stage and
-    alias, and nothing else holds those stages. Call under ``registry_lock``.
-    """
-    try:
-        entries = history(name)
-    except PipelineError:
-        return []
-    recorded = {entry["version"] for entry in entries}
-    repaired = []
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.version not in recorded and _run_status(client, version.run_id) != "RUNNING":
-            client.delete_model_version(name, version.version)
-            repaired.append(f"deleted v{version.version}: registered by run {version.run_id}, which ended before recording a role")
-    champions = [entry["version"] for entry in entries if entry["event"] in ("promote", "rollback")]
-    holders = {CHAMPION: current_version(client, name, CHAMPION), CHALLENGER: current_version(client, name, CHALLENGER)}
-    if holders[CHAMPION] is None and champions:
-        holders[CHAMPION] = _version(client, name, champions[-1])
-    for alias, holder in holders.items():
-        if holder is None:
-            continue
-        stage = STAGE_OF_ALIAS[alias]
-        in_stage = {v.version for v in client.get_latest_versions(name, stages=[stage])}
-        if in_stage != {holder.version} or alias not in client.get_model_version(name, holder.version).aliases:
-            set_role(client, name, holder.version, alias)
-            repaired.append(f"v{holder.version} restored as {alias} ({stage})")
-    if repaired:
-        record(client, name, "repair", holders[CHAMPION].version if holders[CHAMPION] else "-", None, "; ".join(repaired))
-        print(f"registry: repaired {name}: {'; '.join(repaired)}", file=sys.stderr)
-    return repaired
-
-
 def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = None) -> Promotion:
     """Final training, hold-out comparison, registration and the promotion gate.
 
-    ``under``: the id of a pipeline run (``main``) this step's run is nested in; ``prepared``: its data.
+    ``under``: the id of a pipeline run (``main``) this step's run is nested in.
     """
     best, study_cfg, cfg = study_best(cfg)
     prepared = prepare_data(cfg, reuse=prepared)
@@ -304,8 +165,6 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             "teacher": probabilities(all_logits[test], prepared.dataset.binary),
         }
         holdout = {who: classification_metrics(labels[test], probs, prepared.dataset.class_names) for who, probs in holdout_probs.items()}
-        from registry.report import log_evidence  # what `report` reads back: hold-out probabilities, no-KD k-fold run, environment
-
         log_evidence(cfg, prepared, holdout_probs, best.user_attrs.get("mlflow_run_id", ""))
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
         # Scope holdout_<who> goes with the metrics holdout_<who>_f1_<class> (fetch prints the student's).
@@ -349,42 +208,30 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
         with registry_lock(cfg.model_name, cfg.storage_url):
             try:
                 repair_roles(client, cfg.model_name)
-                champion = current_version(client, cfg.model_name, CHAMPION)
-                champion_f1 = None
-                if champion is not None:
-                    champion_f1 = pyfunc_f1(
-                        mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{champion.version}"),
-                        frame,
-                        labels[test],
-                        prepared.dataset.class_names,
-                    )["f1"]
-                if champion is None:
-                    promoted, reason = True, "no champion yet"
-                elif cfg.force:
-                    promoted, reason = True, f"forced (hold-out F1 {new_f1:.4f} vs champion v{champion.version} {champion_f1:.4f})"
-                elif new_f1 > champion_f1 + cfg.margin:
-                    promoted, reason = (
-                        True,
-                        f"hold-out F1 {new_f1:.4f} beats champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}",
-                    )
-                else:
-                    promoted, reason = (
-                        False,
-                        f"hold-out F1 {new_f1:.4f} does not beat champion v{champion.version} {champion_f1:.4f} by more than {cfg.margin}",
-                    )
-                set_role(client, cfg.model_name, version, CHAMPION if promoted else CHALLENGER)
+                holder = current_version(client, cfg.model_name, CHAMPION)
+                champion = None
+                if holder is not None:
+                    champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{holder.version}")
+                    champion = Champion(holder.version, pyfunc_f1(champion_model, frame, labels[test], prepared.dataset.class_names)["f1"])
+                decision = decide(new_f1, champion, cfg.margin, cfg.force)
+                set_role(client, cfg.model_name, version, CHAMPION if decision.promote else CHALLENGER)
                 record(
-                    client, cfg.model_name, "promote" if promoted else "challenger", version, champion.version if champion else None, reason
+                    client,
+                    cfg.model_name,
+                    "promote" if decision.promote else "challenger",
+                    version,
+                    champion.version if champion else None,
+                    decision.reason,
                 )
             except BaseException:
                 # No half-registered model: the new version goes, the roles return to what the audit trail says.
                 client.delete_model_version(cfg.model_name, version)
                 repair_roles(client, cfg.model_name)
                 raise
-        mlflow.set_tags({"kd.registered_version": version, "kd.promoted": str(promoted), "kd.gate": reason})
-    role = "Production (alias champion)" if promoted else "Staging (alias challenger)"
-    print(f"promote: {cfg.model_name} v{version} -> {role}: {reason}")
-    return Promotion(version, promoted, reason, new_f1, champion_f1)
+        mlflow.set_tags({"kd.registered_version": version, "kd.promoted": str(decision.promote), "kd.gate": decision.reason})
+    role = "Production (alias champion)" if decision.promote else "Staging (alias challenger)"
+    print(f"promote: {cfg.model_name} v{version} -> {role}: {decision.reason}")
+    return Promotion(version, decision.promote, decision.reason, new_f1, champion.f1 if champion else None)
 
 
 def register(
@@ -411,27 +258,3 @@ def register(
         client.delete_model_version(name, version.version)
         raise
     return version.version
-
-
-def rollback(name: str, reason: str = "manual rollback") -> str:
-    """Make the previous champion the champion again (current one archived); returns its version."""
-    client = MlflowClient()
-    with registry_lock(name):
-        repair_roles(client, name)
-        current = current_version(client, name, CHAMPION)
-        if current is None:
-            raise PipelineError(f"{name} has no champion to roll back from")
-        previous = next(
-            (
-                e["previous"]
-                for e in reversed(history(name))
-                if e["event"] in ("promote", "rollback") and e["version"] == current.version and e["previous"]
-            ),
-            None,
-        )
-        if previous is None:
-            raise PipelineError(f"{name} v{current.version} has no earlier champion to roll back to")
-        set_role(client, name, previous, CHAMPION)
-        record(client, name, "rollback", previous, current.version, reason)
-    print(f"rollback: {name} champion v{current.version} -> v{previous}")
-    return previous

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import optuna
@@ -49,10 +50,14 @@ class SearchSpace:
             "depth": trial.suggest_int("depth", *self.depth),
             "learning_rate": trial.suggest_float("learning_rate", *self.learning_rate, log=True),
         }
-        trial_cfg = cfg.replace(
-            temperature=params["temperature"],
-            alpha=params["alpha"],
-            student_size=f"{params['width']}x{params['depth']}",
-            learning_rate=params["learning_rate"],
-        )
-        return params, trial_cfg
+        return params, trial_config(cfg, params)
+
+
+def trial_config(cfg: Config, params: Mapping[str, float | int]) -> Config:
+    """The Config that trains the student of a trial's parameters (suggested now, or read back from the study)."""
+    return cfg.replace(
+        temperature=params["temperature"],
+        alpha=params["alpha"],
+        student_size=f"{params['width']}x{params['depth']}",
+        learning_rate=params["learning_rate"],
+    )

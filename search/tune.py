@@ -138,6 +138,16 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
     return study, joined
 
 
+def open_study(cfg: Config) -> tuple[optuna.Study, Config]:
+    """An existing study and the Config it was created with (its data and settings); never creates one."""
+    storage = open_storage(cfg)
+    try:
+        storage.get_study_id_from_name(cfg.study_name)
+    except KeyError:
+        raise PipelineError(f"no study {cfg.study_name!r} in {cfg.storage_url.split('@')[-1]}; run the search first") from None
+    return load_or_create_study(cfg, storage)
+
+
 def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage, under: str | None = None) -> str:
     """The study's one MLflow parent run: the first worker creates it (the `mlflow run` run, if any).
 

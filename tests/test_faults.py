@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT
 from registry.model import encode_file
-from registry.promote import history
+from registry.roles import history
 from registry.server import free_port, server_command
 from search.tune import run_search
 
@@ -268,7 +268,7 @@ def start_server(backend: str, artifacts: Path, port: int, log: Path) -> subproc
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 kill_group(server)
-                raise AssertionError(log.read_text()[-3000:])
+                raise AssertionError(log.read_text()[-3000:]) from None
             time.sleep(0.5)
 
 

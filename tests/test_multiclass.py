@@ -130,8 +130,8 @@ def pipeline(tmp_path_factory):
     Its runs cover every step: the teacher run (trained by the search), the KD trial, promote, and the
     distill step that promote runs itself (the no-KD cross-validation the report compares with).
     """
+    from registry.evidence import NO_KD_CV_TAG, TRIAL_RUN_TAG
     from registry.promote import promote
-    from registry.report import NO_KD_CV_TAG, TRIAL_RUN_TAG
     from search.tune import run_search
 
     root = tmp_path_factory.mktemp("multiclass")

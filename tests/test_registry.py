@@ -16,7 +16,8 @@ import registry
 from pipelines.config import PipelineError
 from registry.fetch import resolve_version
 from registry.model import encode_file
-from registry.promote import history, promote, rollback
+from registry.promote import promote
+from registry.roles import history, rollback
 from search.tune import run_search
 
 pytestmark = pytest.mark.slow

@@ -19,9 +19,12 @@ from kdtest import MODEL, child_env, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
+from registry.evidence import NO_KD_CV_TAG, TRIAL_RUN_TAG
 from registry.fetch import resolve_version
 from registry.promote import promote
-from registry.report import METRICS, MODELS, NO_KD_CV_TAG, TRIAL_RUN_TAG, write_report
+from registry.report import write_report
+from registry.report.gather import MODELS
+from registry.report.stats import METRICS
 from search.tune import run_search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +151,8 @@ LOOSE_ENDS = {
     "None": r"\bNone\b",
     "nan": r"(?i)\bnan\b",
     "a range whose ends are equal": r"(?<![\w.\-])(\d+(?:\.\d+)?)\s*(?:–|-|to)\s*\1(?![\w.\-])",
-    "a Keras auto-generated layer name": r"\b(?:conv2d|re_lu|group_normalization|max_pooling2d|global_(?:average|max)_pooling2d|concatenate|dropout|dense|add|input_layer)_\d+\b",
+    "a Keras auto-generated layer name": r"\b(?:conv2d|re_lu|group_normalization|max_pooling2d|global_(?:average|max)_pooling2d"
+    r"|concatenate|dropout|dense|add|input_layer)_\d+\b",
 }
 
 

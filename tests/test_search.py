@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError
 from registry.server import free_port
-from search.space import SearchSpace
-from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, run_search
+from search.space import SearchSpace, trial_config
+from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, open_study, run_search
 
 TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
 
@@ -220,6 +220,26 @@ def test_a_joining_worker_takes_the_study_settings_and_the_seed_makes_suggestion
         return SearchSpace.from_config(cfg).suggest(fresh.ask(), cfg)[0]
 
     assert first_suggestions("a") == first_suggestions("b")
+
+
+def test_opening_a_study_reads_its_settings_and_never_creates_one(tmp_path):
+    with pytest.raises(PipelineError, match="no study 'report-me' in .*; run the search first"):
+        open_study(_cfg(tmp_path, study_name="report-me"))
+    assert "report-me" not in optuna.get_all_study_names(_cfg(tmp_path).storage_url)
+    creator = _cfg(tmp_path, study_name="report-me", image_size=48)
+    load_or_create_study(creator, open_storage(creator))
+    study, settings = open_study(_cfg(tmp_path, study_name="report-me"))
+    assert study.study_name == "report-me" and settings.image_size == 48
+
+
+def test_a_trial_read_back_from_the_study_gives_the_config_it_was_suggested_with(tmp_path):
+    cfg = _cfg(tmp_path)
+    study, _ = load_or_create_study(cfg, open_storage(cfg))
+    trial = study.ask()
+    _, suggested = SearchSpace.from_config(cfg).suggest(trial, cfg)
+    study.tell(trial, 0.5)
+    assert trial_config(cfg, study.trials[0].params) == suggested
+    assert suggested.student_size == f"{study.trials[0].params['width']}x{study.trials[0].params['depth']}"
 
 
 def test_optuna_dashboard_serves_the_study(tmp_path):

@@ -30,7 +30,7 @@ from moto.server import ThreadedMotoServer
 import registry
 from pipelines.config import STORAGE_URL_ENV
 from registry.model import encode_file
-from registry.promote import history
+from registry.roles import history
 from registry.server import auth_environment, free_port, server_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -64,7 +64,7 @@ def wait_until_up(url: str, server: subprocess.Popen, log: Path) -> None:
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                raise AssertionError(log.read_text()[-3000:])
+                raise AssertionError(log.read_text()[-3000:]) from None
             time.sleep(1)
 
 
@@ -237,6 +237,7 @@ def test_credentials_never_reach_params_tags_artifacts_or_logs(team, tmp_path, r
     check("server log", team.server_log.read_text())
     assert not found, found
     reliability.fault(
-        f"secrets planted (S3 key, database password, two logins); searched {len(runs)} runs' params, tags and artifacts, the registry, CLI and server logs",
+        f"secrets planted (S3 key, database password, two logins); searched {len(runs)} runs' params, tags and artifacts, "
+        "the registry, CLI and server logs",
         "no secret found anywhere",
     )

@@ -5,9 +5,9 @@ Text is plain; :class:`Code` and :class:`Math` spans mark what each format types
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Union
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Math:
     latex: str
 
 
-Span = Union[str, Code, Math]
+Span = str | Code | Math
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,12 @@ class Figure:
     caption: str
 
 
-Block = Union[Heading, Paragraph, Bullets, Equation, Table, Figure]
+Block = Heading | Paragraph | Bullets | Equation | Table | Figure
+
+
+def num(value: float | None, digits: int = 4) -> str:
+    """A metric as printed everywhere in the report (tests parse it back at this precision); ``n/a`` when undefined."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
 def para(*spans: Span) -> Paragraph:

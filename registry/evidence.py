@@ -1,0 +1,59 @@
+"""What ``promote`` logs so a report can be written later from the store alone: per-image hold-out probabilities
+(for bootstrap intervals, confusion matrices, curves), a no-KD cross-validation of the trial's student on the same
+folds (for the paired test), the software and hardware it ran on, the pinned requirements and the code version.
+
+The artifact and tag names here are the contract with ``registry.report``, which reads them back and trains nothing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import TYPE_CHECKING
+
+import mlflow
+import numpy as np
+
+from pipelines.config import PROJECT_ROOT, Config
+from pipelines.machine import describe_machine
+
+if TYPE_CHECKING:
+    from pipelines.prepare import Prepared
+
+PREDICTIONS_ARTIFACT = "evaluation/holdout_predictions.csv"
+ENVIRONMENT_ARTIFACT = "environment.json"
+NO_KD_CV_TAG, TRIAL_RUN_TAG = "kd.no_kd_cv_run_id", "kd.trial_run_id"
+
+
+def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], trial_run_id: str) -> str:
+    """Log to the active promote run what the report reads back; returns the no-KD cross-validation run id.
+
+    ``probs``: hold-out class probabilities of ``teacher``, ``student`` and ``no_kd``. The no-KD student of the
+    trial's configuration is cross-validated on the same folds with the same seeds (a finished run is reused).
+    """
+    # Imported here: the report reads this module's names without loading the training code (and TensorFlow).
+    from pipelines.distill import distill
+
+    test = prepared.splits.test
+    frame = prepared.dataset.manifest.iloc[test][["path", "sha256", "label"]].reset_index(drop=True)
+    for who, values in probs.items():
+        for index, name in enumerate(prepared.dataset.class_names):
+            frame[f"{who}_prob_{name}"] = values[:, index]
+    mlflow.log_text(frame.to_csv(index=False), PREDICTIONS_ARTIFACT)
+    mlflow.log_dict(describe_machine(), ENVIRONMENT_ARTIFACT)
+    no_kd_run_id = distill(cfg.replace(no_kd=True), prepared, nested=True)
+    mlflow.set_tags({NO_KD_CV_TAG: no_kd_run_id, TRIAL_RUN_TAG: trial_run_id})
+    return no_kd_run_id
+
+
+def code_version() -> str:
+    """The git commit the code ran from (``-dirty`` with uncommitted changes to tracked files), or ``unknown``."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

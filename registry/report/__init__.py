@@ -1,0 +1,87 @@
+"""Step ``report``: the methodology and results sections of a paper, written from the tracked runs.
+
+For a registered version (by stage or alias) it reads the promote run, the teacher run, the best trial's run,
+the no-KD cross-validation run and the Optuna study (:mod:`.gather`), computes the statistics (:mod:`.stats`),
+draws the figures (:mod:`.figures`) and writes ``methodology.{md,tex}``, ``results.{md,tex}`` (:mod:`.sections`,
+rendered by :mod:`.document`), a standalone ``report.tex``, ``report.json`` (every number used) and ``figures/``
+into a folder, then logs the folder as artifacts (``report/``) of the version's run. Every number comes from the
+tracking store, the registry, the study or the stored artifacts (models, data manifest, hold-out predictions);
+none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from pipelines.config import PROJECT_ROOT
+from registry.report.document import Table, latex_document, to_latex, to_markdown
+from registry.report.gather import gather
+from registry.report.sections import methodology, results
+from registry.report.stats import BOOTSTRAP_RESAMPLES
+
+__all__ = ["BOOTSTRAP_RESAMPLES", "ReportPaths", "write_report"]
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    folder: Path
+    methodology_md: Path
+    results_md: Path
+    methodology_tex: Path
+    results_tex: Path
+    latex: Path  # standalone report.tex
+    numbers: Path  # report.json
+
+
+def write_report(
+    model_name: str,
+    stage: str | None = None,
+    alias: str | None = None,
+    out_dir: Path | str | None = None,
+    storage: str = "",
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> ReportPaths:
+    """Write the methodology and results (Markdown and LaTeX) of a registered version and log them to its run.
+
+    ``out_dir`` defaults to ``reports/<model>-v<version>``; ``storage`` overrides the Optuna storage recorded by the search.
+    """
+    if stage is None and alias is None:
+        stage = "Production"
+    s = gather(model_name, stage, alias, storage)
+    folder = Path(out_dir) if out_dir else PROJECT_ROOT / "reports" / f"{model_name}-v{s.version.version}"
+    folder.mkdir(parents=True, exist_ok=True)
+    method_blocks = methodology(s, resamples)
+    result_blocks, numbers = results(s, folder, resamples)
+    first_table = 1 + sum(1 for block in method_blocks if isinstance(block, Table))  # tables are numbered across both sections
+    paths = ReportPaths(
+        folder,
+        folder / "methodology.md",
+        folder / "results.md",
+        folder / "methodology.tex",
+        folder / "results.tex",
+        folder / "report.tex",
+        folder / "report.json",
+    )
+    paths.methodology_md.write_text(to_markdown(method_blocks))
+    paths.results_md.write_text(to_markdown(result_blocks, first_table=first_table))
+    paths.methodology_tex.write_text(to_latex(method_blocks))
+    paths.results_tex.write_text(to_latex(result_blocks))
+    paths.latex.write_text(latex_document(f"{model_name} v{s.version.version}: methods and results", ["methodology", "results"]))
+    paths.numbers.write_text(json.dumps(numbers, indent=2, default=float))
+    MlflowClient().log_artifacts(s.version.run_id, str(folder), "report")
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run . -e report`: say what this run produced
+        # Nested under the version's promote run (shown so in the UI when both are in one experiment, as the README's commands keep them).
+        for key, value in {
+            "kd.step": "report",
+            "kd.report_of": f"{model_name} v{s.version.version}",
+            "kd.report_run_id": s.version.run_id,
+            "mlflow.parentRunId": s.version.run_id,
+        }.items():
+            MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
+    print(f"report: {model_name} v{s.version.version} -> {folder} (also logged to run {s.version.run_id} under report/)")
+    return paths

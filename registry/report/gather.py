@@ -1,0 +1,147 @@
+"""Everything a report is written from, read once from the store: the registered version, its promote run, the
+teacher run, the best trial's run, the no-KD cross-validation run, the search run, their artifacts, the models and
+the Optuna study. Read only: nothing here trains or writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from pipelines.config import STORAGE_URL_ENV, Config, PipelineError, build_parser, config_from_args
+from registry.evidence import ENVIRONMENT_ARTIFACT, NO_KD_CV_TAG, PREDICTIONS_ARTIFACT, TRIAL_RUN_TAG
+
+# The three models the report compares, by the key of their hold-out probabilities and metrics, with their names.
+MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
+
+
+@dataclass
+class Sources:
+    """Everything the report is written from, fetched once."""
+
+    model_name: str
+    version: object  # ModelVersion
+    promote: Run
+    teacher: Run
+    trial: Run
+    no_kd: Run
+    search: Run
+    splits: pd.DataFrame  # the teacher run's data/splits.csv
+    predictions: pd.DataFrame  # the promote run's hold-out probabilities
+    environment: dict
+    data_cfg: Config  # the teacher run's data and training parameters
+    student_cfg: Config  # the no-KD CV run's parameters: the trial's student configuration
+    study: object | None  # optuna.Study, None when it cannot be read
+    study_note: str  # why the study could not be read
+    models: object  # registry.explain.RegisteredModels
+    selector: str = ""  # how the version was chosen, as `mlflow run -e report` parameters (-P stage=... or -P alias=...)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.teacher.data.params["classes"].split(",")
+
+    @property
+    def binary(self) -> bool:
+        return len(self.class_names) == 2
+
+    @property
+    def cv_runs(self) -> dict[str, Run]:
+        """Each model's cross-validation run, keyed as :data:`MODELS`."""
+        return {"teacher": self.teacher, "student": self.trial, "no_kd": self.no_kd}
+
+
+def run_config(run: Run) -> Config:
+    """A run's logged parameters read back into a Config through the CLI's own parsers (other params ignored)."""
+    known = {f.name for f in fields(Config)}
+    argv = [f"--{name}={value}" for name, value in run.data.params.items() if name in known]
+    return config_from_args(build_parser("logged parameters").parse_args(argv))
+
+
+def _artifact(run_id: str, path: str, tmp: str) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp))
+    except Exception as error:  # MLflow raises several types for a missing artifact
+        raise PipelineError(
+            f"run {run_id} has no artifact {path!r} ({type(error).__name__}); promote the model again to record it"
+        ) from None
+
+
+def search_study(search: Run, storage: str) -> tuple[object | None, str]:
+    """The study the trial came from, or None with the reason (the report then says what it could not read)."""
+    from search.tune import open_study
+
+    cfg = run_config(search)
+    from_environment = os.environ.get(STORAGE_URL_ENV, "")
+    url = storage or from_environment or search.data.tags.get("optuna.storage", "")
+    if not url or "***" in url:
+        return None, f"the study's storage URL is not recorded in full (tag optuna.storage = {url!r}); pass storage=..."
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        return None, f"the study's storage {url} does not exist here; pass storage=..."
+    cfg = cfg.replace(storage="" if url == from_environment else url)  # the environment's URL may carry a password: never a parameter
+    try:
+        study, _ = open_study(cfg)
+    except PipelineError as error:  # no such study, or its database cannot be reached
+        return None, str(error)
+    return study, ""
+
+
+def gather(model_name: str, stage: str | None, alias: str | None, storage: str = "") -> Sources:
+    """Fetch the version, its runs, artifacts, models and study."""
+    from registry.explain import load_models
+    from registry.fetch import resolve_version
+
+    client = MlflowClient()
+    version = resolve_version(model_name, stage, alias)
+    promote = client.get_run(version.run_id)
+    missing = [tag for tag in (NO_KD_CV_TAG, TRIAL_RUN_TAG) if not promote.data.tags.get(tag)]
+    if missing or not version.tags.get("teacher_run_id"):
+        raise PipelineError(
+            f"{model_name} v{version.version} was promoted before reports existed "
+            f"(its run lacks {missing or ['teacher_run_id']}); promote it again"
+        )
+    teacher = client.get_run(version.tags["teacher_run_id"])
+    trial = client.get_run(promote.data.tags[TRIAL_RUN_TAG])
+    no_kd = client.get_run(promote.data.tags[NO_KD_CV_TAG])
+    search = client.get_run(trial.data.tags["mlflow.parentRunId"])
+    with tempfile.TemporaryDirectory() as tmp:
+        # Labels and groups stay text: class names such as "0" and "1" must not become numbers.
+        text = {"path": str, "label": str, "group": str, "sha256": str, "split": str}
+        splits = pd.read_csv(_artifact(teacher.info.run_id, "data/splits.csv", tmp), dtype=text, keep_default_na=False)
+        predictions = pd.read_csv(_artifact(promote.info.run_id, PREDICTIONS_ARTIFACT, tmp), dtype=text, keep_default_na=False)
+        env = json.loads(_artifact(promote.info.run_id, ENVIRONMENT_ARTIFACT, tmp).read_text())
+    study, note = search_study(search, storage)
+    selector = f"-P alias={alias}" if alias else f"-P stage={stage}"
+    return Sources(
+        model_name,
+        version,
+        promote,
+        teacher,
+        trial,
+        no_kd,
+        search,
+        splits,
+        predictions,
+        env,
+        run_config(teacher),
+        run_config(no_kd),
+        study,
+        note,
+        load_models(model_name, version),
+        selector,
+    )
+
+
+def holdout_arrays(s: Sources) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Hold-out labels (class indices) and each model's class probabilities, from the logged table."""
+    frame, class_names = s.predictions, s.class_names
+    labels = frame["label"].map({name: i for i, name in enumerate(class_names)}).to_numpy(np.int64)
+    probs = {who: frame[[f"{who}_prob_{name}" for name in class_names]].to_numpy(np.float64) for who in MODELS}
+    return labels, probs

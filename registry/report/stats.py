@@ -1,0 +1,199 @@
+"""The report's statistics: bootstrap intervals of the hold-out metrics, the paired KD vs no-KD test on the folds,
+per-fold and per-class F1, search parameter importances, and :class:`Findings`, every number of the results
+section computed once (``report.json``)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from mlflow.entities import Run
+
+from pipelines.config import PipelineError
+from pipelines.evaluate import class_keys, classification_metrics
+from registry.report.gather import MODELS, Sources, holdout_arrays
+
+METRICS = {
+    "f1": "F1",
+    "accuracy": "Accuracy",
+    "precision": "Precision",
+    "recall": "Recall (sensitivity)",
+    "specificity": "Specificity",
+    "roc_auc": "ROC-AUC",
+    "pr_auc": "PR-AUC",
+}
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_intervals(
+    labels: np.ndarray, probs: dict[str, np.ndarray], resamples: int, seed: int
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """95% percentile intervals of every metric; the same resampled images for every model (paired)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(labels), size=(resamples, len(labels)))
+    values = {who: {name: [] for name in METRICS} for who in probs}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # resamples with one class: AUCs are NaN and skipped
+        for rows in draws:
+            for who, p in probs.items():
+                for name, value in classification_metrics(labels[rows], p[rows]).items():
+                    values[who][name].append(value)
+    result = {}
+    for who, by_metric in values.items():
+        result[who] = {}
+        for name, samples in by_metric.items():
+            samples = np.asarray(samples, dtype=np.float64)
+            samples = samples[np.isfinite(samples)]
+            result[who][name] = (
+                (float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))) if samples.size else (math.nan, math.nan)
+            )
+    return result
+
+
+def fold_f1(run: Run, folds: int) -> list[float]:
+    """The run's F1 of every validation fold, in fold order (``f1_fold_<k>``)."""
+    missing = [k for k in range(folds) if f"f1_fold_{k}" not in run.data.metrics]
+    if missing:
+        raise PipelineError(f"run {run.info.run_id} has no F1 for fold(s) {missing}; the paired test needs every fold")
+    return [run.data.metrics[f"f1_fold_{k}"] for k in range(folds)]
+
+
+def paired_test(kd: list[float], no_kd: list[float]) -> dict[str, float]:
+    """Paired t-test and Wilcoxon signed-rank test of KD vs no-KD per-fold F1 (two-sided)."""
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # identical folds give NaN statistics, reported as n/a
+        t = stats.ttest_rel(kd, no_kd)
+        w = stats.wilcoxon(kd, no_kd)
+    return {
+        "mean_difference": float(np.mean(np.subtract(kd, no_kd))),
+        "t": float(t.statistic),
+        "t_pvalue": float(t.pvalue),
+        "wilcoxon": float(w.statistic),
+        "wilcoxon_pvalue": float(w.pvalue),
+    }
+
+
+def per_class_scores(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support of each class at the arg-max decision (0 where undefined)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, probs.argmax(axis=1), labels=np.arange(n_classes), zero_division=0
+    )
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def per_class_f1_rows(class_names: list[str]) -> list[tuple[str, str]]:
+    """(row label, metric key) of the per-class F1 figures: each class, then macro-F1 (keys never collide)."""
+    return [*((name, f"f1_{key}") for name, key in zip(class_names, class_keys(class_names))), ("macro", "f1_macro")]
+
+
+def per_class_f1_numbers(s: Sources) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-class and macro F1 of each model as logged, by metric key: k-fold means (its cross-validation run)
+    and hold-out (the promote run); NaN where a run predates these metrics."""
+    rows = per_class_f1_rows(s.class_names)
+    return {
+        who: {
+            "kfold_mean": {key: s.cv_runs[who].data.metrics.get(f"{key}_mean", math.nan) for _, key in rows},
+            "holdout": {key: s.promote.data.metrics.get(f"holdout_{who}_{key}", math.nan) for _, key in rows},
+        }
+        for who in MODELS
+    }
+
+
+def param_importances(s: Sources) -> tuple[dict[str, float], str]:
+    """Importances of the search parameters for the first objective, and a note on what they were computed from.
+
+    Computed as optuna-dashboard computes them (PED-ANOVA with its default settings, the objective negated when
+    maximised), so the figure and the dashboard show the same numbers. Only complete trials have an objective value.
+    """
+    if s.study is None:
+        return {}, s.study_note
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = len(s.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    used = f"the study's {complete} complete trials of {len(s.study.trials)} (pruned and failed trials have no objective value)"
+    if complete < 2:
+        return {}, f"not computed: {used}; importances need at least 2"
+    sign = -1.0 if s.study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PED-ANOVA's notes on targets and small studies; the caption says what was used
+        raw = optuna.importance.PedAnovaImportanceEvaluator().evaluate(s.study, target=lambda trial: sign * trial.values[0])
+    total = sum(raw.values())
+    if total <= 0:  # what get_param_importances and the dashboard then show: equal shares, which say nothing
+        return {}, f"PED-ANOVA over {used} cannot tell the parameters apart (every importance is 0; optuna-dashboard shows equal shares)"
+    ranked = dict(sorted(((name, value / total) for name, value in raw.items()), key=lambda item: -item[1]))
+    return ranked, f"PED-ANOVA, as optuna-dashboard computes it, over {used}"
+
+
+@dataclass(frozen=True)
+class Findings:
+    """Every number of the results section, computed once from the sources; keys of models as :data:`MODELS`."""
+
+    labels: np.ndarray  # hold-out class indices
+    probs: dict[str, np.ndarray]  # hold-out class probabilities
+    kfold: dict[str, dict[str, dict[str, float]]]  # model -> metric -> {"mean", "std"} over the validation folds
+    holdout: dict[str, dict[str, float]]  # model -> metric, as logged by promote
+    intervals: dict[str, dict[str, tuple[float, float]]]  # model -> metric -> 95% bootstrap interval
+    resamples: int
+    fold_f1: dict[str, list[float]]
+    paired_test: dict[str, float]  # KD vs no-KD on the folds
+    importances: dict[str, float]
+    importance_note: str
+    class_counts: dict[str, int]  # hold-out images per class
+    per_class_f1: dict[str, dict[str, dict[str, float]]]
+
+
+def findings(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> Findings:
+    """Read the logged metrics and compute the statistics of the results section."""
+    labels, probs = holdout_arrays(s)
+    folds = s.data_cfg.folds
+    per_fold = {who: fold_f1(run, folds) for who, run in s.cv_runs.items()}
+    importances, importance_note = param_importances(s)
+    return Findings(
+        labels=labels,
+        probs=probs,
+        kfold={
+            who: {
+                m: {"mean": run.data.metrics.get(f"{m}_mean", math.nan), "std": run.data.metrics.get(f"{m}_std", math.nan)} for m in METRICS
+            }
+            for who, run in s.cv_runs.items()
+        },
+        holdout={who: {m: s.promote.data.metrics.get(f"holdout_{who}_{m}", math.nan) for m in METRICS} for who in MODELS},
+        intervals=bootstrap_intervals(labels, probs, resamples, s.data_cfg.seed),
+        resamples=resamples,
+        fold_f1=per_fold,
+        paired_test=paired_test(per_fold["student"], per_fold["no_kd"]),
+        importances=importances,
+        importance_note=importance_note,
+        class_counts={name: int((labels == i).sum()) for i, name in enumerate(s.class_names)},
+        per_class_f1=per_class_f1_numbers(s),
+    )
+
+
+def report_numbers(s: Sources, f: Findings) -> dict:
+    """Every number the results use, with the runs they come from (``report.json``)."""
+    return {
+        "model": s.model_name,
+        "version": s.version.version,
+        "kfold": f.kfold,
+        "holdout": f.holdout,
+        "holdout_ci95": {who: {m: list(v) for m, v in by.items()} for who, by in f.intervals.items()},
+        "fold_f1": f.fold_f1,
+        "paired_test": f.paired_test,
+        "param_importances": f.importances,
+        "holdout_class_counts": f.class_counts,
+        "per_class_f1": f.per_class_f1,
+        "runs": {
+            "promote": s.promote.info.run_id,
+            "teacher": s.teacher.info.run_id,
+            "trial": s.trial.info.run_id,
+            "no_kd_cv": s.no_kd.info.run_id,
+            "search": s.search.info.run_id,
+        },
+    }
