@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
 from pipelines.evaluate import classification_metrics, model_logits, probabilities
+from pipelines.images import load_images
 from pipelines.teacher import load_teacher_model
 from registry.export import latency_percentiles, load_student
 
@@ -52,7 +53,8 @@ def latency(model: keras.Model, images: np.ndarray, batch: int, repeats: int) ->
 def describe(model: keras.Model, bench: Bench, path: Path) -> dict[str, float]:
     prepared, test = bench.prepared, bench.prepared.splits.test
     model.save(path)
-    images = prepared.images[test]
+    size = model.input_shape[1]  # a teacher may work at a higher resolution than its student (teacher_image_size)
+    images = (prepared.images if size == prepared.images.shape[1] else load_images(prepared.dataset, size, bench.cfg.cache_dir))[test]
     metrics = classification_metrics(prepared.dataset.labels[test], probabilities(model_logits(model, images), prepared.dataset.binary))
     repeats = bench.settings.latency_repeats
     b1, b32 = latency(model, images, 1, repeats), latency(model, images, 32, max(10, repeats // 4))
