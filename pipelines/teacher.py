@@ -58,13 +58,13 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
     if previous:
         return previous
     prepared = at_teacher_size(cfg, prepared)
-    images, keys = prepared.images, image_keys(dataset.manifest["sha256"].to_numpy())
+    images, keys = prepared.images, image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed)
     with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested=nested) as run:
         cv = cross_validate(
             prepared, cfg, list(range(cfg.folds)), lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k), lambda k: None, "teacher"
         )
         logits = {f"fold_{k}": predict_logits(model, images) for k, model in enumerate(cv.models)}
-        logits |= {f"views_fold_{k}": view_logits(model, images, keys, cfg.kd_views, cfg.seed) for k, model in enumerate(cv.models)}
+        logits |= {f"views_fold_{k}": view_logits(model, images, keys, cfg.kd_views) for k, model in enumerate(cv.models)}
 
         # The all-data teacher has no validation split to stop on: it trains for the folds' median best epoch.
         epochs = max(1, int(np.median(cv.best_epochs)))
@@ -72,7 +72,7 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
         set_seed(cfg.seed)
         teacher = train_on_all_data(prepared, cfg, lambda: _trainer(cfg, dataset.num_classes, cfg.seed), None, epochs, "teacher (all data)")
         logits["all"] = predict_logits(teacher, images)
-        logits["views_all"] = view_logits(teacher, images, keys, cfg.kd_views, cfg.seed)
+        logits["views_all"] = view_logits(teacher, images, keys, cfg.kd_views)
         test_probs = probabilities(logits["all"][splits.test], dataset.binary)
         test_metrics = classification_metrics(labels[splits.test], test_probs, dataset.class_names)
 

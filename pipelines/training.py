@@ -118,7 +118,8 @@ def make_dataset(
     ``view_keys`` (:func:`pipelines.views.image_keys` of the rows) makes the batches consistent (pipelines/views.py),
     augmented whatever ``augment`` says: with ``teacher_logits`` of every row's views ``(rows, views, units)``, each
     image comes as one of its cached views with the teacher's logits of that view; without, as a fresh view, and the
-    batch is mixed by mixup (an online teacher then runs on the very batch the student sees).
+    batch is mixed by mixup (an online teacher then runs on the very batch the student sees). The views depend on
+    the keys alone; ``seed`` only shuffles and draws which view.
     """
     features = {"image": np.asarray(images, dtype=np.float32)}
     if teacher_logits is not None:
@@ -140,7 +141,7 @@ def make_dataset(
         # Views are stateless functions of their seed pairs: parallel calls cannot change them.
         draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip((dataset, draws)).map(
-            lambda element, draw: (pick_view(element[0], draw, seed), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE
+            lambda element, draw: (pick_view(element[0], draw), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE
         )
     dataset = dataset.batch(batch_size)
     if mixing:
@@ -265,7 +266,7 @@ def cross_validate(
     """
     dataset, images = prepared.dataset, prepared.images
     labels = dataset.labels
-    keys = image_keys(dataset.manifest["sha256"].to_numpy()) if view_logits is not None else None
+    keys = image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed) if view_logits is not None else None
     models, fold_metrics, best_epochs, oof_rows, oof_probs, fold_matrices = [], [], [], [], [], []
     for k in fold_ids:
         train_rows, val_rows = prepared.splits.folds[k]
@@ -328,7 +329,7 @@ def train_on_all_data(
     labels, rows = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
-    keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy())[rows] if consistent else None
+    keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy(), cfg.seed)[rows] if consistent else None
     train = make_dataset(
         prepared.images[rows],
         labels[rows],

@@ -4,8 +4,8 @@ teacher and student see the same augmented view of an image on every step.
 A view is a pure function of (image, seed pair): a left-right flip, a small rotation, zoom and shift (fractions of the
 image, so a view means the same thing at any resolution: a teacher at twice the student's size sees the same view)
 and a contrast change, the changes of :func:`pipelines.training.augmentation`. The seed pair is (image key, view):
-the image key comes from the image's sha256, so a view of an image is the same in the teacher run, which caches its
-logits of views 0..kd_views-1, and in any student run that reads them, whatever the row order.
+the image key comes from the run's seed and the image's sha256, so a view of an image is the same in the teacher
+run, which caches its logits of views 0..kd_views-1, and in any student run that reads them, whatever the row order.
 
 - cached: each training step gives the student one of the ``kd_views`` cached views of each image, with the
   teacher's logits of that very view. No mixup: the logits of a mix of two images cannot be cached.
@@ -14,6 +14,7 @@ logits of views 0..kd_views-1, and in any student run that reads them, whatever 
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -25,9 +26,9 @@ ROTATION, ZOOM, SHIFT, CONTRAST = 0.04, 0.1, 0.05, 0.2
 MIXUP_ALPHA = 0.2
 
 
-def image_keys(sha256: np.ndarray) -> np.ndarray:
-    """One int64 per image from its sha256 (the first 15 hex digits): the first half of its views' seed pairs."""
-    return np.array([int(str(digest)[:15], 16) for digest in sha256], dtype=np.int64)
+def image_keys(sha256: np.ndarray, seed: int) -> np.ndarray:
+    """One int64 per image, from the run's seed and the image's sha256: the first half of its views' seed pairs."""
+    return np.array([int(hashlib.sha256(f"{seed}:{digest}".encode()).hexdigest()[:15], 16) for digest in sha256], dtype=np.int64)
 
 
 def augmented_view(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -64,39 +65,34 @@ def augmented_view(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return (moved - mean) * (1.0 + draws[5] * CONTRAST) + mean
 
 
-def view_number(view, seed: int):
-    """The second half of view ``view``'s seed pairs under the run's ``seed`` (below 2**32): other seeds, other views."""
-    return seed * 2**20 + view
-
-
-def views_of(images: np.ndarray, keys: np.ndarray, view: int, seed: int) -> np.ndarray:
-    """View ``view`` of every image (``keys`` from :func:`image_keys`) under the run's ``seed``."""
-    seeds = tf.constant(np.stack([keys, np.full_like(keys, view_number(view, seed))], axis=1))
+def views_of(images: np.ndarray, keys: np.ndarray, view: int) -> np.ndarray:
+    """View ``view`` of every image (``keys`` from :func:`image_keys`)."""
+    seeds = tf.constant(np.stack([keys, np.full_like(keys, view)], axis=1))
     return tf.map_fn(
         lambda pair: augmented_view(pair[0], pair[1]), (tf.constant(images, tf.float32), seeds), fn_output_signature=tf.float32
     ).numpy()
 
 
-def view_logits(model, images: np.ndarray, keys: np.ndarray, views: int, seed: int, batch_size: int = 64) -> np.ndarray:
+def view_logits(model, images: np.ndarray, keys: np.ndarray, views: int, batch_size: int = 64) -> np.ndarray:
     """The model's logits of views ``0..views-1`` of every image: ``(N, views, units)``, what a teacher run caches."""
     from pipelines.training import predict_logits
 
-    per_view = [predict_logits(model, views_of(images, keys, view, seed), batch_size) for view in range(views)]
+    per_view = [predict_logits(model, views_of(images, keys, view), batch_size) for view in range(views)]
     return np.stack(per_view, axis=1)
 
 
-def pick_view(features: dict, draw: tf.Tensor, seed: int) -> dict:
-    """One element's training view, from a random ``draw``: with cached view logits ``(views, units)``, view
-    ``draw mod views`` and the teacher's logits of it; else a fresh view, never seen before."""
+def pick_view(features: dict, draw: tf.Tensor) -> dict:
+    """One element's training view, from a random int64 ``draw``: with cached view logits ``(views, units)``, view
+    ``draw mod views`` and the teacher's logits of it; else a fresh view (view ``draw``: not a cached one but for
+    odds of kd_views in 2**64)."""
     features = dict(features)
     key = features.pop("view_key")
     if "teacher_logits" in features and len(features["teacher_logits"].shape) == 2:
         view = draw % tf.cast(tf.shape(features["teacher_logits"])[0], tf.int64)
         features["teacher_logits"] = tf.gather(features["teacher_logits"], view)
-        number = view_number(view, seed)
     else:
-        number = draw
-    features["image"] = augmented_view(features["image"], tf.stack([key, number]))
+        view = draw
+    features["image"] = augmented_view(features["image"], tf.stack([key, view]))
     return features
 
 
