@@ -15,12 +15,13 @@ from kdtest import tiny_config, tracking_at
 from pipelines.config import Config, PipelineError
 from pipelines.distill import distill
 from pipelines.distiller import Distiller, hard_loss
-from pipelines.images import load_images
+from pipelines.images import load_images, preprocess
 from pipelines.models import build_student, build_teacher, load_keras_model
 from pipelines.prepare import prepare_data
 from pipelines.teacher import load_teacher_logits, load_teacher_model
-from pipelines.training import make_dataset, predict_logits
+from pipelines.training import make_dataset, predict_logits, train_on_all_data
 from pipelines.views import image_keys, view_logits, views_of
+from registry.explain import explain_scan
 
 RNG = np.random.default_rng(0)
 SHA256 = np.array([f"{row:064x}" for row in range(12)])
@@ -139,6 +140,36 @@ def test_a_mixup_batch_mixes_the_hard_loss_by_the_weights_that_mixed_its_images(
     expected = np.mean(mix * np.array(per_label) + (1 - mix) * np.array(per_other))
     mixed = hard_loss(batch_labels, logits, True, None, features["mix_labels"], features["mix"])
     np.testing.assert_allclose(mixed, expected, rtol=1e-5)
+
+
+def test_grad_cam_preprocesses_the_scan_at_each_models_own_input_size():
+    """A registered student's teacher may work at another resolution: its Grad-CAM must not get the student's input."""
+    scan = RNG.uniform(0, 255, (90, 70)).astype(np.float32)
+    scan[30:50, 20:40] += 200.0
+    keras.utils.set_random_seed(0)
+    for model in (build_student("tiny", 32, 2, seed=0), build_teacher("hybrid:S", 64, 2, seed=0)):
+        explanation = explain_scan(model, scan, ["normal", "tumor"], "tumor")
+        assert explanation.heatmap.shape == scan.shape and np.isfinite(explanation.heatmap).all()
+        expected = predict_logits(model, preprocess(scan, model.input_shape[1])[None])
+        assert explanation.probabilities["tumor"] == pytest.approx(float(1 / (1 + np.exp(-expected[0, 0]))), rel=1e-5)
+
+
+def test_the_all_data_student_trains_consistently_on_the_cached_views_of_the_all_data_teacher(tmp_path):
+    """What promotion's final student needs in consistent mode: train_on_all_data with the ``views_all`` logits."""
+    cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=1, kd_mode="consistent", kd_views=3)
+    prepared = prepare_data(cfg)
+    views = RNG.normal(size=(len(prepared.dataset.labels), 3, 1)).astype(np.float32)
+
+    def build() -> Distiller:
+        trainer = Distiller(build_student("tiny", cfg.image_size, 2, seed=0), None, cfg.temperature, 0.5, binary=True)
+        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
+        return trainer
+
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        with mlflow.start_run() as run:
+            student = train_on_all_data(prepared, cfg, build, views, 1, "student", consistent=True)
+        metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert math.isfinite(metrics["all_distillation_loss"]) and student.input_shape == (None, 32, 32, 1)
 
 
 def _artifact_model(run_id: str, path: str) -> keras.Model:
