@@ -111,7 +111,7 @@ def make_dataset(
     """``({"image", ["teacher_logits"]}, label[, weight])`` batches: in memory, shuffled, augmented, prefetched.
 
     Images arrive already decoded and preprocessed, so the pipeline only slices, augments and batches.
-    Cached teacher logits stay those of the un-augmented image: the price of not running the teacher.
+    Cached teacher logits stay those of the un-augmented image (kd_mode standard): the price of not running the teacher.
     The slices are the only copy of the images: no ``.cache()`` (it kept a second one) and no float32 copy of
     float32 input; slicing runs thousands of images/s, far ahead of training (benchmarks/scaling.py measures it).
 

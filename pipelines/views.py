@@ -74,10 +74,20 @@ def views_of(images: np.ndarray, keys: np.ndarray, view: int) -> np.ndarray:
 
 
 def view_logits(model, images: np.ndarray, keys: np.ndarray, views: int, batch_size: int = 64) -> np.ndarray:
-    """The model's logits of views ``0..views-1`` of every image: ``(N, views, units)``, what a teacher run caches."""
+    """The model's logits of views ``0..views-1`` of every image: ``(N, views, units)``, what a teacher run caches.
+
+    Views are made a batch at a time: never a second copy of all the images."""
     from pipelines.training import predict_logits
 
-    per_view = [predict_logits(model, views_of(images, keys, view), batch_size) for view in range(views)]
+    per_view = [
+        np.concatenate(
+            [
+                predict_logits(model, views_of(images[start : start + batch_size], keys[start : start + batch_size], view), batch_size)
+                for start in range(0, len(images), batch_size)
+            ]
+        )
+        for view in range(views)
+    ]
     return np.stack(per_view, axis=1)
 
 
