@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
 from pipelines.evaluate import classification_metrics, model_logits, probabilities
+from pipelines.images import load_images
 from pipelines.latency import keras_latency
 from pipelines.teacher import load_teacher_model
 from registry.export import load_student
@@ -44,7 +45,8 @@ def count_macs(model: keras.Model) -> int:
 def describe(model: keras.Model, bench: Bench, path: Path) -> dict[str, float]:
     prepared, test = bench.prepared, bench.prepared.splits.test
     model.save(path)
-    images = prepared.images[test]
+    size = model.input_shape[1]  # a teacher may work at a higher resolution than its student (teacher_image_size)
+    images = (prepared.images if size == prepared.images.shape[1] else load_images(prepared.dataset, size, bench.cfg.cache_dir))[test]
     metrics = classification_metrics(prepared.dataset.labels[test], probabilities(model_logits(model, images), prepared.dataset.binary))
     repeats = bench.settings.latency_repeats
     b1, b32 = keras_latency(model, images, 1, repeats), keras_latency(model, images, 32, max(10, repeats // 4))

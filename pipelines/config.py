@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEDUPE_MODES = ("drop", "keep", "error")  # what prepare does with hold-out images that duplicate training images
+DEDUPE_MODES = ("drop", "keep", "error")
+KD_MODES = ("standard", "consistent")  # what prepare does with hold-out images that duplicate training images
 
 
 class PipelineError(Exception):
@@ -61,6 +62,7 @@ class Limits:
 # value would exhaust memory or time long before it could help (image_size 100000 died in PIL's resize).
 LIMITS = {
     "image_size": Limits(32, 512),
+    "teacher_image_size": Limits(0, 512),  # 0 = image_size; otherwise image_size's own range (checked in validate)
     "test_fraction": Limits(0, 0.5, low_open=True, high_open=True),
     "folds": Limits(2, 20),
     "seed": Limits(0, 2**32 - 1),  # numpy's seed range
@@ -78,6 +80,7 @@ LIMITS = {
     "grace_period": Limits(2, 86_400),
     "margin": Limits(-1, 1),
     "tracking_wait_s": Limits(0, 3600),
+    "kd_views": Limits(1, 64),
 }
 # The search ranges (low,high text) and the parameter whose limits their ends must respect; log scale ones positive.
 RANGE_LIMITS = {
@@ -208,12 +211,34 @@ class Config:
         default="resnet", metadata={"help": "resnet or hybrid (ours; :S, :M or :L: size, default M) or a keras.applications name"}
     )
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
+    teacher_image_size: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "the teacher's input size in pixels, 0 = image_size; a larger one lets a high-resolution teacher guide a low-resolution "
+                "student through cached logits (keyed by image), at no cost to the student"
+            )
+        },
+    )
     student_size: str = field(default="small", metadata={"help": "tiny, small, medium, large or WIDTHxDEPTH, e.g. 24x3"})
     # distillation
     temperature: float = field(default=5.0, metadata={"help": "softmax temperature T"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the hard-label loss; 1 - alpha weighs the KD term"})
     teacher_mode: str = field(
         default="cached", metadata={"help": "cached (teacher logits computed once) or online (teacher forward pass every step)"}
+    )
+    kd_mode: str = field(
+        default="standard",
+        metadata={
+            "help": (
+                "standard: the student's augmented image, the teacher's logits of the plain one (cached); consistent (Beyer et al. 2022): "
+                "teacher and student see the same augmented view, always augmented: online, every step's fresh views mixed by mixup; "
+                "cached, kd_views fixed views per image without mixup (logits of mixed images cannot be cached)"
+            )
+        },
+    )
+    kd_views: int = field(
+        default=8, metadata={"help": "augmented views per image the teacher's logits are cached for (kd_mode=consistent, cached)"}
     )
     no_kd: bool = field(default=False, metadata={"help": "baseline: train the student on hard labels only (alpha = 1)"})
     fold: int = field(default=-1, metadata={"help": "train only this fold (0-based); -1 = all folds"})
@@ -261,6 +286,17 @@ class Config:
         checks = [
             (self.precision in ("float32", "bfloat16"), f"precision={self.precision!r}: use 'float32' or 'bfloat16'"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
+            (self.kd_mode in KD_MODES, f"kd_mode={self.kd_mode!r}: use {' or '.join(KD_MODES)}"),
+            (
+                self.teacher_image_size == 0 or self.teacher_image_size in LIMITS["image_size"],
+                f"teacher_image_size={self.teacher_image_size}: use 0 (the student's image_size) or a size in {LIMITS['image_size']}",
+            ),
+            (
+                self.teacher_mode == "cached" or self.teacher_size == self.image_size,
+                f"teacher_mode=online with teacher_image_size={self.teacher_image_size} and image_size={self.image_size}: an online "
+                "teacher sees the student's batch, at image_size; use teacher_mode=cached (the teacher's logits are "
+                "computed once at its own size) or teacher_image_size=0",
+            ),
             (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
@@ -277,6 +313,11 @@ class Config:
     def storage_url(self) -> str:
         """The storage parameter, else $KD_STORAGE_URL (which may carry a password), else optuna.db in the project."""
         return self.storage or os.environ.get(STORAGE_URL_ENV) or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+
+    @property
+    def teacher_size(self) -> int:
+        """The teacher's input size: teacher_image_size, or the student's image_size when it is 0."""
+        return self.teacher_image_size or self.image_size
 
     @property
     def effective_alpha(self) -> float:
@@ -302,12 +343,25 @@ DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "fol
 # every field that decides what prepare_data returns (cache_dir only says where the decoded images are kept)
 DATA_INPUTS = DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes")
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
-TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights")
-DISTILL_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
+# kd_views is a teacher parameter: the teacher run caches its logits of that many views of every image.
+TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_image_size", "kd_views")
+DISTILL_PARAMS = (
+    DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "kd_mode", "kd_views", "no_kd", "fold")
+)
 SEARCH_PARAMS = (
     DATA_PARAMS
     + TRAIN_PARAMS
-    + ("teacher_arch", "teacher_weights", "teacher_mode", "n_trials", "study_name", "objectives")
+    + (
+        "teacher_arch",
+        "teacher_weights",
+        "teacher_image_size",
+        "teacher_mode",
+        "kd_mode",
+        "kd_views",
+        "n_trials",
+        "study_name",
+        "objectives",
+    )
     + ("temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range")
 )
 

@@ -2,6 +2,8 @@
 
 The teachers come from a finished teacher run with the same data, parameters and code, trained first if there is
 none. ``cached`` mode reads the teacher's stored logits; ``online`` runs the teacher on every step.
+``kd_mode=consistent`` shows teacher and student the same augmented view (pipelines/views.py): the cached logits
+of the teacher's views, or, online, the very (mixup) batch the student trains on.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from pipelines.training import CrossValidation, cross_validate
 def describe_student(cfg: Config) -> str:
     if cfg.no_kd:
         return f"student {cfg.student_size} (no KD)"
-    return f"student {cfg.student_size} (KD, T={cfg.temperature:g}, alpha={cfg.alpha:g}, {cfg.teacher_mode})"
+    consistent = {"cached": f", consistent over {cfg.kd_views} views", "online": ", consistent with mixup"}
+    consistent = consistent[cfg.teacher_mode] if cfg.kd_mode == "consistent" else ""
+    return f"student {cfg.student_size} (KD, T={cfg.temperature:g}, alpha={cfg.alpha:g}, {cfg.teacher_mode}{consistent})"
 
 
 def cross_validate_student(
@@ -39,7 +43,8 @@ def cross_validate_student(
 ) -> CrossValidation:
     """Train and evaluate the student on the given folds, guided by the fold teachers of ``teacher_run_id``.
 
-    ``teacher_run_id`` is None for the no-KD baseline. Cached mode reads the teacher run's logits once.
+    ``teacher_run_id`` is None for the no-KD baseline. Cached mode reads the teacher run's logits once; consistent
+    cached mode trains on the views those logits are of, consistent online (and no-KD) on fresh views with mixup.
     """
     alpha = cfg.effective_alpha
     dataset = prepared.dataset
@@ -56,7 +61,10 @@ def cross_validate_student(
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         return trainer
 
-    return cross_validate(prepared, cfg, fold_ids, build_trainer, lambda k: cached.get(f"fold_{k}"), describe_student(cfg), on_fold)
+    view_logits = (lambda k: cached.get(f"views_fold_{k}")) if cfg.kd_mode == "consistent" else None
+    return cross_validate(
+        prepared, cfg, fold_ids, build_trainer, lambda k: cached.get(f"fold_{k}"), describe_student(cfg), on_fold, view_logits
+    )
 
 
 def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:

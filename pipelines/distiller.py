@@ -3,7 +3,8 @@
     loss = alpha * hard_loss(y, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
 
 Inputs are a dict: ``{"image": ...}`` with the teacher run on every step (``online``), or
-``{"image": ..., "teacher_logits": ...}`` with logits computed once (``cached``). Two classes use a
+``{"image": ..., "teacher_logits": ...}`` with logits computed once (``cached``); a mixup batch adds
+``mix_labels`` and ``mix`` (pipelines/views.py) for the hard loss. Two classes use a
 single logit z: the sigmoid is the two-class softmax of ``[0, z]``, so the binary losses below equal the
 softmax ones on those logits (tested). Only the student is trained, evaluated and exported.
 """
@@ -14,13 +15,23 @@ import keras
 from keras import ops
 
 
-def hard_loss(labels, logits, binary: bool, sample_weight=None):
-    """Cross-entropy with the true labels, weighted per sample (class weights), averaged over the batch."""
-    if binary:
-        per_sample = _bce(labels, logits)
-    else:
-        per_sample = ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+def hard_loss(labels, logits, binary: bool, sample_weight=None, mix_labels=None, mix=None):
+    """Cross-entropy with the true labels, weighted per sample (class weights), averaged over the batch.
+
+    A mixup batch (pipelines/views.py) gives each image's second label and the weight ``mix`` of its own: the
+    cross-entropies with the two labels are mixed by those weights.
+    """
+    per_sample = _cross_entropy(labels, logits, binary)
+    if mix is not None:
+        mix = ops.cast(ops.reshape(mix, (-1,)), per_sample.dtype)
+        per_sample = mix * per_sample + (1.0 - mix) * _cross_entropy(mix_labels, logits, binary)
     return _weighted_mean(per_sample, sample_weight)
+
+
+def _cross_entropy(labels, logits, binary: bool):
+    if binary:
+        return _bce(labels, logits)
+    return ops.sparse_categorical_crossentropy(labels, logits, from_logits=True)
 
 
 def _bce(labels, logits):
@@ -90,7 +101,8 @@ class Distiller(keras.Model):
         return self.teacher(inputs["image"], training=False)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        student_loss = hard_loss(y, y_pred, self.binary, sample_weight)
+        mixed = x is not None and "mix" in x
+        student_loss = hard_loss(y, y_pred, self.binary, sample_weight, x["mix_labels"] if mixed else None, x["mix"] if mixed else None)
         if self.alpha >= 1.0:  # plain training or the no-KD baseline: the teacher is never consulted
             return student_loss
         distillation_loss = soft_loss(self.teacher_logits(x), y_pred, self.temperature, self.binary, sample_weight)

@@ -2,11 +2,17 @@
 
 A finished teacher run with the same data digest, parameters and code fingerprint is reused, never retrained.
 Artifacts: ``models/fold_<k>.keras``, ``models/all.keras``, ``logits/teacher_logits.npz`` (keyed by image
-sha256: ``fold_<k>`` and ``all`` logits for every image), evaluation plots and a classification report.
+sha256: ``fold_<k>`` and ``all`` logits for every image, ``views_fold_<k>`` and ``views_all`` those of its
+``kd_views`` consistent views, pipelines/views.py), evaluation plots and a classification report.
+
+The teachers train, stop early and predict at ``teacher_image_size`` (the student's ``image_size`` when 0), on the
+same rows and splits as the student: the cached logits are keyed by image, so a student at a lower resolution
+reads them unchanged and its training costs what it did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tempfile
 from pathlib import Path
@@ -18,34 +24,46 @@ import numpy as np
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities, write_evaluation_artifacts
+from pipelines.images import load_images
 from pipelines.models import build_teacher, load_keras_model
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run
 from pipelines.training import cross_validate, predict_logits, set_seed, train_on_all_data
+from pipelines.views import image_keys, view_logits
 
 LOGITS_ARTIFACT = "logits/teacher_logits.npz"
 
 
 def _trainer(cfg: Config, num_classes: int, seed: int) -> Distiller:
     """Plain supervised training is the Distiller with alpha = 1 and no teacher: one loss, one set of metrics."""
-    network = build_teacher(cfg.teacher_arch, cfg.image_size, num_classes, cfg.teacher_weights, seed=seed)
+    network = build_teacher(cfg.teacher_arch, cfg.teacher_size, num_classes, cfg.teacher_weights, seed=seed)
     trainer = Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
     trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
     return trainer
 
 
+def at_teacher_size(cfg: Config, prepared: Prepared) -> Prepared:
+    """The student's prepared data with the images at the teacher's size: same rows, same splits."""
+    if cfg.teacher_size == prepared.images.shape[1]:
+        return prepared
+    return dataclasses.replace(prepared, images=load_images(prepared.dataset, cfg.teacher_size, cfg.cache_dir))
+
+
 def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
     """Find or train the teachers for ``cfg``; returns the run id that holds them."""
     prepared = prepared or prepare_data(cfg)
-    dataset, splits, images = prepared.dataset, prepared.splits, prepared.images
+    dataset, splits = prepared.dataset, prepared.splits
     previous = reuse_finished("teacher", cfg, TEACHER_PARAMS, dataset.digest, nested)
     if previous:
         return previous
+    prepared = at_teacher_size(cfg, prepared)
+    images, keys = prepared.images, image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed)
     with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested=nested) as run:
         cv = cross_validate(
             prepared, cfg, list(range(cfg.folds)), lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k), lambda k: None, "teacher"
         )
         logits = {f"fold_{k}": predict_logits(model, images) for k, model in enumerate(cv.models)}
+        logits |= {f"views_fold_{k}": view_logits(model, images, keys, cfg.kd_views) for k, model in enumerate(cv.models)}
 
         # The all-data teacher has no validation split to stop on: it trains for the folds' median best epoch.
         epochs = max(1, int(np.median(cv.best_epochs)))
@@ -53,6 +71,7 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
         set_seed(cfg.seed)
         teacher = train_on_all_data(prepared, cfg, lambda: _trainer(cfg, dataset.num_classes, cfg.seed), None, epochs, "teacher (all data)")
         logits["all"] = predict_logits(teacher, images)
+        logits["views_all"] = view_logits(teacher, images, keys, cfg.kd_views)
         test_probs = probabilities(logits["all"][splits.test], dataset.binary)
         test_metrics = classification_metrics(labels[splits.test], test_probs, dataset.class_names)
 

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
 from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities
+from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
     from pipelines.distiller import Distiller
@@ -105,17 +106,29 @@ def make_dataset(
     shuffle: bool = False,
     augment: bool = False,
     seed: int = 0,
+    view_keys: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """``({"image", ["teacher_logits"]}, label[, weight])`` batches: in memory, shuffled, augmented, prefetched.
 
     Images arrive already decoded and preprocessed, so the pipeline only slices, augments and batches.
-    Cached teacher logits stay those of the un-augmented image: the price of not running the teacher.
+    Cached teacher logits stay those of the un-augmented image (kd_mode standard): the price of not running the teacher.
     The slices are the only copy of the images: no ``.cache()`` (it kept a second one) and no float32 copy of
     float32 input; slicing runs thousands of images/s, far ahead of training (benchmarks/scaling.py measures it).
+
+    ``view_keys`` (:func:`pipelines.views.image_keys` of the rows) makes the batches consistent (pipelines/views.py),
+    augmented whatever ``augment`` says: with ``teacher_logits`` of every row's views ``(rows, views, units)``, each
+    image comes as one of its cached views with the teacher's logits of that view; without, as a fresh view, and the
+    batch is mixed by mixup (an online teacher then runs on the very batch the student sees). The views depend on
+    the keys alone; ``seed`` only shuffles and draws which view.
     """
     features = {"image": np.asarray(images, dtype=np.float32)}
     if teacher_logits is not None:
         features["teacher_logits"] = np.asarray(teacher_logits, dtype=np.float32)
+    mixing = view_keys is not None and teacher_logits is None
+    if view_keys is not None:
+        features["view_key"] = np.asarray(view_keys, dtype=np.int64)
+        if mixing and sample_weights is None:
+            sample_weights = np.ones(len(labels), dtype=np.float32)
     elements = (
         (features, labels.astype(np.int32))
         if sample_weights is None
@@ -124,8 +137,17 @@ def make_dataset(
     dataset = tf.data.Dataset.from_tensor_slices(elements)
     if shuffle:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if view_keys is not None:
+        # Views are stateless functions of their seed pairs: parallel calls cannot change them.
+        draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip((dataset, draws)).map(
+            lambda element, draw: (pick_view(element[0], draw), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE
+        )
     dataset = dataset.batch(batch_size)
-    if augment:
+    if mixing:
+        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip((dataset, draws)).map(lambda batch, draw: mixup(*batch, draw))
+    elif augment and view_keys is None:
         augmenter = augmentation(seed)
 
         def apply(features, *rest):
@@ -231,33 +253,25 @@ def cross_validate(
     teacher_logits: Callable[[int], np.ndarray | None],
     describe: str,
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
+    view_logits: Callable[[int], np.ndarray | None] | None = None,
 ) -> CrossValidation:
     """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
 
     ``build_trainer(k)`` gives the compiled :class:`Distiller` for fold k (alpha = 1 and no teacher for plain
     training); ``teacher_logits(k)`` gives cached logits for every row, or None (online or no KD).
     ``on_fold(k, metrics)`` sees each fold's validation metrics as they come (a search reports and prunes there).
+    ``view_logits`` makes training consistent (:func:`make_dataset` with view keys): ``view_logits(k)`` gives the
+    cached logits of every row's views ``(N, views, units)``, or None for fresh views every step (online or no KD);
+    the validation rows stay plain images with ``teacher_logits(k)``.
     """
     dataset, images = prepared.dataset, prepared.images
     labels = dataset.labels
+    keys = image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed) if view_logits is not None else None
     models, fold_metrics, best_epochs, oof_rows, oof_probs, fold_matrices = [], [], [], [], [], []
     for k in fold_ids:
         train_rows, val_rows = prepared.splits.folds[k]
         weights = class_weights(labels[train_rows], dataset.num_classes)[labels]
         logits = teacher_logits(k)
-
-        def subset(rows, shuffle):
-            return make_dataset(
-                images[rows],
-                labels[rows],
-                weights[rows],
-                None if logits is None else logits[rows],
-                cfg.batch_size,
-                shuffle=shuffle,
-                augment=shuffle and cfg.augment,
-                seed=cfg.seed + k,
-            )
-
         set_seed(cfg.seed + k)
         # Folds are numbered from 0 everywhere: here, in metric and artifact names (f1_fold_<k>), pruning messages and the report.
         print(
@@ -265,9 +279,23 @@ def cross_validate(
         )
         with training_precision(cfg.precision):
             trainer = build_trainer(k)
-        best_epochs.append(
-            fit(trainer, subset(train_rows, True), subset(val_rows, False), cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}")
+        # Consistent training reads the views' cached logits (None: fresh views); validation images stay plain either way.
+        train_logits = view_logits(k) if view_logits is not None else logits
+        train = make_dataset(
+            images[train_rows],
+            labels[train_rows],
+            weights[train_rows],
+            None if train_logits is None else train_logits[train_rows],
+            cfg.batch_size,
+            shuffle=True,
+            augment=cfg.augment,
+            seed=cfg.seed + k,
+            view_keys=None if keys is None else keys[train_rows],
         )
+        validation = make_dataset(
+            images[val_rows], labels[val_rows], weights[val_rows], None if logits is None else logits[val_rows], cfg.batch_size
+        )
+        best_epochs.append(fit(trainer, train, validation, cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
         student = as_float32(trainer.student)
         probs = probabilities(predict_logits(student, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
@@ -289,16 +317,29 @@ def train_on_all_data(
     epochs: int,
     describe: str,
     prefix: str = "all_",
+    consistent: bool = False,
 ) -> keras.Model:
     """Train the compiled :class:`Distiller` ``build_trainer()`` gives on every non-test row for a fixed number of
-    epochs (no validation split is left to stop on); returns its student as a float32 model."""
+    epochs (no validation split is left to stop on); returns its student as a float32 model.
+
+    ``consistent``: consistent batches (:func:`make_dataset` with view keys); ``teacher_logits`` are then the cached
+    logits of every row's views ``(N, views, units)``, or None for fresh views (online or no KD)."""
     with training_precision(cfg.precision):
         trainer = build_trainer()
     labels, rows = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
+    keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy(), cfg.seed)[rows] if consistent else None
     train = make_dataset(
-        prepared.images[rows], labels[rows], weights[rows], logits, cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed
+        prepared.images[rows],
+        labels[rows],
+        weights[rows],
+        logits,
+        cfg.batch_size,
+        shuffle=True,
+        augment=cfg.augment,
+        seed=cfg.seed,
+        view_keys=keys,
     )
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)

@@ -119,11 +119,12 @@ def onto_scan(heatmap: np.ndarray, scan: np.ndarray) -> np.ndarray:
     return np.clip(full, 0.0, 1.0)
 
 
-def explain_scan(
-    model: keras.Model, scan: np.ndarray, image_size: int, class_names: list[str], class_name: str | None = None
-) -> Explanation:
-    """Grad-CAM of one decoded scan for ``class_name`` (default: the predicted class), on the scan."""
-    image = preprocess(scan, image_size)
+def explain_scan(model: keras.Model, scan: np.ndarray, class_names: list[str], class_name: str | None = None) -> Explanation:
+    """Grad-CAM of one decoded scan for ``class_name`` (default: the predicted class), on the scan.
+
+    The scan is preprocessed at the model's own input size: a teacher may work at a higher resolution than its student.
+    """
+    image = preprocess(scan, model.input_shape[1])
     probs = probabilities(np.asarray(model(image[None], training=False)), len(class_names) == 2)[0]
     by_class = {name: float(p) for name, p in zip(class_names, probs)}
     if class_name is None:
@@ -180,12 +181,11 @@ def write_overlay(explanations: dict[str, Explanation], title: str, out_path: Pa
 
 @dataclass(frozen=True)
 class RegisteredModels:
-    """A registered version's student (with its preprocessing size and classes) and its all-data teacher."""
+    """A registered version's student (with its classes) and its all-data teacher."""
 
     version: str
     student: keras.Model
     teacher: keras.Model
-    image_size: int
     class_names: list[str]
     modality: int | None  # the BraTS channel an .h5 or NIfTI scan is read as; None for pictures
 
@@ -201,7 +201,7 @@ def load_models(model_name: str, version) -> RegisteredModels:
     if not teacher_run_id:
         raise PipelineError(f"{model_name} v{version.version} has no teacher_run_id tag; promote it again")
     return RegisteredModels(
-        version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.image_size, wrapper.class_names, wrapper.modality
+        version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.class_names, wrapper.modality
     )
 
 
@@ -222,8 +222,8 @@ def explain(
     models = load_models(model_name, resolve_version(model_name, stage, alias))
     scan = decode_image(image_path, models.modality)
     explanations = {
-        "student": explain_scan(models.student, scan, models.image_size, models.class_names, class_name),
-        "teacher": explain_scan(models.teacher, scan, models.image_size, models.class_names, class_name),
+        "student": explain_scan(models.student, scan, models.class_names, class_name),
+        "teacher": explain_scan(models.teacher, scan, models.class_names, class_name),
     }
     out_path = Path(out_path) if out_path else image_path.with_name(f"{image_path.stem}.gradcam.png")  # next to the scan
     write_overlay(explanations, f"{image_path.name}\n{model_name} v{models.version}", out_path)
@@ -246,7 +246,7 @@ def explanation_grid(models: RegisteredModels, examples: list[tuple[str, Path]],
         axes[row, 0].imshow(scan, cmap="gray")
         axes[row, 0].set_title(f"{category}: {path.name[:28]}", fontsize=7)
         for column, (who, model) in enumerate((("student", models.student), ("teacher", models.teacher)), start=1):
-            draw(axes[row, column], explain_scan(model, scan, models.image_size, models.class_names), who, fontsize=7)
+            draw(axes[row, column], explain_scan(model, scan, models.class_names), who, fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
     return save_figure(fig, out_path, dpi=110)

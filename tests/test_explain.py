@@ -90,7 +90,7 @@ def test_the_tumour_map_points_at_the_lesion_and_the_normal_map_does_not(lesion_
     hits, normal_on_lesion, true_positives = 0, 0, 0
     for row, path, cx, cy, radius in lesion_rows(prepared):
         scan = decode_image(path)
-        tumour = explain_scan(model, scan, IMAGE_SIZE, names, "tumor")
+        tumour = explain_scan(model, scan, names, "tumor")
         if tumour.predicted != "tumor":
             continue
         true_positives += 1
@@ -100,7 +100,7 @@ def test_the_tumour_map_points_at_the_lesion_and_the_normal_map_does_not(lesion_
             f"{path.name}: the {who} predicts tumour (p={tumour.probabilities['tumor']:.2f}) but no region raises the tumour score"
         )
         hits += peak_in_box(tumour.heatmap, cx, cy, radius + CELL)
-        normal = explain_scan(model, scan, IMAGE_SIZE, names, "normal")
+        normal = explain_scan(model, scan, names, "normal")
         y, x = np.unravel_index(np.argmax(normal.heatmap), scan.shape)
         normal_on_lesion += not normal.empty and np.hypot(x - cx, y - cy) <= radius  # on the lesion itself
     assert true_positives >= 15, f"only {true_positives} true positives of the {who}"
@@ -166,4 +166,4 @@ def test_unknown_class_is_refused(lesion_models):
     models, prepared = lesion_models
     scan = decode_image(Path(prepared.dataset.manifest["path"].iloc[0]))
     with pytest.raises(PipelineError, match="not one of the model's classes"):
-        explain_scan(models["student"], scan, IMAGE_SIZE, prepared.dataset.class_names, "glioma")
+        explain_scan(models["student"], scan, prepared.dataset.class_names, "glioma")
