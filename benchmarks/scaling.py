@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from benchmarks.common import Bench, EpochTimer, ratio, target
 from pipelines.distiller import Distiller
+from pipelines.evaluate import model_logits
 from pipelines.models import build_student, build_teacher
 from pipelines.prepare import prepare_data
 from pipelines.teacher import load_teacher_logits
-from pipelines.training import augmentation, make_dataset, predict_logits, set_seed, training_precision
+from pipelines.training import augmentation, make_dataset, set_seed, training_precision
 
 MEMORY_LIMIT_MIB = 4096
 
@@ -75,9 +76,9 @@ def measure(bench: Bench, images: np.ndarray, labels: np.ndarray, logits: np.nda
         "teacher_epoch_s": epoch_seconds(teacher, images, labels, None, cfg.batch_size, cfg.seed),
         "student_kd_epoch_s": epoch_seconds(student, images, labels, logits, cfg.batch_size, cfg.seed),
     }
-    predict_logits(student.student, images[:64])  # traces the predict step
+    model_logits(student.student, images[:64])  # traces the predict step
     start = time.perf_counter()
-    predict_logits(student.student, images)
+    model_logits(student.student, images)
     result["student_inference_s"] = time.perf_counter() - start
     return result
 
@@ -88,9 +89,9 @@ def precision_epochs(bench: Bench, images: np.ndarray, labels: np.ndarray, logit
     cfg, size = bench.cfg, images.shape[1]
     seconds: dict[str, dict[str, float]] = {"float32": {}, "bfloat16": {}}
     built = {precision: trainers(bench, size, precision) for precision in seconds}
-    for name, model_logits, index in (("teacher_epoch_s", None, 0), ("student_kd_epoch_s", logits, 1)):
+    for name, cached_logits, index in (("teacher_epoch_s", None, 0), ("student_kd_epoch_s", logits, 1)):
         for precision in seconds:
-            seconds[precision][name] = epoch_seconds(built[precision][index], images, labels, model_logits, cfg.batch_size, cfg.seed)
+            seconds[precision][name] = epoch_seconds(built[precision][index], images, labels, cached_logits, cfg.batch_size, cfg.seed)
     speedup = {name: ratio(seconds["float32"][name], seconds["bfloat16"][name]) for name in seconds["float32"]}
     return {**seconds, "float32_over_bfloat16": speedup}
 

@@ -16,11 +16,11 @@ import numpy as np
 
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.distiller import Distiller
-from pipelines.evaluate import probabilities
+from pipelines.evaluate import model_logits, probabilities
 from pipelines.images import decode_image
 from pipelines.models import build_student, build_teacher
 from pipelines.prepare import prepare_data
-from pipelines.training import class_weights, make_dataset, predict_logits, set_seed
+from pipelines.training import class_weights, make_dataset, set_seed
 from registry.explain import describe, explain_scan, write_overlay
 
 
@@ -57,12 +57,12 @@ def main() -> None:
         build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed),
         prepared,
         cfg,
-        predict_logits(teacher, prepared.images),
+        model_logits(teacher, prepared.images),
     )
 
     positive = dataset.class_names.index(dataset.positive_class)
     student_p, teacher_p = (
-        probabilities(predict_logits(model, prepared.images[test]), dataset.binary)[:, positive] for model in (student, teacher)
+        probabilities(model_logits(model, prepared.images[test]), dataset.binary)[:, positive] for model in (student, teacher)
     )
     tumours = [i for i in range(len(test)) if dataset.labels[test[i]] == positive and student_p[i] > 0.5 and teacher_p[i] > 0.5]
     chosen = test[max(tumours, key=lambda i: student_p[i])]

@@ -344,10 +344,11 @@ DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "fol
 DATA_INPUTS = DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes")
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
 # kd_views is a teacher parameter: the teacher run caches its logits of that many views of every image.
-TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_image_size", "kd_views")
-DISTILL_PARAMS = (
-    DATA_PARAMS + TRAIN_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "kd_mode", "kd_views", "no_kd", "fold")
-)
+# kd_mode and kd_views: a consistent teacher run also caches the logits of kd_views views per image, which a
+# standard one does not spend time on.
+TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_image_size", "kd_mode", "kd_views")
+# The teacher's settings too: a student distilled from another teacher is another student.
+DISTILL_PARAMS = TEACHER_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
 SEARCH_PARAMS = (
     DATA_PARAMS
     + TRAIN_PARAMS

@@ -23,12 +23,12 @@ import numpy as np
 
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError
 from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities, write_evaluation_artifacts
+from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities, write_evaluation_artifacts
 from pipelines.images import load_images
 from pipelines.models import build_teacher, load_keras_model
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run
-from pipelines.training import cross_validate, predict_logits, set_seed, train_on_all_data
+from pipelines.training import cross_validate, set_seed, train_on_all_data
 from pipelines.views import image_keys, view_logits
 
 LOGITS_ARTIFACT = "logits/teacher_logits.npz"
@@ -62,16 +62,18 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
         cv = cross_validate(
             prepared, cfg, list(range(cfg.folds)), lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k), lambda k: None, "teacher"
         )
-        logits = {f"fold_{k}": predict_logits(model, images) for k, model in enumerate(cv.models)}
-        logits |= {f"views_fold_{k}": view_logits(model, images, keys, cfg.kd_views) for k, model in enumerate(cv.models)}
+        logits = {f"fold_{k}": model_logits(model, images) for k, model in enumerate(cv.models)}
+        if cfg.kd_mode == "consistent":
+            logits |= {f"views_fold_{k}": view_logits(model, images, keys, cfg.kd_views) for k, model in enumerate(cv.models)}
 
         # The all-data teacher has no validation split to stop on: it trains for the folds' median best epoch.
         epochs = max(1, int(np.median(cv.best_epochs)))
         labels = dataset.labels
         set_seed(cfg.seed)
         teacher = train_on_all_data(prepared, cfg, lambda: _trainer(cfg, dataset.num_classes, cfg.seed), None, epochs, "teacher (all data)")
-        logits["all"] = predict_logits(teacher, images)
-        logits["views_all"] = view_logits(teacher, images, keys, cfg.kd_views)
+        logits["all"] = model_logits(teacher, images)
+        if cfg.kd_mode == "consistent":
+            logits["views_all"] = view_logits(teacher, images, keys, cfg.kd_views)
         test_probs = probabilities(logits["all"][splits.test], dataset.binary)
         test_metrics = classification_metrics(labels[splits.test], test_probs, dataset.class_names)
 

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import classification_metrics, confusion_matrix, probabilities
+from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities
 from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -206,16 +206,6 @@ def fit(
     return int(np.argmin(history.history["val_loss"])) + 1
 
 
-def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Logits batch by batch in eager mode: ``model.predict`` traced a new tf.function for every fold's model and
-    for each shorter last batch (TensorFlow's "triggered tf.function retracing" warning); for these small CNNs
-    tracing cost more than it saved."""
-    images = images.astype(np.float32)
-    return np.concatenate(
-        [np.asarray(model(images[start : start + batch_size], training=False)) for start in range(0, len(images), batch_size)]
-    )
-
-
 @dataclass
 class CrossValidation:
     """Per-fold results of one model family; ``oof_probs`` holds each row's probabilities from the fold that held it out."""
@@ -297,7 +287,7 @@ def cross_validate(
         )
         best_epochs.append(fit(trainer, train, validation, cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
         student = as_float32(trainer.student)
-        probs = probabilities(predict_logits(student, images[val_rows]), dataset.binary)
+        probs = probabilities(model_logits(student, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
         fold_matrices.append(confusion_matrix(labels[val_rows], probs))
         print(f"{describe}: fold {k} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")

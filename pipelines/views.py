@@ -77,12 +77,12 @@ def view_logits(model, images: np.ndarray, keys: np.ndarray, views: int, batch_s
     """The model's logits of views ``0..views-1`` of every image: ``(N, views, units)``, what a teacher run caches.
 
     Views are made a batch at a time: never a second copy of all the images."""
-    from pipelines.training import predict_logits
+    from pipelines.evaluate import model_logits
 
     per_view = [
         np.concatenate(
             [
-                predict_logits(model, views_of(images[start : start + batch_size], keys[start : start + batch_size], view), batch_size)
+                model_logits(model, views_of(images[start : start + batch_size], keys[start : start + batch_size], view), batch_size)
                 for start in range(0, len(images), batch_size)
             ]
         )

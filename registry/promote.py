@@ -57,7 +57,8 @@ class Promotion:
 
 
 def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None, epochs: int, describe: str, prefix: str) -> keras.Model:
-    """A student trained on all training data: with the all-data teacher's logits, or without KD (None)."""
+    """A student trained on all training data: with the all-data teacher's logits, or without KD (None); with
+    kd_mode=consistent, the logits of the teacher's views (cached mode) and consistent batches, as in the search."""
     set_seed(cfg.seed)
 
     def build_trainer() -> Distiller:
@@ -66,7 +67,8 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         return trainer
 
-    return train_on_all_data(prepared, cfg, build_trainer, teacher_logits, epochs, describe, prefix=prefix)
+    consistent = cfg.kd_mode == "consistent"
+    return train_on_all_data(prepared, cfg, build_trainer, teacher_logits, epochs, describe, prefix=prefix, consistent=consistent)
 
 
 def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
@@ -154,8 +156,12 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             {STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest}
         )
         teacher_run_id = train_teacher(study_cfg, prepared, nested=True)  # the search's teachers: found, not retrained
-        all_logits = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())["all"]
-        student = _student(cfg, prepared, all_logits, epochs, "student (KD)", "student_all_")
+        stored = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())
+        all_logits = stored["all"]
+        # Consistent mode (cached or online in the search) trains the final student on the all-data teacher's cached
+        # views: the same loss as running that teacher on each view (tests/test_teachers.py), without mixup.
+        kd_logits = stored["views_all"] if cfg.kd_mode == "consistent" else all_logits
+        student = _student(cfg, prepared, kd_logits, epochs, "student (KD)", "student_all_")
         baseline = _student(cfg.replace(no_kd=True), prepared, None, epochs, "student (no KD)", "no_kd_all_")
 
         labels, test = prepared.dataset.labels, prepared.splits.test

@@ -21,8 +21,9 @@ from mlflow import MlflowClient
 
 from pipelines.config import Config, PipelineError
 from pipelines.distiller import Distiller
+from pipelines.evaluate import model_logits
 from pipelines.models import build_student
-from pipelines.training import as_float32, fit, make_dataset, predict_logits, set_seed, training_precision
+from pipelines.training import as_float32, fit, make_dataset, set_seed, training_precision
 
 N_IMAGES, SIZE = 32, 32
 
@@ -93,7 +94,7 @@ def _train_once(seed: int, precision: str = "float32") -> tuple[list[np.ndarray]
     with mlflow.start_run():
         fit(trainer, train, None, cfg, prefix="", describe=f"seed {seed}")
     student = as_float32(trainer.student)
-    return student.get_weights(), predict_logits(student, images)
+    return student.get_weights(), model_logits(student, images)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])

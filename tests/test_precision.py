@@ -14,10 +14,11 @@ from kdtest import tiny_config, tracking_at
 
 from pipelines.config import DISTILL_PARAMS, SEARCH_PARAMS, TEACHER_PARAMS, Config, PipelineError
 from pipelines.distiller import Distiller
+from pipelines.evaluate import model_logits
 from pipelines.models import build_student, load_keras_model
 from pipelines.prepare import prepare_data
 from pipelines.tracking import step_key
-from pipelines.training import as_float32, cross_validate, make_dataset, predict_logits, set_seed, train_on_all_data, training_precision
+from pipelines.training import as_float32, cross_validate, make_dataset, set_seed, train_on_all_data, training_precision
 
 SIZE = 32
 
@@ -56,14 +57,14 @@ def test_a_bfloat16_student_becomes_a_float32_twin_with_the_very_same_weights(tm
     assert twin is not student and all(layer.dtype_policy.name == "float32" for layer in twin._flatten_layers())
     assert all(np.array_equal(a, b) for a, b in zip(student.get_weights(), twin.get_weights()))
     # The same weights in float32 arithmetic: close to the bfloat16 model's logits (8-bit mantissa), not equal.
-    mixed, exact = np.asarray(student(images, training=False)), predict_logits(twin, images)
+    mixed, exact = np.asarray(student(images, training=False)), model_logits(twin, images)
     assert exact.dtype == np.float32 and not np.array_equal(mixed, exact)
     np.testing.assert_allclose(mixed, exact, atol=0.1 * np.abs(exact).max())
 
     twin.save(tmp_path / "student.keras")
     assert _saved_dtype_names(tmp_path / "student.keras") == {"float32"}
     loaded = load_keras_model(tmp_path / "student.keras")  # safe mode, config checked
-    assert np.array_equal(predict_logits(loaded, images), exact)
+    assert np.array_equal(model_logits(loaded, images), exact)
     assert as_float32(loaded) is loaded, "a float32 model is used as it is"
 
 
@@ -98,7 +99,7 @@ def test_bfloat16_cross_validation_and_all_data_training_hand_back_float32_model
     assert keras.config.dtype_policy().name == "float32"
     for model in [*cv.models, everything]:
         assert {layer.dtype_policy.name for layer in model._flatten_layers()} == {"float32"}
-        assert predict_logits(model, prepared.images).dtype == np.float32
+        assert model_logits(model, prepared.images).dtype == np.float32
     # Reuse keys tell the precisions apart: a float32 request never reuses a bfloat16 run, nor the reverse.
     for names in (TEACHER_PARAMS, DISTILL_PARAMS, SEARCH_PARAMS):
         assert step_key(cfg, names) != step_key(cfg.replace(precision="float32"), names)

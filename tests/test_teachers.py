@@ -15,11 +15,12 @@ from kdtest import tiny_config, tracking_at
 from pipelines.config import Config, PipelineError
 from pipelines.distill import distill
 from pipelines.distiller import Distiller, hard_loss
+from pipelines.evaluate import model_logits
 from pipelines.images import load_images, preprocess
 from pipelines.models import build_student, build_teacher, load_keras_model
 from pipelines.prepare import prepare_data
 from pipelines.teacher import load_teacher_logits, load_teacher_model
-from pipelines.training import make_dataset, predict_logits, train_on_all_data
+from pipelines.training import make_dataset, train_on_all_data
 from pipelines.views import image_keys, view_logits, views_of
 from registry.explain import explain_scan
 
@@ -150,7 +151,7 @@ def test_grad_cam_preprocesses_the_scan_at_each_models_own_input_size():
     for model in (build_student("tiny", 32, 2, seed=0), build_teacher("hybrid:S", 64, 2, seed=0)):
         explanation = explain_scan(model, scan, ["normal", "tumor"], "tumor")
         assert explanation.heatmap.shape == scan.shape and np.isfinite(explanation.heatmap).all()
-        expected = predict_logits(model, preprocess(scan, model.input_shape[1])[None])
+        expected = model_logits(model, preprocess(scan, model.input_shape[1])[None])
         assert explanation.probabilities["tumor"] == pytest.approx(float(1 / (1 + np.exp(-expected[0, 0]))), rel=1e-5)
 
 
@@ -196,8 +197,8 @@ def test_a_teacher_at_twice_the_students_size_feeds_the_student_through_cached_l
     # The cached logits are the teachers' own at 64 pixels, found by sha256 whatever order the rows are asked in.
     large = load_images(prepared.dataset, 64, cfg.cache_dir)
     for name, model in teachers.items():
-        np.testing.assert_allclose(cached[name], predict_logits(model, large[order]), rtol=1e-4, atol=1e-5)
-    assert cached["views_fold_0"].shape == (len(sha256), 2, 1)
+        np.testing.assert_allclose(cached[name], model_logits(model, large[order]), rtol=1e-4, atol=1e-5)
+    assert not any(name.startswith("views_") for name in cached), "a standard-mode teacher spends no time on views"
 
 
 @pytest.mark.slow
