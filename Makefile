@@ -12,7 +12,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 STUDY ?= kd-embedded
 RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P study_name=$(STUDY)
 
-.PHONY: venv run test server clean bench bench-smoke docs-gradcam
+.PHONY: venv run test lint server clean bench bench-smoke docs-gradcam
 
 venv: $(VENV)/.installed
 
@@ -25,8 +25,13 @@ $(VENV)/.installed: pyproject.toml
 run: venv
 	$(BIN)/mlflow run . -e main --env-manager local --experiment-name $(STUDY) $(RUN_PARAMS)
 
-test: venv
+# Style first (seconds): one tool, ruff, formats and lints (settings in pyproject.toml), then the tests.
+test: venv lint
 	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # The tracking + registry service. BACKEND: SQLAlchemy URL; ARTIFACTS: folder or s3://bucket/prefix
 # (set MLFLOW_S3_ENDPOINT_URL and AWS credentials for S3-compatible stores). AUTH=1: basic-auth logins

@@ -63,7 +63,8 @@ def run_benchmarks(settings: Settings, data_dir: Path, out_dir: Path, report_pat
     report.render(results, json_path, report_path)
     met = [t for part in report.PARTS for t in results[part]["targets"]]
     print(
-        f"bench: {sum(t['met'] for t in met)}/{len(met)} targets met in {results['total_s'] / 60:.1f} min; wrote {json_path} and {report_path}"
+        f"bench: {sum(t['met'] for t in met)}/{len(met)} targets met in {results['total_s'] / 60:.1f} min; wrote {json_path} and "
+        f"{report_path}"
     )
     return results
 

@@ -188,14 +188,17 @@ def run(bench: Bench, search_peak_rss_mib: float | None) -> dict:
             "base_images": int(len(labels)),
             "memory": "peak RSS (VmHWM) of the part-2 'ours' search process",
             "precision": f"base point ({len(labels)} images, {cfg.image_size} px), second of two epochs, float32 and bfloat16 alternating",
-            "input_pipeline": f"x{largest} point; before = from_tensor_slices + float32 copy + .cache(), after = make_dataset; one spawned process each",
+            "input_pipeline": (
+                f"x{largest} point; before = from_tensor_slices + float32 copy + .cache(), after = make_dataset; one spawned process each"
+            ),
         },
         "targets": []
         if search_peak_rss_mib is None
         else [target(f"peak RSS of a search < {MEMORY_LIMIT_MIB} MiB", search_peak_rss_mib, MEMORY_LIMIT_MIB, at_least=False)],
     }
     print(
-        f"part 6: log-log slopes vs images {slopes['vs_images']}, vs pixels {slopes['vs_pixels']}; search peak RSS {search_peak_rss_mib} MiB; "
+        f"part 6: log-log slopes vs images {slopes['vs_images']}, vs pixels {slopes['vs_pixels']}; search peak RSS {search_peak_rss_mib} "
+        "MiB; "
         f"float32 / bfloat16 epoch s {precision['float32_over_bfloat16']}; input pipeline before / after {pipeline['before_over_after']}"
     )
     return result

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from benchmarks.common import Bench, ratio, target
 from pipelines.config import Config
+from pipelines.names import Metric
 
 STRATEGIES = ("ours", "naive")
 
@@ -68,7 +69,7 @@ def run_naive(cfg: Config) -> dict:
             with mlflow.start_run(nested=True, run_name=f"naive-trial-{trial.number}"):
                 cv = cross_validate_student(trial_cfg, prepared, teacher_run_id, list(range(cfg.folds)))
             summary = cv.summary()
-            scores.append((summary["f1_mean"], summary["f1_std"], trial.params))
+            scores.append((summary[Metric.F1_MEAN], summary[Metric.F1_STD], trial.params))
     wall = time.perf_counter() - start
     best = int(np.argmax([s[0] for s in scores]))
     return {
@@ -135,7 +136,8 @@ def run(bench: Bench) -> dict:
         ],
     }
     print(
-        f"part 2: naive {naive['wall_s']:.1f} s vs ours {ours['wall_s']:.1f} s -> {cheaper:.2f}x cheaper; best F1 {naive['best_f1']:.4f} vs {ours['best_f1']:.4f}"
+        f"part 2: naive {naive['wall_s']:.1f} s vs ours {ours['wall_s']:.1f} s -> {cheaper:.2f}x cheaper; best F1 {naive['best_f1']:.4f} "
+        f"vs {ours['best_f1']:.4f}"
     )
     return result
 

@@ -68,6 +68,7 @@ def run(bench: Bench) -> dict:
         "targets": [target(f"cached >= 3x online images/s at image size {bench.cfg.image_size}", speedup, 3.0)],
     }
     print(
-        f"part 1: cached {measured['cached']:.0f} img/s vs online {measured['online']:.0f} img/s -> {speedup:.2f}x; XLA on cached x{result['xla_gain_cached']:.2f} (first epoch {first_epoch_s['cached_xla']:.1f} s vs {first_epoch_s['cached']:.1f} s)"
+        f"part 1: cached {measured['cached']:.0f} img/s vs online {measured['online']:.0f} img/s -> {speedup:.2f}x; XLA on cached "
+        f"x{result['xla_gain_cached']:.2f} (first epoch {first_epoch_s['cached_xla']:.1f} s vs {first_epoch_s['cached']:.1f} s)"
     )
     return result

@@ -69,7 +69,8 @@ def main() -> None:
     path = Path(dataset.manifest["path"].iloc[chosen])
     scan = decode_image(path)
     explanations = {who: explain_scan(model, scan, dataset.class_names) for who, model in (("student", student), ("teacher", teacher))}
-    title = f"{path.name} (hold-out, label {dataset.class_names[dataset.labels[chosen]]})\ntrained on {Path(args.data_dir).name}, data {dataset.digest[:12]}"
+    label = dataset.class_names[dataset.labels[chosen]]
+    title = f"{path.name} (hold-out, label {label})\ntrained on {Path(args.data_dir).name}, data {dataset.digest[:12]}"
     write_overlay(explanations, title, Path(args.out))
     for who, explanation in explanations.items():
         print(describe(explanation, who))

@@ -8,9 +8,10 @@ import os
 import mlflow
 
 from pipelines.config import Config
+from pipelines.names import RunTag, VersionTag
 from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
-from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
+from pipelines.tracking import close_stale_runs, tracked_run
 from registry.fetch import resolve_version
 from registry.promote import promote
 from registry.roles import CHAMPION, current_version
@@ -27,7 +28,7 @@ def run_main(cfg: Config) -> dict[str, str]:
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
     with tracked_run(cfg, run_name="main") as parent:  # under `mlflow run`: that run
-        mlflow.set_tag(STEP_TAG, "main")
+        mlflow.set_tag(RunTag.STEP, "main")
         runs = {"prepare": prepare(cfg, prepared, nested=True), "teacher": train_teacher(cfg, prepared, nested=True)}
     main_id = parent.info.run_id
 
@@ -35,7 +36,11 @@ def run_main(cfg: Config) -> dict[str, str]:
     runs["search"] = study.user_attrs[PARENT_RUN_ATTR]
     best = best_trial(study)
     champion = current_version(mlflow.MlflowClient(), cfg.model_name, CHAMPION)
-    same = champion is not None and (champion.tags.get("study"), champion.tags.get("trial"), champion.tags.get("data_digest")) == (
+    same = champion is not None and (
+        champion.tags.get(VersionTag.STUDY),
+        champion.tags.get(VersionTag.TRIAL),
+        champion.tags.get(VersionTag.DATA_DIGEST),
+    ) == (
         cfg.study_name,
         str(best.number),
         prepared.dataset.digest,
@@ -53,8 +58,8 @@ def run_main(cfg: Config) -> dict[str, str]:
     production = resolve_version(cfg.model_name, stage="Production")
     client = mlflow.MlflowClient()
     for key, value in {
-        **{f"kd.{step}_run_id": run_id for step, run_id in runs.items()},
-        "kd.production_version": production.version,
+        **{RunTag.step_run_id(step): run_id for step, run_id in runs.items()},
+        RunTag.PRODUCTION_VERSION: production.version,
     }.items():
         client.set_tag(main_id, key, value)
     tracking_uri = mlflow.get_tracking_uri()
@@ -67,11 +72,12 @@ def run_main(cfg: Config) -> dict[str, str]:
         f" params {best.params}"
     )
     print(
-        f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 {production.tags.get('holdout_f1')})"
+        f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 "
+        f"{production.tags.get(VersionTag.HOLDOUT_F1)})"
     )
     print(
-        f"  trained on      : {production.tags.get('trained_on', 'not recorded')},"
-        f" data digest {production.tags.get('data_digest', '')[:12]}"
+        f"  trained on      : {production.tags.get(VersionTag.TRAINED_ON, 'not recorded')},"
+        f" data digest {production.tags.get(VersionTag.DATA_DIGEST, '')[:12]}"
     )
     print(f"  serve it        : kd serve -m models:/{cfg.model_name}/Production -p 5001")
     return runs

@@ -20,6 +20,7 @@ from pipelines.distiller import Distiller
 from pipelines.evaluate import write_evaluation_artifacts
 from pipelines.locks import teacher_lock
 from pipelines.models import build_student
+from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, load_teacher_model, train_teacher
 from pipelines.tracking import reuse_finished, step_run
@@ -87,11 +88,11 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             with teacher_lock(cfg):  # runs started together train the teachers once; the others wait and reuse them
                 teacher_run_id = train_teacher(cfg, prepared, nested=True)
         if teacher_run_id:
-            mlflow.set_tag("kd.teacher_run_id", teacher_run_id)
+            mlflow.set_tag(RunTag.TEACHER_RUN_ID, teacher_run_id)
         cv = cross_validate_student(cfg, prepared, teacher_run_id, fold_ids)
         summary = cv.summary()
         student_params = cv.models[0].count_params()
-        mlflow.log_metrics({**summary, "student_params": student_params})
+        mlflow.log_metrics({**summary, Metric.STUDENT_PARAMS: student_params})
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             (out / "models").mkdir()
@@ -103,6 +104,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             )
             mlflow.log_artifacts(tmp)
         print(
-            f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), {student_params:,} parameters, run {run.info.run_id}"
+            f"{describe}: F1 {summary[Metric.F1_MEAN]:.4f} ± {summary[Metric.F1_STD]:.4f} over {len(fold_ids)} fold(s), {student_params:,} "
+            f"parameters, run {run.info.run_id}"
         )
         return run.info.run_id

@@ -26,6 +26,7 @@ from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities, write_evaluation_artifacts
 from pipelines.images import load_images
 from pipelines.models import build_teacher, load_keras_model
+from pipelines.names import Metric
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run
 from pipelines.training import cross_validate, set_seed, train_on_all_data
@@ -81,7 +82,7 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
             {
                 **cv.summary(),
                 **{f"test_{k}": v for k, v in test_metrics.items()},
-                "teacher_params": teacher.count_params(),
+                Metric.TEACHER_PARAMS: teacher.count_params(),
                 "all_data_epochs": epochs,
             }
         )
@@ -101,7 +102,8 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
             )
             mlflow.log_artifacts(tmp)
         print(
-            f"teacher: F1 {cv.summary()['f1_mean']:.4f} ± {cv.summary()['f1_std']:.4f} over {cfg.folds} folds, {teacher.count_params():,} parameters, run {run.info.run_id}"
+            f"teacher: F1 {cv.summary()[Metric.F1_MEAN]:.4f} ± {cv.summary()[Metric.F1_STD]:.4f} over {cfg.folds} folds, "
+            f"{teacher.count_params():,} parameters, run {run.info.run_id}"
         )
         return run.info.run_id
 
@@ -117,7 +119,8 @@ def _stored_logits(run_id: str) -> tuple[dict[str, int], dict[str, np.ndarray]]:
                 return index, {name: stored[name] for name in stored.files if name != "sha256"}
         except ValueError as error:  # object arrays: unpickling an artifact could run code
             raise PipelineError(
-                f"teacher run {run_id}: {LOGITS_ARTIFACT} holds pickled objects ({error}), which are not loaded; delete that run (mlflow runs delete --run-id {run_id}) so the teacher is retrained"
+                f"teacher run {run_id}: {LOGITS_ARTIFACT} holds pickled objects ({error}), which are not loaded; delete that run (mlflow "
+                f"runs delete --run-id {run_id}) so the teacher is retrained"
             ) from None
 
 

@@ -17,12 +17,9 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import Config, PipelineError, redact_url
 from pipelines.fingerprint import code_fingerprint
+from pipelines.names import RunTag
 from pipelines.sources import Dataset
 from pipelines.splits import Splits
-
-STEP_TAG, OUTCOME_TAG, DIGEST_TAG, PARAMS_TAG = "kd.step", "kd.outcome", "kd.data_digest", "kd.params"
-HOST_TAG, PROCESS_TAG, FAILURE_TAG = "kd.host", "kd.process", "kd.failure"
-CODE_TAG = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint() of the process that ran it
 
 
 class TrackingUnreachable(PipelineError):
@@ -51,7 +48,7 @@ def _start_ticks(pid: int) -> str | None:
 
 def process_tags() -> dict[str, str]:
     """Which process owns a run, so a later start can tell a live run from one whose process died."""
-    return {HOST_TAG: socket.gethostname(), PROCESS_TAG: f"{os.getpid()}:{_start_ticks(os.getpid())}"}
+    return {RunTag.HOST: socket.gethostname(), RunTag.PROCESS: f"{os.getpid()}:{_start_ticks(os.getpid())}"}
 
 
 def close_stale_runs() -> list[str]:
@@ -65,17 +62,18 @@ def close_stale_runs() -> list[str]:
         run
         for run in mlflow.search_runs(
             search_all_experiments=True,
-            filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{RunTag.HOST}` = '{host}'",
             output_format="list",
         )
-        if not _process_alive(run.data.tags.get(PROCESS_TAG, ""))
+        if not _process_alive(run.data.tags.get(RunTag.PROCESS, ""))
     ]
     for run in stale:
-        pid = run.data.tags[PROCESS_TAG].split(":")[0]
-        client.set_tag(run.info.run_id, FAILURE_TAG, f"process {pid} on {host} died while the run was RUNNING; closed by a later start")
+        pid = run.data.tags[RunTag.PROCESS].split(":")[0]
+        client.set_tag(run.info.run_id, RunTag.FAILURE, f"process {pid} on {host} died while the run was RUNNING; closed by a later start")
         client.set_terminated(run.info.run_id, "KILLED")
         print(
-            f"tracking: run {run.info.run_id} ({run.data.tags.get(STEP_TAG, 'run')}) was left RUNNING by dead process {pid}; marked KILLED",
+            f"tracking: run {run.info.run_id} ({run.data.tags.get(RunTag.STEP, 'run')}) was left RUNNING by dead process {pid}; marked "
+            "KILLED",
             file=sys.stderr,
         )
     return [run.info.run_id for run in stale]
@@ -96,7 +94,7 @@ def close_run(run_id: str, status: str, reason: str, wait_s: float) -> bool:
     announced = False
     while True:
         try:
-            client.set_tag(run_id, FAILURE_TAG, reason[:4000])
+            client.set_tag(run_id, RunTag.FAILURE, reason[:4000])
             client.set_terminated(run_id, status)
             return True
         except MlflowException as error:
@@ -121,7 +119,7 @@ def tracked_run(cfg: Config, finished_on: tuple[type[BaseException], ...] = (), 
     run = mlflow.start_run(**start_run)
     run_id = run.info.run_id
     try:
-        mlflow.set_tags({**process_tags(), CODE_TAG: code_fingerprint()})
+        mlflow.set_tags({**process_tags(), RunTag.CODE: code_fingerprint()})
         yield run
     except finished_on:
         mlflow.end_run()
@@ -156,12 +154,12 @@ def find_finished_run(step: str, digest: str, key: str, fingerprint: str) -> Run
     """
     runs = mlflow.search_runs(
         search_all_experiments=True,
-        filter_string=f"tags.`{STEP_TAG}` = '{step}' and tags.`{OUTCOME_TAG}` = 'trained' and tags.`{DIGEST_TAG}` = '{digest}' "
-        f"and tags.`{CODE_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{RunTag.STEP}` = '{step}' and tags.`{RunTag.OUTCOME}` = 'trained' "
+        f"and tags.`{RunTag.DATA_DIGEST}` = '{digest}' and tags.`{RunTag.CODE}` = '{fingerprint}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
-    return next((run for run in runs if run.data.tags.get(PARAMS_TAG) == key), None)
+    return next((run for run in runs if run.data.tags.get(RunTag.PARAMS) == key), None)
 
 
 def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, nested: bool) -> str | None:
@@ -176,7 +174,9 @@ def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, 
     print(f"{step}: reusing finished run {previous.info.run_id} (same data digest, parameters and code fingerprint)")
     if not nested and os.environ.get("MLFLOW_RUN_ID"):
         with mlflow.start_run():
-            mlflow.set_tags({STEP_TAG: step, OUTCOME_TAG: "reused", "kd.reused_run_id": previous.info.run_id, CODE_TAG: code_fingerprint()})
+            mlflow.set_tags(
+                {RunTag.STEP: step, RunTag.OUTCOME: "reused", RunTag.REUSED_RUN_ID: previous.info.run_id, RunTag.CODE: code_fingerprint()}
+            )
     return previous.info.run_id
 
 
@@ -194,10 +194,12 @@ def step_run(
     with tracked_run(cfg, nested=nested, run_name=step if nested else None) as run:
         already = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the MLproject params itself
         mlflow.log_params({k: v for k, v in cfg.as_params(names + ("data_dir",)).items() if k not in already})
-        mlflow.set_tags({STEP_TAG: step, DIGEST_TAG: dataset.digest, PARAMS_TAG: step_key(cfg, names), OUTCOME_TAG: "running"})
+        mlflow.set_tags(
+            {RunTag.STEP: step, RunTag.DATA_DIGEST: dataset.digest, RunTag.PARAMS: step_key(cfg, names), RunTag.OUTCOME: "running"}
+        )
         log_data(dataset, splits)
         yield run
-        mlflow.set_tag(OUTCOME_TAG, "trained")
+        mlflow.set_tag(RunTag.OUTCOME, "trained")
 
 
 def local_source(path) -> mlflow.data.dataset_source.DatasetSource:

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
 from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities
+from pipelines.names import Metric
 from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -171,7 +172,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         if not all(math.isfinite(float(v)) for v in logs.values()):
             bad = {k: float(v) for k, v in logs.items() if not math.isfinite(float(v))}
             raise PipelineError(
-                f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) or check the inputs"
+                f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) or check "
+                "the inputs"
             )
         mlflow.log_metrics({f"{self.prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
 
@@ -227,7 +229,7 @@ class CrossValidation:
 
     def summary(self) -> dict[str, float]:
         """``f1_fold_<k>`` for each fold, and ``<metric>_mean`` / ``<metric>_std`` over folds."""
-        result = {f"f1_fold_{k}": m["f1"] for k, m in zip(self.fold_ids, self.fold_metrics)}
+        result = {Metric.fold_f1(k): m["f1"] for k, m in zip(self.fold_ids, self.fold_metrics)}
         for name in self.fold_metrics[0]:
             values = np.array([m[name] for m in self.fold_metrics], dtype=np.float64)
             result[f"{name}_mean"] = float(np.mean(values))

@@ -15,13 +15,13 @@ import numpy as np
 
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.machine import describe_machine
+from pipelines.names import RunTag
 
 if TYPE_CHECKING:
     from pipelines.prepare import Prepared
 
 PREDICTIONS_ARTIFACT = "evaluation/holdout_predictions.csv"
 ENVIRONMENT_ARTIFACT = "environment.json"
-NO_KD_CV_TAG, TRIAL_RUN_TAG = "kd.no_kd_cv_run_id", "kd.trial_run_id"
 
 
 def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], trial_run_id: str) -> str:
@@ -41,7 +41,7 @@ def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], 
     mlflow.log_text(frame.to_csv(index=False), PREDICTIONS_ARTIFACT)
     mlflow.log_dict(describe_machine(), ENVIRONMENT_ARTIFACT)
     no_kd_run_id = distill(cfg.replace(no_kd=True), prepared, nested=True)
-    mlflow.set_tags({NO_KD_CV_TAG: no_kd_run_id, TRIAL_RUN_TAG: trial_run_id})
+    mlflow.set_tags({RunTag.NO_KD_CV_RUN_ID: no_kd_run_id, RunTag.TRIAL_RUN_ID: trial_run_id})
     return no_kd_run_id
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from pipelines.config import PipelineError
 from pipelines.evaluate import probabilities, save_figure
 from pipelines.images import decode_image, head_box, preprocess
+from pipelines.names import VersionTag
 
 GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
 # How strongly the heat map tints the scan in overlays.
@@ -197,7 +198,7 @@ def load_models(model_name: str, version) -> RegisteredModels:
     from pipelines.teacher import load_teacher_model
 
     wrapper = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}").unwrap_python_model()
-    teacher_run_id = version.tags.get("teacher_run_id")
+    teacher_run_id = version.tags.get(VersionTag.TEACHER_RUN_ID)
     if not teacher_run_id:
         raise PipelineError(f"{model_name} v{version.version} has no teacher_run_id tag; promote it again")
     return RegisteredModels(

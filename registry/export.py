@@ -25,6 +25,7 @@ from pipelines.config import Config, PipelineError
 from pipelines.evaluate import classification_metrics, model_logits, probabilities
 from pipelines.latency import REPEATS, keras_latency, latency_percentiles
 from pipelines.models import load_keras_model
+from pipelines.names import VersionTag
 from pipelines.prepare import Prepared, prepare_data
 from registry.fetch import resolve_version
 
@@ -129,8 +130,8 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
     model_version = (
         resolve_version(cfg.model_name, alias="champion") if version is None else MlflowClient().get_model_version(cfg.model_name, version)
     )
-    prepared = prepare_data(cfg.replace(image_size=int(model_version.tags.get("image_size", cfg.image_size))))
-    trained_on = model_version.tags.get("data_digest")
+    prepared = prepare_data(cfg.replace(image_size=int(model_version.tags.get(VersionTag.IMAGE_SIZE, cfg.image_size))))
+    trained_on = model_version.tags.get(VersionTag.DATA_DIGEST)
     if trained_on and trained_on != prepared.dataset.digest:
         raise PipelineError(
             f"data at {cfg.data_dir or 'the embedded set'} (digest {prepared.dataset.digest[:12]}) is not the data "

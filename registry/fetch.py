@@ -9,6 +9,7 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import PipelineError
 from pipelines.evaluate import CONFUSION_ARTIFACT
+from pipelines.names import VersionTag
 
 STAGES = ("Production", "Staging", "Archived", "None")
 
@@ -47,7 +48,8 @@ def describe(version: ModelVersion) -> str:
         f"model      : {version.name} v{version.version} ({version.current_stage}; aliases {', '.join(version.aliases) or 'none'})",
         f"uri        : models:/{version.name}/{version.version}",
         f"run        : {version.run_id}",
-        f"trained on : {version.tags.get('trained_on', 'not recorded (promoted before this was tagged)')}, data digest {version.tags.get('data_digest', 'not recorded')}",
+        f"trained on : {version.tags.get(VersionTag.TRAINED_ON, 'not recorded (promoted before this was tagged)')}, data digest "
+        f"{version.tags.get(VersionTag.DATA_DIGEST, 'not recorded')}",
         f"description: {version.description}",
     ]
     lines += [f"  {key:<22} {value}" for key, value in sorted(version.tags.items())]

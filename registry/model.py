@@ -97,7 +97,8 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         # larger values are not preprocessed images (and near float32's limit they overflow the network).
         if np.abs(array).max() > self.image_size:
             raise bad_request(
-                f"array values up to {np.abs(array).max():.3g} in magnitude: preprocessed images are z-scored and stay within ±{self.image_size}; send the image files instead"
+                f"array values up to {np.abs(array).max():.3g} in magnitude: preprocessed images are z-scored and stay within "
+                f"±{self.image_size}; send the image files instead"
             )
         return array
 
@@ -108,7 +109,8 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
             model_input = np.asarray(model_input)
             if model_input.ndim == 0:
                 raise bad_request(
-                    f"expected a DataFrame with an 'image' column or an array batch (N, {self.image_size}, {self.image_size}, 1); got a single {model_input.dtype} value"
+                    f"expected a DataFrame with an 'image' column or an array batch (N, {self.image_size}, {self.image_size}, 1); got a "
+                    f"single {model_input.dtype} value"
                 )
         # Size checks first: nothing is decoded for a request that will be refused anyway.
         if len(model_input) == 0:

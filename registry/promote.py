@@ -33,9 +33,10 @@ from pipelines.evaluate import (
 )
 from pipelines.machine import pinned_requirements
 from pipelines.models import build_student
+from pipelines.names import Metric, RunTag, VersionTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import load_teacher_logits, train_teacher
-from pipelines.tracking import STEP_TAG, close_stale_runs, tracked_run
+from pipelines.tracking import close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
 from registry.evidence import code_version, log_evidence
 from registry.gate import Champion, decide
@@ -130,8 +131,8 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
             metadata={
                 "inputs": INPUTS,
                 "modality": modality,
-                "trained_on": trained_on(prepared.dataset),
-                "data_digest": prepared.dataset.digest,
+                VersionTag.TRAINED_ON: trained_on(prepared.dataset),
+                VersionTag.DATA_DIGEST: prepared.dataset.digest,
             },
         )
     return info
@@ -153,7 +154,12 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
     close_stale_runs()
     with tracked_run(cfg, run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
         mlflow.set_tags(
-            {STEP_TAG: "promote", "kd.study": cfg.study_name, "kd.trial": str(best.number), "kd.data_digest": prepared.dataset.digest}
+            {
+                RunTag.STEP: "promote",
+                RunTag.STUDY: cfg.study_name,
+                RunTag.TRIAL: str(best.number),
+                RunTag.DATA_DIGEST: prepared.dataset.digest,
+            }
         )
         teacher_run_id = train_teacher(study_cfg, prepared, nested=True)  # the search's teachers: found, not retrained
         stored = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())
@@ -179,9 +185,9 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
         mlflow.log_metrics(
             {
                 "holdout_size": len(test),
-                "student_params": student.count_params(),
-                "kfold_f1_mean": best.values[0],
-                "kfold_f1_std": best.user_attrs.get("f1_std", float("nan")),
+                Metric.STUDENT_PARAMS: student.count_params(),
+                Metric.KFOLD_F1_MEAN: best.values[0],
+                Metric.KFOLD_F1_STD: best.user_attrs.get("f1_std", float("nan")),
             }
         )
         frame = holdout_frame(prepared)
@@ -196,17 +202,17 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters."
         )
         tags = {
-            "study": cfg.study_name,
-            "trial": str(best.number),
-            "kfold_f1_mean": f"{best.values[0]:.6f}",
-            "kfold_f1_std": f"{best.user_attrs.get('f1_std', float('nan')):.6f}",
-            "holdout_f1": f"{new_f1:.6f}",
-            "params_count": str(student.count_params()),
-            "teacher_run_id": teacher_run_id,
-            "data_digest": prepared.dataset.digest,
-            "code_version": code_version(),
-            "image_size": str(cfg.image_size),
-            "trained_on": trained_on(prepared.dataset),
+            VersionTag.STUDY: cfg.study_name,
+            VersionTag.TRIAL: str(best.number),
+            VersionTag.KFOLD_F1_MEAN: f"{best.values[0]:.6f}",
+            VersionTag.KFOLD_F1_STD: f"{best.user_attrs.get('f1_std', float('nan')):.6f}",
+            VersionTag.HOLDOUT_F1: f"{new_f1:.6f}",
+            VersionTag.PARAMS_COUNT: str(student.count_params()),
+            VersionTag.TEACHER_RUN_ID: teacher_run_id,
+            VersionTag.DATA_DIGEST: prepared.dataset.digest,
+            VersionTag.CODE_VERSION: code_version(),
+            VersionTag.IMAGE_SIZE: str(cfg.image_size),
+            VersionTag.TRAINED_ON: trained_on(prepared.dataset),
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
         version = register(client, cfg.model_name, logged, run.info.run_id, tags, description)
@@ -234,7 +240,7 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
                 client.delete_model_version(cfg.model_name, version)
                 repair_roles(client, cfg.model_name)
                 raise
-        mlflow.set_tags({"kd.registered_version": version, "kd.promoted": str(decision.promote), "kd.gate": decision.reason})
+        mlflow.set_tags({RunTag.REGISTERED_VERSION: version, RunTag.PROMOTED: str(decision.promote), RunTag.GATE: decision.reason})
     role = "Production (alias champion)" if decision.promote else "Staging (alias challenger)"
     print(f"promote: {cfg.model_name} v{version} -> {role}: {decision.reason}")
     return Promotion(version, decision.promote, decision.reason, new_f1, champion.f1 if champion else None)

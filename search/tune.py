@@ -28,9 +28,10 @@ from pipelines.distill import cross_validate_student
 from pipelines.evaluate import CONFUSION_ARTIFACT, confusion_record
 from pipelines.latency import keras_latency
 from pipelines.locks import database_lock, teacher_lock
+from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
-from pipelines.tracking import STEP_TAG, close_stale_runs, log_data, tracked_run
+from pipelines.tracking import close_stale_runs, log_data, tracked_run
 from search.space import SearchSpace
 
 # fail_stale_trials and the matplotlib plots are marked experimental; they are what we need.
@@ -92,7 +93,7 @@ def retry_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> No
         client = mlflow.MlflowClient()
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "optuna.state", "FAIL")
-            client.set_tag(run_id, "kd.failure", "worker stopped sending heartbeats; trial retried")
+            client.set_tag(run_id, RunTag.FAILURE, "worker stopped sending heartbeats; trial retried")
             client.set_terminated(run_id, "KILLED")
     _retry(study, trial)
 
@@ -157,7 +158,7 @@ def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage, under: 
         attrs = storage.get_study_user_attrs(study._study_id)
         if PARENT_RUN_ATTR in attrs:
             if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` of a joining worker: say where its trials go
-                mlflow.MlflowClient().set_tag(os.environ.pop("MLFLOW_RUN_ID"), "kd.search_parent_run_id", attrs[PARENT_RUN_ATTR])
+                mlflow.MlflowClient().set_tag(os.environ.pop("MLFLOW_RUN_ID"), RunTag.SEARCH_PARENT_RUN_ID, attrs[PARENT_RUN_ATTR])
             return attrs[PARENT_RUN_ATTR]
         if os.environ.get("MLFLOW_RUN_ID"):
             # Consumed here: left in the environment, every nested start_run() would resume it instead.
@@ -189,7 +190,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
         with tracked_run(cfg, finished_on=(optuna.TrialPruned,), nested=True, run_name=f"trial-{trial.number}") as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags(
-                {STEP_TAG: "trial", "optuna.study": cfg.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
+                {RunTag.STEP: "trial", "optuna.study": cfg.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
             )
             mlflow.log_params({**params, "student_size": trial_cfg.student_size})
             fold_f1: list[float] = []
@@ -216,15 +217,15 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             latency = keras_latency(cv.models[0], prepared.images[:1])["p50_ms"]
             trial.set_user_attr("fold_f1", [m["f1"] for m in cv.fold_metrics])
             trial.set_user_attr("best_epochs", cv.best_epochs)
-            trial.set_user_attr("f1_std", summary["f1_std"])
+            trial.set_user_attr("f1_std", summary[Metric.F1_STD])
             trial.set_user_attr("student_params", student_params)
             trial.set_user_attr("latency_ms", latency)
-            mlflow.log_metrics({**summary, "student_params": student_params, "latency_ms": latency})
+            mlflow.log_metrics({**summary, Metric.STUDENT_PARAMS: student_params, Metric.LATENCY_MS: latency})
             mlflow.log_dict(confusion_record(prepared.dataset.class_names, cv.confusion_matrices()), CONFUSION_ARTIFACT)
             mlflow.set_tag("optuna.state", "COMPLETE")
         if not multi:
-            return summary["f1_mean"]
-        return summary["f1_mean"], float(student_params if cfg.objectives == "f1,params" else latency)
+            return summary[Metric.F1_MEAN]
+        return summary[Metric.F1_MEAN], float(student_params if cfg.objectives == "f1,params" else latency)
 
     return objective
 
@@ -270,10 +271,10 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
     with tracked_run(cfg, run_id=parent):
         mlflow.set_tags(
             {
-                STEP_TAG: "search",
+                RunTag.STEP: "search",
                 "optuna.study": cfg.study_name,
                 "optuna.storage": redact_url(cfg.storage_url),
-                "kd.data_digest": prepared.dataset.digest,
+                RunTag.DATA_DIGEST: prepared.dataset.digest,
             }
         )
         if not mlflow.get_run(parent).data.params.get("study_name"):
@@ -282,7 +283,7 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
         # One worker trains the teachers while the others wait, then finds them in the tracking store.
         with teacher_lock(cfg):
             teacher_run_id = train_teacher(cfg, prepared, nested=True)
-        mlflow.set_tag("kd.teacher_run_id", teacher_run_id)
+        mlflow.set_tag(RunTag.TEACHER_RUN_ID, teacher_run_id)
 
         objective = make_objective(cfg, space, prepared, teacher_run_id)
         while True:
@@ -313,7 +314,7 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
             "n_failed": counts[TrialState.FAIL],
         }
     )
-    mlflow.set_tags({"kd.best_trial": str(best.number), "kd.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
+    mlflow.set_tags({RunTag.BEST_TRIAL: str(best.number), RunTag.BEST_TRIAL_RUN_ID: best.user_attrs.get("mlflow_run_id", "")})
     mlflow.log_dict(
         {"number": best.number, "values": best.values, "params": best.params, "user_attrs": best.user_attrs}, "search/best_trial.json"
     )

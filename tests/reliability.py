@@ -123,7 +123,7 @@ def render(log: ReliabilityLog, results: dict[str, str], selection: str, now: dt
         checks = [loss for loss in log.losses if loss.kind == kind]
         total = sum(loss.count for loss in checks)
         lines.append(f"| {kind} | {total if checks else 'not checked'} | {len(checks)} |")
-    lost = sorted((loss for loss in log.losses if loss.count), key=lambda l: (l.kind, l.test, l.detail))
+    lost = sorted((loss for loss in log.losses if loss.count), key=lambda loss: (loss.kind, loss.test, loss.detail))
     lines.append("")
     if lost:
         lines += (

@@ -88,7 +88,7 @@ def test_the_tumour_map_points_at_the_lesion_and_the_normal_map_does_not(lesion_
     assert metrics["roc_auc"] > 0.75, f"the {who} did not learn the lesions ({metrics}); the pointing game would mean nothing"
 
     hits, normal_on_lesion, true_positives = 0, 0, 0
-    for row, path, cx, cy, radius in lesion_rows(prepared):
+    for _row, path, cx, cy, radius in lesion_rows(prepared):
         scan = decode_image(path)
         tumour = explain_scan(model, scan, names, "tumor")
         if tumour.predicted != "tumor":

@@ -626,7 +626,8 @@ def test_csv_manifests_are_exact_or_refused(tmp_path: Path, reliability) -> None
 
     check()
     reliability.bad_input(
-        "CSV manifests: missing/duplicate columns, ragged rows, bad encodings, paths outside the root/absent/NUL/too long/duplicated, blank labels",
+        "CSV manifests: missing/duplicate columns, ragged rows, bad encodings, paths outside the root/absent/NUL/too long/duplicated, "
+        "blank labels",
         tally.summary(),
     )
 
@@ -925,7 +926,8 @@ def test_served_model_on_non_finite_pixels_and_array_batches(served, reliability
 
     check()
     reliability.bad_input(
-        "served model: float TIFFs with NaN/inf/extreme pixels; array batches of wrong dtypes (bool, complex, timedelta), shapes and NaN/inf/huge values",
+        "served model: float TIFFs with NaN/inf/extreme pixels; array batches of wrong dtypes (bool, complex, timedelta), shapes and "
+        "NaN/inf/huge values",
         tally.summary(),
     )
 

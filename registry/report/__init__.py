@@ -19,6 +19,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT
+from pipelines.names import RunTag
 from registry.report.document import Table, latex_document, to_latex, to_markdown
 from registry.report.gather import gather
 from registry.report.sections import methodology, results
@@ -77,9 +78,9 @@ def write_report(
     if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run . -e report`: say what this run produced
         # Nested under the version's promote run (shown so in the UI when both are in one experiment, as the README's commands keep them).
         for key, value in {
-            "kd.step": "report",
-            "kd.report_of": f"{model_name} v{s.version.version}",
-            "kd.report_run_id": s.version.run_id,
+            RunTag.STEP: "report",
+            RunTag.REPORT_OF: f"{model_name} v{s.version.version}",
+            RunTag.REPORT_RUN_ID: s.version.run_id,
             "mlflow.parentRunId": s.version.run_id,
         }.items():
             MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], key, value)

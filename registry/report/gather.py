@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError, build_parser, config_from_args
-from registry.evidence import ENVIRONMENT_ARTIFACT, NO_KD_CV_TAG, PREDICTIONS_ARTIFACT, TRIAL_RUN_TAG
+from pipelines.names import RunTag, VersionTag
+from registry.evidence import ENVIRONMENT_ARTIFACT, PREDICTIONS_ARTIFACT
 
 # The three models the report compares, by the key of their hold-out probabilities and metrics, with their names.
 MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
@@ -101,15 +102,15 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
     client = MlflowClient()
     version = resolve_version(model_name, stage, alias)
     promote = client.get_run(version.run_id)
-    missing = [tag for tag in (NO_KD_CV_TAG, TRIAL_RUN_TAG) if not promote.data.tags.get(tag)]
-    if missing or not version.tags.get("teacher_run_id"):
+    missing = [tag for tag in (RunTag.NO_KD_CV_RUN_ID, RunTag.TRIAL_RUN_ID) if not promote.data.tags.get(tag)]
+    if missing or not version.tags.get(VersionTag.TEACHER_RUN_ID):
         raise PipelineError(
             f"{model_name} v{version.version} was promoted before reports existed "
             f"(its run lacks {missing or ['teacher_run_id']}); promote it again"
         )
-    teacher = client.get_run(version.tags["teacher_run_id"])
-    trial = client.get_run(promote.data.tags[TRIAL_RUN_TAG])
-    no_kd = client.get_run(promote.data.tags[NO_KD_CV_TAG])
+    teacher = client.get_run(version.tags[VersionTag.TEACHER_RUN_ID])
+    trial = client.get_run(promote.data.tags[RunTag.TRIAL_RUN_ID])
+    no_kd = client.get_run(promote.data.tags[RunTag.NO_KD_CV_RUN_ID])
     search = client.get_run(trial.data.tags["mlflow.parentRunId"])
     with tempfile.TemporaryDirectory() as tmp:
         # Labels and groups stay text: class names such as "0" and "1" must not become numbers.

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from pipelines.config import Config, PipelineError
+from pipelines.names import RunTag, VersionTag
 from registry.report.document import Block, Code, Equation, Figure, Heading, Math, bullets, num, para, table
 from registry.report.figures import confusion_figure, curve_figure, gradcam_examples, gradcam_figure, importance_figure
 from registry.report.gather import MODELS, Sources
@@ -67,7 +68,7 @@ def data_section(s: Sources) -> list[Block]:
             + (f"; the positive class is {params.get('positive')}" if s.binary else "; metrics are macro-averaged over classes")
             + f". Raw image sizes: {image_size_range(splits['path'].tolist())}. "
             "The data digest (SHA-256 over every file's hash, label and group) is ",
-            Code(s.promote.data.tags.get("kd.data_digest", s.teacher.data.tags.get("kd.data_digest", ""))),
+            Code(s.promote.data.tags.get(RunTag.DATA_DIGEST, s.teacher.data.tags.get(RunTag.DATA_DIGEST, ""))),
             ".",
         ),
         table(
@@ -229,7 +230,7 @@ def search_section(s: Sources) -> list[Block]:
             + ", ".join(f"{n} {state}" for state, n in states.items() if n)
             + f" (target: {params.get('n_trials')} finished). "
             f"Each trial cross-validated a student on the same {s.data_cfg.folds} folds with the teachers' cached logits. "
-            f"The best trial ({s.version.tags.get('trial')}) was retrained on the whole training part."
+            f"The best trial ({s.version.tags.get(VersionTag.TRIAL)}) was retrained on the whole training part."
         ),
         table(
             "search-space",
@@ -296,9 +297,9 @@ def reproducibility_section(s: Sources) -> list[Block]:
                 "model: ",
                 Code(f"models:/{s.model_name}/{s.version.version}"),
                 f" ({s.version.current_stage}), code version ",
-                Code(s.version.tags.get("code_version", "unknown")),
+                Code(s.version.tags.get(VersionTag.CODE_VERSION, "unknown")),
             ),
-            ("data digest: ", Code(s.version.tags.get("data_digest", ""))),
+            ("data digest: ", Code(s.version.tags.get(VersionTag.DATA_DIGEST, ""))),
             (
                 "teacher run ",
                 Code(s.teacher.info.run_id),
@@ -306,7 +307,7 @@ def reproducibility_section(s: Sources) -> list[Block]:
                 Code(s.search.info.run_id),
                 ", best trial run ",
                 Code(s.trial.info.run_id),
-                f" (trial {s.version.tags.get('trial')})",
+                f" (trial {s.version.tags.get(VersionTag.TRIAL)})",
             ),
             ("no-KD cross-validation run ", Code(s.no_kd.info.run_id), ", promote run ", Code(s.promote.info.run_id)),
             ("rerun: ", Code(rerun_command(s))),
@@ -481,7 +482,7 @@ def kfold_table(s: Sources, f: Findings) -> Block:
     return table(
         "kfold",
         f"Stratified group {s.data_cfg.folds}-fold cross-validation: mean ± standard deviation over the validation folds "
-        f"(teacher run, best search trial {s.version.tags.get('trial')}, no-KD run of the same student configuration).",
+        f"(teacher run, best search trial {s.version.tags.get(VersionTag.TRIAL)}, no-KD run of the same student configuration).",
         ["metric"] + list(MODELS.values()),
         [[label] + [f"{num(f.kfold[who][m]['mean'])} ± {num(f.kfold[who][m]['std'])}" for who in MODELS] for m, label in METRICS.items()],
     )

@@ -13,6 +13,7 @@ from mlflow.entities import Run
 
 from pipelines.config import PipelineError
 from pipelines.evaluate import class_keys, classification_metrics
+from pipelines.names import Metric
 from registry.report.gather import MODELS, Sources, holdout_arrays
 
 METRICS = {
@@ -54,10 +55,10 @@ def bootstrap_intervals(
 
 def fold_f1(run: Run, folds: int) -> list[float]:
     """The run's F1 of every validation fold, in fold order (``f1_fold_<k>``)."""
-    missing = [k for k in range(folds) if f"f1_fold_{k}" not in run.data.metrics]
+    missing = [k for k in range(folds) if Metric.fold_f1(k) not in run.data.metrics]
     if missing:
         raise PipelineError(f"run {run.info.run_id} has no F1 for fold(s) {missing}; the paired test needs every fold")
-    return [run.data.metrics[f"f1_fold_{k}"] for k in range(folds)]
+    return [run.data.metrics[Metric.fold_f1(k)] for k in range(folds)]
 
 
 def paired_test(kd: list[float], no_kd: list[float]) -> dict[str, float]:

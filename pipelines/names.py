@@ -1,0 +1,72 @@
+"""The names of tags and metrics that more than one module, or a tool outside the code, reads: written in one place,
+so a writer and its readers cannot drift apart. Values are contracts (reports, dashboards and searches filter on
+them): add names, never change a value."""
+
+from __future__ import annotations
+
+
+class RunTag:
+    """Tags on MLflow runs."""
+
+    STEP = "kd.step"  # prepare, teacher, distill, search, trial, promote, main, report
+    OUTCOME = "kd.outcome"  # trained, or reused (then REUSED_RUN_ID names the run that was)
+    REUSED_RUN_ID = "kd.reused_run_id"
+    DATA_DIGEST = "kd.data_digest"
+    PARAMS = "kd.params"  # the step's reuse key (its parameters)
+    CODE = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint() of the process that ran it
+    HOST = "kd.host"
+    PROCESS = "kd.process"  # pid:start time, to tell a live run from one whose process died
+    FAILURE = "kd.failure"
+    TEACHER_RUN_ID = "kd.teacher_run_id"
+    STUDY = "kd.study"
+    TRIAL = "kd.trial"
+    TRIAL_RUN_ID = "kd.trial_run_id"
+    NO_KD_CV_RUN_ID = "kd.no_kd_cv_run_id"
+    SEARCH_PARENT_RUN_ID = "kd.search_parent_run_id"
+    BEST_TRIAL = "kd.best_trial"
+    BEST_TRIAL_RUN_ID = "kd.best_trial_run_id"
+    REGISTERED_VERSION = "kd.registered_version"
+    PROMOTED = "kd.promoted"
+    GATE = "kd.gate"
+    PRODUCTION_VERSION = "kd.production_version"
+    REPORT_RUN_ID = "kd.report_run_id"
+    REPORT_OF = "kd.report_of"
+
+    @staticmethod
+    def step_run_id(step: str) -> str:
+        """The ``main`` run's pointer to the run of one of its steps."""
+        return f"kd.{step}_run_id"
+
+
+class VersionTag:
+    """Tags on registered model versions (what ``kd fetch`` prints and the report reads)."""
+
+    STUDY = "study"
+    TRIAL = "trial"
+    KFOLD_F1_MEAN = "kfold_f1_mean"
+    KFOLD_F1_STD = "kfold_f1_std"
+    HOLDOUT_F1 = "holdout_f1"
+    PARAMS_COUNT = "params_count"
+    TEACHER_RUN_ID = "teacher_run_id"
+    DATA_DIGEST = "data_digest"
+    CODE_VERSION = "code_version"
+    IMAGE_SIZE = "image_size"
+    TRAINED_ON = "trained_on"
+
+
+class Metric:
+    """Metric keys that searches, reports and outside tools read."""
+
+    F1_MEAN = "f1_mean"
+    F1_STD = "f1_std"
+    KFOLD_F1_MEAN = "kfold_f1_mean"  # the promoted trial's, on the promote run (and as a version tag)
+    KFOLD_F1_STD = "kfold_f1_std"
+    STUDENT_PARAMS = "student_params"
+    TEACHER_PARAMS = "teacher_params"
+    LATENCY_MS = "latency_ms"
+    HOLDOUT_DUPLICATES = "holdout_duplicates"
+
+    @staticmethod
+    def fold_f1(k: int) -> str:
+        """Validation F1 of fold entry ``k``."""
+        return f"f1_fold_{k}"
