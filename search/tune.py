@@ -354,7 +354,10 @@ def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
         figures["pareto_front"] = lambda: plots.plot_pareto_front(study, target_names=["F1", cfg.objectives.split(",")[1]])
     for name, draw in figures.items():
         try:
-            axes = draw()
+            # Optuna's plots switch the whole process to the ggplot style; the context restores ours after each,
+            # so figures drawn later in the same process (promotion, report) look as they do on their own.
+            with matplotlib.rc_context():
+                axes = draw()
         except (ValueError, RuntimeError) as error:  # e.g. importances when every trial has the same value
             print(f"search: skipped plot {name}: {error}")
             continue

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError
 from registry.server import free_port
 from search.space import SearchSpace, trial_config
-from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, open_study, run_search
+from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, open_study, run_search, write_plots
 
 TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
 
@@ -308,3 +308,17 @@ def test_joining_workers_do_not_propose_the_same_parameters(tmp_path):
         joined, joined_cfg = load_or_create_study(cfg, open_storage(cfg))
         proposals.append(SearchSpace.from_config(joined_cfg).suggest(joined.ask(), joined_cfg)[0])
     assert proposals[0] != proposals[1]
+
+
+def test_the_search_plots_leave_the_process_plotting_style_as_they_found_it(tmp_path):
+    import matplotlib
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda trial: trial.suggest_float("alpha", 0, 1) + trial.suggest_float("temperature", 1, 20), n_trials=4)
+    before = dict(matplotlib.rcParams)
+    write_plots(study, Config(), tmp_path)
+    assert {path.name for path in tmp_path.iterdir()} >= {"optimization_history.png", "param_importances.png"}
+    # Optuna's plots use the ggplot style; promotion and report figures drawn later in the process must not.
+    # (The backend becomes Agg on purpose: the plots are files.)
+    changed = {key for key in before if matplotlib.rcParams[key] != before[key]} - {"backend", "backend_fallback"}
+    assert changed == set()
