@@ -78,7 +78,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
     if previous:
         return previous
     alpha = cfg.effective_alpha
-    fold_ids = list(range(cfg.folds)) if cfg.fold < 0 else [cfg.fold]
+    fold_ids = list(range(cfg.fold_count)) if cfg.fold < 0 else [cfg.fold]
     describe = describe_student(cfg)
 
     with step_run("distill", cfg, DISTILL_PARAMS, dataset, prepared.splits, nested=nested) as run:
@@ -103,6 +103,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             )
             mlflow.log_artifacts(tmp)
         print(
-            f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), {student_params:,} parameters, run {run.info.run_id}"
+            f"{describe}: F1 {summary['f1_mean']:.4f} ± {summary['f1_std']:.4f} over {len(fold_ids)} fold(s), "
+            f"{student_params:,} parameters, run {run.info.run_id}"
         )
         return run.info.run_id
