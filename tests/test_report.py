@@ -146,11 +146,11 @@ def test_the_kd_vs_no_kd_test_is_the_corrected_t_test_of_every_logged_fold_of_ev
 
     results = paths.results_md.read_text()
     found = re.search(
-        r"KD vs no-KD over n = (\d+) paired fold scores \([^)]*\): mean F1 difference (\S+); "
+        r"KD vs no-KD over n = (\d+) paired fold scores(?: \([^)]*\))?: mean F1 difference (\S+); "
         r"corrected resampled t-test t = (\S+), df = (\d+), p = (\S+);",
         results,
     )
-    assert found, "the results state the corrected t-test with n"
+    assert found, [line for line in results.splitlines() if "KD vs no-KD" in line]
     shown_n, difference, t, df, p = found.groups()
     assert int(shown_n) == expected.n == n and int(df) == expected.df == n - 1
     assert close(difference, expected.mean_difference) and close(t, expected.t) and close(p, expected.pvalue)

@@ -113,9 +113,13 @@ def split_section(s: Sources) -> list[Block]:
         para(
             f"A hold-out test split of {len(test)} images ({len(test) / len(splits):.1%}; requested fraction {cfg.test_fraction:g}) "
             "was set aside with a stratified group split, "
-            f"and the remaining {len(train)} images were divided by {cross_validation_words(cfg)} (seed {cfg.seed}"
-            + (", the later repeats' seeds derived from it and the repeat number" if cfg.repeats > 1 else "")
-            + "). "
+            f"and the remaining {len(train)} images were divided by stratified group {cfg.folds}-fold cross-validation (seed {cfg.seed})"
+            + (
+                f", repeated {cfg.repeats} times with fold seeds derived from it and the repeat number ({cfg.fold_count} validation folds)"
+                if cfg.repeats > 1
+                else ""
+            )
+            + ". "
             + (
                 f"{dropped} hold-out images that duplicated training images (identical or near-identical) were left out of every part. "
                 if dropped
@@ -550,7 +554,9 @@ def fold_comparison(s: Sources, f: Findings) -> list[Block]:
             ],
         ),
         para(
-            f"KD vs no-KD over n = {n} paired fold scores ({fold_words(cfg)}): mean F1 difference {num(test['mean_difference'])}; "
+            f"KD vs no-KD over n = {n} paired fold scores"
+            + (f" ({cfg.repeats} repeats × {cfg.folds} folds)" if cfg.repeats > 1 else "")
+            + f": mean F1 difference {num(test['mean_difference'])}; "
             f"corrected resampled t-test t = {num(test['t'])}, df = {test['df']}, p = {num(test['t_pvalue'])}; "
             f"secondary: Wilcoxon signed-rank W = {num(test['wilcoxon'])}, p = {num(test['wilcoxon_pvalue'])}." + floor
         ),
