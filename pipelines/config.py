@@ -65,6 +65,7 @@ LIMITS = {
     "teacher_image_size": Limits(0, 512),  # 0 = image_size; otherwise image_size's own range (checked in validate)
     "test_fraction": Limits(0, 0.5, low_open=True, high_open=True),
     "folds": Limits(2, 20),
+    "repeats": Limits(1, 10),
     "seed": Limits(0, 2**32 - 1),  # numpy's seed range
     "synthetic_images": Limits(20, 10_000),
     "synthetic_classes": Limits(2, 4),  # 2: tumor/normal; 3: glioma, meningioma, notumor; 4: + pituitary
@@ -74,7 +75,7 @@ LIMITS = {
     "learning_rate": Limits(0, 1, low_open=True),
     "temperature": Limits(0, 100, low_open=True),
     "alpha": Limits(0, 1),
-    "fold": Limits(-1, 19),
+    "fold": Limits(-1, 20 * 10 - 1),  # a fold entry of the largest folds x repeats; validate checks it against this config's
     "n_trials": Limits(1, 10_000),
     "heartbeat_interval": Limits(1, 3600),
     "grace_period": Limits(2, 86_400),
@@ -175,6 +176,15 @@ class Config:
         default=0.2, metadata={"help": "stratified hold-out fraction (ignored when the data has its own test split)"}
     )
     folds: int = field(default=5, metadata={"help": "stratified group k-fold splits of the training part"})
+    repeats: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "repetitions of the k-fold with new seeds (same hold-out): folds x repeats validation folds, numbered "
+                "k = repeat x folds + fold, for the corrected resampled t-test of KD vs no-KD"
+            )
+        },
+    )
     seed: int = field(default=42, metadata={"help": "seed for splits, initialisation and augmentation"})
     augment: bool = field(
         default=False,
@@ -241,7 +251,7 @@ class Config:
         default=8, metadata={"help": "augmented views per image the teacher's logits are cached for (kd_mode=consistent, cached)"}
     )
     no_kd: bool = field(default=False, metadata={"help": "baseline: train the student on hard labels only (alpha = 1)"})
-    fold: int = field(default=-1, metadata={"help": "train only this fold (0-based); -1 = all folds"})
+    fold: int = field(default=-1, metadata={"help": "train only this fold entry (0-based, up to folds x repeats - 1); -1 = all of them"})
     # search (Optuna)
     n_trials: int = field(default=20, metadata={"help": "finished (complete + pruned) trials the study should end with, over all workers"})
     study_name: str = field(default="kd-brain", metadata={"help": "Optuna study name"})
@@ -297,7 +307,10 @@ class Config:
                 "teacher sees the student's batch, at image_size; use teacher_mode=cached (the teacher's logits are "
                 "computed once at its own size) or teacher_image_size=0",
             ),
-            (self.fold >= -1 and self.fold < self.folds, f"fold={self.fold}: use -1 (all) or 0..{self.folds - 1}"),
+            (
+                self.fold >= -1 and self.fold < self.fold_count,
+                f"fold={self.fold}: use -1 (all) or 0..{self.fold_count - 1} (folds x repeats = {self.folds} x {self.repeats})",
+            ),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (
@@ -313,6 +326,11 @@ class Config:
     def storage_url(self) -> str:
         """The storage parameter, else $KD_STORAGE_URL (which may carry a password), else optuna.db in the project."""
         return self.storage or os.environ.get(STORAGE_URL_ENV) or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+
+    @property
+    def fold_count(self) -> int:
+        """Validation fold entries: ``folds`` per repeat, ``repeats`` times (numbered k = repeat * folds + fold)."""
+        return self.folds * self.repeats
 
     @property
     def teacher_size(self) -> int:
@@ -339,7 +357,7 @@ def redact_url(text: str) -> str:
 
 # Parameters that decide a step's result; a finished run whose params, data digest and code fingerprint match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
-DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "seed", "dedupe")
+DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "repeats", "seed", "dedupe")
 # every field that decides what prepare_data returns (cache_dir only says where the decoded images are kept)
 DATA_INPUTS = DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes")
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")

@@ -79,7 +79,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
     if previous:
         return previous
     alpha = cfg.effective_alpha
-    fold_ids = list(range(cfg.folds)) if cfg.fold < 0 else [cfg.fold]
+    fold_ids = list(range(cfg.fold_count)) if cfg.fold < 0 else [cfg.fold]
     describe = describe_student(cfg)
 
     with step_run("distill", cfg, DISTILL_PARAMS, dataset, prepared.splits, nested=nested) as run:
@@ -104,7 +104,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             )
             mlflow.log_artifacts(tmp)
         print(
-            f"{describe}: F1 {summary[Metric.F1_MEAN]:.4f} ± {summary[Metric.F1_STD]:.4f} over {len(fold_ids)} fold(s), {student_params:,} "
-            f"parameters, run {run.info.run_id}"
+            f"{describe}: F1 {summary[Metric.F1_MEAN]:.4f} ± {summary[Metric.F1_STD]:.4f} over {len(fold_ids)} fold(s), "
+            f"{student_params:,} parameters, run {run.info.run_id}"
         )
         return run.info.run_id

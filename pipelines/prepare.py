@@ -32,7 +32,7 @@ def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
         return reuse
     dataset = ingest(cfg)
     images = load_images(dataset, cfg.image_size, cfg.cache_dir)
-    splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed, perceptual_hashes(images), cfg.dedupe)
+    splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed, perceptual_hashes(images), cfg.dedupe, cfg.repeats)
     if splits.duplicates is not None and len(splits.duplicates):
         found = f"{len(splits.duplicates)} hold-out image(s) duplicate training images ({describe_duplicates(splits.duplicates)})"
         action = (

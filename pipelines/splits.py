@@ -1,4 +1,4 @@
-"""Splits: the hold-out test split and stratified group k-fold on the rest.
+"""Splits: the hold-out test split and stratified group k-fold on the rest, repeated with new seeds.
 
 Groups (patients, volumes, identical files) never straddle two parts, and near-identical images (by
 :func:`perceptual_hashes` of the preprocessed images) join one group, so duplicates stay on one side of every split;
@@ -29,10 +29,15 @@ HASH_SIDE, HASH_FREQUENCIES, NEAR_DUPLICATE_BITS = 32, 12, 16
 
 @dataclass(frozen=True)
 class Splits:
-    """Row indices into the manifest: a hold-out test set and k (train, validation) folds of the rest."""
+    """Row indices into the manifest: a hold-out test set and (train, validation) folds of the rest.
+
+    ``folds`` holds ``repeats`` k-fold partitions one after the other: entry k = r * (folds per repeat) + f is
+    fold f of repeat r, so code that iterates over the entries sees every (repeat, fold) once.
+    """
 
     test: np.ndarray
     folds: list[tuple[np.ndarray, np.ndarray]]
+    repeats: int = 1
     # Rows of a given hold-out split that duplicate training rows and were left out of every part (dedupe=drop).
     dropped: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # Those duplicates (test_path, train_path, kind, distance), indexed by hold-out row; None: no given split to check.
@@ -46,16 +51,21 @@ class Splits:
         return np.sort(np.concatenate([self.folds[0][0], self.folds[0][1]]))
 
     def table(self, dataset: Dataset) -> pd.DataFrame:
-        """One row per image with the group it was split by and its assignment (``test``, ``fold_<k>`` or ``dropped``), for logging."""
-        assignment = np.empty(len(dataset.manifest), dtype=object)
-        assignment[self.test] = "test"
-        assignment[self.dropped] = "dropped"
-        for k, (_, val) in enumerate(self.folds):
-            assignment[val] = f"fold_{k}"
+        """One row per image with the group it was split by and its assignment (``test``, ``fold_<k>`` or ``dropped``), for logging.
+
+        Column ``split`` is the first repeat's assignment; with more repeats, ``split_repeat_<r>`` is repeat r's (its
+        folds numbered k = r * folds + f, as their metrics ``f1_fold_<k>``)."""
         frame = dataset.manifest[["path", "label", "group", "sha256"]].copy()
         if self.groups is not None:
             frame["group"] = self.groups
-        frame["split"] = assignment
+        per_repeat = len(self.folds) // self.repeats
+        for r in range(self.repeats):
+            assignment = np.empty(len(dataset.manifest), dtype=object)
+            assignment[self.test] = "test"
+            assignment[self.dropped] = "dropped"
+            for k in range(r * per_repeat, (r + 1) * per_repeat):
+                assignment[self.folds[k][1]] = f"fold_{k}"
+            frame["split" if r == 0 else f"split_repeat_{r}"] = assignment
         return frame
 
 
@@ -137,16 +147,29 @@ def holdout_duplicates(dataset: Dataset, hashes: np.ndarray, test: np.ndarray) -
     return frame.set_index("row")
 
 
+def repeat_seed(seed: int, repeat: int) -> int:
+    """The k-fold seed of a repeat: ``seed`` itself for the first (so one repeat splits as before repeats existed),
+    then one derived from (seed, repeat) by numpy's SeedSequence, unrelated to the seeds of other repeats or seeds."""
+    return seed if repeat == 0 else int(np.random.SeedSequence((seed, repeat)).generate_state(1)[0])
+
+
 def make_splits(
-    dataset: Dataset, folds: int, test_fraction: float, seed: int, hashes: np.ndarray | None = None, dedupe: str = "drop"
+    dataset: Dataset,
+    folds: int,
+    test_fraction: float,
+    seed: int,
+    hashes: np.ndarray | None = None,
+    dedupe: str = "drop",
+    repeats: int = 1,
 ) -> Splits:
-    """Hold-out test split (the data's own, else stratified by group), then stratified group k-fold.
+    """Hold-out test split (the data's own, else stratified by group), then stratified group k-fold, ``repeats`` times.
 
     Groups (patients, volumes, identical files) never straddle the test split or two folds. Given the images'
     :func:`perceptual_hashes`, near-identical images join one group too (:func:`duplicate_groups`), and a
     given test split (``Testing/``) is checked against the training images (:func:`holdout_duplicates`):
     ``dedupe`` = ``drop`` leaves those hold-out rows out of every part, ``keep`` keeps them in the hold-out,
-    ``error`` refuses the data. Deterministic for a seed.
+    ``error`` refuses the data. The hold-out split is made once; each repeat r partitions the rest anew with
+    :func:`repeat_seed` (seed, r), its folds appended as entries r * folds + f. Deterministic for a seed.
     """
     if dedupe not in DEDUPE_MODES:
         raise PipelineError(f"dedupe={dedupe!r}: use one of {', '.join(DEDUPE_MODES)}")
@@ -180,9 +203,11 @@ def make_splits(
         _, test = next(splitter.split(np.zeros(len(labels)), labels, groups))
     rest = np.setdiff1d(np.arange(len(labels)), np.concatenate([test, dropped]))
     _check_enough(dataset, rest, folds, f"folds={folds}", groups)
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    fold_indices = [(rest[train], rest[val]) for train, val in splitter.split(np.zeros(len(rest)), labels[rest], groups[rest])]
-    return Splits(test=np.sort(test), folds=fold_indices, dropped=np.sort(dropped), duplicates=duplicates, groups=groups)
+    fold_indices = []
+    for r in range(repeats):
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=repeat_seed(seed, r))
+        fold_indices += [(rest[train], rest[val]) for train, val in splitter.split(np.zeros(len(rest)), labels[rest], groups[rest])]
+    return Splits(test=np.sort(test), folds=fold_indices, repeats=repeats, dropped=np.sort(dropped), duplicates=duplicates, groups=groups)
 
 
 def describe_duplicates(duplicates: pd.DataFrame) -> str:

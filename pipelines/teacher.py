@@ -1,4 +1,4 @@
-"""Step ``teacher``: one teacher per fold plus one on all training data, with their logits for distillation.
+"""Step ``teacher``: one teacher per fold (of every repeat) plus one on all training data, with their logits for distillation.
 
 A finished teacher run with the same data digest, parameters and code fingerprint is reused, never retrained.
 Artifacts: ``models/fold_<k>.keras``, ``models/all.keras``, ``logits/teacher_logits.npz`` (keyed by image
@@ -61,7 +61,12 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
     images, keys = prepared.images, image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed)
     with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested=nested) as run:
         cv = cross_validate(
-            prepared, cfg, list(range(cfg.folds)), lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k), lambda k: None, "teacher"
+            prepared,
+            cfg,
+            list(range(cfg.fold_count)),
+            lambda k: _trainer(cfg, dataset.num_classes, cfg.seed + k),
+            lambda k: None,
+            "teacher",
         )
         logits = {f"fold_{k}": model_logits(model, images) for k, model in enumerate(cv.models)}
         if cfg.kd_mode == "consistent":
@@ -102,7 +107,7 @@ def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = 
             )
             mlflow.log_artifacts(tmp)
         print(
-            f"teacher: F1 {cv.summary()[Metric.F1_MEAN]:.4f} ± {cv.summary()[Metric.F1_STD]:.4f} over {cfg.folds} folds, "
+            f"teacher: F1 {cv.summary()[Metric.F1_MEAN]:.4f} ± {cv.summary()[Metric.F1_STD]:.4f} over {cfg.fold_count} folds, "
             f"{teacher.count_params():,} parameters, run {run.info.run_id}"
         )
         return run.info.run_id
@@ -119,8 +124,8 @@ def _stored_logits(run_id: str) -> tuple[dict[str, int], dict[str, np.ndarray]]:
                 return index, {name: stored[name] for name in stored.files if name != "sha256"}
         except ValueError as error:  # object arrays: unpickling an artifact could run code
             raise PipelineError(
-                f"teacher run {run_id}: {LOGITS_ARTIFACT} holds pickled objects ({error}), which are not loaded; delete that run (mlflow "
-                f"runs delete --run-id {run_id}) so the teacher is retrained"
+                f"teacher run {run_id}: {LOGITS_ARTIFACT} holds pickled objects ({error}), which are not loaded; "
+                f"delete that run (mlflow runs delete --run-id {run_id}) so the teacher is retrained"
             ) from None
 
 

@@ -179,7 +179,7 @@ def claimed_before(study: optuna.Study, number: int) -> int:
 
 
 def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_run_id: str):
-    fold_ids = list(range(cfg.folds))
+    fold_ids = list(range(cfg.fold_count))
     multi = cfg.objectives != "f1"
 
     def objective(trial: optuna.Trial):

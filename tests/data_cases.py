@@ -60,25 +60,29 @@ def real_files(real_data_dir: Path, label: str, n: int, offset: int = 0) -> list
     return files[offset : offset + n]
 
 
-def split_parts(splits: Splits) -> dict[str, np.ndarray]:
-    return {"test": splits.test, **{f"fold_{k}": val for k, (_, val) in enumerate(splits.folds)}}
+def split_parts(splits: Splits, repeat: int = 0) -> dict[str, np.ndarray]:
+    """The hold-out and the validation parts of one repeat's folds (entries k = repeat * folds + f)."""
+    per_repeat = len(splits.folds) // splits.repeats
+    entries = range(repeat * per_repeat, (repeat + 1) * per_repeat)
+    return {"test": splits.test, **{f"fold_{k}": splits.folds[k][1] for k in entries}}
 
 
 def assert_partition_and_groups(dataset: Dataset, splits: Splits) -> None:
-    """test + every fold's validation part cover each row exactly once; no group in two parts."""
-    parts = split_parts(splits)
-    everything = np.concatenate(list(parts.values()))
-    assert np.array_equal(np.sort(everything), np.arange(len(dataset.manifest)))
+    """In every repeat, test + each fold's validation part cover each row exactly once; no group in two parts."""
     rest = np.setdiff1d(np.arange(len(dataset.manifest)), splits.test)
     for train, val in splits.folds:
         assert np.intersect1d(train, val).size == 0
         assert np.array_equal(np.sort(np.concatenate([train, val])), rest)
     groups = dataset.manifest["group"].to_numpy()
-    owner: dict[str, str] = {}
-    for name, rows in parts.items():
-        for group in set(groups[rows]):
-            assert group not in owner, f"group {group!r} is in both {owner[group]} and {name}"
-            owner[group] = name
+    for repeat in range(splits.repeats):
+        parts = split_parts(splits, repeat)
+        everything = np.concatenate(list(parts.values()))
+        assert np.array_equal(np.sort(everything), np.arange(len(dataset.manifest))), f"repeat {repeat} is no partition"
+        owner: dict[str, str] = {}
+        for name, rows in parts.items():
+            for group in set(groups[rows]):
+                assert group not in owner, f"repeat {repeat}: group {group!r} is in both {owner[group]} and {name}"
+                owner[group] = name
 
 
 def grouped_csv(root: Path) -> Path:

@@ -36,6 +36,15 @@ def test_search_ranges_beyond_the_parameters_limits_are_refused(name: str) -> No
         Config(**{name: f"{limits.low if not limits.low_open else 1},{limits.high * 10 + 1}"})
 
 
+def test_fold_ranges_over_every_entry_of_the_repeated_k_fold() -> None:
+    assert Config(folds=3, repeats=2).fold_count == 6
+    assert Config(folds=3, repeats=2, fold=5).fold == 5
+    with pytest.raises(PipelineError, match=r"^fold=6: use -1 \(all\) or 0\.\.5 \(folds x repeats = 3 x 2\)"):
+        Config(folds=3, repeats=2, fold=6)
+    with pytest.raises(PipelineError, match="^repeats=11: out of range"):
+        Config(repeats=11)
+
+
 @pytest.mark.parametrize(
     "url",
     [

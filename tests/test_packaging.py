@@ -10,12 +10,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = {
-    "prepare": {"data_dir", "image_size", "folds", "seed"},
-    "teacher": {"data_dir", "image_size", "folds", "epochs", "seed"},
-    "distill": {"data_dir", "image_size", "folds", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
-    "search": {"data_dir", "n_trials", "study_name", "storage", "folds", "epochs", "seed"},
+    "prepare": {"data_dir", "image_size", "folds", "repeats", "seed"},
+    "teacher": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed"},
+    "distill": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
+    "search": {"data_dir", "n_trials", "study_name", "storage", "folds", "repeats", "epochs", "seed"},
     "promote": {"study_name", "storage", "model_name", "margin", "force"},
-    "main": {"data_dir", "image_size", "folds", "epochs", "seed", "n_trials", "study_name", "model_name"},
+    "main": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed", "n_trials", "study_name", "model_name"},
 }
 
 

@@ -1,10 +1,12 @@
-"""The report, for real: a tiny search and promotion in a temporary tracking store, then the methodology and
-results written from it. Every number in the tables is parsed back and compared with the logged value;
+"""The report, for real: a tiny search and promotion in a temporary tracking store (2 repeats of 2-fold
+cross-validation), then the methodology and results written from it. Every number in the tables is parsed back
+and compared with the logged value, the KD vs no-KD test with its recomputation from the logged fold scores;
 changing a logged metric changes the report. Also the `mlflow run . -e report` and `kd
 explain` commands as a user runs them."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -19,6 +21,7 @@ from kdtest import MODEL, child_env, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
+from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from registry.evidence import NO_KD_CV_TAG, TRIAL_RUN_TAG
 from registry.fetch import resolve_version
 from registry.promote import promote
@@ -37,7 +40,7 @@ def tracked(mri_subset, tmp_path_factory):
     """A tracking store with a finished tiny search and a promoted version, and its first report."""
     root = tmp_path_factory.mktemp("report")
     with tracking_at(f"sqlite:///{root / 'mlflow.db'}"):
-        cfg = tiny_config(mri_subset, root, study_name="report-test")
+        cfg = tiny_config(mri_subset, root, study_name="report-test", repeats=2)
         run_search(cfg)
         promote(cfg)
         paths = write_report(MODEL, stage="Production", out_dir=root / "report", resamples=RESAMPLES)
@@ -125,6 +128,36 @@ def test_every_table_figure_equals_the_logged_value(tracked):
         assert run.info.run_id in methods
     counts = table_starting(markdown_tables(methods), "Images per class")
     assert counts[-1][0] == "total" and int(counts[-1][3]) == int(runs["teacher"].data.params["n_images"])
+
+
+def test_the_kd_vs_no_kd_test_is_the_corrected_t_test_of_every_logged_fold_of_every_repeat(tracked):
+    _, paths = tracked
+    runs = runs_of_report(paths)
+    folds, repeats = (int(float(runs["teacher"].data.params[name])) for name in ("folds", "repeats"))
+    n = folds * repeats
+    assert repeats == 2
+    teacher_models = {a.path for a in MlflowClient().list_artifacts(runs["teacher"].info.run_id, "models")}
+    assert teacher_models == {f"models/fold_{k}.keras" for k in range(n)} | {"models/all.keras"}, "a teacher per (repeat, fold)"
+    for who in ("student", "no_kd"):  # the trial and the no-KD distill run: an F1 per (repeat, fold), k = repeat * folds + fold
+        logged = {key for key in runs[who].data.metrics if re.fullmatch(r"f1_fold_\d+", key)}
+        assert logged == {f"f1_fold_{k}" for k in range(n)}, (who, sorted(logged))
+    kd, no_kd = ([runs[who].data.metrics[f"f1_fold_{k}"] for k in range(n)] for who in ("student", "no_kd"))
+    expected = corrected_resampled_t_test(kd, no_kd, kfold_test_train_ratio(folds))
+
+    results = paths.results_md.read_text()
+    found = re.search(
+        r"KD vs no-KD over n = (\d+) paired fold scores(?: \([^)]*\))?: mean F1 difference (\S+); "
+        r"corrected resampled t-test t = (\S+), df = (\d+), p = (\S+);",
+        results,
+    )
+    assert found, [line for line in results.splitlines() if "KD vs no-KD" in line]
+    shown_n, difference, t, df, p = found.groups()
+    assert int(shown_n) == expected.n == n and int(df) == expected.df == n - 1
+    assert close(difference, expected.mean_difference) and close(t, expected.t) and close(p, expected.pvalue)
+    assert len(table_starting(markdown_tables(results), "F1 per validation fold")) == 1 + n
+    numbers = json.loads(paths.numbers.read_text())["paired_test"]
+    assert numbers["n"] == n and numbers["t"] == pytest.approx(expected.t) and numbers["t_pvalue"] == pytest.approx(expected.pvalue)
+    assert f"n = {n} folds" in paths.methodology_md.read_text()
 
 
 def test_the_per_class_f1_table_equals_the_logged_values(tracked):

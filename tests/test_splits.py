@@ -71,6 +71,36 @@ def test_splits_table_labels(real_dataset: Dataset, real_splits: Splits) -> None
     assert set(table["split"]) == {"test", *(f"fold_{k}" for k in range(5))}
 
 
+def test_repeats_give_folds_times_repeats_entries_each_repeat_a_new_partition_of_the_same_rest(
+    real_dataset: Dataset, real_splits: Splits
+) -> None:
+    repeated = make_splits(real_dataset, folds=5, test_fraction=0.2, seed=42, repeats=2)
+    assert len(repeated.folds) == 10 and repeated.repeats == 2
+    assert_partition_and_groups(real_dataset, repeated)
+    np.testing.assert_array_equal(repeated.test, real_splits.test)  # the hold-out is made once
+    for (a_train, a_val), (b_train, b_val) in zip(repeated.folds[:5], real_splits.folds):  # repeat 0 is the unrepeated k-fold
+        np.testing.assert_array_equal(a_train, b_train)
+        np.testing.assert_array_equal(a_val, b_val)
+    first, second = ({k: set(val) for k, (_, val) in enumerate(repeated.folds[r * 5 : r * 5 + 5])} for r in (0, 1))
+    assert all(first[k] != second[j] for k in first for j in second), "repeat 1 repeats a fold of repeat 0"
+    table = repeated.table(real_dataset)
+    assert list(table.columns) == ["path", "label", "group", "sha256", "split", "split_repeat_1"]
+    assert set(table["split_repeat_1"]) == {"test", *(f"fold_{k}" for k in range(5, 10))}
+    for k in range(5, 10):
+        np.testing.assert_array_equal(np.flatnonzero(table["split_repeat_1"] == f"fold_{k}"), np.sort(repeated.folds[k][1]))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_groups_never_straddle_train_and_validation_in_any_repeat(tmp_path: Path, seed: int) -> None:
+    dataset = ingest_at(grouped_csv(tmp_path / "grouped"), tmp_path)
+    splits = make_splits(dataset, folds=3, test_fraction=0.2, seed=seed, repeats=3)
+    assert len(splits.folds) == 9
+    assert_partition_and_groups(dataset, splits)
+    groups = dataset.manifest["group"].to_numpy()
+    for train, val in splits.folds:
+        assert set(groups[train]).isdisjoint(groups[val])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_groups_never_straddle_parts(tmp_path: Path, seed: int) -> None:
     dataset = ingest_at(grouped_csv(tmp_path / "grouped"), tmp_path)

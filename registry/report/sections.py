@@ -45,6 +45,20 @@ def data_parts(s: Sources) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     return splits, splits[splits["split"] != "test"], splits[splits["split"] == "test"]
 
 
+def cross_validation_words(cfg: Config) -> str:
+    """The cross-validation in words: ``stratified group 5-fold cross-validation``, and its repeats when there are more."""
+    words = f"stratified group {cfg.folds}-fold cross-validation"
+    if cfg.repeats > 1:
+        words += f" repeated {cfg.repeats} times with new fold seeds ({cfg.fold_count} validation folds)"
+    return words
+
+
+def fold_words(cfg: Config) -> str:
+    """The validation folds counted: ``5 validation folds``, or ``10 validation folds (2 repeats × 5 folds)``."""
+    words = f"{cfg.fold_count} validation folds"
+    return words + (f" ({cfg.repeats} repeats × {cfg.folds} folds)" if cfg.repeats > 1 else "")
+
+
 def data_section(s: Sources) -> list[Block]:
     """Heading "Data": the data set, images per class and part, preprocessing and augmentation."""
     cfg, class_names = s.data_cfg, s.class_names
@@ -92,21 +106,30 @@ def split_section(s: Sources) -> list[Block]:
     cfg = s.data_cfg
     splits, train, test = data_parts(s)
     dropped = int((s.splits["split"] == "dropped").sum())
-    straddling = int((splits.groupby("group")["split"].nunique() > 1).sum())
+    # the first repeat's assignment is column "split", each later repeat's "split_repeat_<r>"
+    assignments = [column for column in splits.columns if column == "split" or column.startswith("split_repeat_")]
+    straddling = int(pd.concat([splits.groupby("group")[column].nunique() > 1 for column in assignments], axis=1).any(axis=1).sum())
     return [
         Heading(2, "Split protocol"),
         para(
             f"A hold-out test split of {len(test)} images ({len(test) / len(splits):.1%}; requested fraction {cfg.test_fraction:g}) "
             "was set aside with a stratified group split, "
-            f"and the remaining {len(train)} images were divided by stratified group {cfg.folds}-fold cross-validation (seed {cfg.seed}). "
+            f"and the remaining {len(train)} images were divided by stratified group {cfg.folds}-fold cross-validation (seed {cfg.seed})"
+            + (
+                f", repeated {cfg.repeats} times with fold seeds derived from it and the repeat number ({cfg.fold_count} validation folds)"
+                if cfg.repeats > 1
+                else ""
+            )
+            + ". "
             + (
                 f"{dropped} hold-out images that duplicated training images (identical or near-identical) were left out of every part. "
                 if dropped
                 else ""
             )
             + "Identical and near-identical files (by a perceptual hash) form one group "
-            f"({splits['group'].nunique()} groups for {len(splits)} images), and groups never straddle the hold-out split or two folds "
-            f"(checked on the logged assignment: {straddling} groups straddle). "
+            f"({splits['group'].nunique()} groups for {len(splits)} images), and groups never straddle the hold-out split or two folds"
+            + (" of one repeat " if cfg.repeats > 1 else " ")
+            + f"(checked on the logged assignment: {straddling} groups straddle). "
             "Every model was selected on the folds only; the hold-out split was used once, for the final comparison."
         ),
     ]
@@ -229,7 +252,7 @@ def search_section(s: Sources) -> list[Block]:
             f"fed each fold's F1. Trials: "
             + ", ".join(f"{n} {state}" for state, n in states.items() if n)
             + f" (target: {params.get('n_trials')} finished). "
-            f"Each trial cross-validated a student on the same {s.data_cfg.folds} folds with the teachers' cached logits. "
+            f"Each trial cross-validated a student on the same {fold_words(s.data_cfg)} with the teachers' cached logits. "
             f"The best trial ({s.version.tags.get(VersionTag.TRIAL)}) was retrained on the whole training part."
         ),
         table(
@@ -263,11 +286,16 @@ def metrics_section(s: Sources, resamples: int) -> list[Block]:
             ("PR-AUC: average precision (step-wise area under the precision-recall curve)",),
         ),
         para(
-            f"k-fold results are mean ± sample standard deviation over the {cfg.folds} validation folds. "
+            f"k-fold results are mean ± sample standard deviation over the {fold_words(cfg)}. "
             "Hold-out 95% confidence intervals are percentile intervals of "
             f"{resamples} paired bootstrap resamples of the {len(test)} hold-out images (seed {cfg.seed}). "
-            "KD and no-KD are compared with a paired t-test and a "
-            "Wilcoxon signed-rank test on the per-fold F1 (same folds, same initialisation seeds)."
+            f"KD and no-KD are compared on their per-fold F1 differences d over the n = {cfg.fold_count} folds (same folds, "
+            "same initialisation seeds) with the corrected resampled t-test of Nadeau and Bengio (2003), ",
+            Math(r"t = \bar{d} / \sqrt{(1/n + n_\mathrm{test}/n_\mathrm{train})\, s_d^2}"),
+            f" with n − 1 degrees of freedom and n_test/n_train = 1/(k − 1) = {num(1 / (cfg.folds - 1))} for k = {cfg.folds} folds: "
+            "the plain paired t-test takes the folds for independent samples, but their training sets overlap, "
+            "which makes it too confident (Bouckaert and Frank 2004 apply the correction over repeated cross-validation). "
+            "A Wilcoxon signed-rank test on the same pairs is given as a secondary figure.",
         ),
     ]
 
@@ -479,9 +507,10 @@ def holdout_description(f: Findings) -> str:
 
 def kfold_table(s: Sources, f: Findings) -> Block:
     """Cross-validation metrics of the three models: mean ± standard deviation over the folds."""
+    words = cross_validation_words(s.data_cfg)
     return table(
         "kfold",
-        f"Stratified group {s.data_cfg.folds}-fold cross-validation: mean ± standard deviation over the validation folds "
+        f"{words[0].upper()}{words[1:]}: mean ± standard deviation over the validation folds "
         f"(teacher run, best search trial {s.version.tags.get(VersionTag.TRIAL)}, no-KD run of the same student configuration).",
         ["metric"] + list(MODELS.values()),
         [[label] + [f"{num(f.kfold[who][m]['mean'])} ± {num(f.kfold[who][m]['std'])}" for who in MODELS] for m, label in METRICS.items()],
@@ -504,29 +533,33 @@ def holdout_table(f: Findings) -> Block:
 
 def fold_comparison(s: Sources, f: Findings) -> list[Block]:
     """F1 per fold of the three models, and the paired KD vs no-KD tests on those folds."""
-    folds, per_fold, test = s.data_cfg.folds, f.fold_f1, f.paired_test
-    # With n folds the smallest two-sided Wilcoxon p-value is 2 / 2^n: say so when it cannot reach 0.05.
+    cfg, per_fold, test = s.data_cfg, f.fold_f1, f.paired_test
+    n = test["n"]
+    # With n pairs the smallest two-sided Wilcoxon p-value is 2 / 2^n: say so when it cannot reach 0.05.
     floor = (
-        f" With {folds} folds the smallest attainable two-sided Wilcoxon p-value is {num(2 / 2**folds)}, "
-        "so this test cannot reach significance at 0.05."
-        if 2 / 2**folds >= 0.05
+        f" With {n} pairs the smallest attainable two-sided Wilcoxon p-value is {num(2 / 2**n)}, "
+        "so that test cannot reach significance at 0.05."
+        if 2 / 2**n >= 0.05
         else ""
     )
+    numbering = f"k = repeat × {cfg.folds} + fold, " if cfg.repeats > 1 else ""
     return [
         table(
             "folds",
-            f"F1 per validation fold (numbered 0 to {folds - 1}, as in the logs and the runs' f1_fold_<k> metrics); "
+            f"F1 per validation fold (numbered 0 to {cfg.fold_count - 1}, {numbering}as in the logs and the runs' f1_fold_<k> metrics); "
             "the KD and no-KD students share folds and initialisation seeds.",
             ["fold"] + list(MODELS.values()) + ["KD − no-KD"],
             [
                 [str(k)] + [num(per_fold[who][k]) for who in MODELS] + [num(per_fold["student"][k] - per_fold["no_kd"][k])]
-                for k in range(folds)
+                for k in range(cfg.fold_count)
             ],
         ),
         para(
-            f"KD vs no-KD across the {folds} folds: mean F1 difference {num(test['mean_difference'])}; "
-            f"paired t-test t = {num(test['t'])}, p = {num(test['t_pvalue'])}; "
-            f"Wilcoxon signed-rank W = {num(test['wilcoxon'])}, p = {num(test['wilcoxon_pvalue'])}." + floor
+            f"KD vs no-KD over n = {n} paired fold scores"
+            + (f" ({cfg.repeats} repeats × {cfg.folds} folds)" if cfg.repeats > 1 else "")
+            + f": mean F1 difference {num(test['mean_difference'])}; "
+            f"corrected resampled t-test t = {num(test['t'])}, df = {test['df']}, p = {num(test['t_pvalue'])}; "
+            f"secondary: Wilcoxon signed-rank W = {num(test['wilcoxon'])}, p = {num(test['wilcoxon_pvalue'])}." + floor
         ),
     ]
 

@@ -1,4 +1,5 @@
-"""The report's statistics: bootstrap intervals of the hold-out metrics, the paired KD vs no-KD test on the folds,
+"""The report's statistics: bootstrap intervals of the hold-out metrics, the corrected resampled t-test of KD vs no-KD
+on the folds of every repeat,
 per-fold and per-class F1, search parameter importances, and :class:`Findings`, every number of the results
 section computed once (``report.json``)."""
 
@@ -14,6 +15,7 @@ from mlflow.entities import Run
 from pipelines.config import PipelineError
 from pipelines.evaluate import class_keys, classification_metrics
 from pipelines.names import Metric
+from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from registry.report.gather import MODELS, Sources, holdout_arrays
 
 METRICS = {
@@ -53,26 +55,33 @@ def bootstrap_intervals(
     return result
 
 
-def fold_f1(run: Run, folds: int) -> list[float]:
-    """The run's F1 of every validation fold, in fold order (``f1_fold_<k>``)."""
-    missing = [k for k in range(folds) if Metric.fold_f1(k) not in run.data.metrics]
+def fold_f1(run: Run, fold_count: int) -> list[float]:
+    """The run's F1 of every validation fold entry (folds x repeats), in entry order (``f1_fold_<k>``)."""
+    missing = [k for k in range(fold_count) if Metric.fold_f1(k) not in run.data.metrics]
     if missing:
         raise PipelineError(f"run {run.info.run_id} has no F1 for fold(s) {missing}; the paired test needs every fold")
-    return [run.data.metrics[Metric.fold_f1(k)] for k in range(folds)]
+    return [run.data.metrics[Metric.fold_f1(k)] for k in range(fold_count)]
 
 
-def paired_test(kd: list[float], no_kd: list[float]) -> dict[str, float]:
-    """Paired t-test and Wilcoxon signed-rank test of KD vs no-KD per-fold F1 (two-sided)."""
+def paired_test(kd: list[float], no_kd: list[float], folds: int) -> dict[str, float]:
+    """KD vs no-KD per-fold F1 over every repeat's ``folds``-fold (same position, same repeat and fold), two-sided.
+
+    The main figure is Nadeau and Bengio's corrected resampled t-test (``t``, ``t_pvalue``, ``df``; ``n`` paired
+    scores), whose variance allows for the training sets the folds share; the Wilcoxon signed-rank test is secondary
+    (it assumes independent pairs too, but no normality)."""
     from scipy import stats
 
+    corrected = corrected_resampled_t_test(kd, no_kd, kfold_test_train_ratio(folds))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # identical folds give NaN statistics, reported as n/a
-        t = stats.ttest_rel(kd, no_kd)
         w = stats.wilcoxon(kd, no_kd)
     return {
-        "mean_difference": float(np.mean(np.subtract(kd, no_kd))),
-        "t": float(t.statistic),
-        "t_pvalue": float(t.pvalue),
+        "mean_difference": corrected.mean_difference,
+        "t": corrected.t,
+        "t_pvalue": corrected.pvalue,
+        "df": corrected.df,
+        "n": corrected.n,
+        "test_train_ratio": kfold_test_train_ratio(folds),
         "wilcoxon": float(w.statistic),
         "wilcoxon_pvalue": float(w.pvalue),
     }
@@ -142,8 +151,8 @@ class Findings:
     holdout: dict[str, dict[str, float]]  # model -> metric, as logged by promote
     intervals: dict[str, dict[str, tuple[float, float]]]  # model -> metric -> 95% bootstrap interval
     resamples: int
-    fold_f1: dict[str, list[float]]
-    paired_test: dict[str, float]  # KD vs no-KD on the folds
+    fold_f1: dict[str, list[float]]  # model -> F1 of every fold entry (k = repeat * folds + fold)
+    paired_test: dict[str, float]  # KD vs no-KD on the fold entries (paired_test)
     importances: dict[str, float]
     importance_note: str
     class_counts: dict[str, int]  # hold-out images per class
@@ -153,8 +162,7 @@ class Findings:
 def findings(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> Findings:
     """Read the logged metrics and compute the statistics of the results section."""
     labels, probs = holdout_arrays(s)
-    folds = s.data_cfg.folds
-    per_fold = {who: fold_f1(run, folds) for who, run in s.cv_runs.items()}
+    per_fold = {who: fold_f1(run, s.data_cfg.fold_count) for who, run in s.cv_runs.items()}
     importances, importance_note = param_importances(s)
     return Findings(
         labels=labels,
@@ -169,7 +177,7 @@ def findings(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> Findings:
         intervals=bootstrap_intervals(labels, probs, resamples, s.data_cfg.seed),
         resamples=resamples,
         fold_f1=per_fold,
-        paired_test=paired_test(per_fold["student"], per_fold["no_kd"]),
+        paired_test=paired_test(per_fold["student"], per_fold["no_kd"], s.data_cfg.folds),
         importances=importances,
         importance_note=importance_note,
         class_counts={name: int((labels == i).sum()) for i, name in enumerate(s.class_names)},
