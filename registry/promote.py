@@ -115,7 +115,7 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
             None if prepared.dataset.modality is None else BRATS_MODALITIES[prepared.dataset.modality]
         )  # what served .h5 slices are read as
         metadata = {
-            VersionTag.IMAGE_SIZE: cfg.image_size,
+            "image_size": cfg.image_size,
             "class_names": prepared.dataset.class_names,
             "positive_class": prepared.dataset.positive_class,
         }
