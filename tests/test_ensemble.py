@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from kdtest import tiny_config, tracking_at
 
@@ -14,7 +15,8 @@ from pipelines.config import MEMBER_SEED_STRIDE, Config, PipelineError, parse_te
 from pipelines.distill import distill
 from pipelines.models import build_teacher
 from pipelines.prepare import prepare_data
-from pipelines.teacher import LOGITS_ARTIFACT, load_teacher_logits, load_teacher_model
+from pipelines.teacher import LOGITS_ARTIFACT, load_teacher_logits, load_teacher_model, teacher_cv_summary
+from registry.report.gather import ensemble_cv
 
 SHA256 = np.array([f"{row:064x}" for row in range(6)])
 
@@ -88,6 +90,25 @@ def test_the_online_ensemble_teacher_outputs_the_mean_of_its_members_even_of_one
     assert not np.allclose(outputs[0], outputs[1]), "two seeds of one architecture are two teachers"
     np.testing.assert_allclose(np.asarray(ensemble(images, training=False)), np.mean(outputs, axis=0), rtol=1e-5, atol=1e-6)
     assert ensemble.count_params() == sum(model.count_params() for model in members)
+
+
+def test_an_ensembles_cross_validation_scores_each_fold_by_the_mean_of_its_members_fold_logits(tmp_path):
+    # Each member is sure where it is right and unsure where it is wrong: the mean is right on every image.
+    sure, unsure = np.array([-3.0, 3.0, 1.0, -1.0]), np.array([1.0, -1.0, -3.0, 3.0])
+    labels = np.array([0, 1, 0, 1] * 2)
+    logits = [np.concatenate([sure, sure]), np.concatenate([unsure, unsure])]
+    splits = pd.DataFrame({"sha256": SHA256[:6].tolist() + [f"{row:064x}" for row in (6, 7)], "label": np.array(["no", "yes"])[labels]})
+    splits["split"] = ["fold_0"] * 4 + ["fold_1"] * 4
+    sha256 = splits["sha256"].to_numpy()
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        run_ids = [
+            _teacher_run({f"fold_{k}": values[:, None].astype(np.float32) for k in range(2)}, sha256, {}, tmp_path / f"member_{i}")
+            for i, values in enumerate(logits)
+        ]
+        members = [teacher_cv_summary(run_id, sha256, labels, [np.arange(4), np.arange(4, 8)], ["no", "yes"]) for run_id in run_ids]
+        ensemble = ensemble_cv(",".join(run_ids), splits, ["no", "yes"], 2)
+    assert ensemble["f1_fold_0"] == ensemble["f1_fold_1"] == ensemble["f1_mean"] == 1.0 and ensemble["f1_std"] == 0.0
+    assert all(member["f1_mean"] < 1.0 for member in members), "no member alone is right everywhere"
 
 
 @pytest.mark.slow
