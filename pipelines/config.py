@@ -82,6 +82,7 @@ LIMITS = {
     "margin": Limits(-1, 1),
     "tracking_wait_s": Limits(0, 3600),
     "kd_views": Limits(1, 64),
+    "teacher_seed_offset": Limits(0, 1_000_000),
 }
 # The search ranges (low,high text) and the parameter whose limits their ends must respect; log scale ones positive.
 RANGE_LIMITS = {
@@ -121,6 +122,35 @@ def parse_teacher(spec: str) -> tuple[str, str]:
     elif colon:
         raise PipelineError(f"teacher_arch={spec!r}: only resnet and hybrid take a size; keras.applications names come without one")
     return arch, size
+
+
+def parse_teachers(spec: str) -> list[tuple[str, str]]:
+    """``resnet:L,hybrid:S`` -> one (architecture, size) per ensemble member (:func:`parse_teacher` each); one for a single teacher.
+
+    An architecture may repeat (``resnet,resnet``): the repeats are further seeds of it (:func:`teacher_members`).
+    """
+    members = spec.split(",")
+    if any(not member.strip() for member in members):
+        raise PipelineError(f"teacher_arch={spec!r}: an empty ensemble member; list teachers as resnet,hybrid:S")
+    return [parse_teacher(member) for member in members]
+
+
+# Ensemble members that repeat an architecture (``resnet,resnet``) are further seeds of it, this far apart.
+MEMBER_SEED_STRIDE = 1000
+
+
+def teacher_members(cfg: Config) -> list[Config]:
+    """One single-teacher Config per member of ``cfg.teacher_arch``: its own architecture, and its own
+    ``teacher_seed_offset`` when it repeats an earlier member (the first ``resnet`` of ``resnet,resnet`` is the plain
+    ``resnet`` teacher, reused as such; the second trains from other seeds). Data, splits and views stay ``cfg``'s.
+    """
+    seen: dict[tuple[str, str], int] = {}
+    members = []
+    for spec, parsed in zip(cfg.teacher_arch.split(","), parse_teachers(cfg.teacher_arch)):
+        repeat = seen.get(parsed, 0)
+        seen[parsed] = repeat + 1
+        members.append(cfg.replace(teacher_arch=spec.strip(), teacher_seed_offset=cfg.teacher_seed_offset + repeat * MEMBER_SEED_STRIDE))
+    return members
 
 
 def parse_student_size(size: str) -> tuple[int, int]:
@@ -218,7 +248,22 @@ class Config:
     )
     # models
     teacher_arch: str = field(
-        default="resnet", metadata={"help": "resnet or hybrid (ours; :S, :M or :L: size, default M) or a keras.applications name"}
+        default="resnet",
+        metadata={
+            "help": (
+                "resnet or hybrid (ours; :S, :M or :L: size, default M) or a keras.applications name; a comma list (resnet:L,hybrid:S) "
+                "is an ensemble: the student distils from the mean of its members' logits"
+            )
+        },
+    )
+    teacher_seed_offset: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "added to seed for the teacher's initialisation, shuffling and augmentation (splits and views keep seed); a repeated "
+                "ensemble member (resnet,resnet) adds 1000 per repeat"
+            )
+        },
     )
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
     teacher_image_size: int = field(
@@ -290,7 +335,7 @@ class Config:
         for name, (limits, cast, positive) in RANGE_LIMITS.items():
             parse_range(name, getattr(self, name), cast, positive, limits)
         parse_student_size(self.student_size)
-        parse_teacher(self.teacher_arch)
+        parse_teachers(self.teacher_arch)
         modality_index(self.modality)
         check_storage_parameter(self.storage)
         checks = [
@@ -338,6 +383,11 @@ class Config:
         return self.teacher_image_size or self.image_size
 
     @property
+    def teacher_seed(self) -> int:
+        """The teacher's training seed: seed + teacher_seed_offset, kept in numpy's seed range."""
+        return (self.seed + self.teacher_seed_offset) % 2**32
+
+    @property
     def effective_alpha(self) -> float:
         """The no-KD baseline is plain hard-label training: alpha = 1."""
         return 1.0 if self.no_kd else self.alpha
@@ -364,7 +414,9 @@ TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", 
 # kd_views is a teacher parameter: the teacher run caches its logits of that many views of every image.
 # kd_mode and kd_views: a consistent teacher run also caches the logits of kd_views views per image, which a
 # standard one does not spend time on.
-TEACHER_PARAMS = DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_weights", "teacher_image_size", "kd_mode", "kd_views")
+TEACHER_PARAMS = (
+    DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_seed_offset", "teacher_weights", "teacher_image_size", "kd_mode", "kd_views")
+)
 # The teacher's settings too: a student distilled from another teacher is another student.
 DISTILL_PARAMS = TEACHER_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
 SEARCH_PARAMS = (
@@ -372,6 +424,7 @@ SEARCH_PARAMS = (
     + TRAIN_PARAMS
     + (
         "teacher_arch",
+        "teacher_seed_offset",
         "teacher_weights",
         "teacher_image_size",
         "teacher_mode",

@@ -22,7 +22,7 @@ from pipelines.locks import teacher_lock
 from pipelines.models import build_student
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
-from pipelines.teacher import load_teacher_logits, load_teacher_model, train_teacher
+from pipelines.teacher import load_teacher_logits, load_teacher_model, teacher_cv_summary, train_teacher
 from pipelines.tracking import reuse_finished, step_run
 from pipelines.training import CrossValidation, cross_validate
 
@@ -44,7 +44,8 @@ def cross_validate_student(
 ) -> CrossValidation:
     """Train and evaluate the student on the given folds, guided by the fold teachers of ``teacher_run_id``.
 
-    ``teacher_run_id`` is None for the no-KD baseline. Cached mode reads the teacher run's logits once; consistent
+    ``teacher_run_id`` is None for the no-KD baseline; for an ensemble its members' run ids joined with commas, whose
+    mean logits (cached) or mean model (online) guide the student. Cached mode reads the teacher run's logits once; consistent
     cached mode trains on the views those logits are of, consistent online (and no-KD) on fresh views with mixup.
     """
     alpha = cfg.effective_alpha
@@ -89,6 +90,10 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
                 teacher_run_id = train_teacher(cfg, prepared, nested=True)
         if teacher_run_id:
             mlflow.set_tag(RunTag.TEACHER_RUN_ID, teacher_run_id)
+        if teacher_run_id and "," in teacher_run_id:  # the ensemble has no run of its own: its cross-validation is logged here
+            folds = [val for _, val in prepared.splits.folds]
+            ensemble = teacher_cv_summary(teacher_run_id, dataset.manifest["sha256"].to_numpy(), dataset.labels, folds, dataset.class_names)
+            mlflow.log_metrics({f"teacher_{name}": value for name, value in ensemble.items()})
         cv = cross_validate_student(cfg, prepared, teacher_run_id, fold_ids)
         summary = cv.summary()
         student_params = cv.models[0].count_params()

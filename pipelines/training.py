@@ -17,7 +17,6 @@ import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
 from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities
-from pipelines.names import Metric
 from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -172,8 +171,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
         if not all(math.isfinite(float(v)) for v in logs.values()):
             bad = {k: float(v) for k, v in logs.items() if not math.isfinite(float(v))}
             raise PipelineError(
-                f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) or check "
-                "the inputs"
+                f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) "
+                "or check the inputs"
             )
         mlflow.log_metrics({f"{self.prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
 
@@ -228,13 +227,18 @@ class CrossValidation:
         return {"out_of_fold": np.sum(self.fold_matrices, axis=0), **{f"fold_{k}": m for k, m in zip(self.fold_ids, self.fold_matrices)}}
 
     def summary(self) -> dict[str, float]:
-        """``f1_fold_<k>`` for each fold, and ``<metric>_mean`` / ``<metric>_std`` over folds."""
-        result = {Metric.fold_f1(k): m["f1"] for k, m in zip(self.fold_ids, self.fold_metrics)}
-        for name in self.fold_metrics[0]:
-            values = np.array([m[name] for m in self.fold_metrics], dtype=np.float64)
-            result[f"{name}_mean"] = float(np.mean(values))
-            result[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        return result
+        """:func:`summarize_folds` of these folds."""
+        return summarize_folds(self.fold_ids, self.fold_metrics)
+
+
+def summarize_folds(fold_ids: list[int], fold_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """``f1_fold_<k>`` for each fold, and ``<metric>_mean`` / ``<metric>_std`` over folds: what a cross-validated run logs."""
+    result = {f"f1_fold_{k}": m["f1"] for k, m in zip(fold_ids, fold_metrics)}
+    for name in fold_metrics[0]:
+        values = np.array([m[name] for m in fold_metrics], dtype=np.float64)
+        result[f"{name}_mean"] = float(np.mean(values))
+        result[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return result
 
 
 def cross_validate(

@@ -182,28 +182,31 @@ def write_overlay(explanations: dict[str, Explanation], title: str, out_path: Pa
 
 @dataclass(frozen=True)
 class RegisteredModels:
-    """A registered version's student (with its classes) and its all-data teacher."""
+    """A registered version's student (with its classes) and its all-data teacher, or each member of its teacher ensemble."""
 
     version: str
     student: keras.Model
-    teacher: keras.Model
+    teachers: dict[str, keras.Model]  # "teacher", or "teacher member <i>" per member of an ensemble
     class_names: list[str]
     modality: int | None  # the BraTS channel an .h5 or NIfTI scan is read as; None for pictures
 
 
 def load_models(model_name: str, version) -> RegisteredModels:
-    """A registered version's student, and the all-data teacher of the teacher run it was distilled from."""
+    """A registered version's student, and the all-data teacher(s) of the teacher run(s) it was distilled from.
+
+    An ensemble teacher is explained member by member: its mean logits have no single feature map to compute Grad-CAM on.
+    """
     import mlflow
 
-    from pipelines.teacher import load_teacher_model
+    from pipelines.teacher import load_teacher_models
 
     wrapper = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}").unwrap_python_model()
     teacher_run_id = version.tags.get(VersionTag.TEACHER_RUN_ID)
     if not teacher_run_id:
         raise PipelineError(f"{model_name} v{version.version} has no teacher_run_id tag; promote it again")
-    return RegisteredModels(
-        version.version, wrapper.model, load_teacher_model(teacher_run_id, "all"), wrapper.class_names, wrapper.modality
-    )
+    members = load_teacher_models(teacher_run_id, "all")
+    teachers = {"teacher": members[0]} if len(members) == 1 else {f"teacher member {i + 1}": model for i, model in enumerate(members)}
+    return RegisteredModels(version.version, wrapper.model, teachers, wrapper.class_names, wrapper.modality)
 
 
 def explain(
@@ -223,8 +226,8 @@ def explain(
     models = load_models(model_name, resolve_version(model_name, stage, alias))
     scan = decode_image(image_path, models.modality)
     explanations = {
-        "student": explain_scan(models.student, scan, models.class_names, class_name),
-        "teacher": explain_scan(models.teacher, scan, models.class_names, class_name),
+        who: explain_scan(model, scan, models.class_names, class_name)
+        for who, model in {"student": models.student, **models.teachers}.items()
     }
     out_path = Path(out_path) if out_path else image_path.with_name(f"{image_path.stem}.gradcam.png")  # next to the scan
     write_overlay(explanations, f"{image_path.name}\n{model_name} v{models.version}", out_path)
@@ -235,18 +238,19 @@ def explain(
 
 
 def explanation_grid(models: RegisteredModels, examples: list[tuple[str, Path]], out_path: Path) -> Path:
-    """One row per (category, scan): the scan, the student's and the teacher's Grad-CAM for the predicted class."""
+    """One row per (category, scan): the scan, the student's and the teacher's (each ensemble member's) Grad-CAM for the predicted class."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(examples), 3, figsize=(7.5, 2.6 * len(examples)), squeeze=False)
+    panels = {"student": models.student, **models.teachers}
+    fig, axes = plt.subplots(len(examples), 1 + len(panels), figsize=(2.5 * (1 + len(panels)), 2.6 * len(examples)), squeeze=False)
     for row, (category, path) in enumerate(examples):
         scan = decode_image(path, models.modality)
         axes[row, 0].imshow(scan, cmap="gray")
         axes[row, 0].set_title(f"{category}: {path.name[:28]}", fontsize=7)
-        for column, (who, model) in enumerate((("student", models.student), ("teacher", models.teacher)), start=1):
+        for column, (who, model) in enumerate(panels.items(), start=1):
             draw(axes[row, column], explain_scan(model, scan, models.class_names), who, fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")

@@ -341,7 +341,7 @@ def test_registered_models_explain_on_the_scan(tracked, mri_subset):
 
     models = load_models(MODEL, resolve_version(MODEL, alias="champion"))
     scan = decode_image(sorted((mri_subset / "no").iterdir())[0])
-    for model in (models.student, models.teacher):
+    for model in (models.student, *models.teachers.values()):
         explanation = explain_scan(model, scan, models.class_names)
         assert explanation.heatmap.shape == scan.shape
         assert 0.0 <= explanation.heatmap.min() and explanation.heatmap.max() <= 1.0

@@ -31,7 +31,9 @@ class Sources:
     model_name: str
     version: object  # ModelVersion
     promote: Run
-    teacher: Run
+    teacher: Run  # the teacher run, or an ensemble's first member (data, splits and training parameters are every member's)
+    teacher_members: list[Run]  # every member of an ensemble teacher; the teacher run alone otherwise
+    teacher_cv: dict[str, float]  # the teacher's cross-validation metrics: its run's, or an ensemble's mean logits' on the folds
     trial: Run
     no_kd: Run
     search: Run
@@ -54,9 +56,14 @@ class Sources:
         return len(self.class_names) == 2
 
     @property
-    def cv_runs(self) -> dict[str, Run]:
-        """Each model's cross-validation run, keyed as :data:`MODELS`."""
-        return {"teacher": self.teacher, "student": self.trial, "no_kd": self.no_kd}
+    def ensemble(self) -> bool:
+        return len(self.teacher_members) > 1
+
+    @property
+    def cv_metrics(self) -> dict[str, dict[str, float]]:
+        """Each model's cross-validation metrics, keyed as :data:`MODELS`: the teacher's (:attr:`teacher_cv`), the best
+        trial's run and the no-KD run's."""
+        return {"teacher": self.teacher_cv, "student": self.trial.data.metrics, "no_kd": self.no_kd.data.metrics}
 
 
 def run_config(run: Run) -> Config:
@@ -94,6 +101,17 @@ def search_study(search: Run, storage: str) -> tuple[object | None, str]:
     return study, ""
 
 
+def ensemble_cv(run_ids: str, splits: pd.DataFrame, classes: list[str], cfg: Config) -> dict[str, float]:
+    """An ensemble teacher's cross-validation metrics, from its members' cached logits on the logged fold entries
+    (``splits.csv``: fold entry k of repeat r = k // folds in column ``split``, or ``split_repeat_<r>`` for r > 0)."""
+    from pipelines.teacher import teacher_cv_summary
+
+    labels = splits["label"].map({name: i for i, name in enumerate(classes)}).to_numpy()
+    columns = [("split" if k < cfg.folds else f"split_repeat_{k // cfg.folds}") for k in range(cfg.fold_count)]
+    folds = [np.flatnonzero(splits[column].to_numpy() == f"fold_{k}") for k, column in enumerate(columns)]
+    return teacher_cv_summary(run_ids, splits["sha256"].to_numpy(), labels, folds, classes)
+
+
 def gather(model_name: str, stage: str | None, alias: str | None, storage: str = "") -> Sources:
     """Fetch the version, its runs, artifacts, models and study."""
     from registry.explain import load_models
@@ -108,7 +126,9 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
             f"{model_name} v{version.version} was promoted before reports existed "
             f"(its run lacks {missing or ['teacher_run_id']}); promote it again"
         )
-    teacher = client.get_run(version.tags[VersionTag.TEACHER_RUN_ID])
+    teacher_run_ids = version.tags[VersionTag.TEACHER_RUN_ID]
+    members = [client.get_run(run_id) for run_id in teacher_run_ids.split(",")]
+    teacher = members[0]
     trial = client.get_run(promote.data.tags[RunTag.TRIAL_RUN_ID])
     no_kd = client.get_run(promote.data.tags[RunTag.NO_KD_CV_RUN_ID])
     search = client.get_run(trial.data.tags["mlflow.parentRunId"])
@@ -118,6 +138,8 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
         splits = pd.read_csv(_artifact(teacher.info.run_id, "data/splits.csv", tmp), dtype=text, keep_default_na=False)
         predictions = pd.read_csv(_artifact(promote.info.run_id, PREDICTIONS_ARTIFACT, tmp), dtype=text, keep_default_na=False)
         env = json.loads(_artifact(promote.info.run_id, ENVIRONMENT_ARTIFACT, tmp).read_text())
+    classes = teacher.data.params["classes"].split(",")
+    teacher_cv = teacher.data.metrics if len(members) == 1 else ensemble_cv(teacher_run_ids, splits, classes, run_config(teacher))
     study, note = search_study(search, storage)
     selector = f"-P alias={alias}" if alias else f"-P stage={stage}"
     return Sources(
@@ -125,6 +147,8 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
         version,
         promote,
         teacher,
+        members,
+        teacher_cv,
         trial,
         no_kd,
         search,

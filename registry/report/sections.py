@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from pipelines.config import Config, PipelineError
-from pipelines.names import RunTag, VersionTag
+from pipelines.names import Metric, RunTag, VersionTag
 from registry.report.document import Block, Code, Equation, Figure, Heading, Math, bullets, num, para, table
 from registry.report.figures import confusion_figure, curve_figure, gradcam_examples, gradcam_figure, importance_figure
 from registry.report.gather import MODELS, Sources
@@ -135,16 +135,36 @@ def split_section(s: Sources) -> list[Block]:
     ]
 
 
+def teacher_description(s: Sources) -> str:
+    """The teacher in words: its architecture, model, parameters and layers, or each member of an ensemble with its
+    own cross-validated F1 and what the student distils from (their mean logits)."""
+    described = [
+        f"{run.data.params.get('teacher_arch')} ({model.name}), {_int_metric(run, 'teacher_params')} parameters; "
+        f"layers: {layer_counts(model)}"
+        for run, model in zip(s.teacher_members, s.models.teachers.values())
+    ]
+    if not s.ensemble:
+        return f"Teacher: {described[0]}. "
+    members = "; ".join(
+        f"({i}) {text}; seed offset {run.data.params.get('teacher_seed_offset', '0')}, "
+        f"k-fold F1 {num(run.data.metrics.get(Metric.F1_MEAN, float('nan')))} ± {num(run.data.metrics.get(Metric.F1_STD, float('nan')))}"
+        for i, (run, text) in enumerate(zip(s.teacher_members, described), start=1)
+    )
+    return (
+        f"Teacher: an ensemble of {len(described)} teachers, each trained on the same folds and training part; the student distils "
+        f"from the mean of their logits, and the teacher's k-fold and hold-out numbers below are those of that mean. Members: {members}. "
+    )
+
+
 def architecture_section(s: Sources) -> list[Block]:
-    """Heading "Architectures": teacher and student, with the student's layers."""
+    """Heading "Architectures": teacher (or each member of an ensemble) and student, with the student's layers."""
     width, depth = s.trial.data.params["width"], s.trial.data.params["depth"]
-    teacher_params, student_params = _int_metric(s.teacher, "teacher_params"), _int_metric(s.promote, "student_params")
+    teacher_params = sum(_int_metric(run, "teacher_params") for run in s.teacher_members)
+    student_params = _int_metric(s.promote, "student_params")
     return [
         Heading(2, "Architectures"),
         para(
-            f"Teacher: {s.teacher.data.params.get('teacher_arch')} ({s.models.teacher.name}), {teacher_params} parameters; "
-            f"layers: {layer_counts(s.models.teacher)}. "
-            f"Student: a plain CNN of {depth} blocks ({block_description(s.models.student)}) "
+            teacher_description(s) + f"Student: a plain CNN of {depth} blocks ({block_description(s.models.student)}) "
             f"with first-block width {width} doubling per block, "
             f"average and max global pooling side by side, dropout and a dense logit layer; {student_params} parameters "
             f"({teacher_params / max(student_params, 1):.1f} times fewer than the teacher). "
@@ -217,7 +237,8 @@ def optimisation_section(s: Sources) -> list[Block]:
             f"with early stopping on the validation loss (patience {cfg.patience}, best weights restored). "
             f"Learning rate: teacher {cfg.learning_rate:g}, student {student.learning_rate:.4g}. "
             "The final models were trained on the whole training part for a fixed number of epochs "
-            f"(the median best epoch of the folds): teacher {_int_metric(s.teacher, 'all_data_epochs')}, "
+            "(the median best epoch of the folds): teacher "
+            f"{', '.join(str(_int_metric(run, 'all_data_epochs')) for run in s.teacher_members)}, "
             f"KD student {student_epochs}, no-KD student {no_kd_epochs}."
         ),
     ]
@@ -329,8 +350,8 @@ def reproducibility_section(s: Sources) -> list[Block]:
             ),
             ("data digest: ", Code(s.version.tags.get(VersionTag.DATA_DIGEST, ""))),
             (
-                "teacher run ",
-                Code(s.teacher.info.run_id),
+                "teacher run " if not s.ensemble else "teacher runs (ensemble members) ",
+                Code(",".join(run.info.run_id for run in s.teacher_members)),
                 ", search run ",
                 Code(s.search.info.run_id),
                 ", best trial run ",
@@ -511,7 +532,8 @@ def kfold_table(s: Sources, f: Findings) -> Block:
     return table(
         "kfold",
         f"{words[0].upper()}{words[1:]}: mean ± standard deviation over the validation folds "
-        f"(teacher run, best search trial {s.version.tags.get(VersionTag.TRIAL)}, no-KD run of the same student configuration).",
+        f"({'teacher run' if not s.ensemble else 'the ensemble teacher: its mean logits on each fold'}, "
+        f"best search trial {s.version.tags.get(VersionTag.TRIAL)}, no-KD run of the same student configuration).",
         ["metric"] + list(MODELS.values()),
         [[label] + [f"{num(f.kfold[who][m]['mean'])} ± {num(f.kfold[who][m]['std'])}" for who in MODELS] for m, label in METRICS.items()],
     )

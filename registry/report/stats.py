@@ -10,7 +10,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from mlflow.entities import Run
 
 from pipelines.config import PipelineError
 from pipelines.evaluate import class_keys, classification_metrics
@@ -55,12 +54,12 @@ def bootstrap_intervals(
     return result
 
 
-def fold_f1(run: Run, fold_count: int) -> list[float]:
-    """The run's F1 of every validation fold entry (folds x repeats), in entry order (``f1_fold_<k>``)."""
-    missing = [k for k in range(fold_count) if Metric.fold_f1(k) not in run.data.metrics]
+def fold_f1(metrics: dict[str, float], fold_count: int, who: str) -> list[float]:
+    """A model's F1 of every validation fold entry (folds x repeats), in entry order (``f1_fold_<k>``)."""
+    missing = [k for k in range(fold_count) if Metric.fold_f1(k) not in metrics]
     if missing:
-        raise PipelineError(f"run {run.info.run_id} has no F1 for fold(s) {missing}; the paired test needs every fold")
-    return [run.data.metrics[Metric.fold_f1(k)] for k in range(fold_count)]
+        raise PipelineError(f"the {MODELS[who]}'s cross-validation has no F1 for fold(s) {missing}; the paired test needs every fold")
+    return [metrics[Metric.fold_f1(k)] for k in range(fold_count)]
 
 
 def paired_test(kd: list[float], no_kd: list[float], folds: int) -> dict[str, float]:
@@ -108,7 +107,7 @@ def per_class_f1_numbers(s: Sources) -> dict[str, dict[str, dict[str, float]]]:
     rows = per_class_f1_rows(s.class_names)
     return {
         who: {
-            "kfold_mean": {key: s.cv_runs[who].data.metrics.get(f"{key}_mean", math.nan) for _, key in rows},
+            "kfold_mean": {key: s.cv_metrics[who].get(f"{key}_mean", math.nan) for _, key in rows},
             "holdout": {key: s.promote.data.metrics.get(f"holdout_{who}_{key}", math.nan) for _, key in rows},
         }
         for who in MODELS
@@ -162,16 +161,14 @@ class Findings:
 def findings(s: Sources, resamples: int = BOOTSTRAP_RESAMPLES) -> Findings:
     """Read the logged metrics and compute the statistics of the results section."""
     labels, probs = holdout_arrays(s)
-    per_fold = {who: fold_f1(run, s.data_cfg.fold_count) for who, run in s.cv_runs.items()}
+    per_fold = {who: fold_f1(metrics, s.data_cfg.fold_count, who) for who, metrics in s.cv_metrics.items()}
     importances, importance_note = param_importances(s)
     return Findings(
         labels=labels,
         probs=probs,
         kfold={
-            who: {
-                m: {"mean": run.data.metrics.get(f"{m}_mean", math.nan), "std": run.data.metrics.get(f"{m}_std", math.nan)} for m in METRICS
-            }
-            for who, run in s.cv_runs.items()
+            who: {m: {"mean": metrics.get(f"{m}_mean", math.nan), "std": metrics.get(f"{m}_std", math.nan)} for m in METRICS}
+            for who, metrics in s.cv_metrics.items()
         },
         holdout={who: {m: s.promote.data.metrics.get(f"holdout_{who}_{m}", math.nan) for m in METRICS} for who in MODELS},
         intervals=bootstrap_intervals(labels, probs, resamples, s.data_cfg.seed),
@@ -200,7 +197,7 @@ def report_numbers(s: Sources, f: Findings) -> dict:
         "per_class_f1": f.per_class_f1,
         "runs": {
             "promote": s.promote.info.run_id,
-            "teacher": s.teacher.info.run_id,
+            "teacher": ",".join(run.info.run_id for run in s.teacher_members),
             "trial": s.trial.info.run_id,
             "no_kd_cv": s.no_kd.info.run_id,
             "search": s.search.info.run_id,
