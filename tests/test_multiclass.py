@@ -200,11 +200,11 @@ def test_the_teachers_hold_out_figures_equal_its_logged_test_matrix(pipeline) ->
 
 @pytest.mark.slow
 def test_promotes_hold_out_figures_equal_its_logged_matrices_and_fetch_prints_them(pipeline, capsys) -> None:
-    from registry.__main__ import main as registry_cli
+    from kd.cli import main as kd_cli
 
     _, runs = pipeline
     record, metrics = _logged(runs["promote"])
-    registry_cli(["fetch", "--model-name", MODEL, "--stage", "Production"])
+    kd_cli(["fetch", "--model-name", MODEL, "--stage", "Production"])
     printed = capsys.readouterr().out
     for who in ("student", "no_kd", "teacher"):
         matrix = np.asarray(record["matrices"][f"holdout_{who}"])
