@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 
 from pipelines.config import TEACHER_PARAMS, Config
 from pipelines.fingerprint import FINGERPRINTED_MODULES, code_fingerprint, fingerprint_sources
-from pipelines.tracking import CODE_TAG, DIGEST_TAG, OUTCOME_TAG, PARAMS_TAG, STEP_TAG, reuse_finished, step_key
+from pipelines.names import RunTag
+from pipelines.tracking import reuse_finished, step_key
 
 ROOT = Path(__file__).resolve().parents[1]
 # How a step is started from the command line; the arguments after it are the step's name and options.
@@ -73,8 +74,13 @@ def test_a_finished_run_of_other_code_is_not_reused_and_one_of_this_code_is(tmp_
         runs = {}
         for code in ("0" * 64, code_fingerprint()):
             with mlflow.start_run() as run:
-                tags = {STEP_TAG: "teacher", OUTCOME_TAG: "trained", DIGEST_TAG: "d" * 64, PARAMS_TAG: step_key(cfg, TEACHER_PARAMS)}
-                mlflow.set_tags({**tags, CODE_TAG: code})
+                tags = {
+                    RunTag.STEP: "teacher",
+                    RunTag.OUTCOME: "trained",
+                    RunTag.DATA_DIGEST: "d" * 64,
+                    RunTag.PARAMS: step_key(cfg, TEACHER_PARAMS),
+                }
+                mlflow.set_tags({**tags, RunTag.CODE: code})
             runs[code] = run.info.run_id
             # Only the run of this process's code is ever found, whether it is the newest or not.
             found = reuse_finished("teacher", cfg, TEACHER_PARAMS, "d" * 64, nested=True)
@@ -100,12 +106,14 @@ def test_a_teacher_is_reused_by_the_same_code_and_retrained_after_its_model_chan
     def trained() -> list:
         experiment = client.get_experiment_by_name("fingerprint")
         return client.search_runs(
-            [experiment.experiment_id], f"tags.`{STEP_TAG}` = 'teacher' and tags.`{OUTCOME_TAG}` = 'trained'", order_by=["start_time ASC"]
+            [experiment.experiment_id],
+            f"tags.`{RunTag.STEP}` = 'teacher' and tags.`{RunTag.OUTCOME}` = 'trained'",
+            order_by=["start_time ASC"],
         )
 
     run_teacher(sources, work)
     [first] = trained()
-    assert first.data.tags[CODE_TAG] == fingerprint_sources(sources) == code_fingerprint(), "the copy runs this checkout's code"
+    assert first.data.tags[RunTag.CODE] == fingerprint_sources(sources) == code_fingerprint(), "the copy runs this checkout's code"
 
     again = run_teacher(sources, work)
     assert f"reusing finished run {first.info.run_id}" in again.stdout, again.stdout[-3000:]
@@ -117,5 +125,5 @@ def test_a_teacher_is_reused_by_the_same_code_and_retrained_after_its_model_chan
     run_teacher(sources, work)
     old, new = trained()
     assert old.info.run_id == first.info.run_id and new.info.run_id != first.info.run_id
-    assert new.data.tags[CODE_TAG] == fingerprint_sources(sources) != first.data.tags[CODE_TAG]
+    assert new.data.tags[RunTag.CODE] == fingerprint_sources(sources) != first.data.tags[RunTag.CODE]
     assert new.data.metrics["teacher_params"] > first.data.metrics["teacher_params"], "the new teacher was built by the edited code"

@@ -22,6 +22,7 @@ from sklearn.metrics import f1_score
 
 from pipelines.config import Config, PipelineError
 from pipelines.evaluate import CONFUSION_ARTIFACT, class_keys
+from pipelines.names import RunTag
 from pipelines.synthetic import CLASS_PROPORTIONS, class_counts, ensure_synthetic_dataset, generate_synthetic_mri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,6 @@ def pipeline(tmp_path_factory):
     Its runs cover every step: the teacher run (trained by the search), the KD trial, promote, and the
     distill step that promote runs itself (the no-KD cross-validation the report compares with).
     """
-    from registry.evidence import NO_KD_CV_TAG, TRIAL_RUN_TAG
     from registry.promote import promote
     from search.tune import run_search
 
@@ -144,8 +144,8 @@ def pipeline(tmp_path_factory):
             root,
             {
                 "teacher": version.tags["teacher_run_id"],
-                "distill": tags[NO_KD_CV_TAG],
-                "trial": tags[TRIAL_RUN_TAG],
+                "distill": tags[RunTag.NO_KD_CV_RUN_ID],
+                "trial": tags[RunTag.TRIAL_RUN_ID],
                 "promote": version.run_id,
             },
         )

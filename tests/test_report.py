@@ -21,8 +21,8 @@ from kdtest import MODEL, child_env, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
+from pipelines.names import RunTag
 from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
-from registry.evidence import NO_KD_CV_TAG, TRIAL_RUN_TAG
 from registry.fetch import resolve_version
 from registry.promote import promote
 from registry.report import write_report
@@ -73,8 +73,8 @@ def runs_of_report(paths) -> dict[str, object]:
     return {
         "promote": promote_run,
         "teacher": client.get_run(version.tags["teacher_run_id"]),
-        "student": client.get_run(promote_run.data.tags[TRIAL_RUN_TAG]),
-        "no_kd": client.get_run(promote_run.data.tags[NO_KD_CV_TAG]),
+        "student": client.get_run(promote_run.data.tags[RunTag.TRIAL_RUN_ID]),
+        "no_kd": client.get_run(promote_run.data.tags[RunTag.NO_KD_CV_RUN_ID]),
     }
 
 
@@ -355,10 +355,10 @@ def test_report_of_unknown_model_fails_clearly(tracked):
 def test_version_promoted_without_evidence_is_refused(tracked, tmp_path):
     client = MlflowClient()
     run_id = resolve_version(MODEL, stage="Production").run_id
-    no_kd_run = client.get_run(run_id).data.tags[NO_KD_CV_TAG]
-    client.delete_tag(run_id, NO_KD_CV_TAG)
+    no_kd_run = client.get_run(run_id).data.tags[RunTag.NO_KD_CV_RUN_ID]
+    client.delete_tag(run_id, RunTag.NO_KD_CV_RUN_ID)
     try:
         with pytest.raises(PipelineError, match="promoted before reports existed.*promote it again"):
             write_report(MODEL, stage="Production", out_dir=tmp_path)
     finally:
-        client.set_tag(run_id, NO_KD_CV_TAG, no_kd_run)
+        client.set_tag(run_id, RunTag.NO_KD_CV_RUN_ID, no_kd_run)
