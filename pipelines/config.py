@@ -122,6 +122,20 @@ def parse_teacher(spec: str) -> tuple[str, str]:
     return arch, size
 
 
+def parse_teachers(spec: str) -> tuple[str, ...]:
+    """A comma-separated list of teacher specs -> the specs, each checked by :func:`parse_teacher`; one spec is a list of one.
+
+    What several teachers mean is the step's business: candidates the search chooses among (a categorical parameter).
+    """
+    specs = tuple(part.strip() for part in spec.split(","))
+    if not all(specs):
+        raise PipelineError(f"teacher_arch={spec!r}: an empty teacher in the list; separate teachers by single commas")
+    parsed = [parse_teacher(one) for one in specs]
+    if len(set(parsed)) < len(parsed):
+        raise PipelineError(f"teacher_arch={spec!r}: a teacher is listed twice (hybrid and hybrid:M are the same teacher)")
+    return specs
+
+
 def parse_student_size(size: str) -> tuple[int, int]:
     """``small`` or ``24x3`` -> (width, depth)."""
     if size in STUDENT_PRESETS:
@@ -208,7 +222,13 @@ class Config:
     )
     # models
     teacher_arch: str = field(
-        default="resnet", metadata={"help": "resnet or hybrid (ours; :S, :M or :L: size, default M) or a keras.applications name"}
+        default="resnet",
+        metadata={
+            "help": (
+                "resnet or hybrid (ours; :S, :M or :L: size, default M) or a keras.applications name; a search takes a "
+                "comma-separated list as the teachers it chooses among"
+            )
+        },
     )
     teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
     teacher_image_size: int = field(
@@ -280,7 +300,7 @@ class Config:
         for name, (limits, cast, positive) in RANGE_LIMITS.items():
             parse_range(name, getattr(self, name), cast, positive, limits)
         parse_student_size(self.student_size)
-        parse_teacher(self.teacher_arch)
+        parse_teachers(self.teacher_arch)
         modality_index(self.modality)
         check_storage_parameter(self.storage)
         checks = [
