@@ -23,6 +23,8 @@ from pipelines.splits import Splits
 STEP_TAG, OUTCOME_TAG, DIGEST_TAG, PARAMS_TAG = "kd.step", "kd.outcome", "kd.data_digest", "kd.params"
 HOST_TAG, PROCESS_TAG, FAILURE_TAG = "kd.host", "kd.process", "kd.failure"
 CODE_TAG = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint() of the process that ran it
+# promote: whether the KD student's no-KD twin beat it on the hold-out ("better", "not better"; "none": no KD, no twin)
+TWIN_TAG = "kd.no_kd_twin"
 
 
 class TrackingUnreachable(PipelineError):

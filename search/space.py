@@ -113,3 +113,9 @@ def trial_config(cfg: Config, params: Mapping[str, float | int | str]) -> Config
         learning_rate=params["learning_rate"],
         teacher_arch=params.get("teacher_arch", cfg.teacher_arch),
     )
+
+
+def teacher_config(cfg: Config, params: Mapping[str, float | int | str]) -> Config:
+    """The Config a trial's teacher is found or trained with: the study's settings (its learning rate, not the trial's:
+    the teacher's reuse key includes it, and every trial must share the study's teachers) and the trial's teacher."""
+    return cfg.replace(teacher_arch=params.get("teacher_arch", cfg.teacher_arch))

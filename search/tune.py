@@ -32,7 +32,7 @@ from pipelines.locks import database_lock, teacher_lock
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import STEP_TAG, close_stale_runs, log_data, tracked_run
-from search.space import SearchSpace
+from search.space import SearchSpace, teacher_config
 
 # fail_stale_trials and the matplotlib plots are marked experimental; they are what we need.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -189,16 +189,16 @@ def claimed_before(study: optuna.Study, number: int) -> int:
 
 
 def teacher_finder(prepared: Prepared) -> Callable[[Config], str]:
-    """A trial's teacher run: found or trained once per worker, under the study's teacher lock, so workers that
-    start together train each teacher once and the others reuse it. Called with the search run active, so a
-    teacher trained here is shown nested in it."""
+    """The teacher run of a ``search.space.teacher_config``: found or trained once per worker, under the study's
+    teacher lock, so workers that start together train each teacher once and the others reuse it. Called with the
+    search run active, so a teacher trained here is shown nested in it."""
     runs: dict[str, str] = {}
 
-    def teacher_run(trial_cfg: Config) -> str:
-        if trial_cfg.teacher_arch not in runs:
-            with teacher_lock(trial_cfg):
-                runs[trial_cfg.teacher_arch] = train_teacher(trial_cfg, prepared, nested=True)
-        return runs[trial_cfg.teacher_arch]
+    def teacher_run(teacher_cfg: Config) -> str:
+        if teacher_cfg.teacher_arch not in runs:
+            with teacher_lock(teacher_cfg):
+                runs[teacher_cfg.teacher_arch] = train_teacher(teacher_cfg, prepared, nested=True)
+        return runs[teacher_cfg.teacher_arch]
 
     return teacher_run
 
@@ -212,7 +212,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number}: the study already has {cfg.n_trials} trials")
         params, trial_cfg = space.suggest(trial, cfg)
-        teacher_run_id = teacher_run(trial_cfg)  # the teacher this trial chose, before its run: nested in the search's
+        teacher_run_id = teacher_run(teacher_config(cfg, params))  # the trial's teacher, before its run: nested in the search's
         with tracked_run(cfg, finished_on=(optuna.TrialPruned,), nested=True, run_name=f"trial-{trial.number}") as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags(

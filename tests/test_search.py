@@ -333,12 +333,13 @@ def test_a_new_study_starts_with_the_no_kd_baseline_and_the_published_setting_ho
         start.wait()
         studies.append(load_or_create_study(cfg, storage)[0])
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(3)]  # daemon: a hung worker fails the test, not pytest
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 120
     for thread in threads:
-        thread.join(timeout=120)
-    assert len(studies) == 3
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert len(studies) == 3, "every worker opened the study"
     study = optuna.load_study(study_name="anchored", storage=cfg.storage_url)
     assert [(t.number, t.state) for t in study.trials] == [(0, TrialState.WAITING), (1, TrialState.WAITING)]
     space = SearchSpace.from_config(cfg)
