@@ -308,6 +308,42 @@ def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
         assert "search/pareto_front.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "search")}
 
 
+@pytest.mark.slow
+def test_a_search_among_two_teachers_distils_each_trial_from_the_teacher_it_chose(mri_subset, tmp_path):
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        cfg = _cfg(
+            tmp_path,
+            data_dir=str(mri_subset),
+            image_size=32,
+            folds=2,
+            epochs=2,
+            patience=1,
+            batch_size=16,
+            n_trials=4,
+            teacher_arch="resnet:S,hybrid:S",
+            study_name="two-teachers",
+        )
+        run_search(cfg.replace(n_trials=3))
+        # However the sampler chose so far, one more trial takes the other teacher: a worker that joins trains it.
+        study = optuna.load_study(study_name="two-teachers", storage=cfg.storage_url)
+        study.enqueue_trial({**PUBLISHED, "teacher_arch": "hybrid:S"})
+        study = run_search(cfg)
+        client = mlflow.MlflowClient()
+        trials = sorted(study.trials, key=lambda t: t.number)
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+        assert trials[3].params["teacher_arch"] == "hybrid:S"
+        assert [{k: v for k, v in t.params.items() if k != "teacher_arch"} for t in trials[:2]] == [BASELINE, PUBLISHED]
+        used = {}
+        for trial in trials:
+            teacher_run_id = client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["kd.teacher_run_id"]
+            assert client.get_run(teacher_run_id).data.params["teacher_arch"] == trial.params["teacher_arch"]
+            used[trial.params["teacher_arch"]] = teacher_run_id
+        trained = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'"
+        )
+        assert len(used) == 2 and sorted(run.info.run_id for run in trained) == sorted(used.values()), "each teacher trained once"
+
+
 def test_joining_workers_do_not_propose_the_same_parameters(tmp_path):
     cfg = _cfg(tmp_path, study_name="joined")
     _run_queued_trials(load_or_create_study(cfg, open_storage(cfg))[0])
