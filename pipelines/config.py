@@ -153,6 +153,19 @@ def teacher_members(cfg: Config) -> list[Config]:
     return members
 
 
+def teacher_choices(cfg: Config) -> tuple[str, ...]:
+    """The teachers a search chooses among (``teacher_choices``, each a ``teacher_arch``, checked), or ``teacher_arch`` alone."""
+    if not cfg.teacher_choices.strip():
+        return (cfg.teacher_arch,)
+    choices = tuple(choice.strip() for choice in cfg.teacher_choices.split("/"))
+    if not all(choices):
+        raise PipelineError(f"teacher_choices={cfg.teacher_choices!r}: an empty choice; separate teachers by single '/'")
+    parsed = [tuple(parse_teachers(choice)) for choice in choices]
+    if len(set(parsed)) < len(parsed):
+        raise PipelineError(f"teacher_choices={cfg.teacher_choices!r}: a teacher is listed twice (hybrid and hybrid:M are the same)")
+    return choices
+
+
 def parse_student_size(size: str) -> tuple[int, int]:
     """``small`` or ``24x3`` -> (width, depth)."""
     if size in STUDENT_PRESETS:
@@ -309,6 +322,15 @@ class Config:
     width_range: str = field(default="8,32", metadata={"help": "student first-block width range (step 4)"})
     depth_range: str = field(default="2,4", metadata={"help": "student depth range"})
     learning_rate_range: str = field(default="5e-4,5e-3", metadata={"help": "learning-rate search range (log scale)"})
+    teacher_choices: str = field(
+        default="",
+        metadata={
+            "help": (
+                "teachers the search chooses among, separated by '/' (resnet/hybrid:S/resnet,hybrid: a comma list is one "
+                "ensemble choice); empty = teacher_arch alone"
+            )
+        },
+    )
     heartbeat_interval: int = field(default=20, metadata={"help": "seconds between a running trial's heartbeats"})
     grace_period: int = field(default=60, metadata={"help": "seconds without a heartbeat before a trial counts as dead and is retried"})
     # registry
@@ -336,6 +358,7 @@ class Config:
             parse_range(name, getattr(self, name), cast, positive, limits)
         parse_student_size(self.student_size)
         parse_teachers(self.teacher_arch)
+        teacher_choices(self)
         modality_index(self.modality)
         check_storage_parameter(self.storage)
         checks = [
@@ -434,7 +457,7 @@ SEARCH_PARAMS = (
         "study_name",
         "objectives",
     )
-    + ("temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range")
+    + ("temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range", "teacher_choices")
 )
 
 

@@ -28,6 +28,7 @@ class RunTag:
     REGISTERED_VERSION = "kd.registered_version"
     PROMOTED = "kd.promoted"
     GATE = "kd.gate"
+    NO_KD_TWIN = "kd.no_kd_twin"  # promote: did the KD student's no-KD twin beat it on the hold-out (better, not better, none)
     PRODUCTION_VERSION = "kd.production_version"
     REPORT_RUN_ID = "kd.report_run_id"
     REPORT_OF = "kd.report_of"

@@ -1,6 +1,13 @@
 """Step ``promote``: retrain the study's best student on all training data, compare it on the hold-out split,
-register it, and promote it only if it beats the champion (the gate: ``registry.gate``; the roles it moves and the
-audit trail: ``registry.roles``). It also logs what the report reads back (``registry.evidence``).
+register it, and promote it only if it beats the champion and its no-KD twin (the gate: ``registry.gate``; the roles it
+moves and the audit trail: ``registry.roles``). It also logs what the report reads back (``registry.evidence``).
+
+A KD student whose no-KD twin (same student and epochs, hard labels only, on all training data) beats it on the
+hold-out by more than ``margin`` is registered as challenger, not champion, unless ``force``: the version is complete
+and READY, its alias points at a working model, and the audit trail and the promote run (``kd.gate``, ``kd.no_kd_twin``,
+both students' ``holdout_*_f1`` metrics) say why. Registering nothing instead would lose the evaluated model the
+decision is about; the same registration path as any refused version keeps "no half-registered model": a failure
+while the roles move deletes the new version and restores the roles.
 """
 
 from __future__ import annotations
@@ -39,10 +46,10 @@ from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
 from registry.evidence import code_version, log_evidence
-from registry.gate import Champion, decide
+from registry.gate import Champion, Twin, decide
 from registry.model import INPUTS, MAX_BATCH, encode_file, signature
 from registry.roles import CHALLENGER, CHAMPION, current_version, record, registry_lock, repair_roles, set_role
-from search.space import trial_config
+from search.space import teacher_config, trial_config
 from search.tune import best_trial, open_study
 
 
@@ -73,10 +80,11 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
 
 
 def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
-    """The study's best trial, the study's Config (data, teachers) and the Config of the trial's student."""
+    """The study's best trial, the Config of its teachers (the study's, with the trial's teacher of several) and the
+    Config of the trial's student."""
     study, study_cfg = open_study(cfg)
     best = best_trial(study)
-    return best, study_cfg, trial_config(study_cfg, best.params)
+    return best, teacher_config(study_cfg, best.params), trial_config(study_cfg, best.params)
 
 
 def holdout_frame(prepared: Prepared) -> pd.DataFrame:
@@ -143,7 +151,7 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
 
     ``under``: the id of a pipeline run (``main``) this step's run is nested in.
     """
-    best, study_cfg, cfg = study_best(cfg)
+    best, teachers_cfg, cfg = study_best(cfg)
     prepared = prepare_data(cfg, reuse=prepared)
     client = MlflowClient()
     epochs = max(1, int(np.median(best.user_attrs.get("best_epochs", [cfg.epochs]))))
@@ -161,7 +169,7 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
                 RunTag.DATA_DIGEST: prepared.dataset.digest,
             }
         )
-        teacher_run_id = train_teacher(study_cfg, prepared, nested=True)  # the search's teachers: found, not retrained
+        teacher_run_id = train_teacher(teachers_cfg, prepared, nested=True)  # the search's teachers: found, not retrained
         stored = load_teacher_logits(teacher_run_id, prepared.dataset.manifest["sha256"].to_numpy())
         all_logits = stored["all"]
         # Consistent mode (cached or online in the search) trains the final student on the all-data teacher's cached
@@ -190,6 +198,9 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
                 Metric.KFOLD_F1_STD: best.user_attrs.get("f1_std", float("nan")),
             }
         )
+        # The twin rule compares like with like: both students' in-process F1 on the same hold-out images. A student
+        # trained without KD (alpha = 1) is its own twin; run-to-run noise between the two must not refuse it.
+        twin = None if cfg.effective_alpha == 1.0 else Twin(holdout["student"]["f1"], holdout["no_kd"]["f1"])
         frame = holdout_frame(prepared)
         logged = log_student(student, prepared, cfg, frame.head(1))
         model_uri = logged.model_uri
@@ -225,7 +236,7 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
                 if holder is not None:
                     champion_model = mlflow.pyfunc.load_model(f"models:/{cfg.model_name}/{holder.version}")
                     champion = Champion(holder.version, pyfunc_f1(champion_model, frame, labels[test], prepared.dataset.class_names)["f1"])
-                decision = decide(new_f1, champion, cfg.margin, cfg.force)
+                decision = decide(new_f1, champion, cfg.margin, cfg.force, twin)
                 set_role(client, cfg.model_name, version, CHAMPION if decision.promote else CHALLENGER)
                 record(
                     client,
@@ -240,7 +251,15 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
                 client.delete_model_version(cfg.model_name, version)
                 repair_roles(client, cfg.model_name)
                 raise
-        mlflow.set_tags({RunTag.REGISTERED_VERSION: version, RunTag.PROMOTED: str(decision.promote), RunTag.GATE: decision.reason})
+        twin_verdict = "none" if twin is None else "better" if decision.twin_better else "not better"
+        mlflow.set_tags(
+            {
+                RunTag.REGISTERED_VERSION: version,
+                RunTag.PROMOTED: str(decision.promote),
+                RunTag.GATE: decision.reason,
+                RunTag.NO_KD_TWIN: twin_verdict,
+            }
+        )
     role = "Production (alias champion)" if decision.promote else "Staging (alias challenger)"
     print(f"promote: {cfg.model_name} v{version} -> {role}: {decision.reason}")
     return Promotion(version, decision.promote, decision.reason, new_f1, champion.f1 if champion else None)

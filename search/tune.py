@@ -1,4 +1,4 @@
-"""Step ``search``: Optuna over temperature, alpha, student size and learning rate, scored by k-fold F1.
+"""Step ``search``: Optuna over temperature, alpha, student size, learning rate (and teacher, of several), scored by k-fold F1.
 
 Any number of workers, on any machines, share one study in an RDB storage (SQLite file, PostgreSQL for
 several machines) and one MLflow tracking store. ``n_trials`` is the study's total of finished
@@ -14,6 +14,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -32,7 +33,7 @@ from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import close_stale_runs, log_data, tracked_run
-from search.space import SearchSpace
+from search.space import SearchSpace, teacher_config
 
 # fail_stale_trials and the matplotlib plots are marked experimental; they are what we need.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -108,30 +109,40 @@ def directions(cfg: Config) -> list[str]:
 
 
 def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study, Config]:
-    """Create the study, or join it: a joining worker takes the data and settings the study was created with."""
+    """Create the study, or join it: a joining worker takes the data and settings the study was created with.
+
+    The creating worker queues the study's first two trials (``SearchSpace.anchors``: the no-KD baseline and the
+    published setting), so the best trial is never worse than those. Creation is under the study's storage lock:
+    workers starting together create the study, record its settings and queue those trials once.
+    """
     wanted = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions(cfg)]
-    try:
-        study_id = storage.get_study_id_from_name(cfg.study_name)
-    except KeyError:
-        study_id = None
-    if study_id is not None and storage.get_study_directions(study_id) != wanted:
-        have = [d.name.lower() for d in storage.get_study_directions(study_id)]
-        raise PipelineError(
-            f"study {cfg.study_name!r} exists with directions {have}, not {directions(cfg)}; use another study_name or the same objectives"
+    with storage_lock(cfg, "create"):
+        try:
+            study_id = storage.get_study_id_from_name(cfg.study_name)
+        except KeyError:
+            study_id = None
+        if study_id is not None and storage.get_study_directions(study_id) != wanted:
+            have = [d.name.lower() for d in storage.get_study_directions(study_id)]
+            raise PipelineError(
+                f"study {cfg.study_name!r} exists with directions {have}, not {directions(cfg)}; "
+                "use another study_name or the same objectives"
+            )
+        # The creating worker is seeded, so a single-worker study is reproducible; a joining worker with the
+        # same seed would propose the very same parameters, so it draws its own.
+        seed = cfg.seed if study_id is None else int.from_bytes(os.urandom(4), "big")
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, cfg.n_trials // 3)))
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        study = optuna.create_study(
+            study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True
         )
-    # The creating worker is seeded, so a single-worker study is reproducible; a joining worker with the
-    # same seed would propose the very same parameters, so it draws its own.
-    seed = cfg.seed if study_id is None else int.from_bytes(os.urandom(4), "big")
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, cfg.n_trials // 3)))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    study = optuna.create_study(
-        study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True
-    )
-    stored = study.user_attrs.get(STUDY_CONFIG_ATTR)
-    if stored is None:
-        study.set_metric_names(cfg.objectives.split(","))  # optuna-dashboard's labels: "f1", not "Objective 0"
-        study.set_user_attr(STUDY_CONFIG_ATTR, {name: getattr(cfg, name) for name in SHARED_FIELDS})
-        return study, cfg
+        stored = study.user_attrs.get(STUDY_CONFIG_ATTR)
+        if stored is None:
+            study.set_metric_names(cfg.objectives.split(","))  # optuna-dashboard's labels: "f1", not "Objective 0"
+            study.set_user_attr(STUDY_CONFIG_ATTR, {name: getattr(cfg, name) for name in SHARED_FIELDS})
+            # No more than n_trials: a queued trial beyond them would wait in the study for ever.
+            for params in SearchSpace.from_config(cfg).anchors(cfg)[: cfg.n_trials]:
+                study.enqueue_trial(params)
+            return study, cfg
     joined = cfg.replace(**{name: value for name, value in stored.items() if name in SHARED_FIELDS})
     changed = sorted(name for name in SHARED_FIELDS if getattr(joined, name) != getattr(cfg, name))
     if changed:
@@ -178,7 +189,22 @@ def claimed_before(study: optuna.Study, number: int) -> int:
     return sum(1 for trial in study.get_trials(deepcopy=False, states=states) if trial.number < number)
 
 
-def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_run_id: str):
+def teacher_finder(prepared: Prepared) -> Callable[[Config], str]:
+    """The teacher run of a ``search.space.teacher_config``: found or trained once per worker, under the study's
+    teacher lock, so workers that start together train each teacher once and the others reuse it. Called with the
+    search run active, so a teacher trained here is shown nested in it."""
+    runs: dict[str, str] = {}
+
+    def teacher_run(teacher_cfg: Config) -> str:
+        if teacher_cfg.teacher_arch not in runs:
+            with teacher_lock(teacher_cfg):
+                runs[teacher_cfg.teacher_arch] = train_teacher(teacher_cfg, prepared, nested=True)
+        return runs[teacher_cfg.teacher_arch]
+
+    return teacher_run
+
+
+def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_run: Callable[[Config], str]):
     fold_ids = list(range(cfg.fold_count))
     multi = cfg.objectives != "f1"
 
@@ -187,10 +213,17 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number}: the study already has {cfg.n_trials} trials")
         params, trial_cfg = space.suggest(trial, cfg)
+        teacher_run_id = teacher_run(teacher_config(cfg, params))  # the trial's teacher, before its run: nested in the search's
         with tracked_run(cfg, finished_on=(optuna.TrialPruned,), nested=True, run_name=f"trial-{trial.number}") as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.set_tags(
-                {RunTag.STEP: "trial", "optuna.study": cfg.study_name, "optuna.trial_number": str(trial.number), "optuna.state": "RUNNING"}
+                {
+                    RunTag.STEP: "trial",
+                    "optuna.study": cfg.study_name,
+                    "optuna.trial_number": str(trial.number),
+                    "optuna.state": "RUNNING",
+                    RunTag.TEACHER_RUN_ID: teacher_run_id,
+                }
             )
             mlflow.log_params({**params, "student_size": trial_cfg.student_size})
             fold_f1: list[float] = []
@@ -280,12 +313,13 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
         if not mlflow.get_run(parent).data.params.get("study_name"):
             mlflow.log_params({**cfg.as_params(SEARCH_PARAMS), "data_dir": cfg.data_dir})
             log_data(prepared.dataset, prepared.splits)
-        # One worker trains the teachers while the others wait, then finds them in the tracking store.
-        with teacher_lock(cfg):
-            teacher_run_id = train_teacher(cfg, prepared, nested=True)
-        mlflow.set_tag(RunTag.TEACHER_RUN_ID, teacher_run_id)
+        # One worker trains the teachers while the others wait, then finds them in the tracking store. Among several
+        # teachers, each is trained when a trial first chooses it.
+        teacher_run = teacher_finder(prepared)
+        if len(space.teachers) == 1:
+            mlflow.set_tag(RunTag.TEACHER_RUN_ID, teacher_run(cfg))
 
-        objective = make_objective(cfg, space, prepared, teacher_run_id)
+        objective = make_objective(cfg, space, prepared, teacher_run)
         while True:
             optuna.storages.fail_stale_trials(study)
             counts = state_counts(study)

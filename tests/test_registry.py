@@ -36,11 +36,12 @@ def tracked(mri_subset, tmp_path_factory):
 def champion(tracked, mri_subset) -> None:
     """Some version is champion (the gate test may already have made one)."""
     if not MlflowClient().search_model_versions(f"name = '{MODEL}'"):
-        promote(tiny_config(mri_subset, tracked))
+        promote(tiny_config(mri_subset, tracked, force=True))
 
 
 def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
-    first = promote(tiny_config(mri_subset, tracked))
+    # margin 1: the student's no-KD twin cannot beat it by more, whichever of the two trials won on this data
+    first = promote(tiny_config(mri_subset, tracked, margin=1.0))
     assert first.promoted and first.reason == "no champion yet"
     assert_roles_agree(MODEL)
     version = MlflowClient().get_model_version(MODEL, first.version)
@@ -92,6 +93,32 @@ def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
         ("rollback", first.version, forced.version),
     ]
     assert all(e["who"] and e["when"] and e["why"] for e in history(MODEL))
+
+
+def test_a_kd_student_worse_than_its_no_kd_twin_becomes_challenger_unless_forced(tracked, mri_subset):
+    """Every trial distils (alpha fixed at 0.5, so the baseline trial starts at 0.5 too). Margin -1: the twin counts
+    as better unless the student beats it by a whole F1 point, which a 2-epoch student on this data does not."""
+    cfg = tiny_config(mri_subset, tracked, study_name="twin-study", alpha_range="0.5,0.5", model_name="twin-model", margin=-1.0)
+    study = run_search(cfg)
+    assert {t.params["alpha"] for t in study.trials} == {0.5}
+    client = MlflowClient()
+
+    refused = promote(cfg)
+    assert not refused.promoted and "no-KD twin" in refused.reason and "distillation did not help" in refused.reason
+    assert resolve_version("twin-model", alias="challenger").version == refused.version
+    with pytest.raises(PipelineError, match="no version with alias"):
+        resolve_version("twin-model", alias="champion")
+    run = client.get_run(client.get_model_version("twin-model", refused.version).run_id)
+    assert run.data.tags["kd.no_kd_twin"] == "better" and run.data.tags["kd.gate"] == refused.reason
+    assert (
+        f"{run.data.metrics['holdout_no_kd_f1']:.4f}" in refused.reason
+        and f"{run.data.metrics['holdout_student_f1']:.4f}" in refused.reason
+    )
+
+    forced = promote(cfg.replace(force=True))
+    assert forced.promoted and forced.reason.startswith("forced: no champion yet, although its no-KD twin's")
+    assert resolve_version("twin-model", alias="champion").version == forced.version
+    assert_roles_agree("twin-model")
 
 
 def test_fetch_by_stage_and_alias_predicts_on_image_files(champion, real_data_dir):

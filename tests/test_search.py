@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -163,6 +164,12 @@ def test_a_killed_worker_leaves_the_study_consistent(mri_subset, postgres_databa
     reliability.lost("runs", 0, "killed worker: no run left RUNNING")
 
 
+def _run_queued_trials(study: optuna.Study) -> None:
+    """Finish the trials a new study starts with, so the next trial is the sampler's own proposal."""
+    for _ in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.tell(study.ask(), 0.5)
+
+
 def _cfg(tmp_path: Path, **changes) -> Config:
     defaults = {
         "data_dir": "/nonexistent-never-read",
@@ -217,6 +224,7 @@ def test_a_joining_worker_takes_the_study_settings_and_the_seed_makes_suggestion
     def first_suggestions(name: str) -> dict:
         cfg = _cfg(tmp_path, study_name=name)
         fresh, _ = load_or_create_study(cfg, open_storage(cfg))
+        _run_queued_trials(fresh)
         return SearchSpace.from_config(cfg).suggest(fresh.ask(), cfg)[0]
 
     assert first_suggestions("a") == first_suggestions("b")
@@ -300,9 +308,46 @@ def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
         assert "search/pareto_front.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "search")}
 
 
+@pytest.mark.slow
+def test_a_search_among_two_teachers_distils_each_trial_from_the_teacher_it_chose(mri_subset, tmp_path):
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        cfg = _cfg(
+            tmp_path,
+            data_dir=str(mri_subset),
+            image_size=32,
+            folds=2,
+            epochs=2,
+            patience=1,
+            batch_size=16,
+            n_trials=4,
+            teacher_arch="resnet:S",
+            teacher_choices="resnet:S/hybrid:S",
+            study_name="two-teachers",
+        )
+        run_search(cfg.replace(n_trials=3))
+        # However the sampler chose so far, one more trial takes the other teacher: a worker that joins trains it.
+        study = optuna.load_study(study_name="two-teachers", storage=cfg.storage_url)
+        study.enqueue_trial({**PUBLISHED, "teacher_arch": "hybrid:S"})
+        study = run_search(cfg)
+        client = mlflow.MlflowClient()
+        trials = sorted(study.trials, key=lambda t: t.number)
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+        assert trials[3].params["teacher_arch"] == "hybrid:S"
+        assert [{k: v for k, v in t.params.items() if k != "teacher_arch"} for t in trials[:2]] == [BASELINE, PUBLISHED]
+        used = {}
+        for trial in trials:
+            teacher_run_id = client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["kd.teacher_run_id"]
+            assert client.get_run(teacher_run_id).data.params["teacher_arch"] == trial.params["teacher_arch"]
+            used[trial.params["teacher_arch"]] = teacher_run_id
+        trained = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'"
+        )
+        assert len(used) == 2 and sorted(run.info.run_id for run in trained) == sorted(used.values()), "each teacher trained once"
+
+
 def test_joining_workers_do_not_propose_the_same_parameters(tmp_path):
     cfg = _cfg(tmp_path, study_name="joined")
-    load_or_create_study(cfg, open_storage(cfg))
+    _run_queued_trials(load_or_create_study(cfg, open_storage(cfg))[0])
     proposals = []
     for _ in range(2):
         joined, joined_cfg = load_or_create_study(cfg, open_storage(cfg))
@@ -322,3 +367,91 @@ def test_the_search_plots_leave_the_process_plotting_style_as_they_found_it(tmp_
     # (The backend becomes Agg on purpose: the plots are files.)
     changed = {key for key in before if matplotlib.rcParams[key] != before[key]} - {"backend", "backend_fallback"}
     assert changed == set()
+
+
+BASELINE = {"temperature": 5.0, "alpha": 1.0, "width": 16, "depth": 3, "learning_rate": 3e-3}
+PUBLISHED = {**BASELINE, "alpha": 0.5}
+
+
+def test_a_new_study_starts_with_the_no_kd_baseline_and_the_published_setting_however_many_workers_join(tmp_path):
+    """Three workers open the study at once (one creates it, two join): its trials 0 and 1 are queued once."""
+    cfg = _cfg(tmp_path, study_name="anchored")
+    start = threading.Barrier(3)
+    studies: list[optuna.Study] = []
+
+    def worker() -> None:
+        storage = open_storage(cfg)
+        start.wait()
+        studies.append(load_or_create_study(cfg, storage)[0])
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(3)]  # daemon: a hung worker fails the test, not pytest
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert len(studies) == 3, "every worker opened the study"
+    study = optuna.load_study(study_name="anchored", storage=cfg.storage_url)
+    assert [(t.number, t.state) for t in study.trials] == [(0, TrialState.WAITING), (1, TrialState.WAITING)]
+    space = SearchSpace.from_config(cfg)
+    suggested = [space.suggest(study.ask(), cfg) for _ in range(2)]
+    assert [params for params, _ in suggested] == [BASELINE, PUBLISHED]
+    assert suggested[0][1].student_size == "16x3" and suggested[0][1].effective_alpha == 1.0
+
+
+def test_a_study_of_one_trial_queues_only_the_baseline(tmp_path):
+    cfg = _cfg(tmp_path, n_trials=1)
+    study, _ = load_or_create_study(cfg, open_storage(cfg))
+    assert [t.system_attrs["fixed_params"] for t in study.trials] == [BASELINE]
+
+
+def test_a_starting_value_outside_the_search_ranges_is_moved_into_them_and_said(tmp_path, capsys):
+    cfg = _cfg(tmp_path, alpha_range="0,0.8", width_range="10,30", learning_rate_range="1e-4,1e-3")
+    assert SearchSpace.from_config(cfg).anchors(cfg) == [
+        {**BASELINE, "alpha": 0.8, "width": 18, "learning_rate": 1e-3},
+        {**PUBLISHED, "width": 18, "learning_rate": 1e-3},
+    ]
+    lines = capsys.readouterr().out.splitlines()
+    assert "search: the no-KD baseline trial's alpha 1.0 is not in the search's range 0.0..0.8; it starts at 0.8" in lines
+    assert "search: the published setting trial's width 16 is not in the search's range 10..30 in steps of 4; it starts at 18" in lines
+    assert len(lines) == 5, "one line per moved value: alpha once, width and learning_rate twice"
+
+
+def test_a_study_among_several_teachers_lets_each_trial_choose_one(tmp_path):
+    cfg = _cfg(tmp_path, teacher_choices="resnet/ hybrid:S/resnet:S,hybrid:S")
+    space = SearchSpace.from_config(cfg)
+    assert space.teachers == ("resnet", "hybrid:S", "resnet:S,hybrid:S")  # the last choice is an ensemble
+    study, _ = load_or_create_study(cfg, open_storage(cfg))
+    assert [t.system_attrs["fixed_params"]["teacher_arch"] for t in study.trials] == ["resnet", "resnet"]
+    _run_queued_trials(study)
+    chosen = set()
+    for _ in range(20):
+        trial = study.ask()
+        params, trial_cfg = space.suggest(trial, cfg)
+        assert trial_cfg.teacher_arch == params["teacher_arch"] == trial.params["teacher_arch"]
+        assert trial_config(cfg, trial.params) == trial_cfg
+        chosen.add(trial_cfg.teacher_arch)
+        study.tell(trial, 0.5)
+    assert chosen == {"resnet", "hybrid:S", "resnet:S,hybrid:S"}
+
+
+def test_a_study_with_one_teacher_has_no_teacher_parameter(tmp_path):
+    cfg = _cfg(tmp_path, teacher_arch="hybrid:L")
+    study, _ = load_or_create_study(cfg, open_storage(cfg))
+    params, trial_cfg = SearchSpace.from_config(cfg).suggest(study.ask(), cfg)
+    assert "teacher_arch" not in params and trial_cfg.teacher_arch == "hybrid:L"
+
+
+@pytest.mark.parametrize(
+    "teacher_choices, match",
+    [
+        ("resnet//hybrid", "an empty choice"),
+        ("resnet/resnet:M", "listed twice"),
+        ("resnet/hybrid:X", "sizes are S, M, L"),
+        ("resnet/EfficientNetB0:L", "only resnet and hybrid take a size"),
+        ("resnet/resnet,,hybrid", "empty ensemble member"),
+    ],
+)
+def test_bad_teacher_choices_are_refused(tmp_path, teacher_choices, match):
+    with pytest.raises(PipelineError, match=match):
+        _cfg(tmp_path, teacher_choices=teacher_choices)
