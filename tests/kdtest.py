@@ -54,9 +54,13 @@ def tiny_config(data_dir: Path, root: Path, **changes) -> Config:
 
 @contextmanager
 def tracking_at(uri: str) -> Iterator[str]:
-    """MLflow tracks to ``uri`` inside the block, and where it tracked before afterwards."""
+    """MLflow tracks to ``uri`` inside the block, and where it tracked before afterwards.
+
+    Runs started without an experiment go to the store's Default experiment: the process's active experiment is an
+    id in whatever store an earlier test used, which another store may not have."""
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id="0")
     try:
         yield uri
     finally:
