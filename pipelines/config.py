@@ -442,6 +442,26 @@ TEACHER_PARAMS = (
 )
 # The teacher's settings too: a student distilled from another teacher is another student.
 DISTILL_PARAMS = TEACHER_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
+# What a student without a teacher (no_kd, or alpha = 1) does not depend on.
+TEACHER_ONLY_PARAMS = (
+    "teacher_arch",
+    "teacher_seed_offset",
+    "teacher_weights",
+    "teacher_image_size",
+    "kd_views",
+    "temperature",
+    "teacher_mode",
+)
+
+
+def distill_params(cfg: Config) -> tuple[str, ...]:
+    """The distill step's reuse key and logged parameters: without a teacher, the teacher's settings do not count, so
+    one no-KD twin serves every teacher it is compared with."""
+    if cfg.effective_alpha >= 1.0:
+        return tuple(name for name in DISTILL_PARAMS if name not in TEACHER_ONLY_PARAMS)
+    return DISTILL_PARAMS
+
+
 SEARCH_PARAMS = (
     DATA_PARAMS
     + TRAIN_PARAMS

@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from pipelines.config import DISTILL_PARAMS, Config
+from pipelines.config import Config, distill_params
 from pipelines.distiller import Distiller
 from pipelines.evaluate import write_evaluation_artifacts
 from pipelines.locks import teacher_lock
@@ -76,14 +76,14 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
     """
     prepared = prepared or prepare_data(cfg)
     dataset = prepared.dataset
-    previous = reuse_finished("distill", cfg, DISTILL_PARAMS, dataset.digest, nested)
+    previous = reuse_finished("distill", cfg, distill_params(cfg), dataset.digest, nested)
     if previous:
         return previous
     alpha = cfg.effective_alpha
     fold_ids = list(range(cfg.fold_count)) if cfg.fold < 0 else [cfg.fold]
     describe = describe_student(cfg)
 
-    with step_run("distill", cfg, DISTILL_PARAMS, dataset, prepared.splits, nested=nested) as run:
+    with step_run("distill", cfg, distill_params(cfg), dataset, prepared.splits, nested=nested) as run:
         teacher_run_id = None
         if alpha < 1.0:
             with teacher_lock(cfg):  # runs started together train the teachers once; the others wait and reuse them

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from kdtest import tiny_config, tracking_at
 
-from pipelines.config import Config, PipelineError
+from pipelines.config import Config, PipelineError, distill_params
 from pipelines.distill import distill
 from pipelines.distiller import Distiller, hard_loss
 from pipelines.evaluate import model_logits
@@ -20,6 +20,7 @@ from pipelines.images import load_images, preprocess
 from pipelines.models import build_student, build_teacher, load_keras_model
 from pipelines.prepare import prepare_data
 from pipelines.teacher import load_teacher_logits, load_teacher_model
+from pipelines.tracking import step_key
 from pipelines.training import make_dataset, train_on_all_data
 from pipelines.views import image_keys, view_logits, views_of
 from registry.explain import explain_scan
@@ -211,3 +212,12 @@ def test_a_consistent_distill_run_trains_end_to_end_with_cached_views_and_with_a
     for mode, run in runs.items():
         assert run.data.params["kd_mode"] == "consistent" and run.data.params["teacher_mode"] == mode
         assert all(math.isfinite(run.data.metrics[name]) for name in ("f1_mean", "fold_0_distillation_loss", "fold_1_student_loss"))
+
+
+def test_one_no_kd_twin_serves_every_teacher_while_kd_students_of_other_teachers_differ():
+    kd = Config(teacher_arch="resnet", alpha=0.5)
+    other_teacher = kd.replace(teacher_arch="hybrid:S", teacher_image_size=128)
+    assert step_key(kd, distill_params(kd)) != step_key(other_teacher, distill_params(other_teacher))
+    twin, other_twin = kd.replace(no_kd=True), other_teacher.replace(no_kd=True)
+    assert step_key(twin, distill_params(twin)) == step_key(other_twin, distill_params(other_twin))
+    assert step_key(twin, distill_params(twin)) != step_key(twin.replace(student_size="tiny"), distill_params(twin))
