@@ -1,0 +1,148 @@
+"""Teachers worth distilling from (issue 15): each teacher's k-fold F1, and its KD student against the no-KD twin
+with the corrected resampled t-test over repeats x folds, on the real scans; every figure read back from the
+tracking store.
+
+    python -m benchmarks.teachers [--epochs N] [--folds K] [--repeats R] [--store DIR]
+
+Each row runs the ``distill`` step (the function behind ``kd distill`` and ``mlflow run . -e distill``) with one
+teacher, and the no-KD twin once (its reuse key leaves the teacher out). The store persists (default
+``.cache/teachers``), so a rerun or an interrupted run reuses every finished teacher and student. Writes
+``benchmarks/results/teachers.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mlflow
+
+from benchmarks.common import REAL_DATA_DIR
+from pipelines.config import DISTILL_PARAMS, PROJECT_ROOT, Config
+from pipelines.distill import distill
+from pipelines.names import Metric, RunTag
+from pipelines.prepare import prepare_data
+from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
+
+
+def teachers(image_size: int) -> dict[str, dict]:
+    """Row name -> the teacher settings of its distill run; the student, KD settings, data and folds are shared.
+    The high-resolution teacher sees twice the student's pixels per side (the smaller resnet keeps its cost near the others')."""
+    return {
+        "resnet": {"teacher_arch": "resnet"},
+        "hybrid": {"teacher_arch": "hybrid"},
+        f"resnet:S at {2 * image_size} px": {"teacher_arch": "resnet:S", "teacher_image_size": 2 * image_size},
+        "ensemble resnet,hybrid": {"teacher_arch": "resnet,hybrid"},
+    }
+
+
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+
+
+def teacher_figures(kd_run: mlflow.entities.Run) -> dict[str, float]:
+    """The teacher's k-fold F1 and size: its own run's, or, for an ensemble (no run of its own), the distill run's
+    ``teacher_*`` metrics and the members' summed parameters."""
+    run_ids = kd_run.data.tags[RunTag.TEACHER_RUN_ID].split(",")
+    members = [mlflow.get_run(run_id) for run_id in run_ids]
+    params = sum(member.data.metrics[Metric.TEACHER_PARAMS] for member in members)
+    source = members[0].data.metrics if len(members) == 1 else {k.removeprefix("teacher_"): v for k, v in kd_run.data.metrics.items()}
+    return {"f1_mean": source[Metric.F1_MEAN], "f1_std": source[Metric.F1_STD], "params": params}
+
+
+def fold_scores(run: mlflow.entities.Run, fold_count: int) -> list[float]:
+    return [run.data.metrics[Metric.fold_f1(k)] for k in range(fold_count)]
+
+
+def measure(cfg: Config) -> list[dict]:
+    """Distil from every teacher (and the twin once); one row per teacher, read from the store."""
+    prepared = prepare_data(cfg)
+    twin = mlflow.get_run(distill(cfg.replace(no_kd=True), prepared))
+    twin_folds = fold_scores(twin, cfg.fold_count)
+    rows = []
+    for name, changes in teachers(cfg.image_size).items():
+        kd_run = mlflow.get_run(distill(cfg.replace(**changes), prepared))
+        kd_folds = fold_scores(kd_run, cfg.fold_count)
+        test = corrected_resampled_t_test(kd_folds, twin_folds, kfold_test_train_ratio(cfg.folds))
+        teacher = teacher_figures(kd_run)
+        student_params = kd_run.data.metrics[Metric.STUDENT_PARAMS]
+        rows.append(
+            {
+                "teacher": name,
+                **{f"teacher_{key}": value for key, value in teacher.items()},
+                "teacher_params_over_student": teacher["params"] / student_params,
+                "student_params": student_params,
+                "kd_f1_mean": kd_run.data.metrics[Metric.F1_MEAN],
+                "kd_f1_std": kd_run.data.metrics[Metric.F1_STD],
+                "no_kd_f1_mean": twin.data.metrics[Metric.F1_MEAN],
+                "no_kd_f1_std": twin.data.metrics[Metric.F1_STD],
+                "kd_minus_no_kd": test.mean_difference,
+                "t": test.t,
+                "p": test.pvalue,
+                "paired_scores": test.n,
+                "kd_run": kd_run.info.run_id,
+                "twin_run": twin.info.run_id,
+                "teacher_runs": kd_run.data.tags[RunTag.TEACHER_RUN_ID],
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict], cfg: Config) -> str:
+    """The table as Markdown, with the settings it was measured at."""
+    header = (
+        f"Data {cfg.data_dir or 'embedded synthetic set'}, student `{cfg.student_size}` at {cfg.image_size} px, KD T = "
+        f"{cfg.temperature:g}, "
+        f"alpha = {cfg.alpha:g}; stratified group {cfg.folds}-fold x {cfg.repeats} repeats (same folds for every row), "
+        f"up to {cfg.epochs} epochs (patience {cfg.patience}). KD vs no-KD: corrected resampled t-test (Nadeau-Bengio) "
+        "over the paired fold scores.\n\n"
+    )
+    lines = [
+        "| teacher | teacher k-fold F1 | teacher params | / student | KD student F1 | no-KD twin F1 | KD - no-KD | t | p | n |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['teacher']} | {r['teacher_f1_mean']:.3f} ± {r['teacher_f1_std']:.3f} | {r['teacher_params']:,.0f} | "
+            f"{r['teacher_params_over_student']:.1f}x | {r['kd_f1_mean']:.3f} ± {r['kd_f1_std']:.3f} | "
+            f"{r['no_kd_f1_mean']:.3f} ± {r['no_kd_f1_std']:.3f} | {r['kd_minus_no_kd']:+.3f} | {r['t']:.2f} | {r['p']:.3f} | "
+            f"{r['paired_scores']} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=str(REAL_DATA_DIR), help="empty = the embedded synthetic set")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--patience", type=int, default=8)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--store", default=str(PROJECT_ROOT / ".cache" / "teachers"), help="tracking store folder (kept: reruns reuse it)")
+    args = parser.parse_args(argv)
+    store = Path(args.store)
+    store.mkdir(parents=True, exist_ok=True)
+    cfg = Config(
+        data_dir=args.data_dir,
+        image_size=args.image_size,
+        folds=args.folds,
+        repeats=args.repeats,
+        epochs=args.epochs,
+        patience=args.patience,
+        temperature=5.0,
+        alpha=0.5,
+        experiment_name="kd-teachers",
+    )
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    mlflow.set_experiment(cfg.experiment_name)
+    rows = measure(cfg)
+    table = render(rows, cfg)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "teachers.md").write_text(table)
+    (RESULTS / "teachers.json").write_text(json.dumps({"settings": cfg.as_params(DISTILL_PARAMS), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
