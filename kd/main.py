@@ -12,9 +12,8 @@ from pipelines.names import RunTag, VersionTag
 from pipelines.prepare import prepare, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
-from registry.fetch import resolve_version
 from registry.promote import promote
-from registry.roles import CHAMPION, current_version
+from registry.roles import CHALLENGER, CHAMPION, current_version
 from search.tune import PARENT_RUN_ATTR, best_trial, run_search
 
 
@@ -35,32 +34,27 @@ def run_main(cfg: Config) -> dict[str, str]:
     study = run_search(cfg, under=main_id, prepared=prepared)
     runs["search"] = study.user_attrs[PARENT_RUN_ATTR]
     best = best_trial(study)
-    champion = current_version(mlflow.MlflowClient(), cfg.model_name, CHAMPION)
-    same = champion is not None and (
-        champion.tags.get(VersionTag.STUDY),
-        champion.tags.get(VersionTag.TRIAL),
-        champion.tags.get(VersionTag.DATA_DIGEST),
-    ) == (
-        cfg.study_name,
-        str(best.number),
-        prepared.dataset.digest,
-    )
-    if same:
-        print(
-            f"promote: champion {cfg.model_name} v{champion.version} already is trial {best.number} of {cfg.study_name!r};"
-            " nothing to promote"
-        )
-        runs["promote"] = champion.run_id
-    else:
-        promote(cfg, under=main_id, prepared=prepared)
-        runs["promote"] = resolve_version(cfg.model_name, alias=CHAMPION).run_id
-
-    production = resolve_version(cfg.model_name, stage="Production")
     client = mlflow.MlflowClient()
-    for key, value in {
-        **{RunTag.step_run_id(step): run_id for step, run_id in runs.items()},
-        RunTag.PRODUCTION_VERSION: production.version,
-    }.items():
+    evaluated = f"trial {best.number} of {cfg.study_name!r}"
+    for role in (CHAMPION, CHALLENGER):  # this trial on these data was promoted, or refused by the gate, already
+        holder = current_version(client, cfg.model_name, role)
+        if holder is not None and (
+            holder.tags.get(VersionTag.STUDY),
+            holder.tags.get(VersionTag.TRIAL),
+            holder.tags.get(VersionTag.DATA_DIGEST),
+        ) == (cfg.study_name, str(best.number), prepared.dataset.digest):
+            print(f"promote: {role} {cfg.model_name} v{holder.version} already is {evaluated}; nothing to promote")
+            runs["promote"] = holder.run_id
+            break
+    else:
+        promotion = promote(cfg, under=main_id, prepared=prepared)
+        runs["promote"] = client.get_model_version(cfg.model_name, promotion.version).run_id
+
+    production = current_version(client, cfg.model_name, CHAMPION)
+    tags = {RunTag.step_run_id(step): run_id for step, run_id in runs.items()}
+    if production is not None:
+        tags[RunTag.PRODUCTION_VERSION] = production.version
+    for key, value in tags.items():
         client.set_tag(main_id, key, value)
     tracking_uri = mlflow.get_tracking_uri()
     print("\nDone. Where to look:")
@@ -71,6 +65,11 @@ def run_main(cfg: Config) -> dict[str, str]:
         f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f},"
         f" params {best.params}"
     )
+    if production is None:
+        gate = client.get_run(runs["promote"]).data.tags.get(RunTag.GATE, "see the promote run")
+        print(f"  Production model: none: the gate refused {evaluated} ({gate}); it is the challenger (kd fetch --alias challenger)")
+        print("                    promote it anyway with force=true, or search longer (more n_trials)")
+        return runs
     print(
         f"  Production model: models:/{cfg.model_name}/Production  (v{production.version}, hold-out F1 "
         f"{production.tags.get(VersionTag.HOLDOUT_F1)})"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 from kdtest import tiny_config, tracking_at
 
 import pipelines.prepare
 from kd.main import run_main
+from registry.roles import CHALLENGER, CHAMPION, current_version
 
 pytestmark = pytest.mark.slow
 
@@ -25,3 +27,23 @@ def test_one_main_chain_ingests_the_data_once(tmp_path: Path, monkeypatch) -> No
         runs = run_main(cfg)
     assert set(runs) == {"prepare", "teacher", "search", "promote"} and all(runs.values())
     assert ingested == [""], f"main ingested the data {len(ingested)} times"
+
+
+def test_a_main_chain_whose_student_the_gate_refuses_ends_without_production_and_is_not_promoted_twice(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # One KD trial (the baseline trial's alpha is moved into the range 0.5..0.5), and a margin of -1: any no-KD twin
+    # counts as better, so the gate refuses the student.
+    cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=1, n_trials=1, alpha_range="0.5,0.5", margin=-1.0, study_name="refused")
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        client = mlflow.MlflowClient()
+        runs = run_main(cfg)
+        assert current_version(client, cfg.model_name, CHAMPION) is None
+        challenger = current_version(client, cfg.model_name, CHALLENGER)
+        assert challenger is not None and challenger.run_id == runs["promote"]
+        assert "Production model: none: the gate refused trial 0" in capsys.readouterr().out
+        again = run_main(cfg)
+        assert again["promote"] == runs["promote"]
+        assert len(client.search_model_versions(f"name = '{cfg.model_name}'")) == 1, "the refused trial was not registered again"
+    assert f"promote: challenger {cfg.model_name} v{challenger.version} already is trial 0" in capsys.readouterr().out
