@@ -179,6 +179,12 @@ def _cfg(tmp_path: Path, **changes) -> Config:
     return Config(**{**defaults, **changes})
 
 
+def _tiny_search(tmp_path: Path, data_dir: Path, **changes) -> Config:
+    """A search on real scans that trains in seconds: 32 px, 2 folds, 2 epochs."""
+    tiny = {"data_dir": str(data_dir), "image_size": 32, "folds": 2, "epochs": 2, "patience": 1, "batch_size": 16}
+    return _cfg(tmp_path, **{**tiny, **changes})
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -284,18 +290,7 @@ def test_optuna_dashboard_serves_the_study(tmp_path):
 @pytest.mark.slow
 def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
-        cfg = _cfg(
-            tmp_path,
-            data_dir=str(mri_subset),
-            image_size=32,
-            folds=2,
-            epochs=2,
-            patience=1,
-            batch_size=16,
-            n_trials=3,
-            objectives="f1,params",
-            study_name="pareto",
-        )
+        cfg = _tiny_search(tmp_path, mri_subset, n_trials=3, objectives="f1,params", study_name="pareto")
         study = run_search(cfg)
         assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -311,18 +306,8 @@ def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
 @pytest.mark.slow
 def test_a_search_among_two_teachers_distils_each_trial_from_the_teacher_it_chose(mri_subset, tmp_path):
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
-        cfg = _cfg(
-            tmp_path,
-            data_dir=str(mri_subset),
-            image_size=32,
-            folds=2,
-            epochs=2,
-            patience=1,
-            batch_size=16,
-            n_trials=4,
-            teacher_arch="resnet:S",
-            teacher_choices="resnet:S/hybrid:S",
-            study_name="two-teachers",
+        cfg = _tiny_search(
+            tmp_path, mri_subset, n_trials=4, teacher_arch="resnet:S", teacher_choices="resnet:S/hybrid:S", study_name="two-teachers"
         )
         run_search(cfg.replace(n_trials=3))
         # However the sampler chose so far, one more trial takes the other teacher: a worker that joins trains it.
