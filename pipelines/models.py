@@ -130,7 +130,10 @@ def _hybrid(image_size: int, units: int, seed: int, size: str = "M") -> keras.Mo
         x = layers.ReLU(name=f"stem{stage}_relu")(x)
         x = layers.MaxPooling2D(name=f"stem{stage}_pool")(x)
         side = x.shape[1]
-    x = layers.Add(name="position_add")([x, layers.DepthwiseConv2D(3, padding="same", name="position_conv")(x)])
+    # No bias on the positional convolution: TensorFlow's graph optimiser fails on a biased depthwise convolution
+    # feeding an Add ("has an empty op name", printed on every traced step) and falls back; a per-channel constant
+    # adds no position anyway.
+    x = layers.Add(name="position_add")([x, layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="position_conv")(x)])
     grid = (x.shape[1], x.shape[2])
     tokens = layers.Reshape((grid[0] * grid[1], dim), name="to_tokens")(x)
     for block in range(blocks):
