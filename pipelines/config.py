@@ -144,9 +144,12 @@ def teacher_members(cfg: Config) -> list[Config]:
     ``teacher_seed_offset`` when it repeats an earlier member (the first ``resnet`` of ``resnet,resnet`` is the plain
     ``resnet`` teacher, reused as such; the second trains from other seeds). Data, splits and views stay ``cfg``'s.
     """
+    specs = parse_teachers(cfg.teacher_arch)
+    if len(specs) == 1:  # a single teacher is its own only member, as given
+        return [cfg]
     seen: dict[tuple[str, str], int] = {}
     members = []
-    for spec, parsed in zip(cfg.teacher_arch.split(","), parse_teachers(cfg.teacher_arch)):
+    for spec, parsed in zip(cfg.teacher_arch.split(","), specs):
         repeat = seen.get(parsed, 0)
         seen[parsed] = repeat + 1
         members.append(cfg.replace(teacher_arch=spec.strip(), teacher_seed_offset=cfg.teacher_seed_offset + repeat * MEMBER_SEED_STRIDE))

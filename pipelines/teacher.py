@@ -81,7 +81,8 @@ def _train_single(cfg: Config, prepared: Prepared, nested: bool) -> str:
         return previous
     prepared = at_teacher_size(cfg, prepared)
     images, keys = prepared.images, image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed)
-    trainer_cfg = cfg.replace(seed=cfg.teacher_seed)  # initialisation, shuffling, augmentation; prepared holds the splits
+    # initialisation, shuffling, augmentation from the teacher's seed; prepared holds the splits
+    trainer_cfg = cfg if cfg.teacher_seed == cfg.seed else cfg.replace(seed=cfg.teacher_seed)
     with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested=nested) as run:
         cv = cross_validate(
             prepared,
