@@ -46,7 +46,10 @@ def teacher_figures(kd_run: mlflow.entities.Run) -> dict[str, float]:
     run_ids = kd_run.data.tags[RunTag.TEACHER_RUN_ID].split(",")
     members = [mlflow.get_run(run_id) for run_id in run_ids]
     params = sum(member.data.metrics[Metric.TEACHER_PARAMS] for member in members)
-    source = members[0].data.metrics if len(members) == 1 else {k.removeprefix("teacher_"): v for k, v in kd_run.data.metrics.items()}
+    if len(members) == 1:
+        source = members[0].data.metrics
+    else:
+        source = {key.removeprefix("teacher_"): value for key, value in kd_run.data.metrics.items() if key.startswith("teacher_")}
     return {"f1_mean": source[Metric.F1_MEAN], "f1_std": source[Metric.F1_STD], "params": params}
 
 
@@ -54,14 +57,20 @@ def fold_scores(run: mlflow.entities.Run, fold_count: int) -> list[float]:
     return [run.data.metrics[Metric.fold_f1(k)] for k in range(fold_count)]
 
 
-def measure(cfg: Config) -> list[dict]:
-    """Distil from every teacher (and the twin once); one row per teacher, read from the store."""
+def measure(cfg: Config) -> tuple[str, dict[str, str]]:
+    """Distil from every teacher, and the twin once; returns the twin's run id and each teacher row's KD run id."""
     prepared = prepare_data(cfg)
-    twin = mlflow.get_run(distill(cfg.replace(no_kd=True), prepared))
+    twin = distill(cfg.replace(no_kd=True), prepared)
+    return twin, {name: distill(cfg.replace(**changes), prepared) for name, changes in teachers(cfg.image_size).items()}
+
+
+def rows_from_store(twin_run_id: str, kd_run_ids: dict[str, str], cfg: Config) -> list[dict]:
+    """One row per teacher, every figure read back from the tracking store."""
+    twin = mlflow.get_run(twin_run_id)
     twin_folds = fold_scores(twin, cfg.fold_count)
     rows = []
-    for name, changes in teachers(cfg.image_size).items():
-        kd_run = mlflow.get_run(distill(cfg.replace(**changes), prepared))
+    for name, run_id in kd_run_ids.items():
+        kd_run = mlflow.get_run(run_id)
         kd_folds = fold_scores(kd_run, cfg.fold_count)
         test = corrected_resampled_t_test(kd_folds, twin_folds, kfold_test_train_ratio(cfg.folds))
         teacher = teacher_figures(kd_run)
@@ -80,8 +89,8 @@ def measure(cfg: Config) -> list[dict]:
                 "t": test.t,
                 "p": test.pvalue,
                 "paired_scores": test.n,
-                "kd_run": kd_run.info.run_id,
-                "twin_run": twin.info.run_id,
+                "kd_run": run_id,
+                "twin_run": twin_run_id,
                 "teacher_runs": kd_run.data.tags[RunTag.TEACHER_RUN_ID],
             }
         )
@@ -120,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--store", default=str(PROJECT_ROOT / ".cache" / "teachers"), help="tracking store folder (kept: reruns reuse it)")
+    parser.add_argument(
+        "--render", action="store_true", help="train nothing: read the runs the last measurement recorded (teachers.json) again"
+    )
     args = parser.parse_args(argv)
     store = Path(args.store)
     store.mkdir(parents=True, exist_ok=True)
@@ -136,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
     mlflow.set_experiment(cfg.experiment_name)
-    rows = measure(cfg)
+    if args.render:
+        recorded = json.loads((RESULTS / "teachers.json").read_text())["rows"]
+        twin_run_id, kd_run_ids = recorded[0]["twin_run"], {row["teacher"]: row["kd_run"] for row in recorded}
+    else:
+        twin_run_id, kd_run_ids = measure(cfg)
+    rows = rows_from_store(twin_run_id, kd_run_ids, cfg)
     table = render(rows, cfg)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
