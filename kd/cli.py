@@ -246,7 +246,9 @@ COMMANDS = {
 
 def build_command_parser() -> argparse.ArgumentParser:
     """``kd``'s own parser: which command (each command parses its options itself)."""
-    parser = argparse.ArgumentParser(prog="kd", description=__doc__.split("\n\n")[0].replace("``", ""), epilog="`kd <command> --help` lists its options.")
+    parser = argparse.ArgumentParser(
+        prog="kd", description=__doc__.split("\n\n")[0].replace("``", ""), epilog="`kd <command> --help` lists its options."
+    )
     commands = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, command in COMMANDS.items():
         commands.add_parser(name, help=command.description, add_help=False)
