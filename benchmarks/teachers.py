@@ -24,6 +24,7 @@ from pipelines.distill import distill
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import prepare_data
 from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
+from registry.report.stats import fold_f1
 
 
 def teachers(image_size: int) -> dict[str, dict]:
@@ -53,10 +54,6 @@ def teacher_figures(kd_run: mlflow.entities.Run) -> dict[str, float]:
     return {"f1_mean": source[Metric.F1_MEAN], "f1_std": source[Metric.F1_STD], "params": params}
 
 
-def fold_scores(run: mlflow.entities.Run, fold_count: int) -> list[float]:
-    return [run.data.metrics[Metric.fold_f1(k)] for k in range(fold_count)]
-
-
 def measure(cfg: Config) -> tuple[str, dict[str, str]]:
     """Distil from every teacher, and the twin once; returns the twin's run id and each teacher row's KD run id."""
     prepared = prepare_data(cfg)
@@ -67,11 +64,11 @@ def measure(cfg: Config) -> tuple[str, dict[str, str]]:
 def rows_from_store(twin_run_id: str, kd_run_ids: dict[str, str], cfg: Config) -> list[dict]:
     """One row per teacher, every figure read back from the tracking store."""
     twin = mlflow.get_run(twin_run_id)
-    twin_folds = fold_scores(twin, cfg.fold_count)
+    twin_folds = fold_f1(twin.data.metrics, cfg.fold_count, "no_kd")
     rows = []
     for name, run_id in kd_run_ids.items():
         kd_run = mlflow.get_run(run_id)
-        kd_folds = fold_scores(kd_run, cfg.fold_count)
+        kd_folds = fold_f1(kd_run.data.metrics, cfg.fold_count, "student")
         test = corrected_resampled_t_test(kd_folds, twin_folds, kfold_test_train_ratio(cfg.folds))
         teacher = teacher_figures(kd_run)
         student_params = kd_run.data.metrics[Metric.STUDENT_PARAMS]
