@@ -32,6 +32,15 @@ class RunTag:
     PRODUCTION_VERSION = "kd.production_version"
     REPORT_RUN_ID = "kd.report_run_id"
     REPORT_OF = "kd.report_of"
+    # compare: the comparison run and each of its nested cell runs carry the comparison's name; a cell run also
+    # says which cell it is (teacher, student, KD or not, imbalance ratio) and which distill run it stands for.
+    COMPARISON = "kd.comparison"
+    MINORITY_CLASS = "kd.minority_class"
+    CELL_TEACHER = "kd.cell_teacher"  # the teacher_arch of a KD cell; empty for a no-KD cell
+    CELL_STUDENT = "kd.cell_student"
+    CELL_KD = "kd.cell_kd"  # "true" or "false"
+    CELL_IMBALANCE = "kd.cell_imbalance"  # the ratio as given: 0 = the data as it is
+    CELL_SOURCE_RUN_ID = "kd.cell_source_run_id"  # the distill run (trained or reused) whose results the cell holds
 
     @staticmethod
     def step_run_id(step: str) -> str:
@@ -66,8 +75,23 @@ class Metric:
     TEACHER_PARAMS = "teacher_params"
     LATENCY_MS = "latency_ms"
     HOLDOUT_DUPLICATES = "holdout_duplicates"
+    F1_MINORITY_MEAN = "f1_minority_mean"  # mean over folds of the minority class's F1
+    F1_MINORITY_STD = "f1_minority_std"
+    RECALL_MINORITY_MEAN = "recall_minority_mean"
+    CELLS_TOTAL = "cells_total"
+    CELLS_FINISHED = "cells_finished"
 
     @staticmethod
     def fold_f1(k: int) -> str:
         """Validation F1 of fold entry ``k``."""
         return f"f1_fold_{k}"
+
+    @staticmethod
+    def minority_fold_f1(k: int) -> str:
+        """Validation F1 of the minority class in fold entry ``k``."""
+        return f"f1_minority_fold_{k}"
+
+    @staticmethod
+    def minority_fold_recall(k: int) -> str:
+        """Validation recall of the minority class in fold entry ``k``."""
+        return f"recall_minority_fold_{k}"

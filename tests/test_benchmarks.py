@@ -19,8 +19,8 @@ from pipelines.distiller import Distiller
 from pipelines.evaluate import probabilities
 from pipelines.models import build_student
 from pipelines.prepare import prepare_data
+from pipelines.quantize import TFLiteModel, to_tflite
 from pipelines.training import class_weights, make_dataset, set_seed
-from registry.export import TFLiteModel, to_tflite
 
 
 def test_int8_tflite_agrees_with_keras_on_most_real_scans(mri_subset, tmp_path):
