@@ -10,7 +10,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Light enough for 2 cores in a few minutes; the real-data defaults live in pipelines/config.py.
 # The study and the MLflow experiment share one name per data set: kd-embedded here, kd-brain for the real scans (README).
 STUDY ?= kd-embedded
-RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P study_name=$(STUDY)
+# max_params: a student budget at least 20x below the default teacher (resnet M: 690,505 parameters on 2 classes, from
+# pipelines/models.py; / 20 = 34,525): the search skips larger students before training and promotes one that fits.
+RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P max_params=34000 -P study_name=$(STUDY)
 
 .PHONY: venv run test lint server clean bench bench-smoke docs-gradcam
 

@@ -83,6 +83,8 @@ LIMITS = {
     "tracking_wait_s": Limits(0, 3600),
     "kd_views": Limits(1, 64),
     "teacher_seed_offset": Limits(0, 1_000_000),
+    "max_params": Limits(0, 1_000_000_000),  # 0 = no limit
+    "max_latency_ms": Limits(0, 60_000),  # 0 = no limit
 }
 # The search ranges (low,high text) and the parameter whose limits their ends must respect; log scale ones positive.
 RANGE_LIMITS = {
@@ -334,6 +336,23 @@ class Config:
             )
         },
     )
+    max_params: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "the student's parameter budget: a trial whose student has more is skipped before training and never promoted; 0 = no limit"
+            )
+        },
+    )
+    max_latency_ms: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "the student's latency budget: median ms of one image through the Keras model on the machine that runs the trial "
+                "(machine-dependent: search on the hardware it is for); over it, a trial is skipped before training; 0 = no limit"
+            )
+        },
+    )
     heartbeat_interval: int = field(default=20, metadata={"help": "seconds between a running trial's heartbeats"})
     grace_period: int = field(default=60, metadata={"help": "seconds without a heartbeat before a trial counts as dead and is retried"})
     # registry
@@ -479,6 +498,8 @@ SEARCH_PARAMS = (
         "n_trials",
         "study_name",
         "objectives",
+        "max_params",
+        "max_latency_ms",
     )
     + ("temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range", "teacher_choices")
 )

@@ -14,7 +14,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import mlflow
@@ -29,6 +29,7 @@ from pipelines.distill import cross_validate_student
 from pipelines.evaluate import CONFUSION_ARTIFACT, confusion_record
 from pipelines.latency import keras_latency
 from pipelines.locks import database_lock, teacher_lock
+from pipelines.models import build_student
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import train_teacher
@@ -45,6 +46,10 @@ SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials",
     "synthetic_images",
     "synthetic_classes",
 )
+# The budgets (Config fields, 0 = no limit), each an Optuna constraint of that name, and the measure it limits.
+BUDGETS = {"max_params": Metric.STUDENT_PARAMS, "max_latency_ms": Metric.LATENCY_MS}
+# A study whose sampler proposed this many students over the budget per trial asked for stops: the budget hardly fits the ranges.
+OVER_BUDGET_PER_TRIAL = 10
 
 
 class SurplusTrial(Exception):
@@ -183,10 +188,52 @@ def parent_run_id(study: optuna.Study, cfg: Config, storage: RDBStorage, under: 
         return run_id
 
 
+def within_budget(trial: optuna.trial.FrozenTrial | optuna.Trial) -> bool:
+    """Whether the trial's student fits the study's budgets: Optuna's rule, every constraint value at most 0 (none: no budget)."""
+    return all(value <= 0 for value in trial.constraints.values())
+
+
 def claimed_before(study: optuna.Study, number: int) -> int:
-    """Trials numbered below ``number`` that count, or may still count, towards ``n_trials``."""
+    """Trials numbered below ``number`` that count, or may still count, towards ``n_trials`` (over the budget: never)."""
     states = (*FINISHED, TrialState.RUNNING)
-    return sum(1 for trial in study.get_trials(deepcopy=False, states=states) if trial.number < number)
+    return sum(1 for trial in study.get_trials(deepcopy=False, states=states) if trial.number < number and within_budget(trial))
+
+
+def student_cost(cfg: Config, num_classes: int, image: np.ndarray) -> dict[str, float]:
+    """The student's parameter count and median latency (ms, ``image``, this machine), keyed by ``BUDGETS``' measures.
+
+    Both depend on the architecture alone, so they come from the untrained student, before anything is trained.
+    """
+    student = build_student(cfg.student_size, cfg.image_size, num_classes, seed=cfg.seed)
+    return {Metric.STUDENT_PARAMS: student.count_params(), Metric.LATENCY_MS: keras_latency(student, image)["p50_ms"]}
+
+
+def budget_text(settings: Mapping[str, float]) -> str:
+    """The budgets set among ``settings`` (a Config's fields or a study's stored settings): ``max_params=34000``."""
+    return ", ".join(f"{name}={settings[name]:g}" for name in BUDGETS if settings.get(name))
+
+
+def cost_text(cost: Mapping[str, float]) -> str:
+    return f"{cost[Metric.STUDENT_PARAMS]:,} parameters, {cost[Metric.LATENCY_MS]:.3g} ms"
+
+
+def check_budget(cfg: Config, space: SearchSpace) -> None:
+    """Refuse a budget that not even the search's smallest student fits (every trial would be skipped), before the study
+    is created with it or any data is read.
+
+    The smallest (low ends of width_range and depth_range) has the fewest parameters and the least work per image; with
+    two classes, the fewest outputs: a budget refused here fits no student of the space on any data.
+    """
+    if not budget_text(vars(cfg)):
+        return
+    smallest = f"{space.width[0]}x{space.depth[0]}"
+    cost = student_cost(cfg.replace(student_size=smallest), 2, np.zeros((1, cfg.image_size, cfg.image_size, 1), np.float32))
+    over = [name for name, measure in BUDGETS.items() if 0 < getattr(cfg, name) < cost[measure]]
+    if over:
+        raise PipelineError(
+            f"{budget_text(vars(cfg))}: the search's smallest student, {smallest} ({cost_text(cost)}), is already over it; "
+            f"raise {' / '.join(over)} or lower width_range / depth_range"
+        )
 
 
 def teacher_finder(prepared: Prepared) -> Callable[[Config], str]:
@@ -213,6 +260,20 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"trial {trial.number}: the study already has {cfg.n_trials} trials")
         params, trial_cfg = space.suggest(trial, cfg)
+        cost = student_cost(trial_cfg, prepared.dataset.num_classes, prepared.images[:1])
+        trial.set_user_attr("student_params", cost[Metric.STUDENT_PARAMS])
+        trial.set_user_attr("latency_ms", cost[Metric.LATENCY_MS])
+        for name, measure in BUDGETS.items():
+            # Optuna's constraint convention: feasible when <= 0. A retried trial keeps the values that admitted it.
+            if getattr(cfg, name) and name not in trial.constraints:
+                trial.set_constraint(name, cost[measure] - getattr(cfg, name))
+        if not within_budget(trial):
+            # Known before training, so nothing is trained: the trial ends PRUNED, which the TPE sampler learns from (it
+            # ranks trials over the budget by how far over they are), and does not count towards n_trials
+            # (``claimed_before``, ``state_counts``): the study still ends with n_trials students that fit.
+            skipped = f"student {trial_cfg.student_size} ({cost_text(cost)}) over the budget ({budget_text(vars(cfg))})"
+            print(f"search: trial {trial.number} skipped before training: {skipped}")
+            raise optuna.TrialPruned(skipped)
         teacher_run_id = teacher_run(teacher_config(cfg, params))  # the trial's teacher, before its run: nested in the search's
         with tracked_run(cfg, finished_on=(optuna.TrialPruned,), nested=True, run_name=f"trial-{trial.number}") as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -246,35 +307,50 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
                 mlflow.set_tag("optuna.state", "FAILED")
                 raise
             summary = cv.summary()
-            student_params = cv.models[0].count_params()
-            latency = keras_latency(cv.models[0], prepared.images[:1])["p50_ms"]
             trial.set_user_attr("fold_f1", [m["f1"] for m in cv.fold_metrics])
             trial.set_user_attr("best_epochs", cv.best_epochs)
             trial.set_user_attr("f1_std", summary[Metric.F1_STD])
-            trial.set_user_attr("student_params", student_params)
-            trial.set_user_attr("latency_ms", latency)
-            mlflow.log_metrics({**summary, Metric.STUDENT_PARAMS: student_params, Metric.LATENCY_MS: latency})
+            mlflow.log_metrics({**summary, **cost})
             mlflow.log_dict(confusion_record(prepared.dataset.class_names, cv.confusion_matrices()), CONFUSION_ARTIFACT)
             mlflow.set_tag("optuna.state", "COMPLETE")
         if not multi:
             return summary[Metric.F1_MEAN]
-        return summary[Metric.F1_MEAN], float(student_params if cfg.objectives == "f1,params" else latency)
+        return summary[Metric.F1_MEAN], float(cost[Metric.STUDENT_PARAMS if cfg.objectives == "f1,params" else Metric.LATENCY_MS])
 
     return objective
 
 
-def state_counts(study: optuna.Study) -> dict[TrialState, int]:
+def state_counts(study: optuna.Study) -> tuple[dict[TrialState, int], int]:
+    """The trials within the budget per state, and the number over it (skipped before training)."""
     counts = {state: 0 for state in TrialState}
+    over = 0
     for trial in study.get_trials(deepcopy=False):
-        counts[trial.state] += 1
-    return counts
+        if within_budget(trial):
+            counts[trial.state] += 1
+        else:
+            over += 1
+    return counts, over
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The single best trial: highest mean F1; on a tie (or on the Pareto front) the smaller student."""
-    candidates = study.best_trials if len(study.directions) > 1 else [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if not candidates:
+    """The single best trial within the study's budget: highest mean F1; on a tie (or on the Pareto front) the smaller student.
+
+    Only complete trials within the budget are candidates (Optuna's own ``best_trials`` keeps to them as well once
+    a trial has constraints): the promoted student always fits.
+    """
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and within_budget(t)]
+    if not complete:
+        over = [t for t in trials if not within_budget(t)]
+        if over:
+            budget = budget_text(study.user_attrs.get(STUDY_CONFIG_ATTR, {}))
+            raise PipelineError(
+                f"study {study.study_name!r} has no complete trial within its budget ({budget}): its {len(over)} trials so far were "
+                "students over it, skipped before training; run the search on, or start a new study (another study_name) with a "
+                "larger max_params / max_latency_ms or smaller width_range / depth_range"
+            )
         raise PipelineError(f"study {study.study_name!r} has no complete trial yet; run the search first")
+    candidates = study.best_trials if len(study.directions) > 1 else complete
     return max(candidates, key=lambda t: (round(t.values[0], 6), -t.user_attrs.get("student_params", np.inf)))
 
 
@@ -284,6 +360,7 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
     ``under``: the id of a pipeline run the study's MLflow run is nested in (``main``); ``prepared``: its data.
     """
     space = SearchSpace.from_config(cfg)
+    check_budget(cfg, space)
     storage = open_storage(cfg)
     study, cfg = load_or_create_study(cfg, storage)
     prepared = prepare_data(cfg, reuse=prepared)
@@ -322,10 +399,16 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
         objective = make_objective(cfg, space, prepared, teacher_run)
         while True:
             optuna.storages.fail_stale_trials(study)
-            counts = state_counts(study)
+            counts, over = state_counts(study)
             finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
             if finished >= cfg.n_trials:
                 break
+            if over >= OVER_BUDGET_PER_TRIAL * cfg.n_trials:  # the budget fits too few of the ranges' students to find n_trials
+                raise PipelineError(
+                    f"study {cfg.study_name!r}: {over} proposed students were over the budget ({budget_text(vars(cfg))}), "
+                    f"{finished} within it; "
+                    "narrow width_range / depth_range to students that fit, or raise the budget"
+                )
             if finished + counts[TrialState.RUNNING] >= cfg.n_trials and counts[TrialState.WAITING] == 0:
                 time.sleep(min(5, cfg.heartbeat_interval))  # the last trials are running elsewhere; wait or retry them if they die
                 continue
@@ -338,7 +421,7 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
 def log_summary(study: optuna.Study, cfg: Config) -> None:
     """Best trial, the results table and Optuna's plots on the parent run (the last worker's write wins)."""
     best = best_trial(study)
-    counts = state_counts(study)
+    counts, over = state_counts(study)
     mlflow.log_metrics(
         {
             "best_f1_mean": best.values[0],
@@ -346,6 +429,7 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
             "n_complete": counts[TrialState.COMPLETE],
             "n_pruned": counts[TrialState.PRUNED],
             "n_failed": counts[TrialState.FAIL],
+            "n_over_budget": over,
         }
     )
     mlflow.set_tags({RunTag.BEST_TRIAL: str(best.number), RunTag.BEST_TRIAL_RUN_ID: best.user_attrs.get("mlflow_run_id", "")})
