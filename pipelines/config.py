@@ -316,7 +316,12 @@ class Config:
     no_kd: bool = field(default=False, metadata={"help": "baseline: train the student on hard labels only (alpha = 1)"})
     fold: int = field(default=-1, metadata={"help": "train only this fold entry (0-based, up to folds x repeats - 1); -1 = all of them"})
     # search (Optuna)
-    n_trials: int = field(default=20, metadata={"help": "finished (complete + pruned) trials the study should end with, over all workers"})
+    n_trials: int = field(
+        default=20,
+        metadata={
+            "help": "finished (complete + pruned) trials the study should end with, over all workers (students over the budget apart)"
+        },
+    )
     study_name: str = field(default="kd-brain", metadata={"help": "Optuna study name"})
     storage: str = field(
         default="", metadata={"help": "Optuna RDB storage URL (sqlite:///... or postgresql://...); empty = optuna.db in the project"}

@@ -2,7 +2,8 @@
 
 Any number of workers, on any machines, share one study in an RDB storage (SQLite file, PostgreSQL for
 several machines) and one MLflow tracking store. ``n_trials`` is the study's total of finished
-(complete + pruned) trials, not a per-worker count. A killed worker's trial stops sending heartbeats,
+(complete + pruned) trials, not a per-worker count; with a budget (``max_params``, ``max_latency_ms``), of
+students within it: one over it is skipped before training. A killed worker's trial stops sending heartbeats,
 is marked failed after the grace period and retried with the same parameters.
 """
 
