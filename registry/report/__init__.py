@@ -3,7 +3,7 @@
 For a registered version (by stage or alias) it reads the promote run, the teacher run, the best trial's run,
 the no-KD cross-validation run and the Optuna study (:mod:`.gather`), computes the statistics (:mod:`.stats`),
 draws the figures (:mod:`.figures`) and writes ``methodology.{md,tex}``, ``results.{md,tex}`` (:mod:`.sections`,
-rendered by :mod:`.document`), a standalone ``report.tex``, ``report.json`` (every number used) and ``figures/``
+rendered by :mod:`pipelines.document`), a standalone ``report.tex``, ``report.json`` (every number used) and ``figures/``
 into a folder, then logs the folder as artifacts (``report/``) of the version's run. Every number comes from the
 tracking store, the registry, the study or the stored artifacts (models, data manifest, hold-out predictions);
 none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
@@ -19,8 +19,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT
+from pipelines.document import Table, latex_document, to_latex, to_markdown
 from pipelines.names import RunTag
-from registry.report.document import Table, latex_document, to_latex, to_markdown
 from registry.report.gather import gather
 from registry.report.sections import methodology, results
 from registry.report.stats import BOOTSTRAP_RESAMPLES

@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from pipelines.config import Config, PipelineError
+from pipelines.document import Block, Code, Equation, Figure, Heading, Math, bullets, num, para, table
 from pipelines.names import Metric, RunTag, VersionTag
-from registry.report.document import Block, Code, Equation, Figure, Heading, Math, bullets, num, para, table
 from registry.report.figures import confusion_figure, curve_figure, gradcam_examples, gradcam_figure, importance_figure
 from registry.report.gather import MODELS, Sources
 from registry.report.stats import BOOTSTRAP_RESAMPLES, METRICS, Findings, findings, per_class_f1_rows, per_class_scores, report_numbers
