@@ -100,6 +100,7 @@ LATEX_ESCAPES = {
     "−": "--",
     "–": "--",
     "α": r"$\alpha$",
+    "Δ": r"$\Delta$",
     "→": r"$\rightarrow$",
     "·": r"$\cdot$",
     "²": r"$^2$",

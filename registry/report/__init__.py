@@ -4,7 +4,8 @@ For a registered version (by stage or alias) it reads the promote run, the teach
 the no-KD cross-validation run and the Optuna study (:mod:`.gather`), computes the statistics (:mod:`.stats`),
 draws the figures (:mod:`.figures`) and writes ``methodology.{md,tex}``, ``results.{md,tex}`` (:mod:`.sections`,
 rendered by :mod:`pipelines.document`), a standalone ``report.tex``, ``report.json`` (every number used) and ``figures/``
-into a folder, then logs the folder as artifacts (``report/``) of the version's run. Every number comes from the
+into a folder, then logs the folder as artifacts (``report/``) of the version's run. When a KD comparison
+(``search.comparison_tables``) ran on the version's data, its tables and figures close the results. Every number comes from the
 tracking store, the registry, the study or the stored artifacts (models, data manifest, hold-out predictions);
 none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
 """
@@ -46,14 +47,17 @@ def write_report(
     out_dir: Path | str | None = None,
     storage: str = "",
     resamples: int = BOOTSTRAP_RESAMPLES,
+    comparison: str = "",
 ) -> ReportPaths:
     """Write the methodology and results (Markdown and LaTeX) of a registered version and log them to its run.
 
     ``out_dir`` defaults to ``reports/<model>-v<version>``; ``storage`` overrides the Optuna storage recorded by the search.
+    The results end with a section "Comparison" when a finished KD comparison ran on the version's data (same data
+    digest), or when ``comparison`` names one (run id or comparison name).
     """
     if stage is None and alias is None:
         stage = "Production"
-    s = gather(model_name, stage, alias, storage)
+    s = gather(model_name, stage, alias, storage, comparison)
     folder = Path(out_dir) if out_dir else PROJECT_ROOT / "reports" / f"{model_name}-v{s.version.version}"
     folder.mkdir(parents=True, exist_ok=True)
     method_blocks = methodology(s, resamples)
