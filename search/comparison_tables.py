@@ -386,10 +386,12 @@ def plot_comparison(results: ComparisonResults, folder: Path, base: Path | None 
     save_figure(fig, paths["kd-gain"], dpi=130)
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    # colour: the student; marker: the teacher (squares are the no-KD students)
     colours = {student: f"C{i}" for i, student in enumerate(dict.fromkeys(cell.student for cell in results.cells))}
+    markers = {teacher: "o^vDPX<>"[i % 8] for i, teacher in enumerate(sorted(set(kd["teacher"])))}
     for (teacher, student), rows in kd.groupby(["teacher", "student"], sort=True):
         rows = rows.assign(x=rows["ratio"].astype(float)).sort_values("x")
-        ax.plot(rows["x"], rows["recall_minority_mean"], marker="o", color=colours[student], label=f"KD {teacher} → {student}")
+        ax.plot(rows["x"], rows["recall_minority_mean"], marker=markers[teacher], color=colours[student], label=f"KD {teacher} → {student}")
     for student in colours:
         twins = sorted((c for c in no_kd if c.student == student), key=lambda c: float(c.ratio))
         ax.plot(
