@@ -179,13 +179,13 @@ def comparison_results(comparison_run_id: str) -> ComparisonResults:
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
-    newest: dict[tuple[str, ...], Cell] = {}
-    for cell in map(Cell, found):
-        newest.setdefault((cell.tags.get(RunTag.CELL_KD, ""), cell.teacher, cell.student, cell.ratio), cell)
-    cells = [cell for key, cell in newest.items() if key[0] in ("true", "false")]
+    newest: dict[tuple[object, ...], Cell] = {}
+    for cell in (Cell(found_run) for found_run in found if found_run.data.tags.get(RunTag.CELL_KD) in ("true", "false")):
+        newest.setdefault((cell.kd, cell.teacher, cell.student, cell.ratio), cell)
+    cells = list(newest.values())
     if not cells:
         raise PipelineError(f"comparison {name!r} (run {comparison_run_id}) has no finished cell runs yet")
-    cells.sort(key=lambda c: (float(c.ratio), not c.kd, c.teacher, c.metrics.get(Metric.STUDENT_PARAMS, math.nan), c.student))
+    cells.sort(key=lambda c: (float(c.ratio), not c.kd, c.teacher, c.metrics.get(Metric.STUDENT_PARAMS, math.inf), c.student))
     teachers = {run_id: client.get_run(run_id) for cell in cells for run_id in cell.teacher_run_ids}
     # The class names as the data's runs logged them (pipelines.tracking.log_data): a teacher's, else a cell's source run.
     source = next(iter(teachers.values()), None) or client.get_run(cells[0].tags[RunTag.CELL_SOURCE_RUN_ID])
@@ -263,9 +263,11 @@ def kd_table(results: ComparisonResults) -> pd.DataFrame:
                 f"p_{family}": test.pvalue,
             }
         rows.append(row)
+    if not rows:
+        raise PipelineError(f"comparison {results.name!r} (run {results.run.info.run_id}) has no finished KD cell yet")
     frame = pd.DataFrame(rows)
     for family in FAMILIES:
-        frame[f"p_{family}_holm"] = holm(frame[f"p_{family}"].tolist()) if len(frame) else []
+        frame[f"p_{family}_holm"] = holm(frame[f"p_{family}"].tolist())
     return frame
 
 
@@ -279,13 +281,11 @@ def comparison_blocks(results: ComparisonResults, figures: list[Figure], level: 
     params, run = results.run.data.params, results.run
     baseline, kd = baseline_table(results), kd_table(results)
     class_headers = [f"F1 {name}" + (" (minority)" if name == results.minority_class else "") for name in results.class_names]
+    keys = ["f1", "f1_macro", *(f"f1_{key}" for key in class_keys(results.class_names))]  # class keys may hold "-": not attributes
     baseline_rows = [
-        [ratio_label(row.ratio), row.model, row.kind, num(row.params, 0)]
-        + [
-            mean_std(getattr(row, f"{key}_mean"), getattr(row, f"{key}_std"))
-            for key in ["f1", "f1_macro", *(f"f1_{key}" for key in class_keys(results.class_names))]
-        ]
-        for row in baseline.itertuples()
+        [ratio_label(row["ratio"]), row["model"], row["kind"], num(row["params"], 0)]
+        + [mean_std(row[f"{key}_mean"], row[f"{key}_std"]) for key in keys]
+        for row in baseline.to_dict("records")
     ]
     kd_rows = [
         [
