@@ -3,11 +3,11 @@
 For a registered version (by stage or alias) it reads the promote run, the teacher run, the best trial's run,
 the no-KD cross-validation run and the Optuna study (:mod:`.gather`), computes the statistics (:mod:`.stats`),
 draws the figures (:mod:`.figures`) and writes ``methodology.{md,tex}``, ``results.{md,tex}`` (:mod:`.sections`,
-rendered by :mod:`pipelines.document`), a standalone ``report.tex``, ``report.json`` (every number used) and ``figures/``
-into a folder, then logs the folder as artifacts (``report/``) of the version's run. When a KD comparison
-(``search.comparison_tables``) ran on the version's data, its tables and figures close the results. Every number comes from the
-tracking store, the registry, the study or the stored artifacts (models, data manifest, hold-out predictions);
-none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
+rendered by :mod:`pipelines.document`), a standalone ``report.tex``, ``report.json`` (every number used) and
+``figures/`` into a folder, then logs the folder as artifacts (``report/``) of the version's run. When a KD
+comparison (``search.comparison_tables``) ran on the version's data, its tables and figures close the results.
+Every number comes from the tracking store, the registry, the study or the stored artifacts (models, data manifest,
+hold-out predictions); none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
 """
 
 from __future__ import annotations
