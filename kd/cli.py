@@ -106,7 +106,12 @@ def _report(cfg: Config, args: argparse.Namespace) -> Any:
     from registry.report import write_report
 
     return write_report(
-        cfg.model_name, *_stage_and_alias(args), out_dir=args.out_dir or None, storage=args.storage, resamples=args.resamples
+        cfg.model_name,
+        *_stage_and_alias(args),
+        out_dir=args.out_dir or None,
+        storage=args.storage,
+        resamples=args.resamples,
+        comparison=cfg.comparison,
     )
 
 
@@ -214,7 +219,7 @@ COMMANDS = {
     "report": Command(
         "Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs.",
         _report,
-        ("model_name",),
+        ("model_name", "comparison"),
         _report_options,
     ),
     "explain": Command(

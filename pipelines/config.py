@@ -364,6 +364,15 @@ class Config:
     model_name: str = field(default="brain-tumor-student", metadata={"help": "registered model name"})
     margin: float = field(default=0.0, metadata={"help": "hold-out F1 a new model must beat the champion by to be promoted"})
     force: bool = field(default=False, metadata={"help": "promote even if the gate refuses"})
+    comparison: str = field(
+        default="",
+        metadata={
+            "help": (
+                "report: the KD comparison whose tables to include, by run id or name (its newest finished run); empty = the newest "
+                "finished comparison on the reported version's data, if any"
+            )
+        },
+    )
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
     tracking_wait_s: float = field(
@@ -407,6 +416,10 @@ class Config:
                 f"fold={self.fold}: use -1 (all) or 0..{self.fold_count - 1} (folds x repeats = {self.folds} x {self.repeats})",
             ),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
+            (
+                not re.search(r"['\"`\\]", self.comparison),  # it is quoted in an MLflow search filter
+                f"comparison={self.comparison!r}: a comparison name or run id has no quotes or backslashes; give it without them",
+            ),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (
                 0 < self.heartbeat_interval < self.grace_period,

@@ -8,12 +8,14 @@ import json
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 from kdtest import child_env
 
 from pipelines.config import LIMITS, RANGE_LIMITS, STORAGE_URL_ENV, Config, PipelineError, build_parser
 
+ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("tensorflow", "keras", "mlflow", "optuna", "pandas", "sklearn", "sqlalchemy")
 # The `kd` commands that take the data and training options (as users and MLproject run them: `python -m kd <command>`).
 CLIS = ("prepare", "teacher", "distill", "main", "search", "promote", "export")
@@ -144,3 +146,17 @@ def test_kd_without_a_known_command_exits_2_naming_the_commands(argv: list[str],
     with pytest.raises(SystemExit) as done:
         main(argv)
     assert done.value.code == 2 and "usage: kd" in capsys.readouterr().err
+
+
+def test_the_report_takes_a_comparison_by_name_or_id_and_refuses_quotes() -> None:
+    from mlflow.projects._project_spec import load_project
+
+    from kd.cli import COMMANDS
+
+    assert Config(comparison="sizes-2026").comparison == "sizes-2026" and Config().comparison == ""
+    for bad in ("a'b", 'a"b', "a`b", "a\\b"):
+        with pytest.raises(PipelineError, match="^comparison="):
+            Config(comparison=bad)
+    assert COMMANDS["report"].parser("report").parse_args(["--comparison", "sizes"]).comparison == "sizes"
+    entry = load_project(str(ROOT)).get_entry_point("report")
+    assert entry.parameters["comparison"].default == Config().comparison and "--comparison {comparison}" in entry.command

@@ -362,3 +362,25 @@ def test_version_promoted_without_evidence_is_refused(tracked, tmp_path):
             write_report(MODEL, stage="Production", out_dir=tmp_path)
     finally:
         client.set_tag(run_id, RunTag.NO_KD_CV_RUN_ID, no_kd_run)
+
+
+def test_the_report_shows_the_comparison_on_its_data_or_the_one_named_and_no_other(tracked):
+    from test_comparison_tables import FIGURES, build_comparison  # a comparison run as compare leaves it, with seeded scores
+
+    root, paths = tracked
+    assert "Comparison" not in paths.results_md.read_text(), "no comparison ran: no section"
+    digest = resolve_version(MODEL, stage="Production").tags["data_digest"]
+    elsewhere = build_comparison("elsewhere", digest="cd" * 32, seed=5)
+    here = build_comparison("here", digest=digest, seed=6)
+    try:
+        found = write_report(MODEL, stage="Production", out_dir=root / "with-comparison", resamples=RESAMPLES)
+        text = found.results_md.read_text()
+        assert "\n## Comparison\n" in text and f"run {here}" in text and elsewhere not in text
+        assert json.loads(found.numbers.read_text())["comparison"]["run_id"] == here
+        assert all((found.folder / "figures" / f"comparison-{name}").is_file() for name in FIGURES.values())
+        assert "\\section{Comparison}" in found.results_tex.read_text() and found.results_tex.read_text().isascii()
+        named = write_report(MODEL, stage="Production", out_dir=root / "named-comparison", resamples=RESAMPLES, comparison="elsewhere")
+        assert f"run {elsewhere}" in named.results_md.read_text() and here not in named.results_md.read_text()
+    finally:
+        for run_id in (elsewhere, here):  # later tests' reports are of a store without comparisons
+            MlflowClient().delete_run(run_id)

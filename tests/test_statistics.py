@@ -54,3 +54,8 @@ def test_holm_caps_at_one_and_never_lowers_a_p_value():
     adjusted = holm(pvalues)
     assert all(1.0 >= q >= p for p, q in zip(pvalues, adjusted))
     assert holm([]) == [] and holm([0.04]) == [0.04]
+
+
+def test_holm_with_tied_p_values_matches_a_hand_computed_example():
+    # sorted: 0.001 x 4 = 0.004, 0.02 x 3 = 0.06, 0.02 x 2 = 0.04 -> raised to 0.06, 0.5 x 1 = 0.5; ties share one value
+    assert holm([0.02, 0.02, 0.5, 0.001]) == pytest.approx([0.06, 0.06, 0.5, 0.004])

@@ -3,10 +3,11 @@
 For a registered version (by stage or alias) it reads the promote run, the teacher run, the best trial's run,
 the no-KD cross-validation run and the Optuna study (:mod:`.gather`), computes the statistics (:mod:`.stats`),
 draws the figures (:mod:`.figures`) and writes ``methodology.{md,tex}``, ``results.{md,tex}`` (:mod:`.sections`,
-rendered by :mod:`.document`), a standalone ``report.tex``, ``report.json`` (every number used) and ``figures/``
-into a folder, then logs the folder as artifacts (``report/``) of the version's run. Every number comes from the
-tracking store, the registry, the study or the stored artifacts (models, data manifest, hold-out predictions);
-none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
+rendered by :mod:`pipelines.document`), a standalone ``report.tex``, ``report.json`` (every number used) and
+``figures/`` into a folder, then logs the folder as artifacts (``report/``) of the version's run. When a KD
+comparison (``search.comparison_tables``) ran on the version's data, its tables and figures close the results.
+Every number comes from the tracking store, the registry, the study or the stored artifacts (models, data manifest,
+hold-out predictions); none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT
+from pipelines.document import Table, latex_document, to_latex, to_markdown
 from pipelines.names import RunTag
-from registry.report.document import Table, latex_document, to_latex, to_markdown
 from registry.report.gather import gather
 from registry.report.sections import methodology, results
 from registry.report.stats import BOOTSTRAP_RESAMPLES
@@ -46,14 +47,17 @@ def write_report(
     out_dir: Path | str | None = None,
     storage: str = "",
     resamples: int = BOOTSTRAP_RESAMPLES,
+    comparison: str = "",
 ) -> ReportPaths:
     """Write the methodology and results (Markdown and LaTeX) of a registered version and log them to its run.
 
     ``out_dir`` defaults to ``reports/<model>-v<version>``; ``storage`` overrides the Optuna storage recorded by the search.
+    The results end with a section "Comparison" when a finished KD comparison ran on the version's data (same data
+    digest), or when ``comparison`` names one (run id or comparison name).
     """
     if stage is None and alias is None:
         stage = "Production"
-    s = gather(model_name, stage, alias, storage)
+    s = gather(model_name, stage, alias, storage, comparison)
     folder = Path(out_dir) if out_dir else PROJECT_ROOT / "reports" / f"{model_name}-v{s.version.version}"
     folder.mkdir(parents=True, exist_ok=True)
     method_blocks = methodology(s, resamples)

@@ -1,6 +1,6 @@
 """Everything a report is written from, read once from the store: the registered version, its promote run, the
-teacher run, the best trial's run, the no-KD cross-validation run, the search run, their artifacts, the models and
-the Optuna study. Read only: nothing here trains or writes."""
+teacher run, the best trial's run, the no-KD cross-validation run, the search run, their artifacts, the models,
+the Optuna study and the KD comparison on the same data, if one was run. Read only: nothing here trains or writes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mlflow.entities import Run
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError, build_parser, config_from_args
 from pipelines.names import RunTag, VersionTag
 from registry.evidence import ENVIRONMENT_ARTIFACT, PREDICTIONS_ARTIFACT
+from search.comparison_tables import ComparisonResults, comparison_results, find_comparison
 
 # The three models the report compares, by the key of their hold-out probabilities and metrics, with their names.
 MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
@@ -46,6 +47,7 @@ class Sources:
     study_note: str  # why the study could not be read
     models: object  # registry.explain.RegisteredModels
     selector: str = ""  # how the version was chosen, as `mlflow run -e report` parameters (-P stage=... or -P alias=...)
+    comparison: ComparisonResults | None = None  # the KD comparison on the version's data (or the one asked for), if any
 
     @property
     def class_names(self) -> list[str]:
@@ -112,8 +114,9 @@ def ensemble_cv(run_ids: str, splits: pd.DataFrame, classes: list[str], cfg: Con
     return teacher_cv_summary(run_ids, splits["sha256"].to_numpy(), labels, folds, classes)
 
 
-def gather(model_name: str, stage: str | None, alias: str | None, storage: str = "") -> Sources:
-    """Fetch the version, its runs, artifacts, models and study."""
+def gather(model_name: str, stage: str | None, alias: str | None, storage: str = "", comparison: str = "") -> Sources:
+    """Fetch the version, its runs, artifacts, models and study, and the comparison named by ``comparison`` (run id or
+    name), else the newest finished one on the version's data (same data digest), if any."""
     from registry.explain import load_models
     from registry.fetch import resolve_version
 
@@ -142,6 +145,7 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
     teacher_cv = teacher.data.metrics if len(members) == 1 else ensemble_cv(teacher_run_ids, splits, classes, run_config(teacher))
     study, note = search_study(search, storage)
     selector = f"-P alias={alias}" if alias else f"-P stage={stage}"
+    compared = find_comparison(comparison, version.tags.get(VersionTag.DATA_DIGEST, ""))
     return Sources(
         model_name,
         version,
@@ -161,6 +165,7 @@ def gather(model_name: str, stage: str | None, alias: str | None, storage: str =
         note,
         load_models(model_name, version),
         selector,
+        comparison_results(compared.info.run_id) if compared else None,
     )
 
 

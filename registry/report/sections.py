@@ -12,11 +12,12 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from pipelines.config import Config, PipelineError
+from pipelines.document import Block, Code, Equation, Figure, Heading, Math, bullets, num, para, table
 from pipelines.names import Metric, RunTag, VersionTag
-from registry.report.document import Block, Code, Equation, Figure, Heading, Math, bullets, num, para, table
 from registry.report.figures import confusion_figure, curve_figure, gradcam_examples, gradcam_figure, importance_figure
 from registry.report.gather import MODELS, Sources
 from registry.report.stats import BOOTSTRAP_RESAMPLES, METRICS, Findings, findings, per_class_f1_rows, per_class_scores, report_numbers
+from search.comparison_tables import ComparisonResults, comparison_blocks, comparison_numbers, plot_comparison
 
 # ---------------------------------------------------------------- methods
 
@@ -517,8 +518,12 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
         *holdout_figures(s, f, figures),
         importance_result(f, figures),
         gradcam_result(s, f, figures),
+        *comparison_result(s.comparison, out_dir),
     ]
-    return blocks, report_numbers(s, f)
+    numbers = report_numbers(s, f)
+    if s.comparison is not None:
+        numbers["comparison"] = comparison_numbers(s.comparison)
+    return blocks, numbers
 
 
 def holdout_description(f: Findings) -> str:
@@ -659,3 +664,10 @@ def gradcam_result(s: Sources, f: Findings, figures: Path) -> Block:
         + "); the map explains each model's predicted class and is drawn over the scan, "
         "except where it is zero everywhere (the panel title says so).",
     )
+
+
+def comparison_result(comparison: ComparisonResults | None, out_dir: Path) -> list[Block]:
+    """Section "Comparison": the KD comparison's tables and figures (``search.comparison_tables``), when the report has one."""
+    if comparison is None:
+        return []
+    return comparison_blocks(comparison, plot_comparison(comparison, out_dir / "figures", base=out_dir, prefix="comparison-"))

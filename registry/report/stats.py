@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.config import PipelineError
 from pipelines.evaluate import class_keys, classification_metrics
 from pipelines.names import Metric
 from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from registry.report.gather import MODELS, Sources, holdout_arrays
+from search.comparison_tables import fold_scores
 
 METRICS = {
     "f1": "F1",
@@ -56,10 +56,7 @@ def bootstrap_intervals(
 
 def fold_f1(metrics: dict[str, float], fold_count: int, who: str) -> list[float]:
     """A model's F1 of every validation fold entry (folds x repeats), in entry order (``f1_fold_<k>``)."""
-    missing = [k for k in range(fold_count) if Metric.fold_f1(k) not in metrics]
-    if missing:
-        raise PipelineError(f"the {MODELS[who]}'s cross-validation has no F1 for fold(s) {missing}; the paired test needs every fold")
-    return [metrics[Metric.fold_f1(k)] for k in range(fold_count)]
+    return fold_scores(metrics, fold_count, Metric.fold_f1, f"the {MODELS[who]}'s cross-validation")
 
 
 def paired_test(kd: list[float], no_kd: list[float], folds: int) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """A tiny document model rendered to Markdown and to LaTeX, so both come from one list of blocks.
 
-Text is plain; :class:`Code` and :class:`Math` spans mark what each format typesets differently.
+Text is plain; :class:`Code` and :class:`Math` spans mark what each format typesets differently. The report
+(``registry.report``) and the comparison's tables (``search.comparison_tables``) are written with it, so they print
+numbers and escape LaTeX alike.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ LATEX_ESCAPES = {
     "−": "--",
     "–": "--",
     "α": r"$\alpha$",
+    "Δ": r"$\Delta$",
     "→": r"$\rightarrow$",
     "·": r"$\cdot$",
     "²": r"$^2$",
