@@ -4,15 +4,20 @@ statistics; and quantization-aware training, whose INT8 export predicts what its
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import keras
 import mlflow
 import numpy as np
 import pytest
-from kdtest import tracking_at
+from kdtest import tiny_config, tracking_at
 
 from pipelines.config import Config, PipelineError
 from pipelines.evaluate import model_logits
-from pipelines.models import build_student, load_keras_model, recalibrate_batch_norm
+from pipelines.models import FakeQuant, build_student, load_keras_model, recalibrate_batch_norm
+from pipelines.names import Metric
+from pipelines.prepare import prepare_data
 from pipelines.quantize import TFLiteModel, fine_tune_qat, float_ops, fold_batch_norm, int8_export, qat_model
 
 
@@ -69,7 +74,6 @@ def test_precise_batch_norm_statistics_normalise_the_images_they_were_computed_o
 
 def test_a_qat_models_int8_export_predicts_what_its_fake_quantized_keras_model_predicts(real_data_dir, tmp_path) -> None:
     from pipelines.distiller import Distiller
-    from pipelines.prepare import prepare_data
     from pipelines.training import train_on_all_data
 
     cfg = Config(
@@ -114,3 +118,23 @@ def test_qat_model_keeps_the_student_and_starts_from_its_function() -> None:
     float_logits, qat_logits = model_logits(student, images), model_logits(qat, images)
     # 8-bit rounding moves the logits by a few quantization steps, not more
     assert np.max(np.abs(float_logits - qat_logits)) < 0.05 * np.max(np.abs(float_logits)) + 0.05
+
+
+@pytest.mark.slow
+def test_distill_with_qat_fine_tunes_logs_and_saves_every_folds_quantization_aware_student(tmp_path) -> None:
+    from pipelines.distill import distill
+
+    cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=1, teacher_arch="resnet:S", student_norm="batch", qat=True)
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        run = mlflow.get_run(distill(cfg))
+        with tempfile.TemporaryDirectory() as tmp:
+            models = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="models", dst_path=tmp))
+            qat_models = [load_keras_model(models / f"student_qat_fold_{k}.keras") for k in range(2)]
+            students = [load_keras_model(models / f"student_fold_{k}.keras") for k in range(2)]
+    assert run.data.params["qat"] == "True" and run.data.params["student_norm"] == "batch" and "kd.teacher_run_id" in run.data.tags
+    metrics = run.data.metrics
+    assert 0.0 <= metrics[Metric.QAT_F1_MEAN] <= 1.0 and {"qat_f1_fold_0", "qat_f1_fold_1", "f1_mean"} <= set(metrics)
+    assert all(any(isinstance(layer, FakeQuant) for layer in model.layers) for model in qat_models)
+    assert all(any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers) for model in students), "float kept"
+    images = prepare_data(cfg).images[:20]
+    assert float_ops(int8_export(qat_models[0], images)) == []
