@@ -24,6 +24,9 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEDUPE_MODES = ("drop", "keep", "error")
 KD_MODES = ("standard", "consistent")  # what prepare does with hold-out images that duplicate training images
+# The student's normalisation: GroupNorm (default), BatchNorm (folds into the convolutions: an all-INT8 TFLite graph)
+# or none (a bias instead).
+STUDENT_NORMS = ("group", "batch", "none")
 
 
 class PipelineError(Exception):
@@ -294,6 +297,25 @@ class Config:
         },
     )
     student_size: str = field(default="small", metadata={"help": "tiny, small, medium, large or WIDTHxDEPTH, e.g. 24x3"})
+    student_norm: str = field(
+        default="group",
+        metadata={
+            "help": (
+                "the student's normalisation: group (GroupNorm, no INT8 kernel: the INT8 export falls back to float around it), batch "
+                "(BatchNorm, statistics recomputed on the training images after training, folded into the convolutions for INT8) or "
+                "none; batch and none export to an all-integer TFLite graph"
+            )
+        },
+    )
+    qat: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "quantization-aware training: fine-tune the distilled student with fake-quantized weights (per channel) and activations "
+                "under the same KD loss, and keep that model for the INT8 export; needs student_norm=batch or none"
+            )
+        },
+    )
     # distillation
     temperature: float = field(default=5.0, metadata={"help": "softmax temperature T"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the hard-label loss; 1 - alpha weighs the KD term"})
@@ -401,6 +423,12 @@ class Config:
             (self.precision in ("float32", "bfloat16"), f"precision={self.precision!r}: use 'float32' or 'bfloat16'"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.kd_mode in KD_MODES, f"kd_mode={self.kd_mode!r}: use {' or '.join(KD_MODES)}"),
+            (self.student_norm in STUDENT_NORMS, f"student_norm={self.student_norm!r}: use {', '.join(STUDENT_NORMS)}"),
+            (
+                not self.qat or self.student_norm != "group",
+                "qat=true with student_norm=group: GroupNorm has no INT8 kernel, so its export cannot be all-integer; use "
+                "student_norm=batch or student_norm=none",
+            ),
             (
                 self.teacher_image_size == 0 or self.teacher_image_size in LIMITS["image_size"],
                 f"teacher_image_size={self.teacher_image_size}: use 0 (the student's image_size) or a size in {LIMITS['image_size']}",
@@ -481,7 +509,7 @@ TEACHER_PARAMS = (
     DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_seed_offset", "teacher_weights", "teacher_image_size", "kd_mode", "kd_views")
 )
 # The teacher's settings too: a student distilled from another teacher is another student.
-DISTILL_PARAMS = TEACHER_PARAMS + ("student_size", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
+DISTILL_PARAMS = TEACHER_PARAMS + ("student_size", "student_norm", "qat", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
 # What a student without a teacher (no_kd, or alpha = 1) does not depend on.
 TEACHER_ONLY_PARAMS = (
     "teacher_arch",
@@ -513,6 +541,7 @@ SEARCH_PARAMS = (
         "teacher_mode",
         "kd_mode",
         "kd_views",
+        "student_norm",
         "n_trials",
         "study_name",
         "objectives",

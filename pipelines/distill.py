@@ -3,7 +3,8 @@
 The teachers come from a finished teacher run with the same data, parameters and code, trained first if there is
 none. ``cached`` mode reads the teacher's stored logits; ``online`` runs the teacher on every step.
 ``kd_mode=consistent`` shows teacher and student the same augmented view (pipelines/views.py): the cached logits
-of the teacher's views, or, online, the very (mixup) batch the student trains on.
+of the teacher's views, or, online, the very (mixup) batch the student trains on. ``qat=true`` fine-tunes every fold's
+student with fake quantization (pipelines/quantize.py) and logs and saves those models beside the float ones.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import mlflow
 
 from pipelines.config import Config, distill_params
 from pipelines.distiller import Distiller
-from pipelines.evaluate import write_evaluation_artifacts
+from pipelines.evaluate import classification_metrics, model_logits, probabilities, write_evaluation_artifacts
 from pipelines.locks import teacher_lock
 from pipelines.models import build_student
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
+from pipelines.quantize import fine_tune_qat
 from pipelines.teacher import load_teacher_logits, load_teacher_model, teacher_cv_summary, train_teacher
 from pipelines.tracking import reuse_finished, step_run
-from pipelines.training import CrossValidation, cross_validate
+from pipelines.training import CrossValidation, cross_validate, set_seed, summarize_folds
 
 
 def describe_student(cfg: Config) -> str:
@@ -57,7 +59,7 @@ def cross_validate_student(
     )
 
     def build_trainer(k: int) -> Distiller:
-        student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k)
+        student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k, norm=cfg.student_norm)
         teacher = load_teacher_model(teacher_run_id, f"fold_{k}") if teacher_run_id and cfg.teacher_mode == "online" else None
         trainer = Distiller(student, teacher, cfg.temperature, alpha, dataset.binary)
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
@@ -65,8 +67,49 @@ def cross_validate_student(
 
     view_logits = (lambda k: cached.get(f"views_fold_{k}")) if cfg.kd_mode == "consistent" else None
     return cross_validate(
-        prepared, cfg, fold_ids, build_trainer, lambda k: cached.get(f"fold_{k}"), describe_student(cfg), on_fold, view_logits
+        prepared,
+        cfg,
+        fold_ids,
+        build_trainer,
+        lambda k: cached.get(f"fold_{k}"),
+        describe_student(cfg),
+        on_fold,
+        view_logits,
+        recalibrate=cfg.student_norm == "batch",
     )
+
+
+def quantization_aware_folds(
+    cfg: Config, prepared: Prepared, teacher_run_id: str | None, cv: CrossValidation
+) -> tuple[list[keras.Model], dict[str, float]]:
+    """``qat=true``: each fold's trained student fine-tuned with fake quantization (:func:`pipelines.quantize.fine_tune_qat`)
+    on its fold's training images under the same KD loss, guided by the same fold teacher (its cached logits of the plain
+    images, or the model online), and evaluated on the fold's validation images like the student. Returns the QAT models
+    and their metrics as ``qat_<metric>`` (``qat_f1_mean``, ``qat_f1_fold_<k>``, ...)."""
+    dataset, images = prepared.dataset, prepared.images
+    online = bool(teacher_run_id) and cfg.teacher_mode == "online"
+    cached = load_teacher_logits(teacher_run_id, dataset.manifest["sha256"].to_numpy()) if teacher_run_id and not online else {}
+    models, fold_metrics = [], []
+    for k, student, float_metrics in zip(cv.fold_ids, cv.models, cv.fold_metrics):
+        train_rows, val_rows = prepared.splits.folds[k]
+        logits = cached.get(f"fold_{k}")
+        set_seed(cfg.seed + k)
+        qat = fine_tune_qat(
+            student,
+            cfg,
+            images[train_rows],
+            dataset.labels[train_rows],
+            None if logits is None else logits[train_rows],
+            load_teacher_model(teacher_run_id, f"fold_{k}") if online else None,
+            prefix=f"qat_fold_{k}_",
+            describe=f"{describe_student(cfg)} fold {k} QAT",
+        )
+        probs = probabilities(model_logits(qat, images[val_rows]), dataset.binary)
+        fold_metrics.append(classification_metrics(dataset.labels[val_rows], probs, dataset.class_names))
+        print(f"{describe_student(cfg)}: fold {k} QAT F1 {fold_metrics[-1]['f1']:.4f} (float {float_metrics['f1']:.4f})")
+        models.append(qat)
+    summary = summarize_folds(cv.fold_ids, fold_metrics)
+    return models, {f"{Metric.QAT_PREFIX}{name}": value for name, value in summary.items()}
 
 
 def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
@@ -98,11 +141,15 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
         summary = cv.summary()
         student_params = cv.models[0].count_params()
         mlflow.log_metrics({**summary, Metric.STUDENT_PARAMS: student_params})
+        qat_models, qat_summary = quantization_aware_folds(cfg, prepared, teacher_run_id, cv) if cfg.qat else ([], {})
+        mlflow.log_metrics(qat_summary)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             (out / "models").mkdir()
             for k, model in zip(fold_ids, cv.models):
                 model.save(out / "models" / f"student_fold_{k}.keras")
+            for k, model in zip(fold_ids, qat_models):
+                model.save(out / "models" / f"student_qat_fold_{k}.keras")
             labels = dataset.labels[cv.oof_rows]
             write_evaluation_artifacts(
                 labels, cv.oof_probs, dataset.class_names, out / "evaluation", f"{describe}, out-of-fold", cv.confusion_matrices()
@@ -110,6 +157,8 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
             mlflow.log_artifacts(tmp)
         print(
             f"{describe}: F1 {summary[Metric.F1_MEAN]:.4f} ± {summary[Metric.F1_STD]:.4f} over {len(fold_ids)} fold(s), "
-            f"{student_params:,} parameters, run {run.info.run_id}"
+            f"{student_params:,} parameters"
+            + (f"; QAT F1 {qat_summary[Metric.QAT_F1_MEAN]:.4f}" if qat_summary else "")
+            + f", run {run.info.run_id}"
         )
         return run.info.run_id

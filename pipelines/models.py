@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
 from pipelines.config import STUDENT_PRESETS, PipelineError, parse_student_size, parse_teacher  # noqa: F401 (STUDENT_PRESETS: part of this module's API)
@@ -24,6 +25,8 @@ HYBRID_SIZES = {"S": (64, 2, 2), "M": (96, 4, 4), "L": (128, 6, 4)}
 # The hybrid's convolutional stem halves the image until at most this many tokens per side remain: attention costs
 # the square of the token count, and a 16x16 grid still resolves a lesion of a few percent of the slice.
 HYBRID_MAX_GRID = 16
+# The package name under which this project's own layers are registered (keras.saving.register_keras_serializable).
+CUSTOM_PACKAGE = "kd_brain"
 
 
 def normalization(channels: int, name: str | None = None) -> layers.Layer:
@@ -34,13 +37,17 @@ def normalization(channels: int, name: str | None = None) -> layers.Layer:
     return layers.GroupNormalization(groups=math.gcd(8, channels), name=name)
 
 
-def global_pool(x):
+def global_pool(x, quantized: bool = False):
     """Average and max pooling side by side: a tumour is a local finding, and averaging alone dilutes a
     small lesion over the whole slice. Every layer is named (here and below): the report's layer tables and
-    Grad-CAM read these names, and Keras' own (``conv2d_78``) depend on how many models the process built."""
-    return layers.Concatenate(name="pooled")(
-        [layers.GlobalAveragePooling2D(name="global_avg_pool")(x), layers.GlobalMaxPooling2D(name="global_max_pool")(x)]
-    )
+    Grad-CAM read these names, and Keras' own (``conv2d_78``) depend on how many models the process built.
+
+    ``quantized``: fake quantization of the average (max pooling keeps its input's range) and of the concatenation."""
+    average = layers.GlobalAveragePooling2D(name="global_avg_pool")(x)
+    if quantized:
+        average = FakeQuant(name="global_avg_pool_quant")(average)
+    pooled = layers.Concatenate(name="pooled")([average, layers.GlobalMaxPooling2D(name="global_max_pool")(x)])
+    return FakeQuant(name="pooled_quant")(pooled) if quantized else pooled
 
 
 def output_units(num_classes: int) -> int:
@@ -48,23 +55,118 @@ def output_units(num_classes: int) -> int:
     return 1 if num_classes == 2 else num_classes
 
 
-def build_student(size: str, image_size: int, num_classes: int, seed: int = 0) -> keras.Model:
-    """A small plain CNN: ``depth`` blocks of conv-GroupNorm-ReLU and max-pooling, widths doubling, then average and max pooling."""
+# BatchNorm's moving averages follow the last ~10 steps, not ~100 (Keras' 0.99): a few hundred scans give a handful of
+# steps per epoch, and early stopping reads the validation loss through these statistics from the first epoch on.
+BATCH_NORM_MOMENTUM = 0.9
+
+
+def student_normalization(norm: str, channels: int, name: str) -> layers.Layer | None:
+    """The student's normalisation layer (``student_norm``): GroupNorm, BatchNorm or none."""
+    if norm == "group":
+        return normalization(channels, name=name)
+    if norm == "batch":
+        return layers.BatchNormalization(momentum=BATCH_NORM_MOMENTUM, name=name)
+    return None
+
+
+def build_student(size: str, image_size: int, num_classes: int, seed: int = 0, norm: str = "group", quantized: bool = False) -> keras.Model:
+    """A small plain CNN: ``depth`` blocks of conv-norm-ReLU and max-pooling, widths doubling, then average and max pooling.
+
+    ``norm`` (``student_norm``): ``group``, ``batch`` or ``none``; without one, the convolutions have a bias.
+    ``quantized``: the quantization-aware form of a ``none`` student (pipelines/quantize.py fills it with a trained
+    student's folded weights): kernels fake-quantized per output channel, the image and every activation that TFLite
+    keeps as its own int8 tensor fake-quantized per tensor with trained ranges; layer names are the float student's.
+    """
+    if quantized and norm != "none":
+        raise PipelineError(f"a quantized student has its normalisation folded into the convolutions: norm='none', not {norm!r}")
     width, depth = parse_student_size(size)
     init = keras.initializers.HeNormal(seed=seed)
+    conv = FakeQuantConv2D if quantized else layers.Conv2D
     inputs = keras.Input((image_size, image_size, 1), name="image")
-    x = inputs
+    x = FakeQuant(name="image_quant")(inputs) if quantized else inputs
     for block in range(depth):
-        x = layers.Conv2D(width * 2**block, 3, padding="same", use_bias=False, kernel_initializer=init, name=f"block{block + 1}_conv")(x)
-        x = normalization(width * 2**block, name=f"block{block + 1}_norm")(x)
+        channels = width * 2**block
+        x = conv(channels, 3, padding="same", use_bias=norm == "none", kernel_initializer=init, name=f"block{block + 1}_conv")(x)
+        norm_layer = student_normalization(norm, channels, name=f"block{block + 1}_norm")
+        x = norm_layer(x) if norm_layer is not None else x
         x = layers.ReLU(name=f"block{block + 1}_relu")(x)
+        if quantized:
+            x = FakeQuant(name=f"block{block + 1}_quant")(x)
         x = layers.MaxPooling2D(name=f"block{block + 1}_pool")(x)
-    x = global_pool(x)
+    x = global_pool(x, quantized)
     x = layers.Dropout(0.2, seed=seed, name="head_dropout")(x)
-    outputs = layers.Dense(
+    outputs = (FakeQuantDense if quantized else layers.Dense)(
         output_units(num_classes), name="logits", dtype="float32", kernel_initializer=keras.initializers.GlorotUniform(seed=seed)
     )(x)
-    return keras.Model(inputs, outputs, name=f"student_{width}x{depth}")
+    if quantized:
+        outputs = FakeQuant(name="logits_quant")(outputs)
+    return keras.Model(inputs, outputs, name=f"student_{width}x{depth}" + ("_qat" if quantized else ""))
+
+
+def layer_inputs(model: keras.Model, layer: layers.Layer, images: np.ndarray, batch_size: int = 64):
+    """What ``layer`` receives when ``model`` (in inference mode) sees ``images``, batch by batch (as numpy arrays)."""
+    probe = keras.Model(model.input, layer.input)
+    for start in range(0, len(images), batch_size):
+        yield np.asarray(probe(images[start : start + batch_size], training=False))
+
+
+def recalibrate_batch_norm(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> None:
+    """Precise BatchNorm (Wu and Johnson 2021): every BatchNorm layer's moving mean and variance replaced by the exact
+    statistics of its inputs over ``images``, first layer to last, the network in inference mode. What inference then
+    normalises with is what the trained weights saw, not a moving average of a few steps of changing weights."""
+    for layer in [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]:
+        count, total, squares = 0, 0.0, 0.0
+        for features in layer_inputs(model, layer, images, batch_size):
+            features = features.reshape(-1, features.shape[-1]).astype(np.float64)
+            count, total, squares = count + len(features), total + features.sum(0), squares + (features**2).sum(0)
+        mean = total / count
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(np.maximum(squares / count - mean**2, 0.0).astype(np.float32))
+
+
+@keras.saving.register_keras_serializable(package=CUSTOM_PACKAGE)
+class FakeQuant(layers.Layer):
+    """Per-tensor 8-bit fake quantization of an activation with a trained range (straight-through gradients, the range's
+    own gradients from TensorFlow's FakeQuantWithMinMaxVars, which the TFLite converter reads as the tensor's int8 scale).
+
+    The range starts empty and is set from data by :func:`pipelines.quantize.qat_model` before training."""
+
+    def build(self, input_shape):
+        self.range_min = self.add_weight(name="range_min", shape=(), initializer="zeros")
+        self.range_max = self.add_weight(name="range_max", shape=(), initializer="ones")
+
+    def call(self, inputs):
+        return keras.quantizers.fake_quant_with_min_max_vars(inputs, self.range_min, self.range_max, num_bits=8)
+
+
+def _fake_quant_kernel(kernel, axis):
+    """Symmetric 8-bit fake quantization of a kernel (TFLite's int8 weights: zero point 0, range [-127, 127]), per output
+    channel (``axis``) or per tensor (None), its range the kernel's own largest magnitude at every step."""
+    reduce = tuple(range(len(kernel.shape) - 1)) if axis is not None else None
+    bound = keras.ops.maximum(keras.ops.max(keras.ops.abs(kernel), axis=reduce), 1e-8)
+    return keras.quantizers.fake_quant_with_min_max_vars(kernel, -bound, bound, num_bits=8, narrow_range=True, axis=axis)
+
+
+@keras.saving.register_keras_serializable(package=CUSTOM_PACKAGE)
+class FakeQuantConv2D(layers.Conv2D):
+    """A Conv2D whose kernel is fake-quantized per output channel."""
+
+    def convolution_op(self, inputs, kernel):
+        return super().convolution_op(inputs, _fake_quant_kernel(kernel, axis=-1))
+
+
+@keras.saving.register_keras_serializable(package=CUSTOM_PACKAGE)
+class FakeQuantDense(layers.Dense):
+    """A Dense layer whose kernel is fake-quantized per tensor (TFLite's int8 fully connected layer takes one weight scale)."""
+
+    def call(self, inputs, training=None):
+        outputs = keras.ops.matmul(inputs, _fake_quant_kernel(self.kernel, axis=None))
+        return self.activation(outputs + self.bias if self.use_bias else outputs)
+
+
+# Custom layers that load in safe mode: registered by name in this module, so a saved config can only name them,
+# never carry code (:func:`load_keras_model` accepts these names and no other non-Keras object).
+SAFE_CUSTOM_OBJECTS = frozenset(f"{CUSTOM_PACKAGE}>{cls.__name__}" for cls in (FakeQuant, FakeQuantConv2D, FakeQuantDense))
 
 
 def _residual_block(x, filters: int, stride: int, init, name: str):
@@ -201,6 +303,8 @@ def _unsafe_objects(config) -> set[str]:
         module, name = config.get("module"), config.get("class_name")
         if name in ("Lambda", "__lambda__"):
             found.add("a Lambda layer")
+        elif config.get("registered_name") in SAFE_CUSTOM_OBJECTS and module == __name__:
+            pass  # this module's own layers, looked up by their registered name
         elif isinstance(module, str) and module != "keras" and not module.startswith("keras."):
             found.add(f"{module}.{name}")
         for value in config.values():

@@ -80,6 +80,10 @@ class Metric:
     RECALL_MINORITY_MEAN = "recall_minority_mean"
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
+    # Quantization-aware training (qat=true): the QAT models' metrics carry this prefix (qat_f1_mean, qat_f1_fold_<k>, ...).
+    QAT_PREFIX = "qat_"
+    QAT_F1_MEAN = "qat_f1_mean"
+    HOLDOUT_QAT_F1 = "holdout_qat_f1"  # promote: the QAT model's (fake-quantized Keras) hold-out F1
 
     @staticmethod
     def fold_f1(k: int) -> str:

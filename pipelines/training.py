@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
 from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities
+from pipelines.models import recalibrate_batch_norm
 from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -250,6 +251,7 @@ def cross_validate(
     describe: str,
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
     view_logits: Callable[[int], np.ndarray | None] | None = None,
+    recalibrate: bool = False,
 ) -> CrossValidation:
     """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
 
@@ -259,6 +261,8 @@ def cross_validate(
     ``view_logits`` makes training consistent (:func:`make_dataset` with view keys): ``view_logits(k)`` gives the
     cached logits of every row's views ``(N, views, units)``, or None for fresh views every step (online or no KD);
     the validation rows stay plain images with ``teacher_logits(k)``.
+    ``recalibrate``: each trained model's BatchNorm statistics recomputed on its training images before it is evaluated
+    (:func:`pipelines.models.recalibrate_batch_norm`; the student with ``student_norm=batch``).
     """
     dataset, images = prepared.dataset, prepared.images
     labels = dataset.labels
@@ -293,6 +297,8 @@ def cross_validate(
         )
         best_epochs.append(fit(trainer, train, validation, cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
         student = as_float32(trainer.student)
+        if recalibrate:
+            recalibrate_batch_norm(student, images[train_rows])
         probs = probabilities(model_logits(student, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
         fold_matrices.append(confusion_matrix(labels[val_rows], probs))
@@ -314,12 +320,14 @@ def train_on_all_data(
     describe: str,
     prefix: str = "all_",
     consistent: bool = False,
+    recalibrate: bool = False,
 ) -> keras.Model:
     """Train the compiled :class:`Distiller` ``build_trainer()`` gives on every non-test row for a fixed number of
     epochs (no validation split is left to stop on); returns its student as a float32 model.
 
     ``consistent``: consistent batches (:func:`make_dataset` with view keys); ``teacher_logits`` are then the cached
-    logits of every row's views ``(N, views, units)``, or None for fresh views (online or no KD)."""
+    logits of every row's views ``(N, views, units)``, or None for fresh views (online or no KD). ``recalibrate``: the
+    BatchNorm statistics recomputed on the training images afterwards, as in :func:`cross_validate`."""
     with training_precision(cfg.precision):
         trainer = build_trainer()
     labels, rows = prepared.dataset.labels, prepared.splits.train
@@ -339,4 +347,7 @@ def train_on_all_data(
     )
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
-    return as_float32(trainer.student)
+    student = as_float32(trainer.student)
+    if recalibrate:
+        recalibrate_batch_norm(student, prepared.images[rows])
+    return student

@@ -40,7 +40,8 @@ def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], 
             frame[f"{who}_prob_{name}"] = values[:, index]
     mlflow.log_text(frame.to_csv(index=False), PREDICTIONS_ARTIFACT)
     mlflow.log_dict(describe_machine(), ENVIRONMENT_ARTIFACT)
-    no_kd_run_id = distill(cfg.replace(no_kd=True), prepared, nested=True)
+    # Not quantization-aware: the trial runs it is paired with are the search's float students.
+    no_kd_run_id = distill(cfg.replace(no_kd=True, qat=False), prepared, nested=True)
     mlflow.set_tags({RunTag.NO_KD_CV_RUN_ID: no_kd_run_id, RunTag.TRIAL_RUN_ID: trial_run_id})
     return no_kd_run_id
 

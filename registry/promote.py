@@ -42,6 +42,7 @@ from pipelines.machine import pinned_requirements
 from pipelines.models import build_student
 from pipelines.names import Metric, RunTag, VersionTag
 from pipelines.prepare import Prepared, prepare_data
+from pipelines.quantize import fine_tune_qat
 from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
@@ -70,13 +71,34 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
     set_seed(cfg.seed)
 
     def build_trainer() -> Distiller:
-        student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed)
+        student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed, norm=cfg.student_norm)
         trainer = Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
         return trainer
 
     consistent = cfg.kd_mode == "consistent"
-    return train_on_all_data(prepared, cfg, build_trainer, teacher_logits, epochs, describe, prefix=prefix, consistent=consistent)
+    recalibrate = cfg.student_norm == "batch"
+    return train_on_all_data(
+        prepared, cfg, build_trainer, teacher_logits, epochs, describe, prefix=prefix, consistent=consistent, recalibrate=recalibrate
+    )
+
+
+def _qat_student(cfg: Config, prepared: Prepared, student: keras.Model, teacher_logits: np.ndarray, epochs: int) -> keras.Model:
+    """``qat=true``: the all-data KD student fine-tuned with fake quantization under the same loss, on the same images
+    with the all-data teacher's logits of them (pipelines.quantize.fine_tune_qat, for a fifth of the student's epochs);
+    ``pipelines.quantize.int8_export`` of it is the INT8 model with the ranges it learnt."""
+    set_seed(cfg.seed)
+    rows = prepared.splits.train
+    labels = prepared.dataset.labels[rows]
+    return fine_tune_qat(
+        student,
+        cfg.replace(epochs=epochs),
+        prepared.images[rows],
+        labels,
+        teacher_logits[rows],
+        prefix="qat_all_",
+        describe="student (KD, QAT)",
+    )
 
 
 def study_best(cfg: Config) -> tuple[optuna.trial.FrozenTrial, Config, Config]:
@@ -176,6 +198,7 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
         # views: the same loss as running that teacher on each view (tests/test_teachers.py), without mixup.
         kd_logits = stored["views_all"] if cfg.kd_mode == "consistent" else all_logits
         student = _student(cfg, prepared, kd_logits, epochs, "student (KD)", "student_all_")
+        qat_student = _qat_student(cfg, prepared, student, all_logits, epochs) if cfg.qat else None
         baseline = _student(cfg.replace(no_kd=True), prepared, None, epochs, "student (no KD)", "no_kd_all_")
 
         labels, test = prepared.dataset.labels, prepared.splits.test
@@ -185,6 +208,9 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             "teacher": probabilities(all_logits[test], prepared.dataset.binary),
         }
         holdout = {who: classification_metrics(labels[test], probs, prepared.dataset.class_names) for who, probs in holdout_probs.items()}
+        if qat_student is not None:
+            qat_probs = probabilities(model_logits(qat_student, prepared.images[test]), prepared.dataset.binary)
+            mlflow.log_metric(Metric.HOLDOUT_QAT_F1, classification_metrics(labels[test], qat_probs)["f1"])
         log_evidence(cfg, prepared, holdout_probs, best.user_attrs.get("mlflow_run_id", ""))
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
         # Scope holdout_<who> goes with the metrics holdout_<who>_f1_<class> (fetch prints the student's).

@@ -100,6 +100,7 @@ BAD = [
     ("student_size", "4096x9"),
     ("width_range", "8,100000"),
     ("modality", "dwi"),
+    ("student_norm", "layer"),
     ("storage", "postgresql://kd:PgSecretPw99@db/optuna"),
 ]
 

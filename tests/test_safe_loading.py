@@ -105,6 +105,26 @@ def test_non_keras_objects_in_the_config_are_refused(tmp_path: Path, marker: Pat
     )
 
 
+@pytest.mark.parametrize(
+    "module, class_name, registered_name",
+    [("os", "system", "kd_brain>FakeQuant"), ("pipelines.models", "PipelineError", "kd_brain>PipelineError")],
+)
+def test_only_this_projects_own_quantization_layers_pass_as_registered_objects(
+    tmp_path: Path, module: str, class_name: str, registered_name: str
+) -> None:
+    """A quantization-aware student's fake-quantization layers load in safe mode by their registered names; a config that
+    keeps such a name but points at another module, or names another object of ours, is refused."""
+    build_student("tiny", 32, 2, norm="none", quantized=True).save(tmp_path / "qat.keras")
+    assert load_keras_model(tmp_path / "qat.keras").name == "student_8x2_qat"
+
+    def smuggle(config):
+        layer = next(layer for layer in config["config"]["layers"] if layer.get("registered_name") == "kd_brain>FakeQuant")
+        layer["module"], layer["class_name"], layer["registered_name"] = module, class_name, registered_name
+
+    with pytest.raises(PipelineError, match=f"refused: the model contains {module}.{class_name}"):
+        load_keras_model(_with_config(tmp_path / "qat.keras", tmp_path / "smuggled.keras", smuggle))
+
+
 @pytest.mark.parametrize("name", ["model.pkl", "student.keras", "teacher.h5"])
 def test_pickles_in_any_name_are_refused_unopened(pickle_file: Path, marker: Path, tmp_path: Path, name: str, reliability) -> None:
     path = tmp_path / "renamed" / name
