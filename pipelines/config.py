@@ -23,7 +23,11 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEDUPE_MODES = ("drop", "keep", "error")
-KD_MODES = ("standard", "consistent")  # what prepare does with hold-out images that duplicate training images
+KD_MODES = ("standard", "consistent")
+# How the promoted model's network runs when served (registry/model.py); auto: promote picks the fastest whose
+# hold-out F1 is within SERVING_F1_TOLERANCE of the Keras student's.
+SERVING_FORMATS = ("auto", "keras", "tflite-float32", "tflite-int8")
+SERVING_F1_TOLERANCE = 0.005  # what prepare does with hold-out images that duplicate training images
 
 
 class PipelineError(Exception):
@@ -340,6 +344,15 @@ class Config:
     model_name: str = field(default="brain-tumor-student", metadata={"help": "registered model name"})
     margin: float = field(default=0.0, metadata={"help": "hold-out F1 a new model must beat the champion by to be promoted"})
     force: bool = field(default=False, metadata={"help": "promote even if the gate refuses"})
+    serving_format: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "how the registered model runs when served: keras, tflite-float32 or tflite-int8; auto = the fastest at batch 1 whose "
+                f"hold-out F1 is within {SERVING_F1_TOLERANCE} of the Keras student's"
+            )
+        },
+    )
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
     tracking_wait_s: float = field(
@@ -383,6 +396,7 @@ class Config:
                 f"fold={self.fold}: use -1 (all) or 0..{self.fold_count - 1} (folds x repeats = {self.folds} x {self.repeats})",
             ),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
+            (self.serving_format in SERVING_FORMATS, f"serving_format={self.serving_format!r}: use {', '.join(SERVING_FORMATS)}"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (
                 0 < self.heartbeat_interval < self.grace_period,

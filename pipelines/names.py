@@ -28,6 +28,7 @@ class RunTag:
     REGISTERED_VERSION = "kd.registered_version"
     PROMOTED = "kd.promoted"
     GATE = "kd.gate"
+    SERVING_FORMAT = "kd.serving_format"  # promote: the format the registered model serves with (keras, tflite-float32, ...)
     NO_KD_TWIN = "kd.no_kd_twin"  # promote: did the KD student's no-KD twin beat it on the hold-out (better, not better, none)
     PRODUCTION_VERSION = "kd.production_version"
     REPORT_RUN_ID = "kd.report_run_id"
@@ -62,6 +63,7 @@ class VersionTag:
     CODE_VERSION = "code_version"
     IMAGE_SIZE = "image_size"
     TRAINED_ON = "trained_on"
+    SERVING_FORMAT = "serving_format"  # keras, tflite-float32 or tflite-int8: how the version's network runs when served
 
 
 class Metric:
@@ -80,6 +82,16 @@ class Metric:
     RECALL_MINORITY_MEAN = "recall_minority_mean"
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
+
+    @staticmethod
+    def serving_f1(serving_format: str) -> str:
+        """Promote: hold-out F1 of the student run in a serving format (``serving_tflite_int8_f1``)."""
+        return f"serving_{serving_format.replace('-', '_')}_f1"
+
+    @staticmethod
+    def serving_p50_ms(serving_format: str) -> str:
+        """Promote: batch-1 p50 latency of the student's network in a serving format, in milliseconds."""
+        return f"serving_{serving_format.replace('-', '_')}_p50_ms"
 
     @staticmethod
     def fold_f1(k: int) -> str:
