@@ -156,7 +156,8 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
             except (binascii.Error, ValueError):
                 raise bad_request(f"row {row}: 'image' is not valid base64 (nor a data:...;base64, URI)") from None
             try:
-                images.append(preprocess(decode_bytes(payload, name=f"row {row}", modality=self.modality), self.image_size))
+                pixels = decode_bytes(payload, name=f"row {row}", modality=self.modality, image_size=self.image_size)
+                images.append(preprocess(pixels, self.image_size))
             except PipelineError as error:
                 raise bad_request(str(error) if str(error).startswith("row ") else f"row {row}: {error}") from None
         return np.stack(images)

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines.config import Config
-from pipelines.images import decode_image, load_images, preprocess
+from pipelines.images import decode_bytes, load_images, preprocess
 from pipelines.models import build_student
 from pipelines.sources import ingest
 from registry.model import MAX_BATCH, StudentClassifier, encode_file
@@ -43,7 +43,8 @@ def _png(size=(60, 40), mode="L") -> str:
 def test_files_and_the_equivalent_array_batch_give_the_same_probabilities(wrapper, real_data_dir):
     files = sorted((real_data_dir / "yes").iterdir())[:3] + sorted((real_data_dir / "no").iterdir())[:2]
     from_files = wrapper.predict(None, pd.DataFrame({"image": [encode_file(f) for f in files]}))
-    batch = np.stack([preprocess(decode_image(f), 32) for f in files])
+    # The array batch of the pixels the server decodes (a large JPEG at reduced scale: tests/test_images.py bounds the difference)
+    batch = np.stack([preprocess(decode_bytes(f.read_bytes(), image_size=32), 32) for f in files])
     from_array = wrapper.predict(None, batch)
     assert list(from_files.columns) == ["label", "prob_no", "prob_yes"]
     np.testing.assert_allclose(from_files[["prob_no", "prob_yes"]].sum(axis=1), 1.0, rtol=1e-6)
