@@ -3,6 +3,9 @@
 Each client sends one real MRI file per request (the hold-out files in turn) and waits for the answer before
 sending the next, for a fixed time per level. The baseline is the same model in-process: ``pyfunc.predict``
 of one image file, which includes the same decoding and preprocessing.
+
+``python -m benchmarks.serving [data_dir]`` compares the serving formats (Keras, TFLite float32, TFLite INT8) of one
+student on real scans the same way, with 1 and 2 server workers under 16 clients.
 """
 
 from __future__ import annotations
