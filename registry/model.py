@@ -208,9 +208,9 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
                 "the model produced non-finite probabilities for valid input; the registered model is broken, roll back",
                 error_code=INTERNAL_ERROR,
             )
-        result = pd.DataFrame({f"prob_{name}": probs[:, i] for i, name in enumerate(self.class_names)})
-        result.insert(0, "label", [self.class_names[i] for i in probs.argmax(axis=1)])
-        return result
+        # One constructor call: inserting the label column afterwards cost a millisecond per request.
+        labels = np.asarray(self.class_names, dtype=object)[probs.argmax(axis=1)]
+        return pd.DataFrame({"label": labels, **{f"prob_{name}": probs[:, i] for i, name in enumerate(self.class_names)}})
 
 
 # Recorded in the logged model's MLmodel file (``metadata``) beside the signature, whose schema cannot say it.
