@@ -259,7 +259,8 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             f"KD student {cfg.student_size} (T={cfg.temperature:.3g}, alpha={cfg.alpha:.3g}) "
             f"from study {cfg.study_name!r} trial {best.number}. "
             f"k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}; hold-out F1 {new_f1:.4f} "
-            f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters."
+            f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters; "
+            f"served as {serving_format}."
         )
         tags = {
             VersionTag.STUDY: cfg.study_name,

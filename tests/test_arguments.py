@@ -98,6 +98,7 @@ BAD = [
     ("student_size", "4096x9"),
     ("width_range", "8,100000"),
     ("modality", "dwi"),
+    ("serving_format", "onnx"),
     ("storage", "postgresql://kd:PgSecretPw99@db/optuna"),
 ]
 
