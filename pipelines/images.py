@@ -241,8 +241,10 @@ def head_box(image: np.ndarray) -> tuple[slice, slice]:
     height, width = image.shape
     whole = (slice(0, height), slice(0, width))
     factor = _box_factor(height, width)
-    blocks = image[: height // factor * factor, : width // factor * factor]
-    blocks = blocks.reshape(height // factor, factor, width // factor, factor).mean(axis=(1, 3), dtype=np.float64)
+    blocks = image
+    if factor > 1:
+        blocks = image[: height // factor * factor, : width // factor * factor]
+        blocks = blocks.reshape(height // factor, factor, width // factor, factor).mean(axis=(1, 3), dtype=np.float64)
     high = np.percentile(blocks, 99.5)
     if high <= blocks.min():
         return whole
