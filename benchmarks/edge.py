@@ -6,6 +6,7 @@ The export itself is ``registry.export.export_edge``, which logs the files and f
 from __future__ import annotations
 
 from benchmarks.common import Bench, ratio, target
+from pipelines.quantize import REPRESENTATIVE_IMAGES
 from registry.export import export_edge
 
 
@@ -23,7 +24,7 @@ def run(bench: Bench) -> dict:
         "logged_to_run": exported.run_id,
         "setup": {
             "version": exported.version,
-            "representative_images": "up to 100 training-split images, evenly spread",
+            "representative_images": f"up to {REPRESENTATIVE_IMAGES} training-split images, evenly spread",
             "interpreter_threads": "os.cpu_count()",
         },
         "targets": [

@@ -3,15 +3,18 @@
 Each client sends one real MRI file per request (the hold-out files in turn) and waits for the answer before
 sending the next, for a fixed time per level. The baseline is the same model in-process: ``pyfunc.predict``
 of one image file, which includes the same decoding and preprocessing.
+
+``python -m benchmarks.serving [data_dir]`` compares the serving formats (Keras, TFLite float32, TFLite INT8) of one
+student on real scans the same way, with 1 and 2 server workers under 16 clients.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -69,41 +72,50 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict[s
     }
 
 
+def request_bodies(images: list[str]) -> list[bytes]:
+    """One JSON request per base64 image file, as a client sends it."""
+    return [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]}}).encode() for image in images]
+
+
+def in_process(model_uri: str, images: list[str], repeats: int) -> dict[str, float]:
+    """p50/p95 of ``pyfunc.predict`` of one image file (the files in turn), decoding and preprocessing included."""
+    local = mlflow.pyfunc.load_model(model_uri)
+    frames = [pd.DataFrame({"image": [image]}) for image in images]
+    turn = iter(range(10**9))
+    return latency_percentiles(lambda: local.predict(frames[next(turn) % len(frames)]), repeats)
+
+
+def served(model_uri: str, tracking_uri: str, bodies: list[bytes], clients: tuple[int, ...], seconds: float, workers: int = 1) -> dict:
+    """`mlflow models serve --workers <workers>` under each number of closed-loop ``clients``, ``seconds`` each."""
+    server, port = serve_model(model_uri, tracking_uri, workers=workers)
+    try:
+        for body in bodies[: 5 * workers]:  # warm-up: every worker has loaded and run its model before timing starts
+            post(port, body)
+        return {str(n): load(port, bodies, n, seconds) for n in tqdm(clients, desc="serving", unit="level", leave=False)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def run(bench: Bench) -> dict:
     prepared = bench.prepared
     files = prepared.dataset.manifest["path"].to_numpy()[prepared.splits.test]
     images = [encode_file(f) for f in files]
-    bodies = [json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]}}).encode() for image in images]
     model_uri = f"models:/{bench.cfg.model_name}/Production"
-
-    local = mlflow.pyfunc.load_model(model_uri)
-    frames = [pd.DataFrame({"image": [image]}) for image in images]
-    turn = iter(range(10**9))
-    in_process = latency_percentiles(lambda: local.predict(frames[next(turn) % len(frames)]), bench.settings.latency_repeats)
-
+    in_process_one = in_process(model_uri, images, bench.settings.latency_repeats)
     print("part 5: starting mlflow models serve")
-    server, port = serve_model(model_uri, bench.tracking_uri)
-    try:
-        for body in bodies[:5]:  # warm-up: every worker has traced its graph before timing starts
-            post(port, body)
-        levels = {
-            str(n): load(port, bodies, n, bench.settings.serve_seconds)
-            for n in tqdm(bench.settings.clients, desc="part 5: serving", unit="level")
-        }
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    levels = served(model_uri, bench.tracking_uri, request_bodies(images), bench.settings.clients, bench.settings.serve_seconds)
     one = levels[str(bench.settings.clients[0])]
-    over = ratio(one["p50_ms"], in_process["p50_ms"])
+    over = ratio(one["p50_ms"], in_process_one["p50_ms"])
     result = {
-        "in_process_one_image": in_process,
+        "in_process_one_image": in_process_one,
         "clients": levels,
         "served_over_in_process_p50": over,
         "setup": {
             "model_uri": model_uri,
             "seconds_per_level": bench.settings.serve_seconds,
             "request": "one real MRI file (base64 JSON) per request, hold-out files in turn",
-            "server_workers": os.environ.get("MLFLOW_MODELS_WORKERS", f"default ({os.cpu_count()}, the CPU count)"),
+            "server_workers": 1,
         },
         "targets": [
             target(f"p50 at {bench.settings.clients[0]} client <= 2x in-process pyfunc predict of one image", over, 2.0, at_least=False)
@@ -114,5 +126,51 @@ def run(bench: Bench) -> dict:
             f"part 5: {n:>2} clients: p50 {level['p50_ms']:.1f} ms, p95 {level['p95_ms']:.1f} ms, "
             f"{level['requests_per_s']:.1f} req/s, {level['errors']:.0f} errors"
         )
-    print(f"part 5: served p50 / in-process p50 = {over:.2f}x (in-process {in_process['p50_ms']:.1f} ms)")
+    print(f"part 5: served p50 / in-process p50 = {over:.2f}x (in-process {in_process_one['p50_ms']:.1f} ms)")
     return result
+
+
+def compare_serving_formats(data_dir: Path, work: Path, student_size: str = "28x3", image_size: int = 64, seconds: float = 10.0) -> dict:
+    """Each serving format of one student on real scans: in-process pyfunc latency of one scan, and `mlflow models serve`
+    with 1 and 2 workers under 16 closed-loop clients. The student is untrained: timing, not accuracy, is measured."""
+    from pipelines.config import Config
+    from pipelines.models import build_student
+    from pipelines.prepare import prepare_data
+    from registry.export import tflite_exports
+    from registry.promote import log_student
+
+    cfg = Config(data_dir=str(data_dir), image_size=image_size, folds=2, cache_dir=str(work / "cache"))
+    prepared = prepare_data(cfg)
+    student = build_student(student_size, image_size, prepared.dataset.num_classes, seed=0)
+    exports = tflite_exports(student, prepared)
+    images = [encode_file(f) for f in prepared.dataset.manifest["path"].to_numpy()[prepared.splits.test]]
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    mlflow.set_experiment("serving-formats")
+    results = {}
+    with mlflow.start_run():
+        uris = {
+            name: log_student(student, prepared, cfg, pd.DataFrame({"image": images[:1]}), exports, name).model_uri
+            for name in ("keras", *exports)
+        }
+    for name, uri in uris.items():
+        results[name] = {"in_process_one_scan": in_process(uri, images, 100)}
+        for workers in (1, 2):
+            level = served(uri, mlflow.get_tracking_uri(), request_bodies(images), (16,), seconds, workers)["16"]
+            results[name][f"workers_{workers}_16_clients"] = level
+            print(
+                f"{name:<15} in-process p50 {results[name]['in_process_one_scan']['p50_ms']:.2f} ms; served, {workers} worker(s), "
+                f"16 clients: {level['requests_per_s']:.1f} req/s, p50 {level['p50_ms']:.1f} ms, p95 {level['p95_ms']:.1f} ms, "
+                f"{level['errors']:.0f} errors",
+                flush=True,
+            )
+    return results
+
+
+if __name__ == "__main__":  # python -m benchmarks.serving [data_dir]: the serving formats compared
+    import sys
+    import tempfile
+
+    from benchmarks.common import REAL_DATA_DIR
+
+    with tempfile.TemporaryDirectory() as tmp:
+        compare_serving_formats(Path(sys.argv[1]) if len(sys.argv) > 1 else REAL_DATA_DIR, Path(tmp))

@@ -22,11 +22,15 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEDUPE_MODES = ("drop", "keep", "error")
-KD_MODES = ("standard", "consistent")  # what prepare does with hold-out images that duplicate training images
+DEDUPE_MODES = ("drop", "keep", "error")  # what prepare does with hold-out images that duplicate training images
+KD_MODES = ("standard", "consistent")
 # The student's normalisation: GroupNorm (default), BatchNorm (folds into the convolutions: an all-INT8 TFLite graph)
 # or none (a bias instead).
 STUDENT_NORMS = ("group", "batch", "none")
+# How the promoted model's network runs when served (registry/model.py); auto: promote picks the fastest whose
+# hold-out F1 is within SERVING_F1_TOLERANCE of the Keras student's.
+SERVING_FORMATS = ("auto", "keras", "tflite-float32", "tflite-int8")
+SERVING_F1_TOLERANCE = 0.005
 
 
 class PipelineError(Exception):
@@ -395,6 +399,15 @@ class Config:
             )
         },
     )
+    serving_format: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "how the registered model runs when served: keras, tflite-float32 or tflite-int8; auto = the fastest at batch 1 whose "
+                f"hold-out F1 is within {SERVING_F1_TOLERANCE} of the Keras student's"
+            )
+        },
+    )
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
     tracking_wait_s: float = field(
@@ -448,6 +461,7 @@ class Config:
                 not re.search(r"['\"`\\]", self.comparison),  # it is quoted in an MLflow search filter
                 f"comparison={self.comparison!r}: a comparison name or run id has no quotes or backslashes; give it without them",
             ),
+            (self.serving_format in SERVING_FORMATS, f"serving_format={self.serving_format!r}: use {', '.join(SERVING_FORMATS)}"),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (
                 0 < self.heartbeat_interval < self.grace_period,

@@ -5,7 +5,8 @@ what a client sends the served model (:func:`request_bytes` gives it for a row).
 never by name: HDF5 (BraTS slices), NIfTI (plain or gzipped) or a picture. :func:`preprocess` crops to the head,
 squares, resizes and normalises; training (:func:`load_images`, which decodes every image once and caches the
 arrays on disk), serving (``registry/model.py``) and Grad-CAM (``registry/explain.py``) all go through it, so a
-served scan is prepared exactly as the training scans were.
+served scan is prepared as the training scans were: exactly, except that the server decodes a JPEG much larger than
+the model's input at reduced scale (:func:`draft_scale`), within a tolerance tests/test_images.py checks on real scans.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ NIFTI_SLICE = re.compile(r"^(?P<file>.+\.nii(\.gz)?)#z=(?P<z>\d+)$", re.IGNORECA
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI2_HEADER_BYTES = 540  # NIfTI-1 headers are 348 bytes, NIfTI-2 headers 540: enough bytes to sniff either
+# head_box looks at the image averaged over blocks of a power of two pixels, fewer than 2x this many blocks a side.
+HEAD_BOX_SIDE = 128
+# A JPEG is decoded at reduced scale (1/2, 1/4, 1/8: libjpeg scales in the DCT, at a fraction of the cost) only while
+# every output pixel still gets at least this many decoded pixels a side, and head_box still averages blocks of at
+# least 2x2 decoded pixels: then the preprocessed image stays within tests/test_images.py's tolerance of the full decode.
+DRAFT_PIXELS_PER_OUTPUT = 4
 
 
 def decode_image(path: Path | str | io.BytesIO, modality: int | None = None, name: str | None = None) -> np.ndarray:
@@ -59,20 +66,21 @@ def decode_image(path: Path | str | io.BytesIO, modality: int | None = None, nam
     return decode_bytes(Path(path).read_bytes(), name, modality)
 
 
-def decode_bytes(payload: bytes, name: str = "image", modality: int | None = None) -> np.ndarray:
+def decode_bytes(payload: bytes, name: str = "image", modality: int | None = None, image_size: int | None = None) -> np.ndarray:
     """A 2-D float32 image from an in-memory file (what the served model receives), sniffed by content:
 
     - HDF5 (a BraTS ``.h5`` slice): channel ``modality`` of its ``image`` (H, W, 4); refused without one;
     - NIfTI-1/2, plain or gzipped, holding one 2-D slice (H, W), (H, W, 1), ...: its voxels as stored;
     - anything else: a picture Pillow reads (JPEG, PNG, TIFF, ...), any mode.
 
-    Sizes and types are checked from headers before decoding, with the ``MAX_PIXELS`` limit.
+    Sizes and types are checked from headers before decoding, with the ``MAX_PIXELS`` limit. ``image_size``: the size
+    the image will be preprocessed to; a JPEG much larger is then decoded at reduced scale (:func:`draft_scale`).
     """
     kind = _sniff(payload)
     if kind == "hdf5":
         pixels = _h5_channel(io.BytesIO(payload), modality, name)
     elif kind == "picture":
-        pixels = _decode_picture(io.BytesIO(payload), name)
+        pixels = _decode_picture(io.BytesIO(payload), name, image_size)
     else:
         pixels = _nifti_2d(payload, kind == "gzip", name)
     return _finite(pixels, name)
@@ -183,11 +191,32 @@ def _h5_channel(source: Path | io.BytesIO, modality: int | None, name: str) -> n
     return image[..., modality].astype(np.float32)
 
 
-def _decode_picture(path: Path | io.BytesIO, name: str) -> np.ndarray:
+def _box_factor(height: int, width: int) -> int:
+    """The block side (a power of two) :func:`head_box` averages an image of this size over."""
+    factor = 1
+    while max(height, width) // (2 * factor) >= HEAD_BOX_SIDE:
+        factor *= 2
+    return factor
+
+
+def draft_scale(width: int, height: int, image_size: int) -> int:
+    """The reduced scale (1, 2, 4 or 8) a JPEG of this size may be decoded at for ``image_size``: the largest that leaves
+    ``DRAFT_PIXELS_PER_OUTPUT`` decoded pixels per output pixel and at most half :func:`head_box`'s block side."""
+    scale = 8
+    while scale > 1 and (min(width, height) // scale < DRAFT_PIXELS_PER_OUTPUT * image_size or 2 * scale > _box_factor(height, width)):
+        scale //= 2
+    return scale
+
+
+def _decode_picture(path: Path | io.BytesIO, name: str, image_size: int | None = None) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise PipelineError(f"{name}: {image.width}x{image.height} exceeds {MAX_PIXELS} pixels; downscale it first")
+            scale = draft_scale(image.width, image.height, image_size) if image_size and image.format == "JPEG" else 1
+            if scale > 1:
+                # Requesting W // scale makes Pillow pick exactly this scale; an RGB JPEG is decoded straight to grey (L).
+                image.draft("L", (image.width // scale, image.height // scale))
             image.load()
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 return np.asarray(image, dtype=np.float32)
@@ -204,18 +233,27 @@ def head_box(image: np.ndarray) -> tuple[slice, slice]:
     """Rows and columns of the head's bounding box, ignoring dark background and scanner text at the edges.
 
     The threshold is a fraction of a robust maximum, and a row/column counts only when enough of it is
-    bright, so isolated annotation pixels or noise do not stretch the box. No head found: the whole image.
+    bright, so isolated annotation pixels or noise do not stretch the box. It is found on the image averaged
+    over blocks of ``_box_factor`` pixels a side (fewer than ``2 * HEAD_BOX_SIDE`` blocks a side), so that lines
+    thinner than a block do not count either, and the box is the same whether a JPEG was decoded at full or at
+    reduced scale. No head found: the whole image.
     """
-    whole = (slice(0, image.shape[0]), slice(0, image.shape[1]))
-    high = np.percentile(image, 99.5)
-    if high <= image.min():
+    height, width = image.shape
+    whole = (slice(0, height), slice(0, width))
+    factor = _box_factor(height, width)
+    blocks = image
+    if factor > 1:
+        blocks = image[: height // factor * factor, : width // factor * factor]
+        blocks = blocks.reshape(height // factor, factor, width // factor, factor).mean(axis=(1, 3), dtype=np.float64)
+    high = np.percentile(blocks, 99.5)
+    if high <= blocks.min():
         return whole
-    mask = image > image.min() + 0.1 * (high - image.min())
+    mask = blocks > blocks.min() + 0.1 * (high - blocks.min())
     rows = np.flatnonzero(mask.mean(axis=1) > 0.02)
     cols = np.flatnonzero(mask.mean(axis=0) > 0.02)
     if rows.size < 8 or cols.size < 8:
         return whole
-    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    return slice(rows[0] * factor, min(height, (rows[-1] + 1) * factor)), slice(cols[0] * factor, min(width, (cols[-1] + 1) * factor))
 
 
 def crop_to_head(image: np.ndarray) -> np.ndarray:

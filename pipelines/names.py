@@ -28,6 +28,7 @@ class RunTag:
     REGISTERED_VERSION = "kd.registered_version"
     PROMOTED = "kd.promoted"
     GATE = "kd.gate"
+    SERVING_FORMAT = "kd.serving_format"  # promote: the format the registered model serves with (keras, tflite-float32, ...)
     NO_KD_TWIN = "kd.no_kd_twin"  # promote: did the KD student's no-KD twin beat it on the hold-out (better, not better, none)
     PRODUCTION_VERSION = "kd.production_version"
     REPORT_RUN_ID = "kd.report_run_id"
@@ -62,6 +63,8 @@ class VersionTag:
     CODE_VERSION = "code_version"
     IMAGE_SIZE = "image_size"
     TRAINED_ON = "trained_on"
+    SERVING_FORMAT = "serving_format"  # keras, tflite-float32 or tflite-int8: how the version's network runs when served
+    INT8 = "int8"  # how its student_int8.tflite was made: quantization-aware (qat=true) or post-training
 
 
 class Metric:
@@ -84,6 +87,16 @@ class Metric:
     QAT_PREFIX = "qat_"
     QAT_F1_MEAN = "qat_f1_mean"
     HOLDOUT_QAT_F1 = "holdout_qat_f1"  # promote: the QAT model's (fake-quantized Keras) hold-out F1
+
+    @staticmethod
+    def serving_f1(serving_format: str) -> str:
+        """Promote: hold-out F1 of the student run in a serving format (``serving_tflite_int8_f1``)."""
+        return f"serving_{serving_format.replace('-', '_')}_f1"
+
+    @staticmethod
+    def serving_p50_ms(serving_format: str) -> str:
+        """Promote: batch-1 p50 latency of the student's network in a serving format, in milliseconds."""
+        return f"serving_{serving_format.replace('-', '_')}_p50_ms"
 
     @staticmethod
     def fold_f1(k: int) -> str:

@@ -36,14 +36,18 @@ def to_tflite(model: keras.Model, representative: np.ndarray | None = None) -> b
 
 
 class TFLiteModel:
-    """One TFLite flatbuffer behind ``logits(images)``: quantizes inputs and dequantizes outputs where INT8."""
+    """One TFLite flatbuffer behind ``logits(images)``: quantizes inputs and dequantizes outputs where INT8.
 
-    def __init__(self, flatbuffer: bytes):
+    An interpreter is not thread-safe: one instance per thread (the served model keeps one per request thread);
+    ``num_threads``: its kernels' threads (default: every CPU).
+    """
+
+    def __init__(self, flatbuffer: bytes, num_threads: int | None = None):
         with warnings.catch_warnings():
             # tf.lite.Interpreter is marked deprecated in favour of the separate ai-edge-litert package; it is
             # still TensorFlow's own runtime for the flatbuffers it converts, and one dependency fewer.
             warnings.simplefilter("ignore", UserWarning)
-            self.interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=os.cpu_count())
+            self.interpreter = tf.lite.Interpreter(model_content=flatbuffer, num_threads=num_threads or os.cpu_count())
         self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]

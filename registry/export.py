@@ -24,11 +24,11 @@ from pipelines.latency import REPEATS, keras_latency, latency_percentiles
 from pipelines.models import load_keras_model
 from pipelines.names import VersionTag
 from pipelines.prepare import Prepared, prepare_data
-from pipelines.quantize import TFLiteModel, to_tflite
+from pipelines.quantize import TFLiteModel, int8_export, to_tflite
 from registry.fetch import resolve_version
 
 FORMATS = ("keras", "float32", "int8")
-REPRESENTATIVE_IMAGES = 100
+EDGE_NAMES = {"tflite-float32": "float32", "tflite-int8": "int8"}  # serving format -> its edge_<name>_* metrics and file
 
 
 @dataclass(frozen=True)
@@ -49,28 +49,50 @@ def load_student(name: str, version: str) -> keras.Model:
         return load_keras_model(found[0])
 
 
+def tflite_exports(student: keras.Model, prepared: Prepared, qat_student: keras.Model | None = None) -> dict[str, bytes]:
+    """The student's TFLite flatbuffers by serving format: float32, and INT8: of the quantization-aware copy with the ranges
+    it learnt when there is one (``qat=true``), else post-training quantized. Calibration reads training images only."""
+    training_images = prepared.images[prepared.splits.train]
+    return {"tflite-float32": to_tflite(student), "tflite-int8": int8_export(qat_student or student, training_images)}
+
+
+def format_results(
+    student: keras.Model, exports: dict[str, bytes], prepared: Prepared, repeats: int = REPEATS
+) -> dict[str, dict[str, float]]:
+    """Batch-1 latency (p50, p95) and hold-out metrics of the Keras student (``keras``) and of each flatbuffer."""
+    test = prepared.splits.test
+    labels, images, binary = prepared.dataset.labels[test], prepared.images[test], prepared.dataset.binary
+    results = {
+        "keras": {
+            **keras_latency(student, images, 1, repeats),
+            **classification_metrics(labels, probabilities(model_logits(student, images), binary)),
+        }
+    }
+    for name, flatbuffer in exports.items():
+        tflite = TFLiteModel(flatbuffer)
+        results[name] = {
+            "size_bytes": float(len(flatbuffer)),
+            **latency_percentiles(lambda m=tflite: m.logit(images[0]), repeats),
+            **classification_metrics(labels, probabilities(tflite.logits(images), binary)),
+        }
+    return results
+
+
 def compare_formats(
     student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = REPEATS
 ) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
     """Convert the student, then time batch-1 inference and score the hold-out split for Keras, float32 and INT8."""
-    rows, test = prepared.splits.train, prepared.splits.test
-    # An even spread over the training rows: calibration sees both classes and every acquisition.
-    pick = rows[np.linspace(0, len(rows) - 1, min(REPRESENTATIVE_IMAGES, len(rows))).astype(int)]
     out_dir.mkdir(parents=True, exist_ok=True)
     keras_path = out_dir / "student.keras"
     student.save(keras_path)
-    files = {"float32": out_dir / "student_float32.tflite", "int8": out_dir / "student_int8.tflite"}
-    files["float32"].write_bytes(to_tflite(student))
-    files["int8"].write_bytes(to_tflite(student, prepared.images[pick]))
-
-    labels, images, binary = prepared.dataset.labels[test], prepared.images[test], prepared.dataset.binary
-    results = {"keras": {"size_bytes": float(keras_path.stat().st_size), **keras_latency(student, images, 1, repeats)}}
-    results["keras"].update(classification_metrics(labels, probabilities(model_logits(student, images), binary)))
-    for name, path in files.items():
-        tflite = TFLiteModel(path.read_bytes())
-        results[name] = {"size_bytes": float(path.stat().st_size), **latency_percentiles(lambda m=tflite: m.logit(images[0]), repeats)}
-        results[name].update(classification_metrics(labels, probabilities(tflite.logits(images), binary)))
-    return files, results
+    exports = tflite_exports(student, prepared)
+    files = {}
+    for serving_format, edge_name in EDGE_NAMES.items():
+        files[edge_name] = out_dir / f"student_{edge_name}.tflite"
+        files[edge_name].write_bytes(exports[serving_format])
+    results = format_results(student, exports, prepared, repeats)
+    results["keras"]["size_bytes"] = float(keras_path.stat().st_size)
+    return files, {EDGE_NAMES.get(name, name): values for name, values in results.items()}
 
 
 def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = None, repeats: int = REPEATS) -> EdgeExport:

@@ -27,7 +27,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipelines.config import BRATS_MODALITIES, PROJECT_ROOT, Config, PipelineError
+from pipelines.config import BRATS_MODALITIES, PROJECT_ROOT, SERVING_F1_TOLERANCE, Config, PipelineError
 from pipelines.distiller import Distiller
 from pipelines.evaluate import (
     CONFUSION_ARTIFACT,
@@ -47,8 +47,9 @@ from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
 from registry.evidence import code_version, log_evidence
+from registry.export import format_results, tflite_exports
 from registry.gate import Champion, Twin, decide
-from registry.model import INPUTS, MAX_BATCH, encode_file, signature
+from registry.model import FORMAT_ARTIFACTS, INPUTS, MAX_BATCH, encode_file, signature
 from registry.roles import CHALLENGER, CHAMPION, current_version, record, registry_lock, repair_roles, set_role
 from search.space import teacher_config, trial_config
 from search.tune import best_trial, open_study
@@ -135,11 +136,30 @@ def trained_on(dataset) -> str:
     return f"{dataset.root.name} ({dataset.source}, {len(dataset.manifest)} images)"
 
 
-def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: pd.DataFrame) -> mlflow.models.model.ModelInfo:
-    """Log the pyfunc model (student + preprocessing + class names) to the active run, with an input example."""
+def log_student(
+    student: keras.Model,
+    prepared: Prepared,
+    cfg: Config,
+    example: pd.DataFrame,
+    exports: dict[str, bytes] | None = None,
+    serving_format: str = "keras",
+) -> mlflow.models.model.ModelInfo:
+    """Log the pyfunc model (student + preprocessing + class names) to the active run, with an input example.
+
+    ``exports``: TFLite flatbuffers by serving format (``tflite-float32``, ``tflite-int8``), carried beside the
+    .keras student; ``serving_format``: the one the served model runs (``keras`` or one of them).
+    """
+    exports = exports or {}
+    if serving_format != "keras" and serving_format not in exports:
+        raise PipelineError(f"serving_format={serving_format!r}, but only {['keras', *exports]} were exported; export it first")
     with tempfile.TemporaryDirectory() as tmp:
         student_path = Path(tmp) / "student.keras"
         student.save(student_path)
+        artifacts = {"student": str(student_path)}
+        for name, flatbuffer in exports.items():
+            path = Path(tmp) / f"student_{name.removeprefix('tflite-')}.tflite"
+            path.write_bytes(flatbuffer)
+            artifacts[FORMAT_ARTIFACTS[name]] = str(path)
         metadata_path = Path(tmp) / "metadata.json"
         modality = (
             None if prepared.dataset.modality is None else BRATS_MODALITIES[prepared.dataset.modality]
@@ -148,12 +168,13 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
             "image_size": cfg.image_size,
             "class_names": prepared.dataset.class_names,
             "positive_class": prepared.dataset.positive_class,
+            "serving_format": serving_format,
         }
         metadata_path.write_text(json.dumps({**metadata, "modality": modality}))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PROJECT_ROOT / "registry" / "served_model.py"),  # code, not a pickle
-            artifacts={"student": str(student_path), "metadata": str(metadata_path)},
+            artifacts={**artifacts, "metadata": str(metadata_path)},
             code_paths=[str(PROJECT_ROOT / "pipelines"), str(PROJECT_ROOT / "registry")],
             signature=signature(prepared.dataset.class_names),
             input_example=example,
@@ -163,9 +184,19 @@ def log_student(student: keras.Model, prepared: Prepared, cfg: Config, example: 
                 "modality": modality,
                 VersionTag.TRAINED_ON: trained_on(prepared.dataset),
                 VersionTag.DATA_DIGEST: prepared.dataset.digest,
+                VersionTag.SERVING_FORMAT: serving_format,
             },
         )
     return info
+
+
+def choose_serving_format(results: dict[str, dict[str, float]], requested: str = "auto") -> str:
+    """The requested format, or for ``auto`` the fastest at batch 1 (p50) among the formats whose hold-out F1 is
+    within ``SERVING_F1_TOLERANCE`` of the Keras student's (Keras itself always is)."""
+    if requested != "auto":
+        return requested
+    floor = results["keras"]["f1"] - SERVING_F1_TOLERANCE
+    return min((name for name, values in results.items() if values["f1"] >= floor), key=lambda name: results[name]["p50_ms"])
 
 
 def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = None) -> Promotion:
@@ -227,8 +258,26 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
         # The twin rule compares like with like: both students' in-process F1 on the same hold-out images. A student
         # trained without KD (alpha = 1) is its own twin; run-to-run noise between the two must not refuse it.
         twin = None if cfg.effective_alpha == 1.0 else Twin(holdout["student"]["f1"], holdout["no_kd"]["f1"])
+        # Every serving format of the student, timed and scored on the hold-out as it will run; the model carries them
+        # all and serves the chosen one (the gate below scores that one, through the served model).
+        exports = tflite_exports(student, prepared, qat_student)
+        formats = format_results(student, exports, prepared)
+        serving_format = choose_serving_format(formats, cfg.serving_format)
+        mlflow.log_metrics(
+            {
+                key: value
+                for name, values in formats.items()
+                for key, value in ((Metric.serving_f1(name), values["f1"]), (Metric.serving_p50_ms(name), values["p50_ms"]))
+            }
+        )
+        mlflow.set_tag(RunTag.SERVING_FORMAT, serving_format)
+        print(
+            f"promote: serving {serving_format} ("
+            + ", ".join(f"{name} F1 {v['f1']:.4f} p50 {v['p50_ms']:.2f} ms" for name, v in formats.items())
+            + ")"
+        )
         frame = holdout_frame(prepared)
-        logged = log_student(student, prepared, cfg, frame.head(1))
+        logged = log_student(student, prepared, cfg, frame.head(1), exports, serving_format)
         model_uri = logged.model_uri
         new_f1 = pyfunc_f1(mlflow.pyfunc.load_model(model_uri), frame, labels[test], prepared.dataset.class_names)["f1"]
 
@@ -236,7 +285,8 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             f"KD student {cfg.student_size} (T={cfg.temperature:.3g}, alpha={cfg.alpha:.3g}) "
             f"from study {cfg.study_name!r} trial {best.number}. "
             f"k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f}; hold-out F1 {new_f1:.4f} "
-            f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters."
+            f"(teacher {holdout['teacher']['f1']:.4f}, no-KD {holdout['no_kd']['f1']:.4f}); {student.count_params():,} parameters; "
+            f"served as {serving_format}."
         )
         tags = {
             VersionTag.STUDY: cfg.study_name,
@@ -250,6 +300,8 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             VersionTag.CODE_VERSION: code_version(),
             VersionTag.IMAGE_SIZE: str(cfg.image_size),
             VersionTag.TRAINED_ON: trained_on(prepared.dataset),
+            VersionTag.SERVING_FORMAT: serving_format,
+            VersionTag.INT8: "quantization-aware" if qat_student is not None else "post-training",
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
         version = register(client, cfg.model_name, logged, run.info.run_id, tags, description)

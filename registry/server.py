@@ -70,14 +70,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def serve_model(model_uri: str, tracking_uri: str, timeout: float = 180, wrapped: bool = False) -> tuple[subprocess.Popen, int]:
+def serve_model(
+    model_uri: str, tracking_uri: str, timeout: float = 180, wrapped: bool = False, workers: int = 1
+) -> tuple[subprocess.Popen, int]:
     """`mlflow models serve` (``wrapped``: ``kd serve``) on a free loopback port as a user runs it
-    (this environment's bin first on PATH, no run or experiment leaked from the caller), returned once it answers /ping."""
+    (this environment's bin first on PATH, no run or experiment leaked from the caller), returned once it answers /ping.
+    ``workers``: `mlflow models serve --workers` (``kd serve`` has one)."""
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=tracking_uri)
-    command = [sys.executable, "-m", "kd", "serve"] if wrapped else [f"{bin_dir}/mlflow", "models", "serve", "--env-manager", "local"]
+    command = (
+        [sys.executable, "-m", "kd", "serve"]
+        if wrapped
+        else [f"{bin_dir}/mlflow", "models", "serve", "--env-manager", "local", "--workers", str(workers)]
+    )
     server = subprocess.Popen(
         command + ["-m", model_uri, "-p", str(port), "-h", "127.0.0.1"],
         env=env,

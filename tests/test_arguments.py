@@ -101,6 +101,7 @@ BAD = [
     ("width_range", "8,100000"),
     ("modality", "dwi"),
     ("student_norm", "layer"),
+    ("serving_format", "onnx"),
     ("storage", "postgresql://kd:PgSecretPw99@db/optuna"),
 ]
 

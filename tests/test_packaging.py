@@ -14,8 +14,20 @@ CONTRACT = {
     "teacher": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed"},
     "distill": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
     "search": {"data_dir", "n_trials", "study_name", "storage", "folds", "repeats", "epochs", "seed", "max_params", "max_latency_ms"},
-    "promote": {"study_name", "storage", "model_name", "margin", "force"},
-    "main": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed", "n_trials", "study_name", "model_name", "max_params"},
+    "promote": {"study_name", "storage", "model_name", "margin", "force", "serving_format"},
+    "main": {
+        "data_dir",
+        "image_size",
+        "folds",
+        "repeats",
+        "epochs",
+        "seed",
+        "n_trials",
+        "study_name",
+        "model_name",
+        "max_params",
+        "serving_format",
+    },
 }
 
 

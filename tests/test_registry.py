@@ -3,6 +3,7 @@ and a real `mlflow models serve` process answering real image requests."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -14,9 +15,10 @@ from mlflow import MlflowClient
 
 import registry
 from pipelines.config import PipelineError
+from pipelines.names import Metric
 from registry.fetch import resolve_version
 from registry.model import encode_file
-from registry.promote import promote
+from registry.promote import choose_serving_format, promote
 from registry.roles import history, rollback
 from search.tune import run_search
 
@@ -62,6 +64,20 @@ def test_gate_promotes_refuses_forces_and_rolls_back(tracked, mri_subset):
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{first.version}"))
     assert not [f for f in model_dir.rglob("*") if f.suffix in (".pkl", ".pickle")], (
         "the served model is code and a safe-mode .keras file, no pickle"
+    )
+    # Every serving format was timed and scored; the version serves the one promote chose, and says which.
+    serving_format = version.tags["serving_format"]
+    run = MlflowClient().get_run(version.run_id)
+    assert run.data.tags["kd.serving_format"] == serving_format
+    assert json.loads(next(model_dir.rglob("metadata.json")).read_text())["serving_format"] == serving_format
+    assert {f.name for f in model_dir.rglob("*.tflite")} == {"student_float32.tflite", "student_int8.tflite"}
+    for name in ("keras", "tflite-float32", "tflite-int8"):
+        assert run.data.metrics[Metric.serving_p50_ms(name)] > 0 and 0 <= run.data.metrics[Metric.serving_f1(name)] <= 1
+    assert serving_format == choose_serving_format(
+        {
+            name: {"f1": run.data.metrics[Metric.serving_f1(name)], "p50_ms": run.data.metrics[Metric.serving_p50_ms(name)]}
+            for name in ("keras", "tflite-float32", "tflite-int8")
+        }
     )
     teachers = MlflowClient().search_runs(
         [e.experiment_id for e in MlflowClient().search_experiments()], "tags.`kd.step` = 'teacher' and tags.`kd.outcome` = 'trained'"

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines.config import Config
-from pipelines.images import decode_image, load_images, preprocess
+from pipelines.images import decode_bytes, load_images, preprocess
 from pipelines.models import build_student
 from pipelines.sources import ingest
 from registry.model import MAX_BATCH, StudentClassifier, encode_file
@@ -43,7 +43,8 @@ def _png(size=(60, 40), mode="L") -> str:
 def test_files_and_the_equivalent_array_batch_give_the_same_probabilities(wrapper, real_data_dir):
     files = sorted((real_data_dir / "yes").iterdir())[:3] + sorted((real_data_dir / "no").iterdir())[:2]
     from_files = wrapper.predict(None, pd.DataFrame({"image": [encode_file(f) for f in files]}))
-    batch = np.stack([preprocess(decode_image(f), 32) for f in files])
+    # The array batch of the pixels the server decodes (a large JPEG at reduced scale: tests/test_images.py bounds the difference)
+    batch = np.stack([preprocess(decode_bytes(f.read_bytes(), image_size=32), 32) for f in files])
     from_array = wrapper.predict(None, batch)
     assert list(from_files.columns) == ["label", "prob_no", "prob_yes"]
     np.testing.assert_allclose(from_files[["prob_no", "prob_yes"]].sum(axis=1), 1.0, rtol=1e-6)
@@ -145,3 +146,102 @@ def test_a_browsers_data_uri_is_served_like_the_plain_base64(wrapper, prefix):
 )
 def test_a_data_uri_without_valid_base64_is_refused(wrapper, text):
     _rejects(wrapper, pd.DataFrame({"image": [text]}), "not valid base64")
+
+
+# ------------------------------------------------------------------------------- serving formats
+
+
+@pytest.fixture(scope="module")
+def formats_served(mri_subset, tmp_path_factory):
+    """A tiny student trained briefly on real scans, logged by promote's log_student once per serving format (each
+    carrying every TFLite export) and loaded back with mlflow.pyfunc.load_model: the served model as users get it."""
+    import keras
+    import mlflow
+    from kdtest import tracking_at
+
+    from pipelines.prepare import prepare_data
+    from pipelines.training import set_seed
+    from registry.export import tflite_exports
+    from registry.promote import holdout_frame, log_student
+
+    root = tmp_path_factory.mktemp("formats")
+    cfg = Config(data_dir=str(mri_subset), image_size=32, folds=2, cache_dir=str(root / "cache"))
+    prepared = prepare_data(cfg)
+    set_seed(0)
+    student = build_student("tiny", 32, 2, seed=0)
+    # Trained a little, so that its probabilities spread away from 0.5 and the labels say something.
+    student.compile(optimizer=keras.optimizers.Adam(0.01), loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    student.fit(prepared.images, prepared.dataset.labels.astype("float32"), epochs=8, batch_size=8, verbose=0)
+    exports = tflite_exports(student, prepared)
+    frame = pd.DataFrame({"image": [encode_file(p) for p in prepared.dataset.manifest["path"]]})
+    models = {}
+    with tracking_at(f"sqlite:///{root / 'mlflow.db'}"):
+        with mlflow.start_run():
+            for name in ("keras", *exports):
+                info = log_student(student, prepared, cfg, holdout_frame(prepared).head(1), exports, name)
+                models[name] = SimpleNamespace(uri=info.model_uri, model=mlflow.pyfunc.load_model(info.model_uri))
+        yield SimpleNamespace(models=models, frame=frame, tracking_uri=mlflow.get_tracking_uri())
+
+
+# INT8 rounds weights and activations: its probabilities may move this much; float32 TFLite is the same arithmetic.
+TOLERANCE = {"keras": 1e-6, "tflite-float32": 1e-5, "tflite-int8": 0.05}
+
+
+@pytest.mark.parametrize("serving_format", ["tflite-float32", "tflite-int8"])
+def test_each_tflite_serving_format_answers_like_the_keras_student(formats_served, serving_format):
+    reference = formats_served.models["keras"].model.predict(formats_served.frame)
+    served = formats_served.models[serving_format]
+    assert served.model.unwrap_python_model().serving_format == serving_format
+    output = served.model.predict(formats_served.frame)
+    assert list(output.columns) == list(reference.columns) == ["label", "prob_no", "prob_yes"]
+    probs, expected = output[["prob_no", "prob_yes"]].to_numpy(), reference[["prob_no", "prob_yes"]].to_numpy()
+    np.testing.assert_allclose(probs, expected, atol=TOLERANCE[serving_format])
+    # Same label wherever the Keras answer is not within the tolerance of a tie.
+    decisive = np.abs(expected[:, 1] - 0.5) > TOLERANCE[serving_format]
+    assert decisive.sum() >= len(decisive) // 2, "the student answers near 0.5 everywhere: the label check would say nothing"
+    assert list(output["label"][decisive]) == list(reference["label"][decisive])
+    assert np.ptp(expected[:, 1]) > 0.1, "the scans get different answers: the comparison is not vacuous"
+
+
+def test_a_tflite_served_model_answers_over_http_like_in_process(formats_served):
+    from kdtest import _post
+
+    from registry.server import serve_model
+
+    served = formats_served.models["tflite-int8"]
+    rows = formats_served.frame.iloc[:6]
+    server, port = serve_model(served.uri, formats_served.tracking_uri)
+    try:
+        status, body = _post(port, json.dumps({"dataframe_split": {"columns": ["image"], "data": rows.to_numpy().tolist()}}).encode())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert status == 200, body
+    answered, local = pd.DataFrame(body["predictions"]), served.model.predict(rows)
+    assert list(answered["label"]) == list(local["label"])
+    np.testing.assert_allclose(answered[["prob_no", "prob_yes"]].to_numpy(), local[["prob_no", "prob_yes"]].to_numpy(), atol=1e-6)
+
+
+def test_auto_serves_the_fastest_format_within_the_f1_tolerance_of_keras():
+    from registry.promote import choose_serving_format
+
+    results = {
+        "keras": {"f1": 0.90, "p50_ms": 4.0},
+        "tflite-float32": {"f1": 0.90, "p50_ms": 1.0},
+        "tflite-int8": {"f1": 0.896, "p50_ms": 0.5},
+    }
+    assert choose_serving_format(results) == "tflite-int8"  # 0.004 below Keras: within 0.005
+    assert choose_serving_format({**results, "tflite-int8": {"f1": 0.894, "p50_ms": 0.5}}) == "tflite-float32"
+    assert choose_serving_format({"keras": {"f1": 0.9, "p50_ms": 4.0}, "tflite-int8": {"f1": 0.7, "p50_ms": 0.1}}) == "keras"
+    assert choose_serving_format(results, "keras") == "keras", "an explicit format is served whatever the timings"
+
+
+def test_the_server_threads_share_the_cores_among_the_workers(monkeypatch):
+    from registry.model import server_workers, serving_threads
+
+    cores = len(__import__("os").sched_getaffinity(0))
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    monkeypatch.setenv("MLFLOW_MODELS_WORKERS", str(cores * 2))
+    assert server_workers() == cores * 2 and serving_threads() == 1
+    monkeypatch.setenv("MLFLOW_MODELS_WORKERS", "1")
+    assert serving_threads() == cores
