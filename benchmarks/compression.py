@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 from tqdm import tqdm
 
-from benchmarks.common import Bench, ratio, target
+from benchmarks.common import SIZE_RATIO, Bench, ratio, target
 from pipelines.evaluate import classification_metrics, model_logits, probabilities
 from pipelines.images import load_images
 from pipelines.latency import keras_latency
@@ -88,7 +88,7 @@ def run(bench: Bench) -> dict:
             "flops_method": "2 x MACs of Conv2D/DepthwiseConv2D/Dense layers from their kernel and output shapes",
         },
         "targets": [
-            target("student >= 20x fewer parameters", ratios["params"], 20.0),
+            target(f"student >= {SIZE_RATIO}x fewer parameters", ratios["params"], SIZE_RATIO),
             target("student >= 3x lower batch-1 latency (p50)", ratios["batch1_p50_ms"], 3.0),
             target("student hold-out F1 within 0.02 of the teacher (teacher - student <= 0.02)", f1_drop, 0.02, at_least=False),
         ],

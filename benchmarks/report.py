@@ -163,12 +163,20 @@ def part_tables(part: str, r: dict) -> list[str]:
             f"FLOPs: {r['setup']['flops_method']}. F1 drop (teacher - student): {fmt(r['f1_drop'])}",
         ]
     if part == "edge":
-        rows = [[name, f["size_bytes"], f["p50_ms"], f["p95_ms"], f["f1"], f["roc_auc"]] for name, f in r["formats"].items()]
+        ops = r.get("float_ops", {})
+        rows = [
+            [name, f["size_bytes"], f["p50_ms"], f["p95_ms"], f["f1"], f["roc_auc"], ops.get(name, "")] for name, f in r["formats"].items()
+        ]
+        if "float32_minus_int8_f1" not in r:  # results from before QAT existed: one INT8, its absolute gap
+            summary = f"|F1 INT8 - float32| {fmt(r['int8_vs_float32_f1_gap'])}"
+        else:
+            summary = f"{r['setup']['served_int8']} / float32 batch-1 p50: **{fmt(r['float32_over_int8_batch1_p50'])}x**; " + "; ".join(
+                f"F1 float32 - {name}: {fmt(gap)}" for name, gap in r["float32_minus_int8_f1"].items()
+            )
         return [
-            table(["format", "bytes", "batch-1 p50 ms", "p95 ms", "hold-out F1", "ROC-AUC"], rows),
+            table(["format", "bytes", "batch-1 p50 ms", "p95 ms", "hold-out F1", "ROC-AUC", "float ops in the graph"], rows),
             f"Keras / INT8 batch-1 p50: **{fmt(r['keras_over_int8_batch1_p50'])}x**; Keras / float32: "
-            f"{fmt(r['keras_over_float32_batch1_p50'])}x; |F1 INT8 - float32| {fmt(r['int8_vs_float32_f1_gap'])}; logged to run "
-            f"`{r['logged_to_run']}`",
+            f"{fmt(r['keras_over_float32_batch1_p50'])}x; {summary}; logged to run `{r['logged_to_run']}`",
         ]
     if part == "serving":
         rows = [[n, lv["p50_ms"], lv["p95_ms"], lv["requests_per_s"], lv["requests"], lv["errors"]] for n, lv in r["clients"].items()]

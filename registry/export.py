@@ -27,8 +27,9 @@ from pipelines.prepare import Prepared, prepare_data
 from pipelines.quantize import TFLiteModel, int8_export, to_tflite
 from registry.fetch import resolve_version
 
-FORMATS = ("keras", "float32", "int8")
-EDGE_NAMES = {"tflite-float32": "float32", "tflite-int8": "int8"}  # serving format -> its edge_<name>_* metrics and file
+# serving format -> its edge_<name>_* metrics and file; int8 is post-training quantized here, int8_qat the quantization-aware
+# export a version promoted with qat=true carries (and serves as tflite-int8).
+EDGE_NAMES = {"tflite-float32": "float32", "tflite-int8": "int8", "tflite-int8-qat": "int8_qat"}
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,22 @@ class EdgeExport:
 def load_student(name: str, version: str) -> keras.Model:
     """The Keras student inside a registered pyfunc version."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        found = sorted(local.rglob("student.keras"))
-        if not found:
-            raise PipelineError(f"{name} v{version} holds no student.keras; it was not logged by promote")
-        return load_keras_model(found[0])
+        return load_keras_model(version_file(name, version, "student.keras", Path(tmp)))
+
+
+def version_bytes(name: str, version: str, file_name: str) -> bytes:
+    """The content of one file of a registered pyfunc version (``student_int8.tflite``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return version_file(name, version, file_name, Path(tmp)).read_bytes()
+
+
+def version_file(name: str, version: str, file_name: str, into: Path) -> Path:
+    """One file of a registered pyfunc version (``student.keras``, ``student_int8.tflite``), downloaded into ``into``."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(into)))
+    found = sorted(local.rglob(file_name))
+    if not found:
+        raise PipelineError(f"{name} v{version} holds no {file_name}; it was not logged by promote")
+    return found[0]
 
 
 def tflite_exports(student: keras.Model, prepared: Prepared, qat_student: keras.Model | None = None) -> dict[str, bytes]:
@@ -79,17 +91,21 @@ def format_results(
 
 
 def compare_formats(
-    student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = REPEATS
+    student: keras.Model, prepared: Prepared, out_dir: Path, repeats: int = REPEATS, qat_int8: bytes | None = None
 ) -> tuple[dict[str, Path], dict[str, dict[str, float]]]:
-    """Convert the student, then time batch-1 inference and score the hold-out split for Keras, float32 and INT8."""
+    """Convert the student, then time batch-1 inference and score the hold-out split for Keras, float32 and INT8
+    (post-training), and the quantization-aware INT8 export ``qat_int8`` when given."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keras_path = out_dir / "student.keras"
     student.save(keras_path)
     exports = tflite_exports(student, prepared)
+    if qat_int8 is not None:
+        exports["tflite-int8-qat"] = qat_int8
     files = {}
-    for serving_format, edge_name in EDGE_NAMES.items():
+    for serving_format, flatbuffer in exports.items():
+        edge_name = EDGE_NAMES[serving_format]
         files[edge_name] = out_dir / f"student_{edge_name}.tflite"
-        files[edge_name].write_bytes(exports[serving_format])
+        files[edge_name].write_bytes(flatbuffer)
     results = format_results(student, exports, prepared, repeats)
     results["keras"]["size_bytes"] = float(keras_path.stat().st_size)
     return files, {EDGE_NAMES.get(name, name): values for name, values in results.items()}
@@ -112,8 +128,10 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
             f"{cfg.model_name} v{model_version.version} was trained on (digest {trained_on[:12]}); pass that data_dir"
         )
     student = load_student(cfg.model_name, model_version.version)
+    qat = model_version.tags.get(VersionTag.INT8) == "quantization-aware"
+    qat_int8 = version_bytes(cfg.model_name, model_version.version, "student_int8.tflite") if qat else None
     target = out_dir or Path(tempfile.mkdtemp(prefix="kd-edge-"))
-    files, results = compare_formats(student, prepared, target, repeats)
+    files, results = compare_formats(student, prepared, target, repeats, qat_int8)
     client = MlflowClient()
     for path in files.values():
         client.log_artifact(model_version.run_id, str(path), "edge")
@@ -126,8 +144,7 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
             if np.isfinite(value)
         ],
     )
-    for fmt in FORMATS:
-        r = results[fmt]
+    for fmt, r in results.items():
         print(
             f"edge: {fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  "
             f"hold-out F1 {r['f1']:.4f}"
