@@ -97,7 +97,10 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
         cv = cross_validate_student(cfg, prepared, teacher_run_id, fold_ids)
         summary = cv.summary()
         student_params = cv.models[0].count_params()
-        mlflow.log_metrics({**summary, Metric.STUDENT_PARAMS: student_params})
+        mlflow.set_tag(RunTag.MINORITY_CLASS, prepared.minority)
+        mlflow.log_metrics(
+            {**summary, **cv.minority_summary(dataset.class_names, prepared.minority), Metric.STUDENT_PARAMS: student_params}
+        )
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             (out / "models").mkdir()

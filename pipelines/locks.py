@@ -25,33 +25,46 @@ def lockable(url: str) -> bool:
 
 
 @contextmanager
-def database_lock(url: str, name: str) -> Iterator[None]:
+def database_lock(url: str, name: str, blocking: bool = True) -> Iterator[bool]:
     """An exclusive lock named ``name``: a file lock beside a SQLite database (processes of one machine), a
     session advisory lock in PostgreSQL (any machine; released by the server if the holder dies).
-    Other URLs lock nothing."""
+    Other URLs lock nothing. Yields whether this process holds the lock: always True when ``blocking`` (it waits
+    for it); without, False at once when another holder has it (the block then runs without the lock: check)."""
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = Path(parsed.database or "sqlite").resolve()
         safe_name = re.sub(r"[^\w.-]", "-", name)
         path = database.with_name(f".{database.name}.{safe_name}.lock")
         with open(path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if the holder dies
             try:
-                yield
+                fcntl.flock(
+                    handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+                )  # released by the kernel if the holder dies
+                held = True
+            except BlockingIOError:
+                held = False
+            try:
+                yield held
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                if held:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
     elif parsed.get_backend_name() == "postgresql":
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         engine = sqlalchemy.create_engine(url)
         with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            if blocking:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                held = True
+            else:
+                held = bool(connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
             try:
-                yield
+                yield held
             finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                if held:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
         engine.dispose()
     else:
-        yield
+        yield True
 
 
 def teacher_lock(cfg: Config):
