@@ -402,10 +402,12 @@ class Config:
             parse_range(name, getattr(self, name), cast, positive, limits)
         parse_student_size(self.student_size)
         parse_teachers(self.teacher_arch)
-        for student in parse_list("students", self.students):
-            parse_student_size(student)
-        for teacher in parse_list("teachers", self.teachers):
-            parse_teacher(teacher)
+        for name, parse in (("students", parse_student_size), ("teachers", parse_teacher)):
+            for entry in parse_list(name, getattr(self, name)):
+                try:
+                    parse(entry)
+                except PipelineError as error:
+                    raise PipelineError(f"{name}={getattr(self, name)!r}: {error}") from None
         parse_ratios(self.imbalance)
         teacher_choices(self)
         modality_index(self.modality)

@@ -75,44 +75,43 @@ def comparison_cells(cfg: Config) -> list[Cell]:
 
 def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
     """The comparison's run id, and whether it was created now: the newest run of this comparison (name, data digest,
-    parameters, code), or a new one (under ``mlflow run``: its run). Under a lock: workers starting together share one."""
+    parameters, code), or a new one (under ``mlflow run``: its run). Called under the comparison's creation lock."""
     digest, fingerprint = prepared.dataset.digest, code_fingerprint()
     key = step_key(cfg, COMPARE_PARAMS)
     client = mlflow.MlflowClient()
     launched = os.environ.pop("MLFLOW_RUN_ID", None)  # consumed: left in the environment, every nested start_run would resume it
-    with database_lock(cfg.storage_url, f"compare:{cfg.comparison_name}:create"):
-        runs = mlflow.search_runs(
-            search_all_experiments=True,
-            filter_string=f"tags.`{RunTag.STEP}` = 'compare' and tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}' "
-            f"and tags.`{RunTag.DATA_DIGEST}` = '{digest}' and tags.`{RunTag.CODE}` = '{fingerprint}'",
-            order_by=["attributes.start_time DESC"],
-            output_format="list",
-        )
-        found = next((run for run in runs if run.data.tags.get(RunTag.PARAMS) == key), None)
-        if found is not None:
-            if launched:  # `mlflow run` of a resumed comparison: say which run it continued
-                client.set_tags(launched, {RunTag.OUTCOME: "reused", RunTag.REUSED_RUN_ID: found.info.run_id})
-            print(f"compare: resuming comparison {cfg.comparison_name!r}, run {found.info.run_id} ({found.info.status})")
-            return found.info.run_id, False
-        tags = {
-            RunTag.STEP: "compare",
-            RunTag.COMPARISON: cfg.comparison_name,
-            RunTag.DATA_DIGEST: digest,
-            RunTag.PARAMS: key,
-            RunTag.CODE: fingerprint,
-            RunTag.MINORITY_CLASS: prepared.minority,
-        }
-        if launched:
-            run_id = launched
-            client.set_tags(run_id, tags)
-        else:
-            experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
-            run_id = client.create_run(experiment_id, run_name=cfg.comparison_name, tags=tags).info.run_id
-        already = client.get_run(run_id).data.params  # `mlflow run` logs the MLproject params itself
-        for name, value in cfg.as_params(COMPARE_PARAMS + ("data_dir",)).items():
-            if name not in already:
-                client.log_param(run_id, name, value)
-        return run_id, True
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{RunTag.STEP}` = 'compare' and tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}' "
+        f"and tags.`{RunTag.DATA_DIGEST}` = '{digest}' and tags.`{RunTag.CODE}` = '{fingerprint}'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    found = next((run for run in runs if run.data.tags.get(RunTag.PARAMS) == key), None)
+    if found is not None:
+        if launched:  # `mlflow run` of a resumed comparison: say which run it continued
+            client.set_tags(launched, {RunTag.OUTCOME: "reused", RunTag.REUSED_RUN_ID: found.info.run_id})
+        print(f"compare: resuming comparison {cfg.comparison_name!r}, run {found.info.run_id} ({found.info.status})")
+        return found.info.run_id, False
+    tags = {
+        RunTag.STEP: "compare",
+        RunTag.COMPARISON: cfg.comparison_name,
+        RunTag.DATA_DIGEST: digest,
+        RunTag.PARAMS: key,
+        RunTag.CODE: fingerprint,
+        RunTag.MINORITY_CLASS: prepared.minority,
+    }
+    if launched:
+        run_id = launched
+        client.set_tags(run_id, tags)
+    else:
+        experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
+        run_id = client.create_run(experiment_id, run_name=cfg.comparison_name, tags=tags).info.run_id
+    already = client.get_run(run_id).data.params  # `mlflow run` logs the MLproject params itself
+    for name, value in cfg.as_params(COMPARE_PARAMS + ("data_dir",)).items():
+        if name not in already:
+            client.log_param(run_id, name, value)
+    return run_id, True
 
 
 def cell_runs(comparison_id: str) -> dict[Cell, Run]:
@@ -192,10 +191,12 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
     cells = comparison_cells(cfg)
     base = prepare_data(cfg.replace(imbalance="0"), reuse=prepared)
     by_ratio = {ratio: imbalanced(base, cfg.replace(imbalance=ratio)) for ratio in parse_ratios(cfg.imbalance)}
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(cfg.experiment_name)
-    close_stale_runs()
-    comparison_id, created = comparison_run(cfg, base)
+    # Workers starting together: one creates the tracking store's tables and the comparison run, the others find them.
+    with database_lock(cfg.storage_url, f"compare:{cfg.comparison_name}:create"):
+        if not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(cfg.experiment_name)
+        close_stale_runs()
+        comparison_id, created = comparison_run(cfg, base)
     # Cell runs nest in the comparison run, so they belong in its experiment whoever created it.
     mlflow.set_experiment(experiment_id=mlflow.get_run(comparison_id).info.experiment_id)
     print(
@@ -206,6 +207,9 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
             log_data(base.dataset, base.splits)
         mlflow.log_metric(Metric.CELLS_TOTAL, len(cells))
         progress = Progress(comparison_id, len(cells))
+        before = sum(run.info.status == "FINISHED" for run in cell_runs(comparison_id).values())
+        if before:
+            print(f"compare: {before}/{len(cells)} cells finished before; running the rest")
         held_elsewhere = []
         for cell in cells:
             done = cell_runs(comparison_id).get(cell)
