@@ -90,7 +90,8 @@ def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
     found = next((run for run in runs if run.data.tags.get(RunTag.PARAMS) == key), None)
     if found is not None:
         if launched:  # `mlflow run` of a resumed comparison: say which run it continued
-            client.set_tags(launched, {RunTag.OUTCOME: "reused", RunTag.REUSED_RUN_ID: found.info.run_id})
+            client.set_tag(launched, RunTag.OUTCOME, "reused")
+            client.set_tag(launched, RunTag.REUSED_RUN_ID, found.info.run_id)
         print(f"compare: resuming comparison {cfg.comparison_name!r}, run {found.info.run_id} ({found.info.status})")
         return found.info.run_id, False
     tags = {
@@ -103,7 +104,8 @@ def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
     }
     if launched:
         run_id = launched
-        client.set_tags(run_id, tags)
+        for name, value in tags.items():
+            client.set_tag(run_id, name, value)
     else:
         experiment_id = mlflow.set_experiment(cfg.experiment_name).experiment_id
         run_id = client.create_run(experiment_id, run_name=cfg.comparison_name, tags=tags).info.run_id
@@ -209,7 +211,7 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
         progress = Progress(comparison_id, len(cells))
         before = sum(run.info.status == "FINISHED" for run in cell_runs(comparison_id).values())
         if before:
-            print(f"compare: {before}/{len(cells)} cells finished before; running the rest")
+            print(f"compare: {before}/{len(cells)} cells finished before{'; running the rest' if before < len(cells) else ''}")
         held_elsewhere = []
         for cell in cells:
             done = cell_runs(comparison_id).get(cell)

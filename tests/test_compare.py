@@ -22,7 +22,9 @@ from pipelines.names import Metric, RunTag
 from pipelines.prepare import imbalanced, prepare_data
 
 TINY = ["--synthetic_images", "60", "--image_size", "32", "--folds", "2", "--repeats", "1", "--epochs", "1", "--patience", "1"]
-CELLS = ["--teachers", "resnet:S", "--students", "2x1", "--imbalance", "0,2"]  # KD and no-KD at two ratios: 4 cells
+# KD and no-KD at two ratios (4 cells, a teacher per ratio); two students at one ratio (4 cells, one teacher)
+RATIOS = ["--teachers", "resnet:S", "--students", "2x1", "--imbalance", "0,2"]
+STUDENTS = ["--teachers", "resnet:S", "--students", "2x1,4x1", "--imbalance", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("compare-cache")
 
 
-def start_comparison(root: Path, cache_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "kd", "compare", *TINY, *CELLS, "--cache_dir", str(cache_dir)]
+def start_comparison(root: Path, cache_dir: Path, cells: list[str]) -> subprocess.Popen:
+    command = [sys.executable, "-m", "kd", "compare", *TINY, *cells, "--cache_dir", str(cache_dir)]
     command += ["--storage", f"sqlite:///{root / 'optuna.db'}", "--experiment_name", "compare-test"]
     env = child_env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}")
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -49,16 +51,18 @@ def runs(root: Path, filter_string: str) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()], filter_string, max_results=1000)
 
 
-def check_every_cell_once(root: Path) -> mlflow.entities.Run:
-    """One comparison run with 4 FINISHED cells, one run per cell, each cell's distill trained once, a teacher per
-    ratio trained once, nothing left RUNNING; returns the comparison run."""
+def check_every_cell_once(root: Path, cells: set[tuple[str, str, str]], ratios: list[str]) -> mlflow.entities.Run:
+    """One comparison run with a FINISHED run for each of ``cells`` (teacher, student, ratio) and no other, each cell's
+    student trained once, a teacher per ratio trained once, nothing left RUNNING; returns the comparison run."""
     [comparison] = runs(root, f"tags.`{RunTag.STEP}` = 'compare'")
-    cells = runs(root, f"tags.`mlflow.parentRunId` = '{comparison.info.run_id}'")
-    keys = Counter(tuple(run.data.tags[tag] for tag in (RunTag.CELL_TEACHER, RunTag.CELL_STUDENT, RunTag.CELL_IMBALANCE)) for run in cells)
-    assert keys == Counter({("resnet:S", "2x1", "0"): 1, ("", "2x1", "0"): 1, ("resnet:S", "2x1", "2"): 1, ("", "2x1", "2"): 1})
-    assert all(run.info.status == "FINISHED" for run in cells)
-    assert comparison.data.metrics[Metric.CELLS_TOTAL] == comparison.data.metrics[Metric.CELLS_FINISHED] == 4
-    for cell in cells:
+    cell_runs = runs(root, f"tags.`mlflow.parentRunId` = '{comparison.info.run_id}'")
+    keys = Counter(
+        tuple(run.data.tags[tag] for tag in (RunTag.CELL_TEACHER, RunTag.CELL_STUDENT, RunTag.CELL_IMBALANCE)) for run in cell_runs
+    )
+    assert keys == Counter(cells), "one run per cell"
+    assert all(run.info.status == "FINISHED" for run in cell_runs)
+    assert comparison.data.metrics[Metric.CELLS_TOTAL] == comparison.data.metrics[Metric.CELLS_FINISHED] == len(cells)
+    for cell in cell_runs:
         source = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(cell.data.tags[RunTag.CELL_SOURCE_RUN_ID])
         assert cell.data.metrics[Metric.F1_MEAN] == source.data.metrics[Metric.F1_MEAN]
         assert {Metric.minority_fold_f1(1), Metric.minority_fold_recall(1), Metric.F1_MINORITY_MEAN} <= set(cell.data.metrics)
@@ -68,9 +72,9 @@ def check_every_cell_once(root: Path) -> mlflow.entities.Run:
         for run in runs(root, f"tags.`{RunTag.STEP}` = 'distill' and tags.`{RunTag.OUTCOME}` = 'trained'")
         if run.info.status == "FINISHED"
     )
-    assert len(trained) == 4 and set(trained.values()) == {1}, "every cell's student trained once"
+    assert len(trained) == len(cells) and set(trained.values()) == {1}, "every cell's student trained once"
     teachers = [run for run in runs(root, f"tags.`{RunTag.STEP}` = 'teacher'") if run.info.status == "FINISHED"]
-    assert sorted(run.data.params["imbalance"] for run in teachers) == ["0", "2"], "one teacher per ratio, shared by its students"
+    assert sorted(run.data.params["imbalance"] for run in teachers) == ratios, "one teacher per ratio, shared by its students"
     assert not runs(root, "attributes.status = 'RUNNING'")
     return comparison
 
@@ -115,7 +119,7 @@ def test_imbalance_settings_that_cannot_work_are_refused_naming_the_fix(cache_di
 
 @pytest.mark.slow
 def test_a_killed_comparison_resumes_in_its_own_run_and_ends_with_every_cell_once(tmp_path: Path, cache_dir: Path, reliability) -> None:
-    victim = start_comparison(tmp_path, cache_dir)
+    victim = start_comparison(tmp_path, cache_dir, RATIOS)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and victim.poll() is None:
         time.sleep(0.5)
@@ -133,20 +137,22 @@ def test_a_killed_comparison_resumes_in_its_own_run_and_ends_with_every_cell_onc
     [killed] = runs(tmp_path, f"tags.`{RunTag.STEP}` = 'compare'")
     assert killed.info.status == "RUNNING", "killed with SIGKILL: the run is left for the next start to close"
 
-    output = finish(start_comparison(tmp_path, cache_dir))
+    output = finish(start_comparison(tmp_path, cache_dir, RATIOS))
     assert f"resuming comparison 'kd-comparison', run {killed.info.run_id}" in output
-    comparison = check_every_cell_once(tmp_path)
+    comparison = check_every_cell_once(
+        tmp_path, {("resnet:S", "2x1", "0"), ("", "2x1", "0"), ("resnet:S", "2x1", "2"), ("", "2x1", "2")}, ["0", "2"]
+    )
     assert comparison.info.run_id == killed.info.run_id
     reliability.fault(
         "kill -9 of `kd compare` after its first cell, then a restart", "resumed in the same comparison run; 4 cells, one run each"
     )
-    reliability.lost("cells", 0, "killed comparison: every cell exactly once, none trained twice, no run left RUNNING")
+    reliability.lost("runs", 0, "killed comparison: every cell exactly once (its run resumed), none trained twice, no run left RUNNING")
 
 
 @pytest.mark.slow
 def test_two_workers_split_the_cells_and_train_none_twice(tmp_path: Path, cache_dir: Path) -> None:
-    workers = [start_comparison(tmp_path, cache_dir) for _ in range(2)]
+    workers = [start_comparison(tmp_path, cache_dir, STUDENTS) for _ in range(2)]
     outputs = [finish(worker) for worker in workers]
-    check_every_cell_once(tmp_path)
+    check_every_cell_once(tmp_path, {("resnet:S", "2x1", "0"), ("resnet:S", "4x1", "0"), ("", "2x1", "0"), ("", "4x1", "0")}, ["0"])
     trained = [sum("done (" in line and "finished before" not in line for line in output.splitlines()) for output in outputs]
     assert sum(trained) == 4 and min(trained) >= 1, f"each worker ran cells of its own: {trained}"
