@@ -18,6 +18,7 @@ import pytest
 from kdtest import child_env
 
 from pipelines.config import Config, PipelineError
+from pipelines.locks import database_lock
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import imbalanced, prepare_data
 
@@ -115,6 +116,17 @@ def test_imbalance_settings_that_cannot_work_are_refused_naming_the_fix(cache_di
         prepare_data(cfg.replace(minority_class="tumor"))
     chosen = prepare_data(cfg.replace(minority_class="meningioma", imbalance="4"))
     assert chosen.minority == "meningioma", "any class of a multi-class set can be the minority"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_cell_lock_held_elsewhere_is_skipped_without_waiting_and_taken_once_released(backend: str, tmp_path: Path, request) -> None:
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_uri")
+    with database_lock(url, "compare:cell") as first:
+        # another open file (SQLite) or another session (PostgreSQL): what a second worker has
+        with database_lock(url, "compare:cell", blocking=False) as second, database_lock(url, "compare:other", blocking=False) as other:
+            assert first and not second and other
+    with database_lock(url, "compare:cell", blocking=False) as again:
+        assert again
 
 
 @pytest.mark.slow
