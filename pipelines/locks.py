@@ -6,14 +6,12 @@ import fcntl
 import hashlib
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sqlalchemy
 
-if TYPE_CHECKING:
-    from pipelines.config import Config
+from pipelines.config import TEACHER_PARAMS, Config, teacher_members
 
 
 def lockable(url: str) -> bool:
@@ -67,8 +65,17 @@ def database_lock(url: str, name: str, blocking: bool = True) -> Iterator[bool]:
         yield True
 
 
-def teacher_lock(cfg: Config):
-    """Held while the teachers are found or trained: distill runs and search workers started together train them
-    once, the others wait and then reuse the finished teacher run. Through the study's storage (``storage`` or
+@contextmanager
+def teacher_lock(cfg: Config) -> Iterator[None]:
+    """Held while the teachers are found or trained: distill runs, search and comparison workers started together train
+    each teacher once, the others wait and then reuse the finished teacher run. One lock per teacher (its parameters,
+    imbalance ratio included), so workers train different teachers at once; an ensemble holds its members' locks, taken
+    in one order, so it never trains a member another worker is training. Through the study's storage (``storage`` or
     $KD_STORAGE_URL), so with PostgreSQL it holds across machines."""
-    return database_lock(cfg.storage_url, f"{cfg.study_name}:teacher")
+    from pipelines.tracking import step_key  # MLflow's import, for the distill and search steps that use it anyway
+
+    keys = sorted({hashlib.sha256(step_key(member, TEACHER_PARAMS).encode()).hexdigest()[:16] for member in teacher_members(cfg)})
+    with ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(database_lock(cfg.storage_url, f"{cfg.study_name}:teacher:{key}"))
+        yield

@@ -8,6 +8,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from kdtest import child_env
 
 from pipelines.config import Config, PipelineError
-from pipelines.locks import database_lock
+from pipelines.locks import database_lock, teacher_lock
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import imbalanced, prepare_data
 
@@ -127,6 +128,32 @@ def test_a_cell_lock_held_elsewhere_is_skipped_without_waiting_and_taken_once_re
             assert first and not second and other
     with database_lock(url, "compare:cell", blocking=False) as again:
         assert again
+
+
+def test_workers_train_different_teachers_at_once_but_never_one_teacher_twice(tmp_path: Path) -> None:
+    cfg = Config(storage=f"sqlite:///{tmp_path / 'optuna.db'}", teacher_arch="resnet:S")
+    entered = {name: threading.Event() for name in ("other teacher", "other ratio", "same teacher", "ensemble with it")}
+    others = {
+        "other teacher": cfg.replace(teacher_arch="hybrid:S"),
+        "other ratio": cfg.replace(imbalance="4"),
+        "same teacher": cfg,
+        "ensemble with it": cfg.replace(teacher_arch="hybrid:S,resnet:S"),
+    }
+
+    def worker(name: str) -> None:
+        with teacher_lock(others[name]):
+            entered[name].set()
+
+    with teacher_lock(cfg):
+        threads = [threading.Thread(target=worker, args=(name,)) for name in others]
+        for thread in threads:
+            thread.start()
+        assert entered["other teacher"].wait(10) and entered["other ratio"].wait(10)
+        time.sleep(1)
+        assert not entered["same teacher"].is_set() and not entered["ensemble with it"].is_set()
+    for thread in threads:
+        thread.join(10)
+    assert all(event.is_set() for event in entered.values())
 
 
 @pytest.mark.slow
