@@ -29,6 +29,7 @@ class Command:
     options: Callable[[argparse.ArgumentParser], None] | None = None  # options beyond the Config fields
     add_help: bool = True  # False: the options take -h themselves
     defaults: dict[str, Any] | None = None  # its own defaults of some Config fields
+    ratios: bool = False  # takes a list of imbalance ratios (compare); every other command trains on one
 
     def parser(self, name: str) -> argparse.ArgumentParser:
         parser = build_parser(self.description, self.fields, self.add_help, self.defaults)
@@ -222,6 +223,7 @@ COMMANDS = {
         "embedded synthetic set.",
         _compare,
         defaults=COMPARE_DEFAULTS,
+        ratios=True,
     ),
     "main": Command("Run prepare -> teacher -> search -> promote, reusing finished steps.", _main),
     "promote": Command("Retrain the study's best student, register it and promote it if it beats the champion.", _promote),
@@ -272,7 +274,14 @@ def build_command_parser() -> argparse.ArgumentParser:
 def run_command(name: str, argv: list[str] | None = None) -> Any:
     """Parse the command's options, check its Config, then import what it runs and run it."""
     command = COMMANDS[name]
-    return run_cli(lambda args: command.run(config_from_args(args), args), command.parser(name), argv)
+
+    def run(args: argparse.Namespace) -> Any:
+        cfg = config_from_args(args)
+        if not command.ratios:
+            cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused here, before anything heavy is imported
+        return command.run(cfg, args)
+
+    return run_cli(run, command.parser(name), argv)
 
 
 def main(argv: list[str] | None = None) -> None:

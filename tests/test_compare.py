@@ -112,6 +112,10 @@ def test_imbalance_settings_that_cannot_work_are_refused_naming_the_fix(cache_di
         Config(students="tiny,,small")
     with pytest.raises(PipelineError, match=r"^imbalance='0,4': a step trains on one ratio.*kd compare"):
         prepare_data(Config(imbalance="0,4", cache_dir=str(cache_dir)))
+    refused = subprocess.run(
+        [sys.executable, "-m", "kd", "distill", "--imbalance", "0,4"], env=child_env(), capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode == 2 and refused.stderr.startswith("error: imbalance='0,4': a step trains on one ratio"), refused.stderr
     cfg = Config(synthetic_images=60, synthetic_classes=3, image_size=32, folds=2, cache_dir=str(cache_dir))
     with pytest.raises(PipelineError, match=r"^minority_class='tumor': not a class of the data; the classes are glioma, meningioma"):
         prepare_data(cfg.replace(minority_class="tumor"))
