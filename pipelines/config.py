@@ -588,19 +588,22 @@ def _parse_int(text: str) -> int:
 
 
 def build_parser(
-    description: str, names: Sequence[str] | None = None, add_help: bool = True, defaults: dict[str, Any] | None = None
+    description: str, names: Sequence[str] | None = None, add_help: bool = True, own_defaults: dict[str, Any] | None = None
 ) -> argparse.ArgumentParser:
-    """An argparse parser whose options are Config fields (``--data_dir`` and ``--data-dir`` both work); ``defaults``:
-    a command's own defaults for some fields (``kd compare``'s)."""
+    """An argparse parser whose options are Config fields (``--data_dir`` and ``--data-dir`` both work); ``own_defaults``:
+    a command's own defaults for some fields (``kd compare``'s), shown in their help."""
     parser = argparse.ArgumentParser(description=description, add_help=add_help)
-    defaults = Config(**(defaults or {}))
+    defaults = Config(**(own_defaults or {}))
     for f in fields(Config):
         if names is not None and f.name not in names:
             continue
         kind = {bool: _parse_bool, int: _parse_int, float: float}.get(type(getattr(defaults, f.name)), str)
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         limits = f" (range {LIMITS[f.name]})" if f.name in LIMITS else ""
-        parser.add_argument(*flags, dest=f.name, type=kind, default=getattr(defaults, f.name), help=f"{f.metadata.get('help')}{limits}")
+        own = f" (default here {getattr(defaults, f.name)})" if f.name in (own_defaults or {}) else ""
+        parser.add_argument(
+            *flags, dest=f.name, type=kind, default=getattr(defaults, f.name), help=f"{f.metadata.get('help')}{limits}{own}"
+        )
     return parser
 
 

@@ -172,7 +172,7 @@ class Progress:
 
     def done(self, cell: Cell, run: Run, trained: bool) -> None:
         self.trained += trained
-        finished = sum(run.info.status == "FINISHED" for run in cell_runs(self.comparison_id).values())
+        finished = sum(other.info.status == "FINISHED" for other in cell_runs(self.comparison_id).values())
         mlflow.MlflowClient().log_metric(self.comparison_id, Metric.CELLS_FINISHED, finished)
         elapsed = time.monotonic() - self.start
         left = f", about {clock(elapsed / self.trained * (self.total - finished))} left" if self.trained and finished < self.total else ""
