@@ -147,13 +147,14 @@ def run_cell(cfg: Config, cell: Cell, prepared: Prepared, comparison_id: str, bl
             return existing, False
         # A cell whose run a killed or failed worker left is resumed in that run: one run per cell, whatever happened.
         start = {"run_id": existing.info.run_id} if existing is not None else {"run_name": cell.name}
-        with tracked_run(cfg, nested=True, **start) as run:
-            mlflow.set_tags({RunTag.STEP: CELL_STEP, RunTag.COMPARISON: cfg.comparison_name, **cell.tags})
+        # The cell's tags come with its new run: a worker killed as it starts leaves a run that is found (and resumed).
+        tags = {RunTag.STEP: CELL_STEP, RunTag.COMPARISON: cfg.comparison_name, **cell.tags}
+        with tracked_run(cfg, nested=True, tags=tags, **start) as run:
             source = mlflow.get_run(distill(cell.config(cfg), prepared, nested=True))
-            tags = {RunTag.CELL_SOURCE_RUN_ID: source.info.run_id, RunTag.MINORITY_CLASS: prepared.minority}
+            lineage = {RunTag.CELL_SOURCE_RUN_ID: source.info.run_id, RunTag.MINORITY_CLASS: prepared.minority}
             if cell.teacher:
-                tags[RunTag.TEACHER_RUN_ID] = source.data.tags[RunTag.TEACHER_RUN_ID]
-            mlflow.set_tags(tags)
+                lineage[RunTag.TEACHER_RUN_ID] = source.data.tags[RunTag.TEACHER_RUN_ID]
+            mlflow.set_tags(lineage)
             mlflow.log_metrics(copied_metrics(source))
         return mlflow.get_run(run.info.run_id), True
 
