@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import mlflow
+import numpy as np
 from mlflow.entities import Run
 
 from pipelines.config import COMPARE_PARAMS, PROJECT_ROOT, Config, parse_list, parse_ratios
@@ -155,7 +156,9 @@ def run_cell(cfg: Config, cell: Cell, prepared: Prepared, comparison_id: str, bl
             if cell.teacher:
                 lineage[RunTag.TEACHER_RUN_ID] = source.data.tags[RunTag.TEACHER_RUN_ID]
             mlflow.set_tags(lineage)
-            mlflow.log_metrics(copied_metrics(source))
+            folds = prepared.splits.folds
+            test_train = np.mean([len(val) for _, val in folds]) / np.mean([len(train) for train, _ in folds])
+            mlflow.log_metrics({**copied_metrics(source), Metric.TEST_TRAIN_RATIO: float(test_train)})
         return mlflow.get_run(run.info.run_id), True
 
 
