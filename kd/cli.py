@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.cli import run_cli
-from pipelines.config import DATA_INPUTS, PROJECT_ROOT, Config, build_parser, config_from_args
+from pipelines.config import COMPARE_DEFAULTS, DATA_INPUTS, PROJECT_ROOT, Config, build_parser, config_from_args
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,11 @@ class Command:
     fields: Sequence[str] | None = None  # the Config fields it takes as options; None = all of them
     options: Callable[[argparse.ArgumentParser], None] | None = None  # options beyond the Config fields
     add_help: bool = True  # False: the options take -h themselves
+    defaults: dict[str, Any] | None = None  # its own defaults of some Config fields
+    ratios: bool = False  # takes a list of imbalance ratios (compare); every other command trains on one
 
     def parser(self, name: str) -> argparse.ArgumentParser:
-        parser = build_parser(self.description, self.fields, self.add_help)
+        parser = build_parser(self.description, self.fields, self.add_help, self.defaults)
         parser.prog = f"kd {name}"
         if self.options:
             self.options(parser)
@@ -72,6 +74,12 @@ def _search(cfg: Config, args: argparse.Namespace) -> Any:
     from search.tune import run_search
 
     return run_search(cfg)
+
+
+def _compare(cfg: Config, args: argparse.Namespace) -> str:
+    from search.compare import run_comparison
+
+    return run_comparison(cfg)
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> dict[str, str]:
@@ -214,6 +222,14 @@ COMMANDS = {
         "--storage and --study-name to share the study.",
         _search,
     ),
+    "compare": Command(
+        "Compare teachers x students x KD/no-KD x imbalance ratios on the same folds, one nested run per cell; resumes where "
+        "it stopped, and workers started with the same --storage share the cells. Its defaults: a small comparison of the "
+        "embedded synthetic set.",
+        _compare,
+        defaults=COMPARE_DEFAULTS,
+        ratios=True,
+    ),
     "main": Command("Run prepare -> teacher -> search -> promote, reusing finished steps.", _main),
     "promote": Command("Retrain the study's best student, register it and promote it if it beats the champion.", _promote),
     "report": Command(
@@ -263,7 +279,14 @@ def build_command_parser() -> argparse.ArgumentParser:
 def run_command(name: str, argv: list[str] | None = None) -> Any:
     """Parse the command's options, check its Config, then import what it runs and run it."""
     command = COMMANDS[name]
-    return run_cli(lambda args: command.run(config_from_args(args), args), command.parser(name), argv)
+
+    def run(args: argparse.Namespace) -> Any:
+        cfg = config_from_args(args)
+        if not command.ratios:
+            cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused here, before anything heavy is imported
+        return command.run(cfg, args)
+
+    return run_cli(run, command.parser(name), argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -178,6 +178,29 @@ def teacher_choices(cfg: Config) -> tuple[str, ...]:
     return choices
 
 
+def parse_list(name: str, text: str) -> list[str]:
+    """A comma list of one parameter (``teachers``, ``students``, ``imbalance``): its stripped entries, none empty."""
+    entries = [entry.strip() for entry in text.split(",")]
+    if not all(entries):
+        raise PipelineError(f"{name}={text!r}: an empty entry; separate entries by single commas (e.g. resnet:S,hybrid:S)")
+    if len(set(entries)) < len(entries):
+        raise PipelineError(f"{name}={text!r}: an entry is listed twice")
+    return entries
+
+
+def parse_ratios(text: str) -> list[str]:
+    """``imbalance`` -> its ratios as given (``0,4,10``): each 0 (the data as it is) or a number >= 1 (minority 1:r of the majority)."""
+    ratios = parse_list("imbalance", text)
+    for ratio in ratios:
+        try:
+            value = float(ratio)
+        except ValueError:
+            value = math.nan
+        if not (value == 0 or (math.isfinite(value) and value >= 1)):
+            raise PipelineError(f"imbalance={text!r}: {ratio!r} is not a ratio; use 0 (data as it is) or a number >= 1, e.g. 0,4,10")
+    return ratios
+
+
 def parse_student_size(size: str) -> tuple[int, int]:
     """``small`` or ``24x3`` -> (width, depth)."""
     if size in STUDENT_PRESETS:
@@ -340,6 +363,24 @@ class Config:
         default=8, metadata={"help": "augmented views per image the teacher's logits are cached for (kd_mode=consistent, cached)"}
     )
     no_kd: bool = field(default=False, metadata={"help": "baseline: train the student on hard labels only (alpha = 1)"})
+    # imbalance (any step) and the comparison (compare)
+    imbalance: str = field(
+        default="0",
+        metadata={
+            "help": (
+                "minority:majority ratio r of the training folds: 0 = the data as it is; r >= 1 keeps ceil(majority / r) minority "
+                "images in each fold's training rows (validation folds and hold-out untouched); compare takes a comma list (0,4,10)"
+            )
+        },
+    )
+    minority_class: str = field(
+        default="", metadata={"help": "the class imbalance subsamples and minority metrics are of; empty = the fewest training images"}
+    )
+    teachers: str = field(
+        default="resnet:S,hybrid:S", metadata={"help": "compare: the teachers, a comma list of teacher_arch values (resnet:S,resnet:L,...)"}
+    )
+    students: str = field(default="tiny,small", metadata={"help": "compare: the student sizes, a comma list (tiny,small,24x3)"})
+    comparison_name: str = field(default="kd-comparison", metadata={"help": "compare: the comparison's name (its run's kd.comparison tag)"})
     fold: int = field(default=-1, metadata={"help": "train only this fold entry (0-based, up to folds x repeats - 1); -1 = all of them"})
     # search (Optuna)
     n_trials: int = field(
@@ -429,6 +470,13 @@ class Config:
             parse_range(name, getattr(self, name), cast, positive, limits)
         parse_student_size(self.student_size)
         parse_teachers(self.teacher_arch)
+        for name, parse in (("students", parse_student_size), ("teachers", parse_teacher)):
+            for entry in parse_list(name, getattr(self, name)):
+                try:
+                    parse(entry)
+                except PipelineError as error:
+                    raise PipelineError(f"{name}={getattr(self, name)!r}: {error}") from None
+        parse_ratios(self.imbalance)
         teacher_choices(self)
         modality_index(self.modality)
         check_storage_parameter(self.storage)
@@ -462,6 +510,10 @@ class Config:
                 f"comparison={self.comparison!r}: a comparison name or run id has no quotes or backslashes; give it without them",
             ),
             (self.serving_format in SERVING_FORMATS, f"serving_format={self.serving_format!r}: use {', '.join(SERVING_FORMATS)}"),
+            (
+                re.fullmatch(r"[\w.:-]+", self.comparison_name) is not None,
+                f"comparison_name={self.comparison_name!r}: use letters, digits and _ . : - (it names runs and locks)",
+            ),
             (self.objectives in ("f1", "f1,params", "f1,latency"), f"objectives={self.objectives!r}: use f1, f1,params or f1,latency"),
             (
                 0 < self.heartbeat_interval < self.grace_period,
@@ -476,6 +528,17 @@ class Config:
     def storage_url(self) -> str:
         """The storage parameter, else $KD_STORAGE_URL (which may carry a password), else optuna.db in the project."""
         return self.storage or os.environ.get(STORAGE_URL_ENV) or f"sqlite:///{PROJECT_ROOT / 'optuna.db'}"
+
+    @property
+    def imbalance_ratio(self) -> float:
+        """The one imbalance ratio of a step run (0 = the data as it is); a list of them is for ``kd compare``."""
+        ratios = parse_ratios(self.imbalance)
+        if len(ratios) > 1:
+            raise PipelineError(
+                f"imbalance={self.imbalance!r}: a step trains on one ratio; give one (e.g. imbalance={ratios[-1]}), or compare the ratios "
+                "with kd compare"
+            )
+        return float(ratios[0])
 
     @property
     def fold_count(self) -> int:
@@ -512,7 +575,19 @@ def redact_url(text: str) -> str:
 
 # Parameters that decide a step's result; a finished run whose params, data digest and code fingerprint match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
-DATA_PARAMS = ("image_size", "positive_class", "modality", "test_fraction", "folds", "repeats", "seed", "dedupe")
+# imbalance and minority_class decide the folds' training rows: teacher and distill runs are reused per ratio.
+DATA_PARAMS = (
+    "image_size",
+    "positive_class",
+    "modality",
+    "test_fraction",
+    "folds",
+    "repeats",
+    "seed",
+    "dedupe",
+    "imbalance",
+    "minority_class",
+)
 # every field that decides what prepare_data returns (cache_dir only says where the decoded images are kept)
 DATA_INPUTS = DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes")
 TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
@@ -565,6 +640,17 @@ SEARCH_PARAMS = (
     + ("temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range", "teacher_choices")
 )
 
+# A comparison's reuse key and logged parameters: whatever decides its cells (imbalance, minority_class: in DATA_PARAMS).
+COMPARE_PARAMS = (
+    DATA_PARAMS
+    + TRAIN_PARAMS
+    + ("teacher_seed_offset", "teacher_weights", "teacher_image_size", "kd_mode", "kd_views", "teacher_mode", "temperature", "alpha")
+    + ("teachers", "students", "comparison_name")
+)
+# ``kd compare``'s own defaults: a small comparison that finishes on a fresh 2-core machine in minutes on the embedded
+# synthetic set (12 cells, 4 teacher runs); a study of real data gives its folds and epochs (README).
+COMPARE_DEFAULTS = {"folds": 3, "epochs": 8, "patience": 3, "image_size": 32, "synthetic_images": 200, "imbalance": "0,4"}
+
 
 def _parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
@@ -583,17 +669,23 @@ def _parse_int(text: str) -> int:
     return int(value)
 
 
-def build_parser(description: str, names: Sequence[str] | None = None, add_help: bool = True) -> argparse.ArgumentParser:
-    """An argparse parser whose options are Config fields (``--data_dir`` and ``--data-dir`` both work)."""
+def build_parser(
+    description: str, names: Sequence[str] | None = None, add_help: bool = True, own_defaults: dict[str, Any] | None = None
+) -> argparse.ArgumentParser:
+    """An argparse parser whose options are Config fields (``--data_dir`` and ``--data-dir`` both work); ``own_defaults``:
+    a command's own defaults for some fields (``kd compare``'s), shown in their help."""
     parser = argparse.ArgumentParser(description=description, add_help=add_help)
-    defaults = Config()
+    defaults = Config(**(own_defaults or {}))
     for f in fields(Config):
         if names is not None and f.name not in names:
             continue
         kind = {bool: _parse_bool, int: _parse_int, float: float}.get(type(getattr(defaults, f.name)), str)
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         limits = f" (range {LIMITS[f.name]})" if f.name in LIMITS else ""
-        parser.add_argument(*flags, dest=f.name, type=kind, default=getattr(defaults, f.name), help=f"{f.metadata.get('help')}{limits}")
+        own = f" (default here {getattr(defaults, f.name)})" if f.name in (own_defaults or {}) else ""
+        parser.add_argument(
+            *flags, dest=f.name, type=kind, default=getattr(defaults, f.name), help=f"{f.metadata.get('help')}{limits}{own}"
+        )
     return parser
 
 

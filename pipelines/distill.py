@@ -140,7 +140,10 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
         cv = cross_validate_student(cfg, prepared, teacher_run_id, fold_ids)
         summary = cv.summary()
         student_params = cv.models[0].count_params()
-        mlflow.log_metrics({**summary, Metric.STUDENT_PARAMS: student_params})
+        mlflow.set_tag(RunTag.MINORITY_CLASS, prepared.minority)
+        mlflow.log_metrics(
+            {**summary, **cv.minority_summary(dataset.class_names, prepared.minority), Metric.STUDENT_PARAMS: student_params}
+        )
         qat_models, qat_summary = quantization_aware_folds(cfg, prepared, teacher_run_id, cv) if cfg.qat else ([], {})
         mlflow.log_metrics(qat_summary)
         with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ FINGERPRINTED_MODULES = (
     "pipelines/sources.py",
     "pipelines/images.py",
     "pipelines/splits.py",
+    "pipelines/prepare.py",  # the minority class and the imbalance ratio's training rows
     "pipelines/models.py",
     "pipelines/distiller.py",
     "pipelines/training.py",

@@ -6,14 +6,12 @@ import fcntl
 import hashlib
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sqlalchemy
 
-if TYPE_CHECKING:
-    from pipelines.config import Config
+from pipelines.config import TEACHER_PARAMS, Config, teacher_members
 
 
 def lockable(url: str) -> bool:
@@ -25,37 +23,59 @@ def lockable(url: str) -> bool:
 
 
 @contextmanager
-def database_lock(url: str, name: str) -> Iterator[None]:
+def database_lock(url: str, name: str, blocking: bool = True) -> Iterator[bool]:
     """An exclusive lock named ``name``: a file lock beside a SQLite database (processes of one machine), a
     session advisory lock in PostgreSQL (any machine; released by the server if the holder dies).
-    Other URLs lock nothing."""
+    Other URLs lock nothing. Yields whether this process holds the lock: always True when ``blocking`` (it waits
+    for it); without, False at once when another holder has it (the block then runs without the lock: check)."""
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = Path(parsed.database or "sqlite").resolve()
         safe_name = re.sub(r"[^\w.-]", "-", name)
         path = database.with_name(f".{database.name}.{safe_name}.lock")
         with open(path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released by the kernel if the holder dies
             try:
-                yield
+                fcntl.flock(
+                    handle, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
+                )  # released by the kernel if the holder dies
+                held = True
+            except BlockingIOError:
+                held = False
+            try:
+                yield held
             finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                if held:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
     elif parsed.get_backend_name() == "postgresql":
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         engine = sqlalchemy.create_engine(url)
         with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            if blocking:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                held = True
+            else:
+                held = bool(connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
             try:
-                yield
+                yield held
             finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                if held:
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
         engine.dispose()
     else:
-        yield
+        yield True
 
 
-def teacher_lock(cfg: Config):
-    """Held while the teachers are found or trained: distill runs and search workers started together train them
-    once, the others wait and then reuse the finished teacher run. Through the study's storage (``storage`` or
+@contextmanager
+def teacher_lock(cfg: Config) -> Iterator[None]:
+    """Held while the teachers are found or trained: distill runs, search and comparison workers started together train
+    each teacher once, the others wait and then reuse the finished teacher run. One lock per teacher (its parameters,
+    imbalance ratio included), so workers train different teachers at once; an ensemble holds its members' locks, taken
+    in one order, so it never trains a member another worker is training. Through the study's storage (``storage`` or
     $KD_STORAGE_URL), so with PostgreSQL it holds across machines."""
-    return database_lock(cfg.storage_url, f"{cfg.study_name}:teacher")
+    from pipelines.tracking import step_key  # MLflow's import, for the distill and search steps that use it anyway
+
+    keys = sorted({hashlib.sha256(step_key(member, TEACHER_PARAMS).encode()).hexdigest()[:16] for member in teacher_members(cfg)})
+    with ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(database_lock(cfg.storage_url, f"{cfg.study_name}:teacher:{key}"))
+        yield

@@ -81,6 +81,9 @@ class Metric:
     F1_MINORITY_MEAN = "f1_minority_mean"  # mean over folds of the minority class's F1
     F1_MINORITY_STD = "f1_minority_std"
     RECALL_MINORITY_MEAN = "recall_minority_mean"
+    # a comparison cell: mean validation rows / mean training rows of its folds (the corrected t-test's n_test / n_train;
+    # subsampling the minority shrinks the training rows)
+    TEST_TRAIN_RATIO = "test_train_ratio"
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
     # Quantization-aware training (qat=true): the QAT models' metrics carry this prefix (qat_f1_mean, qat_f1_fold_<k>, ...).

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipelines.config import DATA_INPUTS, DATA_PARAMS, Config
+from pipelines.config import DATA_INPUTS, DATA_PARAMS, Config, PipelineError
 from pipelines.images import load_images
 from pipelines.sources import Dataset, ingest
-from pipelines.splits import Splits, describe_duplicates, make_splits, perceptual_hashes
+from pipelines.splits import Splits, describe_duplicates, make_splits, perceptual_hashes, subsample_minority
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,31 @@ class Prepared:
     splits: Splits
     images: np.ndarray  # (N, S, S, 1), rows aligned with dataset.manifest
     inputs: dict[str, str]  # the DATA_INPUTS of the Config it was prepared from
+    minority: str  # the minority class: the one imbalance subsamples and the minority metrics are of
+
+
+def minority_class(dataset: Dataset, splits: Splits, requested: str = "") -> str:
+    """``requested`` when it is a class of the data, else (empty) the class with the fewest images in the training part."""
+    if requested:
+        if requested not in dataset.class_names:
+            raise PipelineError(f"minority_class={requested!r}: not a class of the data; the classes are {', '.join(dataset.class_names)}")
+        return requested
+    counts = np.bincount(dataset.labels[splits.train], minlength=dataset.num_classes)
+    return dataset.class_names[int(np.argmin(counts))]
+
+
+def imbalanced(prepared: Prepared, cfg: Config) -> Prepared:
+    """Data prepared as it is (imbalance 0), at ``cfg``'s imbalance ratio: the minority class subsampled in the
+    training rows of every fold (:func:`pipelines.splits.subsample_minority`), validation folds and hold-out unchanged.
+    ``kd compare`` prepares the data once and derives each ratio's from it."""
+    dataset = prepared.dataset
+    minority = minority_class(dataset, prepared.splits, cfg.minority_class)
+    ratio = cfg.imbalance_ratio
+    splits = subsample_minority(prepared.splits, dataset.labels, dataset.class_names.index(minority), ratio, cfg.seed)
+    if ratio:
+        kept = [int(np.sum(dataset.labels[train] == dataset.class_names.index(minority))) for train, _ in splits.folds]
+        print(f"prepare: imbalance 1:{cfg.imbalance}: the training folds keep {min(kept)}-{max(kept)} {minority!r} images each")
+    return Prepared(dataset, splits, prepared.images, cfg.as_params(DATA_INPUTS), minority)
 
 
 def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
@@ -30,6 +55,7 @@ def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
     """
     if reuse is not None and reuse.inputs == cfg.as_params(DATA_INPUTS):
         return reuse
+    cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused before the data is read
     dataset = ingest(cfg)
     images = load_images(dataset, cfg.image_size, cfg.cache_dir)
     splits = make_splits(dataset, cfg.folds, cfg.test_fraction, cfg.seed, perceptual_hashes(images), cfg.dedupe, cfg.repeats)
@@ -41,7 +67,7 @@ def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
             else "kept in the hold-out (dedupe=keep): its figures are inflated"
         )
         print(f"prepare: {found}: {action}; listed in data/holdout_duplicates.csv")
-    return Prepared(dataset, splits, images, cfg.as_params(DATA_INPUTS))
+    return imbalanced(Prepared(dataset, splits, images, cfg.as_params(DATA_INPUTS), ""), cfg)
 
 
 def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:

@@ -7,7 +7,8 @@ a given test split (``Testing/``) is checked against the training images instead
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -44,10 +45,14 @@ class Splits:
     duplicates: pd.DataFrame | None = None
     # The group each row was split by (near-duplicates joined, see duplicate_groups); None: the manifest's groups.
     groups: np.ndarray | None = None
+    # The all-data models' training rows when they are not every non-test row (subsample_minority); None: every one.
+    all_train: np.ndarray | None = None
 
     @property
     def train(self) -> np.ndarray:
-        """Every non-test row (what the all-data models train on)."""
+        """The rows the all-data models train on: every non-test row, or the subsampled ones (:func:`subsample_minority`)."""
+        if self.all_train is not None:
+            return self.all_train
         return np.sort(np.concatenate([self.folds[0][0], self.folds[0][1]]))
 
     def table(self, dataset: Dataset) -> pd.DataFrame:
@@ -208,6 +213,36 @@ def make_splits(
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=repeat_seed(seed, r))
         fold_indices += [(rest[train], rest[val]) for train, val in splitter.split(np.zeros(len(rest)), labels[rest], groups[rest])]
     return Splits(test=np.sort(test), folds=fold_indices, repeats=repeats, dropped=np.sort(dropped), duplicates=duplicates, groups=groups)
+
+
+def minority_count(labels: np.ndarray, minority: int, ratio: float) -> int:
+    """How many ``minority`` rows a training part ``labels`` keeps at ratio 1:``ratio``: ceil(majority / ratio), majority
+    being the largest class of the part, or all of them when there are fewer (ratio 0: all of them)."""
+    present = int(np.sum(labels == minority))
+    if ratio == 0:
+        return present
+    return min(present, math.ceil(np.bincount(labels).max() / ratio))
+
+
+def subsample_minority(splits: Splits, labels: np.ndarray, minority: int, ratio: float, seed: int) -> Splits:
+    """The splits with each fold's training rows (and the all-data training rows) keeping only :func:`minority_count`
+    of their ``minority`` rows; validation rows and the hold-out are the same rows as before. Ratio 0: ``splits`` itself.
+
+    Rows, not groups, are dropped: a training row left out cannot leak into validation, and the count is then exactly
+    the ratio's. Which rows stay is drawn from (seed, fold entry): the same for every ratio's run, and a higher ratio
+    keeps a subset of a lower one's rows (a prefix of one permutation).
+    """
+    if ratio == 0:
+        return splits
+
+    def kept(rows: np.ndarray, entry: int) -> np.ndarray:
+        candidates = rows[labels[rows] == minority]
+        order = np.random.default_rng((seed, entry)).permutation(len(candidates))
+        keep = candidates[order[: minority_count(labels[rows], minority, ratio)]]
+        return np.sort(np.concatenate([rows[labels[rows] != minority], keep]))
+
+    folds = [(kept(train, k), val) for k, (train, val) in enumerate(splits.folds)]
+    return replace(splits, folds=folds, all_train=kept(splits.train, len(splits.folds)))
 
 
 def describe_duplicates(duplicates: pd.DataFrame) -> str:

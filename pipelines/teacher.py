@@ -109,9 +109,11 @@ def _train_single(cfg: Config, prepared: Prepared, nested: bool) -> str:
         test_probs = probabilities(logits["all"][splits.test], dataset.binary)
         test_metrics = classification_metrics(labels[splits.test], test_probs, dataset.class_names)
 
+        mlflow.set_tag(RunTag.MINORITY_CLASS, prepared.minority)
         mlflow.log_metrics(
             {
                 **cv.summary(),
+                **cv.minority_summary(dataset.class_names, prepared.minority),
                 **{f"test_{k}": v for k, v in test_metrics.items()},
                 Metric.TEACHER_PARAMS: teacher.count_params(),
                 "all_data_epochs": epochs,

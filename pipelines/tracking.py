@@ -116,10 +116,12 @@ def tracked_run(cfg: Config, finished_on: tuple[type[BaseException], ...] = (), 
     with the reason in ``kd.failure``, waiting for an absent tracking server; ``finished_on`` exceptions
     (a pruned trial) end it FINISHED. The run is tagged with its process (see ``close_stale_runs``) and the
     fingerprint of the code it ran (``kd.code_fingerprint``)."""
-    run = mlflow.start_run(**start_run)
+    # The process tags come with the new run, not after it: a process killed in between would leave a RUNNING run
+    # that names no process, which close_stale_runs could never close.
+    tags = {**(start_run.pop("tags", None) or {}), **process_tags(), RunTag.CODE: code_fingerprint()}
+    run = mlflow.start_run(tags=tags, **start_run)
     run_id = run.info.run_id
     try:
-        mlflow.set_tags({**process_tags(), RunTag.CODE: code_fingerprint()})
         yield run
     except finished_on:
         mlflow.end_run()

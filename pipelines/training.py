@@ -16,8 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities
+from pipelines.evaluate import class_keys, classification_metrics, confusion_matrix, model_logits, per_class_f1, probabilities
 from pipelines.models import recalibrate_batch_norm
+from pipelines.names import Metric
 from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -230,6 +231,25 @@ class CrossValidation:
     def summary(self) -> dict[str, float]:
         """:func:`summarize_folds` of these folds."""
         return summarize_folds(self.fold_ids, self.fold_metrics)
+
+    def minority_summary(self, class_names: list[str], minority: str) -> dict[str, float]:
+        """The ``minority`` class's F1 and recall per fold (``f1_minority_fold_<k>``, ``recall_minority_fold_<k>``) and their
+        mean and spread over folds (``f1_minority_mean`` / ``_std``, ``recall_minority_mean`` / ``_std``), from the folds'
+        confusion matrices: the figures an imbalance comparison reads, whatever the positive class."""
+        index = class_names.index(minority)
+        f1_key = f"f1_{class_keys(class_names)[index]}"
+        folds = [
+            {"f1": per_class_f1(matrix, class_names)[f1_key], "recall": matrix[index, index] / max(matrix[index].sum(), 1)}
+            for matrix in self.fold_matrices
+        ]
+        result = {}
+        for k, metrics in zip(self.fold_ids, folds):
+            result |= {Metric.minority_fold_f1(k): float(metrics["f1"]), Metric.minority_fold_recall(k): float(metrics["recall"])}
+        for name in ("f1", "recall"):
+            values = np.array([metrics[name] for metrics in folds], dtype=np.float64)
+            result[f"{name}_minority_mean"] = float(np.mean(values))
+            result[f"{name}_minority_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return result
 
 
 def summarize_folds(fold_ids: list[int], fold_metrics: list[dict[str, float]]) -> dict[str, float]:

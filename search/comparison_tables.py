@@ -114,9 +114,10 @@ class ComparisonResults:
 
     @property
     def test_train_ratio(self) -> float:
-        """n_test / n_train of one split for the corrected t-test. Every training image of a repeat is validated in
-        exactly one of its folds and trained on in the others, so over the fold entries mean n_test / mean n_train is
-        1 / (folds - 1) whatever the fold sizes (the teacher and distill runs' ``data/splits.csv`` count them)."""
+        """n_test / n_train of one split for the corrected t-test at imbalance ratio 0. Every training image of a repeat
+        is validated in exactly one of its folds and trained on in the others, so over the fold entries mean n_test / mean
+        n_train is 1 / (folds - 1) whatever the fold sizes. A subsampled ratio trains on fewer rows: its cells log their
+        own (``test_train_ratio``), which :func:`kd_table` prefers."""
         return kfold_test_train_ratio(self.folds)
 
     @property
@@ -249,11 +250,13 @@ def kd_table(results: ComparisonResults) -> pd.DataFrame:
             "no_kd_recall_minority_mean": twin.metrics.get(Metric.RECALL_MINORITY_MEAN, math.nan),
             "run_id": cell.run.info.run_id,
             "no_kd_run_id": twin.run.info.run_id,
+            "test_train_ratio": cell.metrics.get(Metric.TEST_TRAIN_RATIO, results.test_train_ratio),
         }
         for family, (fold_key, mean_key, std_key) in FAMILIES.items():
             kd_scores = fold_scores(cell.metrics, results.fold_count, fold_key, cell.describe())
             no_kd_scores = fold_scores(twin.metrics, results.fold_count, fold_key, twin.describe())
-            test = corrected_resampled_t_test(kd_scores, no_kd_scores, results.test_train_ratio)
+            test_train = cell.metrics.get(Metric.TEST_TRAIN_RATIO, results.test_train_ratio)
+            test = corrected_resampled_t_test(kd_scores, no_kd_scores, test_train)
             row |= {
                 f"{family}_mean": cell.metrics.get(mean_key, math.nan),
                 f"{family}_std": cell.metrics.get(std_key, math.nan),
@@ -329,7 +332,8 @@ def comparison_blocks(results: ComparisonResults, figures: list[Figure], level: 
             f"KD against no-KD for each teacher, student and imbalance ratio: k-fold F1 and minority-class ({results.minority_class}) F1 "
             f"(mean ± standard deviation), the mean paired difference KD − no-KD over the {fold_count} fold entries (Δ), "
             "the two-sided p-value of Nadeau and Bengio's corrected resampled t-test of that difference "
-            f"(test/train ratio {num(results.test_train_ratio)}) and Holm's adjustment across the {len(kd)} KD cells, "
+            "(with each cell's test/train ratio of rows: fewer training rows where the minority is subsampled) "
+            f"and Holm's adjustment across the {len(kd)} KD cells, "
             "F1 and minority F1 each a family.",
             ["teacher", "student", "ratio", "parameters", "F1", "ΔF1", "p", "p Holm", "minority F1", "Δ minority F1", "p", "p Holm"],
             kd_rows,

@@ -18,7 +18,7 @@ from pipelines.config import LIMITS, RANGE_LIMITS, STORAGE_URL_ENV, Config, Pipe
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("tensorflow", "keras", "mlflow", "optuna", "pandas", "sklearn", "sqlalchemy")
 # The `kd` commands that take the data and training options (as users and MLproject run them: `python -m kd <command>`).
-CLIS = ("prepare", "teacher", "distill", "main", "search", "promote", "export")
+CLIS = ("prepare", "teacher", "distill", "main", "search", "promote", "export", "compare")
 PREPARE_OPTIONS = {"image_size", "test_fraction", "folds", "seed", "synthetic_images"}
 
 

@@ -100,6 +100,8 @@ def build_comparison(name: str = "sizes", digest: str = DIGEST, seed: int = 0, s
             cells.append((cell_tags(name, "", student, False, ratio, source), metrics))
             for teacher in TEACHERS:
                 metrics = {**cv_metrics(rng, level + GAIN.get((teacher, student), 0.0)), Metric.STUDENT_PARAMS: size}
+                if ratio != "0":  # a subsampled minority: fewer training rows per validation row, as the runner logs it
+                    metrics[Metric.TEST_TRAIN_RATIO] = 1 / (FOLDS - 1) * (1 + float(ratio) / 10)
                 source = step_run("distill", {"student_size": student, "teacher_arch": teacher}, metrics)
                 tags = {**cell_tags(name, teacher, student, True, ratio, source), RunTag.TEACHER_RUN_ID: teachers[teacher, ratio]}
                 cells.append((tags, metrics))
@@ -185,8 +187,9 @@ def test_the_kd_table_equals_the_cell_runs_and_the_corrected_t_test_of_their_fol
             kd = [metrics[key(k)] for k in range(FOLD_COUNT)]
             no_kd = [twin.data.metrics[key(k)] for k in range(FOLD_COUNT)]
             assert getattr(row, f"delta_{family}") == pytest.approx(np.mean(np.subtract(kd, no_kd)), abs=1e-12)
-            # k-fold: each fold is tested against the other FOLDS - 1, the train/test ratio of Nadeau and Bengio
-            expected = corrected_resampled_t_test(kd, no_kd, 1 / (FOLDS - 1))
+            # k-fold: each fold is tested against the other FOLDS - 1, the train/test ratio of Nadeau and Bengio, unless the
+            # cell logged its own (a subsampled minority)
+            expected = corrected_resampled_t_test(kd, no_kd, metrics.get(Metric.TEST_TRAIN_RATIO, 1 / (FOLDS - 1)))
             assert getattr(row, f"p_{family}") == pytest.approx(expected.pvalue, rel=1e-12)
     for family in ("f1", "f1_minority"):
         assert table[f"p_{family}_holm"].tolist() == pytest.approx(holm_by_hand(table[f"p_{family}"].tolist()))
