@@ -152,12 +152,18 @@ def find_finished_run(step: str, digest: str, key: str, fingerprint: str) -> Run
     (``fingerprint``: see :mod:`pipelines.fingerprint`).
 
     Runs that only pointed at another run (``outcome = reused``), failed or were killed never match.
-    All experiments are searched: ``mlflow run`` without an experiment name logs to ``Default``.
     """
+    return newest_matching_run(step, digest, key, fingerprint, f"tags.`{RunTag.OUTCOME}` = 'trained' and attributes.status = 'FINISHED'")
+
+
+def newest_matching_run(step: str, digest: str, key: str, fingerprint: str, also: str = "") -> Run | None:
+    """The newest run of ``step`` on the same data (digest), parameters (``key``, :func:`step_key`) and code, whatever its
+    status, that also satisfies the MLflow filter ``also``. All experiments are searched: ``mlflow run`` without an
+    experiment name logs to ``Default``."""
     runs = mlflow.search_runs(
         search_all_experiments=True,
-        filter_string=f"tags.`{RunTag.STEP}` = '{step}' and tags.`{RunTag.OUTCOME}` = 'trained' "
-        f"and tags.`{RunTag.DATA_DIGEST}` = '{digest}' and tags.`{RunTag.CODE}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{RunTag.STEP}` = '{step}' and tags.`{RunTag.DATA_DIGEST}` = '{digest}' "
+        f"and tags.`{RunTag.CODE}` = '{fingerprint}'" + (f" and {also}" if also else ""),
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )

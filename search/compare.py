@@ -30,7 +30,7 @@ from pipelines.fingerprint import code_fingerprint
 from pipelines.locks import database_lock
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, imbalanced, prepare_data
-from pipelines.tracking import close_stale_runs, log_data, step_key, tracked_run
+from pipelines.tracking import close_stale_runs, log_data, newest_matching_run, step_key, tracked_run
 from search.comparison_tables import write_comparison_tables
 
 CELL_STEP = "cell"  # kd.step of a cell run (the comparison run's is "compare")
@@ -81,14 +81,7 @@ def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
     key = step_key(cfg, COMPARE_PARAMS)
     client = mlflow.MlflowClient()
     launched = os.environ.pop("MLFLOW_RUN_ID", None)  # consumed: left in the environment, every nested start_run would resume it
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{RunTag.STEP}` = 'compare' and tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}' "
-        f"and tags.`{RunTag.DATA_DIGEST}` = '{digest}' and tags.`{RunTag.CODE}` = '{fingerprint}'",
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
-    found = next((run for run in runs if run.data.tags.get(RunTag.PARAMS) == key), None)
+    found = newest_matching_run("compare", digest, key, fingerprint, f"tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}'")
     if found is not None:
         if launched:  # `mlflow run` of a resumed comparison: say which run it continued
             client.set_tag(launched, RunTag.OUTCOME, "reused")
