@@ -309,10 +309,12 @@ def comparison_blocks(results: ComparisonResults, figures: list[Figure], level: 
     ]
     folds, fold_count = results.folds, results.fold_count
     repeats = fold_count // folds
+    # A comparison writes its tables in its own run, still RUNNING then; only a stopped one's status says something.
+    stopped = f", {run.info.status.lower()}" if run.info.status in ("FAILED", "KILLED") else ""
     return [
         Heading(level, "Comparison"),
         para(
-            f"Comparison {results.name!r} (run {run.info.run_id}, status {run.info.status}): teachers {params.get('teachers', 'n/a')}, "
+            f"Comparison {results.name!r} (run {run.info.run_id}{stopped}): teachers {params.get('teachers', 'n/a')}, "
             f"students {params.get('students', 'n/a')}, imbalance ratios {params.get('imbalance', 'n/a')} (0 = the data as it is), "
             f"minority class {results.minority_class}; temperature {params.get('temperature', 'n/a')}, alpha {params.get('alpha', 'n/a')}, "
             f"{params.get('epochs', 'n/a')} epochs, seed {params.get('seed', 'n/a')}; "
