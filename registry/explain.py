@@ -199,6 +199,7 @@ def load_models(model_name: str, version) -> RegisteredModels:
     import mlflow
 
     from pipelines.teacher import load_teacher_models
+    from registry.export import load_student
 
     wrapper = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}").unwrap_python_model()
     teacher_run_id = version.tags.get(VersionTag.TEACHER_RUN_ID)
@@ -206,7 +207,9 @@ def load_models(model_name: str, version) -> RegisteredModels:
         raise PipelineError(f"{model_name} v{version.version} has no teacher_run_id tag; promote it again")
     members = load_teacher_models(teacher_run_id, "all")
     teachers = {"teacher": members[0]} if len(members) == 1 else {f"teacher member {i + 1}": model for i, model in enumerate(members)}
-    return RegisteredModels(version.version, wrapper.model, teachers, wrapper.class_names, wrapper.modality)
+    # The Keras student, whatever format the version serves: Grad-CAM needs its feature maps and gradients.
+    student = load_student(model_name, version.version)
+    return RegisteredModels(version.version, student, teachers, wrapper.class_names, wrapper.modality)
 
 
 def explain(

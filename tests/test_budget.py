@@ -116,11 +116,12 @@ def test_a_study_with_no_student_within_its_budget_gives_promote_an_error_naming
     objective = make_objective(cfg, SearchSpace.from_config(cfg), prepare_data(cfg), no_teacher)
     study.optimize(objective, n_trials=2)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2 and not any(within_budget(t) for t in study.trials)
-    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"), pytest.raises(PipelineError) as error:
-        promote(cfg)
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        with pytest.raises(PipelineError) as error:
+            promote(cfg)
+        assert not mlflow.MlflowClient().search_registered_models(), "nothing registered (in the store promote used)"
     message = str(error.value)
     assert f"no complete trial within its budget (max_params={BUDGET})" in message and "larger max_params / max_latency_ms" in message
-    assert not mlflow.MlflowClient().search_registered_models(), "nothing registered"
 
 
 @pytest.mark.parametrize(
