@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.cli import run_cli
-from pipelines.config import COMPARE_DEFAULTS, DATA_INPUTS, PROJECT_ROOT, Config, build_parser, config_from_args
+from pipelines.config import BOOTSTRAP_RESAMPLES, COMPARE_DEFAULTS, DATA_INPUTS, PROJECT_ROOT, Config, build_parser, config_from_args
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def _report(cfg: Config, args: argparse.Namespace) -> Any:
 
 def _explain_options(parser: argparse.ArgumentParser) -> None:
     _version_options(parser)
-    parser.add_argument("image", help="the scan (any image file the data loader reads)")
+    parser.add_argument("image", nargs="?", default="", help="the scan (any image file the data loader reads); optional with --boxes_dir")
     parser.add_argument("--out", default="", help="overlay PNG; empty = <image name>.gradcam.png next to the image")
     parser.add_argument(
         "--class-name", "--class_name", dest="class_name", default=None, help="class to explain; default = the predicted class"
@@ -133,9 +133,32 @@ def _explain_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _explain(cfg: Config, args: argparse.Namespace) -> Any:
-    from registry.explain import explain
+    from pipelines.config import PipelineError
 
-    return explain(cfg.model_name, args.image, *_stage_and_alias(args), out_path=args.out or None, class_name=args.class_name)
+    if not args.image and not cfg.boxes_dir:
+        raise PipelineError("give a scan to explain, or --boxes_dir with annotated tumour scans for the pointing game")
+    if cfg.boxes_dir:
+        from registry.pointing import explain_boxes
+
+        explain_boxes(cfg.model_name, cfg.boxes_dir, *_stage_and_alias(args))
+    if args.image:
+        from registry.explain import explain
+
+        return explain(cfg.model_name, args.image, *_stage_and_alias(args), out_path=args.out or None, class_name=args.class_name)
+    return None
+
+
+def _evaluate_options(parser: argparse.ArgumentParser) -> None:
+    _version_options(parser)
+    parser.add_argument("--version", default=None, help="a version number, instead of --stage or --alias")
+    parser.add_argument("--resamples", type=int, default=BOOTSTRAP_RESAMPLES, help="bootstrap resamples for the 95%% intervals")
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace) -> str:
+    from registry.external import evaluate_version
+
+    stage, alias = (None, None) if args.version else _stage_and_alias(args)
+    return evaluate_version(cfg, stage, alias, args.version or None, args.resamples)
 
 
 def _fetch(cfg: Config, args: argparse.Namespace) -> None:
@@ -239,7 +262,18 @@ COMMANDS = {
         _report_options,
     ),
     "explain": Command(
-        "Grad-CAM of a registered student and its teacher on one scan: writes an overlay PNG.", _explain, ("model_name",), _explain_options
+        "Grad-CAM of a registered student and its teacher on one scan (writes an overlay PNG), or the pointing game on tumour "
+        "scans with boxes (--boxes_dir; logged to the version's promote run).",
+        _explain,
+        ("model_name", "boxes_dir"),
+        _explain_options,
+    ),
+    "evaluate": Command(
+        "External validation of a registered version on labelled data from elsewhere: classes matched by name, images the "
+        "version already saw dropped, metrics with 95% bootstrap intervals; logged as a run named evaluate, linked to the version.",
+        _evaluate,
+        ("data_dir", "modality", "class_map", "dedupe", "seed", "model_name", "experiment_name", "cache_dir", "storage"),
+        _evaluate_options,
     ),
     "fetch": Command("Show the version a stage or alias points at: metrics and lineage.", _fetch, ("model_name",), _version_options),
     "history": Command("Every promotion and rollback: who, when, which version, why.", _history, ("model_name",)),

@@ -31,6 +31,8 @@ STUDENT_NORMS = ("group", "batch", "none")
 # hold-out F1 is within SERVING_F1_TOLERANCE of the Keras student's.
 SERVING_FORMATS = ("auto", "keras", "tflite-float32", "tflite-int8")
 SERVING_F1_TOLERANCE = 0.005
+# Resamples of the percentile bootstrap behind every 95 % interval (the report's hold-out figures, kd evaluate's).
+BOOTSTRAP_RESAMPLES = 1000
 
 
 class PipelineError(Exception):
@@ -201,6 +203,20 @@ def parse_ratios(text: str) -> list[str]:
     return ratios
 
 
+def parse_class_map(text: str) -> dict[str, str]:
+    """``class_map`` (``data:model,...``) as {data class: model class}; a data class may be listed once, several data
+    classes may map to one model class (``glioma:yes,meningioma:yes,notumor:no``)."""
+    mapping: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        source, colon, target = (side.strip() for side in entry.partition(":"))
+        if not colon or not source or not target:
+            raise PipelineError(f"class_map={text!r}: {entry!r} is not data_class:model_class; e.g. class_map=tumour:yes,healthy:no")
+        if source in mapping:
+            raise PipelineError(f"class_map={text!r}: data class {source!r} is mapped twice")
+        mapping[source] = target
+    return mapping
+
+
 def parse_student_size(size: str) -> tuple[int, int]:
     """``small`` or ``24x3`` -> (width, depth)."""
     if size in STUDENT_PRESETS:
@@ -273,7 +289,13 @@ class Config:
         },
     )
     dedupe: str = field(
-        default="drop", metadata={"help": "hold-out images that duplicate training images (given Testing/ split): drop, keep or error"}
+        default="drop",
+        metadata={
+            "help": (
+                "hold-out images that duplicate training images (given Testing/ split), and evaluate's images the version already "
+                "saw: drop, keep or error"
+            )
+        },
     )
     synthetic_images: int = field(default=300, metadata={"help": "size of the embedded synthetic set when data_dir is empty"})
     synthetic_classes: int = field(
@@ -449,6 +471,27 @@ class Config:
             )
         },
     )
+    # external validation (kd evaluate) and localisation (promote, kd explain)
+    class_map: str = field(
+        default="",
+        metadata={
+            "help": (
+                "evaluate: rename the data's classes to the model's, data_class:model_class,... (several may map to one, e.g. "
+                "glioma:yes,meningioma:yes,notumor:no); the others must match by name"
+            ),
+            "reuse": (),
+        },
+    )
+    boxes_dir: str = field(
+        default="",
+        metadata={
+            "help": (
+                "promote, explain: a folder of tumour scans with YOLO box files (<scan>.txt beside each), for the Grad-CAM pointing "
+                "game of student and teacher against the centre and brightest-pixel baselines; empty = none"
+            ),
+            "reuse": (),
+        },
+    )
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
     tracking_wait_s: float = field(
@@ -478,6 +521,7 @@ class Config:
                     raise PipelineError(f"{name}={getattr(self, name)!r}: {error}") from None
         parse_ratios(self.imbalance)
         teacher_choices(self)
+        parse_class_map(self.class_map)
         modality_index(self.modality)
         check_storage_parameter(self.storage)
         checks = [
@@ -505,6 +549,10 @@ class Config:
                 f"fold={self.fold}: use -1 (all) or 0..{self.fold_count - 1} (folds x repeats = {self.folds} x {self.repeats})",
             ),
             (self.dedupe in DEDUPE_MODES, f"dedupe={self.dedupe!r}: use {', '.join(DEDUPE_MODES)}"),
+            (
+                not self.boxes_dir or Path(self.boxes_dir).expanduser().is_dir(),
+                f"boxes_dir={self.boxes_dir!r} is not a folder; give a folder of scans with their YOLO box files (scan.jpg + scan.txt)",
+            ),
             (
                 not re.search(r"['\"`\\]", self.comparison),  # it is quoted in an MLflow search filter
                 f"comparison={self.comparison!r}: a comparison name or run id has no quotes or backslashes; give it without them",

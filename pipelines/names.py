@@ -42,6 +42,9 @@ class RunTag:
     CELL_KD = "kd.cell_kd"  # "true" or "false"
     CELL_IMBALANCE = "kd.cell_imbalance"  # the ratio as given: 0 = the data as it is
     CELL_SOURCE_RUN_ID = "kd.cell_source_run_id"  # the distill run (trained or reused) whose results the cell holds
+    # evaluate: the registered version a run evaluated (an external validation; its data in DATA_DIGEST)
+    MODEL_NAME = "kd.model_name"
+    MODEL_VERSION = "kd.model_version"
 
     @staticmethod
     def step_run_id(step: str) -> str:
@@ -65,6 +68,7 @@ class VersionTag:
     TRAINED_ON = "trained_on"
     SERVING_FORMAT = "serving_format"  # keras, tflite-float32 or tflite-int8: how the version's network runs when served
     INT8 = "int8"  # how its student_int8.tflite was made: quantization-aware (qat=true) or post-training
+    EVALUATIONS = "kd.evaluations"  # the run ids of its evaluate runs (external validations), comma-separated, oldest first
 
 
 class Metric:
@@ -90,6 +94,11 @@ class Metric:
     QAT_PREFIX = "qat_"
     QAT_F1_MEAN = "qat_f1_mean"
     HOLDOUT_QAT_F1 = "holdout_qat_f1"  # promote: the QAT model's (fake-quantized Keras) hold-out F1
+    # evaluate: images of the evaluated data the version had already seen (identical or near-identical to its data set's)
+    OVERLAP_WITH_TRAINING = "overlap_with_training"
+    # promote (boxes_dir) and kd explain --boxes_dir: fraction of box-annotated tumour scans whose Grad-CAM peak (or a
+    # baseline's point) lies in the box grown by the tolerance (registry.pointing)
+    POINTING_GAME_PREFIX = "pointing_game_"
 
     @staticmethod
     def serving_f1(serving_format: str) -> str:

@@ -125,31 +125,62 @@ def duplicate_groups(dataset: Dataset, hashes: np.ndarray) -> np.ndarray:
     return groups[first]
 
 
+def closest_matches(query_sha: np.ndarray, query_hashes: np.ndarray, ref_sha: np.ndarray, ref_hashes: np.ndarray) -> pd.DataFrame:
+    """Query images that duplicate a reference image: one row per such query row with its closest reference row.
+
+    ``kind`` is ``identical`` (same sha256, distance 0) or ``near`` (perceptual hashes within ``NEAR_DUPLICATE_BITS``;
+    ``distance`` in bits). Identical files count whatever their hashes (a reference without hashes: rows of all-False
+    bits are never compared, ``hashed`` below). Columns ``query``, ``ref`` (row positions), ``kind``, ``distance``.
+    """
+    hashed = ref_hashes.any(axis=1)  # a real hash has about half its bits set; all-False marks "no hash known"
+    pairs = _close_pairs(query_hashes, ref_hashes[hashed])
+    pairs[:, 1] = np.flatnonzero(hashed)[pairs[:, 1]] if len(pairs) else pairs[:, 1]
+    same = pd.DataFrame({"sha": query_sha, "query": np.arange(len(query_sha))}).merge(
+        pd.DataFrame({"sha": ref_sha, "ref": np.arange(len(ref_sha))}), on="sha"
+    )
+    pairs = np.concatenate([pairs, np.stack([same["query"], same["ref"], np.zeros(len(same), np.int64)], axis=1)]).astype(np.int64)
+    query, ref, distance = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+    identical = query_sha[query] == ref_sha[ref]
+    # Per query row its closest reference image, an identical file first: the first pair of each row after sorting.
+    order = np.lexsort((~identical, distance, query))
+    _, first = np.unique(query[order], return_index=True)
+    best = order[first]
+    return pd.DataFrame(
+        {"query": query[best], "ref": ref[best], "kind": np.where(identical[best], "identical", "near"), "distance": distance[best]}
+    )
+
+
 def holdout_duplicates(dataset: Dataset, hashes: np.ndarray, test: np.ndarray) -> pd.DataFrame:
-    """Hold-out rows that duplicate a training row: one row each with its closest training image.
+    """Hold-out rows that duplicate a training row: one row each with its closest training image (:func:`closest_matches`).
 
     ``kind`` is ``identical`` (same sha256, distance 0) or ``near`` (perceptual hashes within
     ``NEAR_DUPLICATE_BITS``; ``distance`` in bits). Indexed by the hold-out row.
     """
     train = np.setdiff1d(np.arange(len(dataset.manifest)), test)
     paths, sha = dataset.manifest["path"].to_numpy(), dataset.manifest["sha256"].to_numpy()
-    pairs = _close_pairs(hashes[test], hashes[train])  # identical files decode alike: always among them, at distance 0
-    test_rows, train_rows, distance = test[pairs[:, 0]], train[pairs[:, 1]], pairs[:, 2]
-    identical = sha[test_rows] == sha[train_rows]
-    # Per hold-out row its closest training image, an identical file first: the first pair of each row after sorting.
-    order = np.lexsort((~identical, distance, test_rows))
-    _, first = np.unique(test_rows[order], return_index=True)
-    best = order[first]
+    found = closest_matches(sha[test], hashes[test], sha[train], hashes[train])
+    test_rows, train_rows = test[found["query"].to_numpy()], train[found["ref"].to_numpy()]
     frame = pd.DataFrame(
         {
-            "row": test_rows[best],
-            "test_path": paths[test_rows[best]],
-            "train_path": paths[train_rows[best]],
-            "kind": np.where(identical[best], "identical", "near"),
-            "distance": distance[best],
+            "row": test_rows,
+            "test_path": paths[test_rows],
+            "train_path": paths[train_rows],
+            "kind": found["kind"].to_numpy(),
+            "distance": found["distance"].to_numpy(),
         }
     )
     return frame.set_index("row")
+
+
+def hash_text(hashes: np.ndarray) -> list[str]:
+    """Perceptual hashes ``(N, bits)`` as hex strings (logged with a version's training manifest)."""
+    return [np.packbits(row).tobytes().hex() for row in hashes]
+
+
+def hash_bits(texts, bits: int = HASH_FREQUENCIES**2 - 1) -> np.ndarray:
+    """:func:`hash_text` read back: ``(N, bits)`` booleans; an empty text (no hash known) gives all-False."""
+    rows = [np.unpackbits(np.frombuffer(bytes.fromhex(text), np.uint8))[:bits] if text else np.zeros(bits, np.uint8) for text in texts]
+    return np.asarray(rows, dtype=bool).reshape(len(rows), bits)
 
 
 def repeat_seed(seed: int, repeat: int) -> int:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 PREDICTIONS_ARTIFACT = "evaluation/holdout_predictions.csv"
 ENVIRONMENT_ARTIFACT = "environment.json"
+# Every image of the version's data set (path, sha256, split) with its perceptual hash (hex): what ``kd evaluate`` checks
+# external data against, wherever it runs (the training files themselves need not be there).
+TRAINING_HASHES_ARTIFACT = "data/training_hashes.csv"
 
 
 def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], trial_run_id: str) -> str:
@@ -40,10 +43,20 @@ def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], 
             frame[f"{who}_prob_{name}"] = values[:, index]
     mlflow.log_text(frame.to_csv(index=False), PREDICTIONS_ARTIFACT)
     mlflow.log_dict(describe_machine(), ENVIRONMENT_ARTIFACT)
+    log_training_hashes(prepared)
     # Not quantization-aware: the trial runs it is paired with are the search's float students.
     no_kd_run_id = distill(cfg.replace(no_kd=True, qat=False), prepared, nested=True)
     mlflow.set_tags({RunTag.NO_KD_CV_RUN_ID: no_kd_run_id, RunTag.TRIAL_RUN_ID: trial_run_id})
     return no_kd_run_id
+
+
+def log_training_hashes(prepared: Prepared) -> None:
+    """The version's data manifest with each image's perceptual hash, to the active run (``TRAINING_HASHES_ARTIFACT``)."""
+    from pipelines.splits import hash_text, perceptual_hashes
+
+    table = prepared.splits.table(prepared.dataset)[["path", "sha256", "split"]]
+    table["phash"] = hash_text(perceptual_hashes(prepared.images))
+    mlflow.log_text(table.to_csv(index=False), TRAINING_HASHES_ARTIFACT)
 
 
 def code_version() -> str:

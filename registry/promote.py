@@ -43,7 +43,7 @@ from pipelines.models import build_student
 from pipelines.names import Metric, RunTag, VersionTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.quantize import fine_tune_qat
-from pipelines.teacher import load_teacher_logits, train_teacher
+from pipelines.teacher import load_teacher_logits, load_teacher_models, train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
 from registry.evidence import code_version, log_evidence
@@ -276,6 +276,13 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             + ", ".join(f"{name} F1 {v['f1']:.4f} p50 {v['p50_ms']:.2f} ms" for name, v in formats.items())
             + ")"
         )
+        if cfg.boxes_dir:  # Grad-CAM on real tumour boxes, beside the centre and brightest-pixel baselines (registry.pointing)
+            from registry.pointing import log_pointing_game
+
+            teacher = load_teacher_models(teacher_run_id, "all")[0]
+            log_pointing_game(
+                cfg.boxes_dir, {"student": student, "teacher": teacher}, prepared.dataset.class_names, prepared.dataset.modality
+            )
         frame = holdout_frame(prepared)
         logged = log_student(student, prepared, cfg, frame.head(1), exports, serving_format)
         model_uri = logged.model_uri

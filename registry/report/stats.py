@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipelines.config import BOOTSTRAP_RESAMPLES
 from pipelines.evaluate import class_keys, classification_metrics
 from pipelines.names import Metric
 from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
@@ -26,7 +27,6 @@ METRICS = {
     "roc_auc": "ROC-AUC",
     "pr_auc": "PR-AUC",
 }
-BOOTSTRAP_RESAMPLES = 1000
 
 
 def bootstrap_intervals(
