@@ -25,7 +25,9 @@ from pipelines.splits import hash_bits, hash_text, perceptual_hashes
 def test_classes_match_by_name_and_class_map_renames_or_merges_them():
     assert match_classes(["no", "yes"], ["no", "yes"]).tolist() == [0, 1]
     assert match_classes(["healthy", "tumour"], ["no", "yes"], "tumour:yes,healthy:no").tolist() == [0, 1]
-    merged = match_classes(["glioma", "meningioma", "notumor", "pituitary"], ["no", "yes"], "glioma:yes,meningioma:yes,notumor:no,pituitary:yes")
+    merged = match_classes(
+        ["glioma", "meningioma", "notumor", "pituitary"], ["no", "yes"], "glioma:yes,meningioma:yes,notumor:no,pituitary:yes"
+    )
     assert merged.tolist() == [1, 1, 0, 1]
 
 
@@ -137,7 +139,9 @@ def external_set(real_data_dir: Path, mri_subset: Path, root: Path) -> list[str]
 
 
 @pytest.mark.slow
-def test_evaluate_drops_exactly_the_scans_the_version_saw_and_links_each_run_to_the_version(registered, real_data_dir, mri_subset, tmp_path):
+def test_evaluate_drops_exactly_the_scans_the_version_saw_and_links_each_run_to_the_version(
+    registered, real_data_dir, mri_subset, tmp_path
+):
     from registry.external import evaluate_version
     from registry.fetch import describe, resolve_version
     from registry.roles import history

@@ -14,7 +14,7 @@ CONTRACT = {
     "teacher": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed"},
     "distill": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
     "search": {"data_dir", "n_trials", "study_name", "storage", "folds", "repeats", "epochs", "seed", "max_params", "max_latency_ms"},
-    "promote": {"study_name", "storage", "model_name", "margin", "force", "serving_format"},
+    "promote": {"study_name", "storage", "model_name", "margin", "force", "serving_format", "boxes_dir"},
     "main": {
         "data_dir",
         "image_size",
@@ -27,6 +27,7 @@ CONTRACT = {
         "model_name",
         "max_params",
         "serving_format",
+        "boxes_dir",
     },
     "compare": {
         "data_dir",
@@ -68,6 +69,11 @@ def test_mlproject_entry_points_keep_their_contract():
         command = project.get_entry_point(entry).command
         assert all(f"{{{name}}}" in command for name in parameters)
     assert project.get_entry_point("distill").parameters["teacher_mode"].default == "cached"
+    # evaluate: a registered version (by stage, alias or version) on data from elsewhere; data_dir is required
+    evaluate = project.get_entry_point("evaluate")
+    assert {"model_name", "stage", "alias", "version", "data_dir", "class_map", "dedupe"} <= set(evaluate.parameters)
+    assert all(f"{{{name}}}" in evaluate.command for name in evaluate.parameters)
+    assert evaluate.parameters["data_dir"].default is None
 
 
 def test_every_mlproject_parameter_is_a_config_field_with_the_same_default():
