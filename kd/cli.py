@@ -171,8 +171,9 @@ def _history(cfg: Config, args: argparse.Namespace) -> None:
     from registry.roles import history
 
     for entry in history(cfg.model_name):
-        previous = entry["previous"] or "-"
-        print(f"{entry['when']}  {entry['event']:<10} v{entry['version']:<4} (was v{previous})  by {entry['who']}: {entry['why']}")
+        # an evaluation moves no role: it has no previous version to name
+        was = "" if entry["event"] == "evaluate" else f"(was v{entry['previous'] or '-'})"
+        print(f"{entry['when']}  {entry['event']:<10} v{entry['version']:<4} {was:<9}  by {entry['who']}: {entry['why']}")
 
 
 def _rollback(cfg: Config, args: argparse.Namespace) -> str:

@@ -21,6 +21,8 @@ from pipelines.external import match_classes, metrics_with_intervals, point_metr
 from pipelines.images import decode_image, preprocess
 from pipelines.splits import hash_bits, hash_text, perceptual_hashes
 
+BOXES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "br35h-boxes"
+
 
 def test_classes_match_by_name_and_class_map_renames_or_merges_them():
     assert match_classes(["no", "yes"], ["no", "yes"]).tolist() == [0, 1]
@@ -114,11 +116,31 @@ def registered(mri_subset, tmp_path_factory):
     from search.tune import run_search
 
     root = tmp_path_factory.mktemp("evaluate")
+    boxes = root / "boxes"  # four real tumour scans with their boxes: promote plays the pointing game on them
+    boxes.mkdir()
+    for name in ("y0", "y1", "y2", "y3") if BOXES_DIR.is_dir() else ():
+        for suffix in (".jpg", ".txt"):
+            shutil.copy(BOXES_DIR / f"{name}{suffix}", boxes / f"{name}{suffix}")
     with tracking_at(f"sqlite:///{root / 'mlflow.db'}") as uri:
-        cfg = tiny_config(mri_subset, root, force=True, study_name="evaluate-test")
+        given = {"boxes_dir": str(boxes)} if BOXES_DIR.is_dir() else {}
+        cfg = tiny_config(mri_subset, root, force=True, study_name="evaluate-test", **given)
         run_search(cfg)
         promotion = promote(cfg)
-        yield cfg, promotion.version, uri
+        yield cfg.replace(boxes_dir=""), promotion.version, uri
+
+
+@pytest.mark.slow
+def test_promote_with_boxes_dir_logs_the_pointing_game_of_student_teacher_and_both_baselines(registered):
+    from registry.fetch import resolve_version
+
+    if not BOXES_DIR.is_dir():
+        pytest.skip(f"{BOXES_DIR} not found")
+    run = MlflowClient().get_run(resolve_version(MODEL, version=registered[1]).run_id)
+    for who in ("student", "teacher", "centre", "brightest"):
+        assert 0.0 <= run.data.metrics[f"pointing_game_{who}"] <= 1.0
+    assert run.data.metrics["pointing_game_scans"] == 4 and run.data.params["boxes_dir"].endswith("boxes")
+    table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/pointing_game.csv")))
+    assert len(table) == 4 and set(table["class_student"]) == {"yes"}
 
 
 def external_set(real_data_dir: Path, mri_subset: Path, root: Path) -> list[str]:
