@@ -177,7 +177,7 @@ def test_evaluate_drops_exactly_the_scans_the_version_saw_and_links_each_run_to_
     run = client.get_run(dropped)
     metrics, tags = run.data.metrics, run.data.tags
     assert run.info.run_name == "evaluate" and run.info.status == "FINISHED"
-    assert tags["kd.model_name"] == MODEL and tags["kd.model_version"] == version and len(tags["kd.data_digest"]) == 64
+    assert tags["kd.model_name"] == MODEL and tags["kd.model_version"] == str(version) and len(tags["kd.data_digest"]) == 64
     assert metrics["overlap_with_training"] == 3 and metrics["n_images"] == 12 and metrics["n_read"] == 15
     listed = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{dropped}/evaluation/overlap_with_training.csv")))
     assert sorted(Path(p).name for p in listed["path"]) == seen
