@@ -148,7 +148,8 @@ def external_set(real_data_dir: Path, mri_subset: Path, root: Path) -> list[str]
     returns the names of those three."""
     for label in ("yes", "no"):
         (root / label).mkdir(parents=True)
-        for path in sorted((real_data_dir / label).iterdir())[40:46]:
+        # 50-55: no copy of the 24 scans the version saw among them (40-45 of "no" holds one: a within-set duplicate)
+        for path in sorted((real_data_dir / label).iterdir())[50:56]:
             shutil.copy(path, root / label / f"unseen {path.name}")
     seen = sorted((mri_subset / "yes").iterdir())
     shutil.copy(seen[0], root / "yes" / "copied.jpg")
@@ -212,7 +213,7 @@ def test_kd_evaluate_refuses_a_data_set_of_other_classes_in_one_line(registered,
         for path in sorted((real_data_dir / "yes").iterdir())[50:53]:
             shutil.copy(path, tmp_path / label / path.name)
     result = subprocess.run(
-        [sys.executable, "-m", "kd", "evaluate", "--model_name", MODEL, "--version", version, "--data_dir", str(tmp_path)],
+        [sys.executable, "-m", "kd", "evaluate", "--model_name", MODEL, "--version", str(version), "--data_dir", str(tmp_path)],
         capture_output=True,
         text=True,
         env=child_env(MLFLOW_TRACKING_URI=uri),

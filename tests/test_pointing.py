@@ -70,7 +70,7 @@ def test_gradcam_of_models_trained_on_real_scans_beats_the_centre_and_the_bright
         models[who] = build()
         trainer = Distiller(models[who], None, temperature=1.0, alpha=1.0, binary=True)
         trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
-        trainer.fit(make_dataset(prepared.images[train], labels[train], weights, 16, shuffle=True, seed=0), epochs=30, verbose=0)
+        trainer.fit(make_dataset(prepared.images[train], labels[train], weights, batch_size=16, shuffle=True, seed=0), epochs=30, verbose=0)
     table = pointing_game(models, prepared.dataset.class_names, read_boxes(BOXES_DIR)[:200])
     result = fractions(table)
     print(result)
