@@ -13,7 +13,7 @@ class RunTag:
     REUSED_RUN_ID = "kd.reused_run_id"
     DATA_DIGEST = "kd.data_digest"
     PARAMS = "kd.params"  # the step's reuse key (its parameters)
-    CODE = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint() of the process that ran it
+    CODE = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint(step) of the process that ran it
     HOST = "kd.host"
     PROCESS = "kd.process"  # pid:start time, to tell a live run from one whose process died
     FAILURE = "kd.failure"
