@@ -31,6 +31,8 @@ STUDENT_NORMS = ("group", "batch", "none")
 # hold-out F1 is within SERVING_F1_TOLERANCE of the Keras student's.
 SERVING_FORMATS = ("auto", "keras", "tflite-float32", "tflite-int8")
 SERVING_F1_TOLERANCE = 0.005
+LR_SCALINGS = ("sqrt", "linear", "none")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class PipelineError(Exception):
@@ -79,6 +81,10 @@ LIMITS = {
     "epochs": Limits(1, 1000),
     "patience": Limits(0, 1000),
     "batch_size": Limits(1, 1024),
+    "warmup_epochs": Limits(0, 100),
+    "weight_decay": Limits(0, 1),
+    "steps_per_execution": Limits(1, 10_000),
+    "fold_workers": Limits(1, 64),
     "learning_rate": Limits(0, 1, low_open=True),
     "temperature": Limits(0, 100, low_open=True),
     "alpha": Limits(0, 1),
@@ -312,6 +318,41 @@ class Config:
     )
     patience: int = field(default=15, metadata={"reuse": TRAINING_KEYS, "help": "early-stopping patience in epochs"})
     batch_size: int = field(default=16, metadata={"reuse": TRAINING_KEYS, "help": "mini-batch size"})
+    lr_scaling: str = field(
+        default="sqrt",
+        metadata={
+            "reuse": TRAINING_KEYS,
+            "help": (
+                "how learning_rate (given for batches of 16) scales with batch_size: sqrt (the rule for Adam), linear or none "
+                "(learning_rate as given)"
+            ),
+        },
+    )
+    warmup_epochs: float = field(
+        default=0.0, metadata={"reuse": TRAINING_KEYS, "help": "epochs of linear learning-rate warm-up at the start of training"}
+    )
+    lr_schedule: str = field(
+        default="constant",
+        metadata={"reuse": TRAINING_KEYS, "help": "after warm-up: constant, or cosine (decay to 0 at the last of epochs)"},
+    )
+    weight_decay: float = field(default=0.0, metadata={"reuse": TRAINING_KEYS, "help": "decoupled weight decay (AdamW) when > 0; 0 = Adam"})
+    steps_per_execution: int = field(
+        default=1,
+        metadata={
+            "reuse": (),
+            "help": "training steps per call of the compiled step (fewer Python dispatches); per-epoch metrics, early stopping as with 1",
+        },
+    )
+    fold_workers: int = field(
+        default=1,
+        metadata={
+            "reuse": (),
+            "help": (
+                "folds trained at once, each in its own process with cores / fold_workers threads (same runs and metrics as 1, "
+                "within float tolerance)"
+            ),
+        },
+    )
     learning_rate: float = field(default=3e-3, metadata={"reuse": TRAINING_KEYS, "help": "Adam learning rate"})
     precision: str = field(
         default="float32",
@@ -558,6 +599,8 @@ class Config:
         check_storage_parameter(self.storage)
         checks = [
             (self.precision in ("float32", "bfloat16"), f"precision={self.precision!r}: use 'float32' or 'bfloat16'"),
+            (self.lr_scaling in LR_SCALINGS, f"lr_scaling={self.lr_scaling!r}: use {', '.join(LR_SCALINGS)}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.kd_mode in KD_MODES, f"kd_mode={self.kd_mode!r}: use {' or '.join(KD_MODES)}"),
             (self.student_norm in STUDENT_NORMS, f"student_norm={self.student_norm!r}: use {', '.join(STUDENT_NORMS)}"),

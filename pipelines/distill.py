@@ -61,9 +61,7 @@ def cross_validate_student(
     def build_trainer(k: int) -> Distiller:
         student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k, norm=cfg.student_norm)
         teacher = load_teacher_model(teacher_run_id, f"fold_{k}") if teacher_run_id and cfg.teacher_mode == "online" else None
-        trainer = Distiller(student, teacher, cfg.temperature, alpha, dataset.binary)
-        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-        return trainer
+        return Distiller(student, teacher, cfg.temperature, alpha, dataset.binary)
 
     view_logits = (lambda k: cached.get(f"views_fold_{k}")) if cfg.kd_mode == "consistent" else None
     return cross_validate(

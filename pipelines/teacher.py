@@ -41,11 +41,10 @@ LOGITS_ARTIFACT = "logits/teacher_logits.npz"
 
 
 def _trainer(cfg: Config, num_classes: int, seed: int) -> Distiller:
-    """Plain supervised training is the Distiller with alpha = 1 and no teacher: one loss, one set of metrics."""
+    """Plain supervised training is the Distiller with alpha = 1 and no teacher: one loss, one set of metrics (compiled by
+    :func:`pipelines.training.fit`)."""
     network = build_teacher(cfg.teacher_arch, cfg.teacher_size, num_classes, cfg.teacher_weights, seed=seed)
-    trainer = Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    return trainer
+    return Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
 
 
 def at_teacher_size(cfg: Config, prepared: Prepared) -> Prepared:

@@ -80,25 +80,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
-def augmentation(seed: int) -> keras.Sequential:
-    """Light, anatomy-preserving changes: left-right flip, small rotation, zoom, shift and contrast.
-
-    Images are z-scored, so: borders are filled with the nearest (background) pixel, not 0, which is mid-grey
-    here; and RandomContrast gets a value range wide enough that its clipping (to [0, 255] by default, which
-    would erase every negative pixel and make training and inference images differ) never applies.
-    """
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.04, fill_mode="nearest", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed),
-            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed),
-            keras.layers.RandomContrast(0.2, value_range=(-1e4, 1e4), seed=seed),
-        ],
-        name="augmentation",
-    )
-
-
 def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -109,6 +90,7 @@ def make_dataset(
     augment: bool = False,
     seed: int = 0,
     view_keys: np.ndarray | None = None,
+    mix: bool = False,
 ) -> tf.data.Dataset:
     """``({"image", ["teacher_logits"]}, label[, weight])`` batches: in memory, shuffled, augmented, prefetched.
 
@@ -117,20 +99,23 @@ def make_dataset(
     The slices are the only copy of the images: no ``.cache()`` (it kept a second one) and no float32 copy of
     float32 input; slicing runs thousands of images/s, far ahead of training (benchmarks/scaling.py measures it).
 
-    ``view_keys`` (:func:`pipelines.views.image_keys` of the rows) makes the batches consistent (pipelines/views.py),
-    augmented whatever ``augment`` says: with ``teacher_logits`` of every row's views ``(rows, views, units)``, each
-    image comes as one of its cached views with the teacher's logits of that view; without, as a fresh view, and the
-    batch is mixed by mixup (an online teacher then runs on the very batch the student sees). The views depend on
-    the keys alone; ``seed`` only shuffles and draws which view.
+    Augmentation is :func:`pipelines.views.augmented_view`, a stateless function of (image key, draw): the draws come
+    from ``seed`` and differ per epoch, so the views are made in parallel and the same seed still gives the same
+    batches. ``view_keys`` (:func:`pipelines.views.image_keys` of the rows) are the image keys, else each row's position.
+    Given ``view_keys``, every image is augmented whatever ``augment`` says (consistent KD, pipelines/views.py): with
+    ``teacher_logits`` of every row's views ``(rows, views, units)``, each image comes as one of its cached views with the
+    teacher's logits of that view; else as a fresh view. ``mix``: each batch mixed by mixup (consistent KD with an online
+    teacher, which then runs on the very batch the student sees, or none). The views depend on the keys alone; ``seed``
+    only shuffles and draws which view.
     """
     features = {"image": np.asarray(images, dtype=np.float32)}
     if teacher_logits is not None:
         features["teacher_logits"] = np.asarray(teacher_logits, dtype=np.float32)
-    mixing = view_keys is not None and teacher_logits is None
-    if view_keys is not None:
-        features["view_key"] = np.asarray(view_keys, dtype=np.int64)
-        if mixing and sample_weights is None:
-            sample_weights = np.ones(len(labels), dtype=np.float32)
+    augmented = augment or view_keys is not None
+    if augmented:
+        features["view_key"] = np.asarray(np.arange(len(labels)) if view_keys is None else view_keys, dtype=np.int64)
+    if mix and sample_weights is None:
+        sample_weights = np.ones(len(labels), dtype=np.float32)
     elements = (
         (features, labels.astype(np.int32))
         if sample_weights is None
@@ -139,25 +124,16 @@ def make_dataset(
     dataset = tf.data.Dataset.from_tensor_slices(elements)
     if shuffle:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    if view_keys is not None:
+    if augmented:
         # Views are stateless functions of their seed pairs: parallel calls cannot change them.
         draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip((dataset, draws)).map(
             lambda element, draw: (pick_view(element[0], draw), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE
         )
     dataset = dataset.batch(batch_size)
-    if mixing:
+    if mix:
         draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip((dataset, draws)).map(lambda batch, draw: mixup(*batch, draw))
-    elif augment and view_keys is None:
-        augmenter = augmentation(seed)
-
-        def apply(features, *rest):
-            return ({**features, "image": augmenter(features["image"], training=True)}, *rest)
-
-        # Sequential on purpose: the augmentation layers draw from a stateful seed generator, and parallel calls
-        # take its states in a racy order, so the same seed trained different models (tests/test_numerics.py).
-        dataset = dataset.map(apply)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
@@ -186,6 +162,52 @@ def progress_verbosity() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
+# The batch size ``learning_rate`` is given for: a larger batch scales it by the ``lr_scaling`` rule.
+REFERENCE_BATCH = 16
+
+
+def peak_learning_rate(cfg: Config, learning_rate: float | None = None) -> float:
+    """``learning_rate`` (``cfg.learning_rate`` unless given), set for batches of REFERENCE_BATCH, scaled to ``cfg.batch_size``:
+    by the batch ratio (``linear``, Goyal et al. 2017), its square root (``sqrt``, the rule for Adam: Malladi et al. 2022)
+    or not at all (``none``)."""
+    ratio = cfg.batch_size / REFERENCE_BATCH
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    return (cfg.learning_rate if learning_rate is None else learning_rate) * factor
+
+
+@keras.saving.register_keras_serializable(package="kd")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from ``peak / warmup_steps`` to ``peak`` over ``warmup_steps``, then constant or cosine decay to 0
+    at ``total_steps``. Per optimizer step, so ``steps_per_execution`` does not change it."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, cosine: bool):
+        self.peak, self.warmup_steps, self.total_steps, self.cosine = float(peak), int(warmup_steps), int(total_steps), bool(cosine)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32") + 1.0
+        warmup = keras.ops.minimum(1.0, step / max(self.warmup_steps, 1))
+        if not self.cosine:
+            return self.peak * warmup
+        progress = keras.ops.clip((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0)
+        return self.peak * warmup * 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps, "cosine": self.cosine}
+
+
+def optimizer(cfg: Config, steps_per_epoch: int, epochs: int, learning_rate: float | None = None) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW when ``weight_decay`` > 0, at :func:`peak_learning_rate` with ``warmup_epochs`` of linear warm-up and
+    the ``lr_schedule`` over ``epochs``; with none of these it is today's plain ``Adam(learning_rate)``."""
+    peak = peak_learning_rate(cfg, learning_rate)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    rate = peak
+    if warmup_steps or cfg.lr_schedule == "cosine":
+        rate = WarmupSchedule(peak, warmup_steps, steps_per_epoch * epochs, cfg.lr_schedule == "cosine")
+    if cfg.weight_decay > 0:
+        return keras.optimizers.AdamW(rate, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(rate)
+
+
 def fit(
     model: keras.Model,
     train: tf.data.Dataset,
@@ -194,16 +216,22 @@ def fit(
     prefix: str,
     describe: str,
     epochs: int | None = None,
+    learning_rate: float | None = None,
 ) -> int:
-    """Train with early stopping on validation loss (best weights restored); returns the best epoch count."""
+    """Compile ``model`` with :func:`optimizer` and ``steps_per_execution`` and train it with early stopping on validation
+    loss (best weights restored); returns the best epoch count. ``learning_rate``: another base rate than ``cfg``'s.
+
+    Keras runs ``steps_per_execution`` steps in one call of its compiled function: the epoch's metrics, early stopping
+    and the progress line still come per epoch, and the last call of an epoch takes the steps that are left."""
+    epochs = epochs or cfg.epochs
+    steps = int(train.cardinality())
+    model.compile(optimizer=optimizer(cfg, steps, epochs, learning_rate), steps_per_execution=cfg.steps_per_execution)
     callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate)]
     stopper = None
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
         callbacks.append(stopper)
-    history = model.fit(
-        train, validation_data=validation, epochs=epochs or cfg.epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity()
-    )
+    history = model.fit(train, validation_data=validation, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity())
     if validation is None:
         return len(history.history["loss"])
     return int(np.argmin(history.history["val_loss"])) + 1
@@ -286,7 +314,7 @@ def cross_validate(
     """
     dataset, images = prepared.dataset, prepared.images
     labels = dataset.labels
-    keys = image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed) if view_logits is not None else None
+    keys = image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed) if view_logits is not None or cfg.augment else None
     models, fold_metrics, best_epochs, oof_rows, oof_probs, fold_matrices = [], [], [], [], [], []
     for k in fold_ids:
         train_rows, val_rows = prepared.splits.folds[k]
@@ -311,6 +339,7 @@ def cross_validate(
             augment=cfg.augment,
             seed=cfg.seed + k,
             view_keys=None if keys is None else keys[train_rows],
+            mix=view_logits is not None and train_logits is None,
         )
         validation = make_dataset(
             images[val_rows], labels[val_rows], weights[val_rows], None if logits is None else logits[val_rows], cfg.batch_size
@@ -353,7 +382,7 @@ def train_on_all_data(
     labels, rows = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
-    keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy(), cfg.seed)[rows] if consistent else None
+    keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy(), cfg.seed)[rows] if consistent or cfg.augment else None
     train = make_dataset(
         prepared.images[rows],
         labels[rows],
@@ -364,6 +393,7 @@ def train_on_all_data(
         augment=cfg.augment,
         seed=cfg.seed,
         view_keys=keys,
+        mix=consistent and teacher_logits is None,
     )
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)

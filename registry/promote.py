@@ -73,9 +73,7 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
 
     def build_trainer() -> Distiller:
         student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed, norm=cfg.student_norm)
-        trainer = Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
-        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-        return trainer
+        return Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
 
     consistent = cfg.kd_mode == "consistent"
     recalibrate = cfg.student_norm == "batch"

@@ -404,17 +404,16 @@ def value_range(values: np.ndarray) -> str:
 
 
 def augmentation_description(cfg: Config) -> str:
-    """The augmentation layers and their factors, read from the layers the training code builds."""
+    """The augmentation and its ranges, read from the constants the training views are made with (pipelines/views.py)."""
     if not cfg.augment:
         return "none (augment = false)"
-    from pipelines.training import augmentation
+    from pipelines.views import CONTRAST, ROTATION, SHIFT, ZOOM
 
-    parts = []
-    for layer in augmentation(cfg.seed).layers:
-        config = layer.get_config()
-        settings = {key: config[key] for key in ("mode", "factor", "height_factor", "width_factor", "fill_mode") if key in config}
-        parts.append(f"{type(layer).__name__}({', '.join(f'{k}={v}' for k, v in settings.items())})")
-    return "; ".join(parts) + " (training batches only)"
+    return (
+        f"random left-right flip, rotation up to ±{ROTATION} turns, zoom ±{ZOOM:.0%}, shift up to ±{SHIFT:.0%} of the side "
+        f"(borders filled with the nearest pixel) and contrast ×(1 ± {CONTRAST}), each a stateless function of the image and a "
+        "per-epoch draw from the seed (training batches only)"
+    )
 
 
 def layer_rows(model) -> list[list[str]]:
