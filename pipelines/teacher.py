@@ -27,6 +27,7 @@ import mlflow
 import numpy as np
 
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError, teacher_members
+from pipelines.crossval import cross_validate, summarize_folds
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities, write_evaluation_artifacts
 from pipelines.images import load_images
@@ -34,7 +35,7 @@ from pipelines.models import build_teacher, load_keras_model
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run, tracked_run
-from pipelines.training import cross_validate, set_seed, summarize_folds, train_on_all_data
+from pipelines.training import set_seed, train_on_all_data
 from pipelines.views import image_keys, view_logits
 
 LOGITS_ARTIFACT = "logits/teacher_logits.npz"
@@ -45,6 +46,11 @@ def _trainer(cfg: Config, num_classes: int, seed: int) -> Distiller:
     :func:`pipelines.training.fit`)."""
     network = build_teacher(cfg.teacher_arch, cfg.teacher_size, num_classes, cfg.teacher_weights, seed=seed)
     return Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
+
+
+def _fold_trainer(cfg: Config, num_classes: int, k: int) -> Distiller:
+    """Fold k's teacher, from the teacher's seed + k: module-level, so fold workers can be handed it."""
+    return _trainer(cfg, num_classes, cfg.teacher_seed + k)
 
 
 def at_teacher_size(cfg: Config, prepared: Prepared) -> Prepared:
@@ -87,7 +93,7 @@ def _train_single(cfg: Config, prepared: Prepared, nested: bool) -> str:
             prepared,
             trainer_cfg,
             list(range(cfg.fold_count)),
-            lambda k: _trainer(cfg, dataset.num_classes, cfg.teacher_seed + k),
+            functools.partial(_fold_trainer, cfg, dataset.num_classes),
             lambda k: None,
             f"teacher {cfg.teacher_arch}",
         )

@@ -6,8 +6,8 @@ import contextlib
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import keras
@@ -16,9 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import class_keys, classification_metrics, confusion_matrix, model_logits, per_class_f1, probabilities
 from pipelines.models import recalibrate_batch_norm
-from pipelines.names import Metric
 from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -138,11 +136,12 @@ def make_dataset(
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics to MLflow as ``<prefix><name>`` with the epoch as step; stops with a clear error on NaN."""
+    """Per-epoch metrics to MLflow as ``<prefix><name>`` with the epoch as step (to run ``run_id``, else the active run);
+    stops with a clear error on NaN."""
 
-    def __init__(self, prefix: str, describe: str, learning_rate: float):
+    def __init__(self, prefix: str, describe: str, learning_rate: float, run_id: str | None = None):
         super().__init__()
-        self.prefix, self.describe, self.learning_rate = prefix, describe, learning_rate
+        self.prefix, self.describe, self.learning_rate, self.run_id = prefix, describe, learning_rate, run_id
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -152,7 +151,12 @@ class MlflowEpochLogger(keras.callbacks.Callback):
                 f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) "
                 "or check the inputs"
             )
-        mlflow.log_metrics({f"{self.prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+        metrics = {f"{self.prefix}{k}": float(v) for k, v in logs.items()}
+        if self.run_id is None:
+            mlflow.log_metrics(metrics, step=epoch)
+        else:  # a fold worker: the step's run is active in the parent process only
+            now = int(time.time() * 1000)
+            mlflow.MlflowClient().log_batch(self.run_id, [mlflow.entities.Metric(k, v, now, epoch) for k, v in metrics.items()])
 
 
 def progress_verbosity() -> int:
@@ -217,16 +221,18 @@ def fit(
     describe: str,
     epochs: int | None = None,
     learning_rate: float | None = None,
+    run_id: str | None = None,
 ) -> int:
     """Compile ``model`` with :func:`optimizer` and ``steps_per_execution`` and train it with early stopping on validation
-    loss (best weights restored); returns the best epoch count. ``learning_rate``: another base rate than ``cfg``'s.
+    loss (best weights restored); returns the best epoch count. ``learning_rate``: another base rate than ``cfg``'s;
+    ``run_id``: the run the epochs' metrics go to, when it is not this process's active run.
 
     Keras runs ``steps_per_execution`` steps in one call of its compiled function: the epoch's metrics, early stopping
     and the progress line still come per epoch, and the last call of an epoch takes the steps that are left."""
     epochs = epochs or cfg.epochs
     steps = int(train.cardinality())
     model.compile(optimizer=optimizer(cfg, steps, epochs, learning_rate), steps_per_execution=cfg.steps_per_execution)
-    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate)]
+    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate, run_id)]
     stopper = None
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
@@ -235,129 +241,6 @@ def fit(
     if validation is None:
         return len(history.history["loss"])
     return int(np.argmin(history.history["val_loss"])) + 1
-
-
-@dataclass
-class CrossValidation:
-    """Per-fold results of one model family; ``oof_probs`` holds each row's probabilities from the fold that held it out."""
-
-    models: list[keras.Model]
-    fold_metrics: list[dict[str, float]]
-    best_epochs: list[int]
-    oof_rows: np.ndarray
-    oof_probs: np.ndarray
-    fold_ids: list[int]
-    fold_matrices: list[np.ndarray] = field(default_factory=list)  # each fold's validation confusion matrix
-
-    def confusion_matrices(self) -> dict[str, np.ndarray]:
-        """``out_of_fold`` (all folds' validation rows pooled) and ``fold_<k>``: what ``evaluation/confusion_matrix.json`` holds.
-
-        The per-class ``f1_<class>_mean`` of :meth:`summary` is the mean of the folds' F1 from these ``fold_<k>`` matrices.
-        """
-        return {"out_of_fold": np.sum(self.fold_matrices, axis=0), **{f"fold_{k}": m for k, m in zip(self.fold_ids, self.fold_matrices)}}
-
-    def summary(self) -> dict[str, float]:
-        """:func:`summarize_folds` of these folds."""
-        return summarize_folds(self.fold_ids, self.fold_metrics)
-
-    def minority_summary(self, class_names: list[str], minority: str) -> dict[str, float]:
-        """The ``minority`` class's F1 and recall per fold (``f1_minority_fold_<k>``, ``recall_minority_fold_<k>``) and their
-        mean and spread over folds (``f1_minority_mean`` / ``_std``, ``recall_minority_mean`` / ``_std``), from the folds'
-        confusion matrices: the figures an imbalance comparison reads, whatever the positive class."""
-        index = class_names.index(minority)
-        f1_key = f"f1_{class_keys(class_names)[index]}"
-        folds = [
-            {"f1": per_class_f1(matrix, class_names)[f1_key], "recall": matrix[index, index] / max(matrix[index].sum(), 1)}
-            for matrix in self.fold_matrices
-        ]
-        result = {}
-        for k, metrics in zip(self.fold_ids, folds):
-            result |= {Metric.minority_fold_f1(k): float(metrics["f1"]), Metric.minority_fold_recall(k): float(metrics["recall"])}
-        for name in ("f1", "recall"):
-            values = np.array([metrics[name] for metrics in folds], dtype=np.float64)
-            result[f"{name}_minority_mean"] = float(np.mean(values))
-            result[f"{name}_minority_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        return result
-
-
-def summarize_folds(fold_ids: list[int], fold_metrics: list[dict[str, float]]) -> dict[str, float]:
-    """``f1_fold_<k>`` for each fold, and ``<metric>_mean`` / ``<metric>_std`` over folds: what a cross-validated run logs."""
-    result = {f"f1_fold_{k}": m["f1"] for k, m in zip(fold_ids, fold_metrics)}
-    for name in fold_metrics[0]:
-        values = np.array([m[name] for m in fold_metrics], dtype=np.float64)
-        result[f"{name}_mean"] = float(np.mean(values))
-        result[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return result
-
-
-def cross_validate(
-    prepared: Prepared,
-    cfg: Config,
-    fold_ids: list[int],
-    build_trainer: Callable[[int], Distiller],
-    teacher_logits: Callable[[int], np.ndarray | None],
-    describe: str,
-    on_fold: Callable[[int, dict[str, float]], None] | None = None,
-    view_logits: Callable[[int], np.ndarray | None] | None = None,
-    recalibrate: bool = False,
-) -> CrossValidation:
-    """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
-
-    ``build_trainer(k)`` gives the compiled :class:`Distiller` for fold k (alpha = 1 and no teacher for plain
-    training); ``teacher_logits(k)`` gives cached logits for every row, or None (online or no KD).
-    ``on_fold(k, metrics)`` sees each fold's validation metrics as they come (a search reports and prunes there).
-    ``view_logits`` makes training consistent (:func:`make_dataset` with view keys): ``view_logits(k)`` gives the
-    cached logits of every row's views ``(N, views, units)``, or None for fresh views every step (online or no KD);
-    the validation rows stay plain images with ``teacher_logits(k)``.
-    ``recalibrate``: each trained model's BatchNorm statistics recomputed on its training images before it is evaluated
-    (:func:`pipelines.models.recalibrate_batch_norm`; the student with ``student_norm=batch``).
-    """
-    dataset, images = prepared.dataset, prepared.images
-    labels = dataset.labels
-    keys = image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed) if view_logits is not None or cfg.augment else None
-    models, fold_metrics, best_epochs, oof_rows, oof_probs, fold_matrices = [], [], [], [], [], []
-    for k in fold_ids:
-        train_rows, val_rows = prepared.splits.folds[k]
-        weights = class_weights(labels[train_rows], dataset.num_classes)[labels]
-        logits = teacher_logits(k)
-        set_seed(cfg.seed + k)
-        # Folds are numbered from 0 everywhere: here, in metric and artifact names (f1_fold_<k>), pruning messages and the report.
-        print(
-            f"{describe}: fold {k} of folds 0-{len(prepared.splits.folds) - 1} ({len(train_rows)} train, {len(val_rows)} validation images)"
-        )
-        with training_precision(cfg.precision):
-            trainer = build_trainer(k)
-        # Consistent training reads the views' cached logits (None: fresh views); validation images stay plain either way.
-        train_logits = view_logits(k) if view_logits is not None else logits
-        train = make_dataset(
-            images[train_rows],
-            labels[train_rows],
-            weights[train_rows],
-            None if train_logits is None else train_logits[train_rows],
-            cfg.batch_size,
-            shuffle=True,
-            augment=cfg.augment,
-            seed=cfg.seed + k,
-            view_keys=None if keys is None else keys[train_rows],
-            mix=view_logits is not None and train_logits is None,
-        )
-        validation = make_dataset(
-            images[val_rows], labels[val_rows], weights[val_rows], None if logits is None else logits[val_rows], cfg.batch_size
-        )
-        best_epochs.append(fit(trainer, train, validation, cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
-        student = as_float32(trainer.student)
-        if recalibrate:
-            recalibrate_batch_norm(student, images[train_rows])
-        probs = probabilities(model_logits(student, images[val_rows]), dataset.binary)
-        fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
-        fold_matrices.append(confusion_matrix(labels[val_rows], probs))
-        print(f"{describe}: fold {k} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")
-        models.append(student)
-        oof_rows.append(val_rows)
-        oof_probs.append(probs)
-        if on_fold is not None:
-            on_fold(k, fold_metrics[-1])
-    return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids, fold_matrices)
 
 
 def train_on_all_data(
