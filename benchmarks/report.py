@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipelines.evaluate import save_figure
 
-PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling")
+PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling", "training")
 TITLES = {
     "throughput": "1. KD training throughput (cached logits vs online teacher)",
     "search": "2. Search cost (naive vs ours)",
@@ -21,6 +21,7 @@ TITLES = {
     "edge": "4. Edge export (TFLite float32 and INT8)",
     "serving": "5. Serving (`mlflow models serve`, loopback)",
     "scaling": "6. Scaling and memory",
+    "training": "7. Training speed (today's settings vs each lever vs all, real 4-class scans)",
 }
 COST_LABELS = {
     "teacher_epoch_s": "teacher training epoch",
@@ -128,8 +129,35 @@ def plot_serving(serving: dict, path: Path) -> Path:
     return save_figure(figure, path, dpi=100)
 
 
+def training_tables(r: dict) -> list[str]:
+    """Part 7: every variant's images/s, its speed-up over today's at the same role and size, its fold F1; the main chain."""
+    rows = []
+    for role in ("teacher", "student"):
+        for name, v in r[role].items():
+            today = r[role][f"{name.split()[0]} today"]["images_per_s"]
+            rows.append(
+                [role, name, v["images_per_s"], v["images_per_s"] / today, f"{fmt(v['f1_mean'])} ± {fmt(v['f1_std'])}", v["wall_s"]]
+            )
+    main = r["main"]
+    chain = lambda c: [c["teacher_s"], c["search_s"], c["promote_s"], f"{fmt(c['search']['best_f1'])} ± {fmt(c['search']['best_f1_std'])}"]  # noqa: E731
+    return [
+        table(["role", "size and variant", "images/s", "x today", "fold F1 (mean ± sd)", "wall s"], rows),
+        f"Levers: today {r['setup']['today']}; defaults {r['setup']['defaults']}. F1 after {r['setup']['epochs']} epoch(s): it shows "
+        "that no lever changes what is learnt, not how good a model gets.",
+        table(
+            ["main chain (bench data)", "teacher s", "search s", "promotion s", "best trial k-fold F1", "per 1,000 images, min"],
+            [
+                ["today's settings", *chain(main["today"]), main["today_per_1000_s"] / 60],
+                ["defaults", *chain(main["defaults"]), main["defaults_per_1000_s"] / 60],
+            ],
+        ),
+    ]
+
+
 def part_tables(part: str, r: dict) -> list[str]:
     """The readable tables of one part (the complete figure list follows them)."""
+    if part == "training":
+        return training_tables(r)
     if part == "throughput":
         rows = [[name, value, r["first_epoch_s"][name]] for name, value in r["images_per_s"].items()]
         return [

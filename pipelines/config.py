@@ -336,6 +336,10 @@ class Config:
         metadata={"reuse": TRAINING_KEYS, "help": "after warm-up: constant, or cosine (decay to 0 at the last of epochs)"},
     )
     weight_decay: float = field(default=0.0, metadata={"reuse": TRAINING_KEYS, "help": "decoupled weight decay (AdamW) when > 0; 0 = Adam"})
+    parallel_augment: bool = field(
+        default=True,
+        metadata={"reuse": (), "help": "make the augmented views on every core (the same views as one at a time: stateless)"},
+    )
     steps_per_execution: int = field(
         default=1,
         metadata={

@@ -143,6 +143,7 @@ def train_fold(task: FoldTask) -> FoldResult:
         seed=cfg.seed + k,
         view_keys=task.keys,
         mix=task.mix,
+        parallel=cfg.parallel_augment,
     )
     validation = make_dataset(val_images, labels[task.val_rows], weights[task.val_rows], task.val_logits, cfg.batch_size)
     best_epoch = fit(trainer, train, validation, cfg, prefix=f"fold_{k}_", describe=f"{task.describe} fold {k}", run_id=task.run_id)

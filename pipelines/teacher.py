@@ -48,9 +48,15 @@ def _trainer(cfg: Config, num_classes: int, seed: int) -> Distiller:
     return Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
 
 
-def _fold_trainer(cfg: Config, num_classes: int, k: int) -> Distiller:
-    """Fold k's teacher, from the teacher's seed + k: module-level, so fold workers can be handed it."""
-    return _trainer(cfg, num_classes, cfg.teacher_seed + k)
+@dataclasses.dataclass(frozen=True)
+class FoldTeacher:
+    """Fold k's teacher, from the teacher's seed + k: a picklable callable, so fold workers (``fold_workers``) can be handed it."""
+
+    cfg: Config
+    num_classes: int
+
+    def __call__(self, k: int) -> Distiller:
+        return _trainer(self.cfg, self.num_classes, self.cfg.teacher_seed + k)
 
 
 def at_teacher_size(cfg: Config, prepared: Prepared) -> Prepared:
@@ -93,7 +99,7 @@ def _train_single(cfg: Config, prepared: Prepared, nested: bool) -> str:
             prepared,
             trainer_cfg,
             list(range(cfg.fold_count)),
-            functools.partial(_fold_trainer, cfg, dataset.num_classes),
+            FoldTeacher(cfg, dataset.num_classes),
             lambda k: None,
             f"teacher {cfg.teacher_arch}",
         )

@@ -89,6 +89,7 @@ def make_dataset(
     seed: int = 0,
     view_keys: np.ndarray | None = None,
     mix: bool = False,
+    parallel: bool = True,
 ) -> tf.data.Dataset:
     """``({"image", ["teacher_logits"]}, label[, weight])`` batches: in memory, shuffled, augmented, prefetched.
 
@@ -104,7 +105,7 @@ def make_dataset(
     ``teacher_logits`` of every row's views ``(rows, views, units)``, each image comes as one of its cached views with the
     teacher's logits of that view; else as a fresh view. ``mix``: each batch mixed by mixup (consistent KD with an online
     teacher, which then runs on the very batch the student sees, or none). The views depend on the keys alone; ``seed``
-    only shuffles and draws which view.
+    only shuffles and draws which view. ``parallel``: views made on every core (the same views, in the same order).
     """
     features = {"image": np.asarray(images, dtype=np.float32)}
     if teacher_logits is not None:
@@ -126,7 +127,7 @@ def make_dataset(
         # Views are stateless functions of their seed pairs: parallel calls cannot change them.
         draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip((dataset, draws)).map(
-            lambda element, draw: (pick_view(element[0], draw), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE
+            lambda element, draw: (pick_view(element[0], draw), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE if parallel else None
         )
     dataset = dataset.batch(batch_size)
     if mix:
@@ -277,6 +278,7 @@ def train_on_all_data(
         seed=cfg.seed,
         view_keys=keys,
         mix=consistent and teacher_logits is None,
+        parallel=cfg.parallel_augment,
     )
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)

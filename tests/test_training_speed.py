@@ -103,6 +103,11 @@ def test_the_augmentation_is_reproducible_from_its_seed_and_changes_with_it_and_
         ]
 
     first, again, other = epochs(5), epochs(5), epochs(6)
+    one_at_a_time = [
+        batch[0]["image"].numpy()
+        for batch in make_dataset(images, labels, batch_size=12, shuffle=True, augment=True, seed=5, parallel=False)
+    ]
+    assert np.array_equal(one_at_a_time[0], first[0]), "views made in parallel are the views made one at a time"
     assert all(np.array_equal(a, b) for a, b in zip(first, again)), "the same seed gives the same augmented batches"
     assert not np.allclose(first[1], other[1]), "another seed, other views"
     assert not np.allclose(first[1], first[2]), "each epoch draws new views"
