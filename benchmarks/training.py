@@ -42,12 +42,13 @@ SIZES = {"full": (150, 3, 3, (64, 128)), "smoke": (8, 2, 1, (32, 40))}
 
 
 def subsample(data_dir: Path, work: Path, per_class: int) -> Path:
-    """The first ``per_class`` scans (by name) of each class folder, linked into ``work``: a fixed subset."""
+    """The first ``per_class`` scans (by name) of each class folder, copied into ``work`` (data readers refuse links that
+    leave the data folder): a fixed subset."""
     subset = work / "four-class"
     for folder in sorted(path for path in data_dir.iterdir() if path.is_dir()):
         (subset / folder.name).mkdir(parents=True, exist_ok=True)
         for path in sorted(folder.iterdir())[:per_class]:
-            (subset / folder.name / path.name).symlink_to(path.resolve())
+            shutil.copy(path, subset / folder.name / path.name)
     return subset
 
 

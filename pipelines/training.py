@@ -213,6 +213,20 @@ def optimizer(cfg: Config, steps_per_epoch: int, epochs: int, learning_rate: flo
     return keras.optimizers.Adam(rate)
 
 
+def describe_optimiser(cfg: Config, learning_rate: float | None = None) -> str:
+    """What :func:`optimizer` builds for ``cfg``, in words (the report's methods text): optimiser, batch, rate and schedule."""
+    name = f"AdamW (decoupled weight decay {cfg.weight_decay:g})" if cfg.weight_decay > 0 else "Adam"
+    base = cfg.learning_rate if learning_rate is None else learning_rate
+    peak = peak_learning_rate(cfg, base)
+    rate = f"learning rate {peak:.4g}"
+    if peak != base:  # lr_scaling none keeps the rate as given
+        rule = {"sqrt": "the square root of the batch ratio", "linear": "the batch ratio"}[cfg.lr_scaling]
+        rate += f" ({base:g} for batches of {REFERENCE_BATCH}, scaled by {rule})"
+    schedule = f", a linear warm-up over {cfg.warmup_epochs:g} epoch(s)" if cfg.warmup_epochs else ""
+    schedule += ", then cosine decay to 0 at the last epoch" if cfg.lr_schedule == "cosine" else ""
+    return f"{name}, batch size {cfg.batch_size}, {rate}{schedule}"
+
+
 def fit(
     model: keras.Model,
     train: tf.data.Dataset,

@@ -226,7 +226,10 @@ def distillation_section(s: Sources) -> list[Block]:
 
 
 def optimisation_section(s: Sources) -> list[Block]:
-    """Heading "Optimisation": optimiser, batch size, early stopping and the final models' epochs."""
+    """Heading "Optimisation": optimiser, batch size, learning-rate schedule, early stopping and the final models' epochs,
+    worded by :func:`pipelines.training.describe_optimiser` from the runs' Configs."""
+    from pipelines.training import describe_optimiser
+
     cfg, student = s.data_cfg, s.student_cfg
     client = MlflowClient()
     student_epochs = len(client.get_metric_history(s.promote.info.run_id, "student_all_loss"))
@@ -234,9 +237,9 @@ def optimisation_section(s: Sources) -> list[Block]:
     return [
         Heading(2, "Optimisation"),
         para(
-            f"All models were trained with Adam, batch size {cfg.batch_size}, at most {cfg.epochs} epochs per fold "
-            f"with early stopping on the validation loss (patience {cfg.patience}, best weights restored). "
-            f"Learning rate: teacher {cfg.learning_rate:g}, student {student.learning_rate:.4g}. "
+            f"The teacher was trained with {describe_optimiser(cfg)}; the student with {describe_optimiser(student)}; "
+            f"at most {cfg.epochs} epochs per fold with early stopping on the validation loss (patience {cfg.patience}, best "
+            "weights restored). "
             "The final models were trained on the whole training part for a fixed number of epochs "
             "(the median best epoch of the folds): teacher "
             f"{', '.join(str(_int_metric(run, 'all_data_epochs')) for run in s.teacher_members)}, "
