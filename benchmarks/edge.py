@@ -37,7 +37,8 @@ F1_WHY = (
 
 def batched_call(flatbuffer: bytes, images: np.ndarray, batch: int) -> Callable[[], np.ndarray]:
     """One interpreter call on ``batch`` images (``images`` repeated or cut) returning the raw outputs; the input is
-    quantized in the call where the model takes INT8, as :meth:`pipelines.quantize.TFLiteModel.logit` does for one image."""
+    quantized in the call where the model takes INT8, as :meth:`pipelines.quantize.TFLiteModel.logit` does for one image.
+    The graph must not bake in batch 1 (GroupNorm's reshapes do; the benchmark's students use BatchNorm, folded)."""
     model = TFLiteModel(flatbuffer)
     interpreter, details = model.interpreter, model.input
     interpreter.resize_tensor_input(details["index"], [batch, *details["shape"][1:]])
