@@ -45,6 +45,11 @@ def fmt(value) -> str:
     return f"{value:.4f}"
 
 
+def interval(gap: dict) -> str:
+    """A paired F1 difference with its 95% bootstrap interval, e.g. ``0.0120 [-0.0050, 0.0290] (1,150 scans)``."""
+    return f"{fmt(gap['difference'])} [{fmt(gap['low'])}, {fmt(gap['high'])}] ({fmt(gap['scans'])} scans)"
+
+
 def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
@@ -186,10 +191,17 @@ def part_tables(part: str, r: dict) -> list[str]:
     if part == "compression":
         keys = ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms", "f1", "roc_auc")
         rows = [[key, r["teacher"][key], r["student"][key], r["teacher_over_student"].get(key, "")] for key in keys]
-        return [
+        blocks = [
             table(["", "teacher", "student", "teacher / student"], rows),
             f"FLOPs: {r['setup']['flops_method']}. F1 drop (teacher - student): {fmt(r['f1_drop'])}",
         ]
+        if "scans_f1_drop" in r:  # results from before the F1 scans render without them
+            blocks.append(
+                f"F1 teacher - student with its 95% paired bootstrap interval: on the hold-out split {interval(r['holdout_f1_drop'])}; "
+                f"on the F1 scans **{interval(r['scans_f1_drop'])}** (F1 teacher {fmt(r['teacher']['scans_f1'])}, student "
+                f"{fmt(r['student']['scans_f1'])}). The F1 scans: {r['setup']['f1_scans']}."
+            )
+        return blocks
     if part == "edge":
         ops = r.get("float_ops", {})
         rows = [
@@ -201,19 +213,45 @@ def part_tables(part: str, r: dict) -> list[str]:
             summary = f"{r['setup']['served_int8']} / float32 batch-1 p50: **{fmt(r['float32_over_int8_batch1_p50'])}x**; " + "; ".join(
                 f"F1 float32 - {name}: {fmt(gap)}" for name, gap in r["float32_minus_int8_f1"].items()
             )
-        return [
+        blocks = [
             table(["format", "bytes", "batch-1 p50 ms", "p95 ms", "hold-out F1", "ROC-AUC", "float ops in the graph"], rows),
             f"Keras / INT8 batch-1 p50: **{fmt(r['keras_over_int8_batch1_p50'])}x**; Keras / float32: "
             f"{fmt(r['keras_over_float32_batch1_p50'])}x; {summary}; logged to run `{r['logged_to_run']}`",
         ]
+        batched = next((key for key in r if key.startswith("batch") and key.endswith("_p50_ms")), None)
+        if batched:  # results from before the batch timing and the F1 scans render without them
+            batch = batched.removeprefix("batch").removesuffix("_p50_ms")
+            scans_f1, gaps, holdout = r["scans_f1"], r["scans_float32_minus_int8_f1"], r["holdout_float32_minus_int8_f1"]
+            blocks += [
+                table(
+                    ["format", f"batch-{batch} p50 ms", "per image ms", "F1 on the F1 scans", "float32 - this F1, F1 scans (95%)"],
+                    [
+                        [name, ms, ms / int(batch), scans_f1[name], interval(gaps[name]) if name in gaps else ""]
+                        for name, ms in r[batched].items()
+                    ]
+                    + [["keras", "", "", scans_f1["keras"], ""]],
+                ),
+                f"{r['setup']['served_int8']} / float32 at batch {batch}: **{fmt(r[f'float32_over_int8_batch{batch}_p50'])}x**; "
+                "float32 - INT8 F1 on the hold-out split with its 95% paired bootstrap interval: "
+                + "; ".join(f"{name} {interval(gap)}" for name, gap in holdout.items())
+                + f". The F1 scans: {r['setup']['f1_scans']}.",
+            ]
+        return blocks
     if part == "serving":
         rows = [[n, lv["p50_ms"], lv["p95_ms"], lv["requests_per_s"], lv["requests"], lv["errors"]] for n, lv in r["clients"].items()]
         ip = r["in_process_one_image"]
-        return [
+        blocks = [
             table(["clients", "p50 ms", "p95 ms", "requests/s", "requests", "errors"], rows),
             f"in-process pyfunc, one image: p50 {fmt(ip['p50_ms'])} ms, p95 {fmt(ip['p95_ms'])} ms; served p50 at one client / in-process "
             f"p50: **{fmt(r['served_over_in_process_p50'])}x**",
         ]
+        if "http_floor_ping" in r:  # results from before the HTTP floor was measured render without it
+            blocks.append(
+                f"HTTP floor (GET /ping, same server and client, one at a time): p50 {fmt(r['http_floor_ping']['p50_ms'])} ms, p95 "
+                f"{fmt(r['http_floor_ping']['p95_ms'])} ms; (served p50 at one client - floor) / in-process p50: "
+                f"**{fmt(r['served_above_floor_over_in_process_p50'])}x**"
+            )
+        return blocks
     if part == "scaling":
         rows = [["x" + fmt(p["factor"]), p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_images"]]
         rows += [[f"{fmt(p['image_size'])} px", p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_size"]]
@@ -276,6 +314,7 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         f"every figure below comes from that file (re-render: `python -m benchmarks.report {link(json_path)}`). Total run time "
         f"{fmt(results['total_s'] / 60)} min.",
         "",
+        f"**Device:** {results.get('device') or ('GPU: ' + ', '.join(machine['gpus']) if machine['gpus'] else 'CPU only')}.  ",
         f"**Machine:** {machine['cpu']}, {machine['cpu_count']} cores, {fmt(machine['memory_gib'])} GiB RAM"
         + (f", GPUs {', '.join(machine['gpus'])}" if machine["gpus"] else "")
         + f", {machine['platform']}.  ",
@@ -308,6 +347,11 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         ),
         "",
     ]
+    changed = [(part, t) for part, t in targets if t.get("why")]
+    if changed:
+        lines += ["Targets measured differently from their first definition, and why:", ""]
+        lines += [f"- part {TITLES[part].split('.', 1)[0]}, *{t['target']}*: {t['why']}." for part, t in changed]
+        lines.append("")
     for part in PARTS:
         section = results[part]
         lines += [f"## {TITLES[part]}", ""]

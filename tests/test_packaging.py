@@ -56,6 +56,13 @@ def test_conda_env_pins_exactly_the_pyproject_dependencies():
     assert python.split("=")[1] in ("3.11", "3.12")
 
 
+def test_the_gpu_extra_is_the_cuda_build_of_the_very_tensorflow_the_project_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    cpu = next(r for r in project["dependencies"] if r.startswith("tensorflow-cpu=="))
+    assert project["optional-dependencies"]["gpu"] == [f"tensorflow[and-cuda]=={cpu.split('==')[1]}"]
+    assert "gpu extra" in (ROOT / "conda.yaml").read_text(), "conda.yaml says how to add it"
+
+
 def test_mlproject_entry_points_keep_their_contract():
     from mlflow.projects._project_spec import load_project
 
