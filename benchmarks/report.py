@@ -305,7 +305,8 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
     }
     link = lambda path: os.path.relpath(path, report_path.parent)  # noqa: E731 (one-line helper)
     machine, settings = results["machine"], results["settings"]
-    targets = [(part, t) for part in PARTS for t in results[part]["targets"]]
+    parts = [part for part in PARTS if part in results]  # a results file from before a part existed re-renders without it
+    targets = [(part, t) for part in parts for t in results[part]["targets"]]
     lines = [
         "# Benchmarks",
         "",
@@ -352,7 +353,7 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         lines += ["Targets measured differently from their first definition, and why:", ""]
         lines += [f"- part {TITLES[part].split('.', 1)[0]}, *{t['target']}*: {t['why']}." for part, t in changed]
         lines.append("")
-    for part in PARTS:
+    for part in parts:
         section = results[part]
         lines += [f"## {TITLES[part]}", ""]
         for block in part_tables(part, section):
