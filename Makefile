@@ -16,7 +16,7 @@ STUDY ?= kd-embedded
 # registered model can serve TFLite INT8 (serving_format=auto takes it when its hold-out F1 is within 0.005 of Keras).
 RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P max_params=34000 -P student_norm=batch -P qat=true -P study_name=$(STUDY)
 
-.PHONY: venv run test lint server clean bench bench-smoke docs-gradcam
+.PHONY: venv run test test-fast lint server clean bench bench-smoke docs-gradcam
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ run: venv
 # Style first (seconds): one tool, ruff, formats and lints (settings in pyproject.toml), then the tests.
 test: venv lint
 	$(BIN)/python -m pytest
+
+# The edit loop: every test not marked slow (no end-to-end training, servers or real-data runs).
+test-fast: venv lint
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: venv
 	$(BIN)/ruff format --check .

@@ -206,7 +206,8 @@ def step_run(
     if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    with tracked_run(cfg, step=step, nested=nested, run_name=step if nested else None) as run:
+    # Named after its step however it starts (nested, `kd <step>` alone, `mlflow run`), never a made-up name.
+    with tracked_run(cfg, step=step, nested=nested, run_name=step) as run:
         already = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the MLproject params itself
         mlflow.log_params({k: v for k, v in cfg.as_params(names + ("data_dir",)).items() if k not in already})
         mlflow.set_tags(

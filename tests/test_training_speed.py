@@ -37,6 +37,7 @@ def test_two_fold_workers_give_the_fold_runs_metrics_and_reuse_of_one_process(mr
         with tracking_at(f"sqlite:///{tmp_path / f'workers-{workers}.db'}"):
             run_id = train_teacher(cfg.replace(fold_workers=workers), prepared)
             results[workers] = teacher_run(MlflowClient(), run_id)
+    assert results[1].info.run_name == results[2].info.run_name == "teacher", "a step started alone is named after the step"
     one, two = results[1].data, results[2].data
     fold_keys = sorted(key for key in one.metrics if key.startswith("fold_"))
     assert fold_keys and fold_keys == sorted(key for key in two.metrics if key.startswith("fold_")), "every fold logged its epochs"
