@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
@@ -34,9 +35,10 @@ from pipelines.calibration import (
     scaled_probabilities,
 )
 from pipelines.config import Config
-from pipelines.models import load_keras_model
 from pipelines.names import Metric
-from pipelines.prepare import Prepared
+
+if TYPE_CHECKING:  # the card and the report read MODELS without loading TensorFlow
+    from pipelines.prepare import Prepared
 
 # The models promote compares, in the order the figure and the tables show them.
 MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
@@ -64,6 +66,8 @@ def teacher_validation_logits(stored: dict[str, np.ndarray], prepared: Prepared,
 
 def fold_model_logits(run_id: str, prepared: Prepared, fold_count: int) -> tuple[np.ndarray, np.ndarray]:
     """The out-of-fold logits of a ``distill`` run's fold students (``models/student_fold_<k>.keras``), with labels."""
+    from pipelines.models import load_keras_model
+
     with tempfile.TemporaryDirectory() as tmp:
         models = [
             load_keras_model(

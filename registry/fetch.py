@@ -36,6 +36,19 @@ def resolve_version(name: str, stage: str | None = None, alias: str | None = Non
     return versions[0]
 
 
+def version_by_number(name: str, version: str) -> ModelVersion:
+    """A version by its number, with a clear error for an unknown model or version."""
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise PipelineError(f"no registered model {name!r}; promote one first (mlflow run . -e promote)") from None
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise PipelineError(f"{name} has no version {version!r}") from None
+
+
 def fetch_model(name: str, stage: str | None = None, alias: str | None = None) -> mlflow.pyfunc.PyFuncModel:
     """The model that predicts on images (DataFrame column ``image`` of base64 files, or an array batch)."""
     version = resolve_version(name, stage, alias)

@@ -47,6 +47,7 @@ from pipelines.teacher import load_teacher_logits, train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
 from registry.calibrate import calibrate, log_calibration, validation_logits
+from registry.card import write_card
 from registry.evidence import code_version, log_evidence
 from registry.export import format_results, tflite_exports
 from registry.gate import Champion, Twin, decide
@@ -313,6 +314,11 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
         version = register(client, cfg.model_name, logged, run.info.run_id, tags, description)
+        try:  # its model card (registry.card) from everything logged above; its summary becomes the description
+            write_card(cfg.model_name, version)
+        except BaseException:
+            client.delete_model_version(cfg.model_name, version)  # no half-registered model
+            raise
         # Gate and roles under one lock: a promotion racing this one sees the champion it leaves behind.
         with registry_lock(cfg.model_name, cfg.storage_url):
             try:
