@@ -61,13 +61,12 @@ def _version_number_options(parser: argparse.ArgumentParser) -> None:
 def _version_number(cfg: Config, args: argparse.Namespace) -> str:
     """The version number ``--version`` gives, or the one the stage or alias points at."""
     from pipelines.config import PipelineError
-    from registry.fetch import resolve_version, version_by_number
+    from registry.fetch import resolve_version
 
-    if args.version:
-        if args.stage or args.alias:
-            raise PipelineError(f"--version {args.version} with --stage/--alias: give one of them")
-        return version_by_number(cfg.model_name, args.version).version
-    return resolve_version(cfg.model_name, *_stage_and_alias(args)).version
+    if args.version and (args.stage or args.alias):
+        raise PipelineError(f"--version {args.version} with --stage/--alias: give one of them")
+    stage, alias = (None, None) if args.version else _stage_and_alias(args)
+    return resolve_version(cfg.model_name, stage, alias, args.version or None).version
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> str:

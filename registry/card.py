@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from pipelines.calibration import T_RANGE
 from pipelines.document import num
 from pipelines.evaluate import class_keys
 from pipelines.names import Metric, RunTag, VersionTag
@@ -335,6 +336,14 @@ def limitations(f: CardFacts) -> list[str]:
         items.append(
             f"Calibration error as served: ECE {num(m[Metric.ECE])}, MCE {num(m.get(Metric.MCE))} (largest gap of one confidence bin)."
         )
+    low, high = T_RANGE
+    for who, title in MODELS.items():
+        fitted = m.get(Metric.temperature(who))
+        if fitted is not None and not (low * 1.01 < fitted < high * 0.99):
+            items.append(
+                f"The {title}'s temperature ({num(fitted)}) sits at the end of its search range ({low:g} to {high:g}): its validation "
+                "logits say little (a model near chance is flattened towards uniform probabilities)."
+            )
     kd, no_kd = m.get("holdout_student_f1"), m.get("holdout_no_kd_f1")
     if kd is not None and no_kd is not None and no_kd > kd:
         items.append(f"Its no-KD twin did better on the hold-out (F1 {num(no_kd)} vs {num(kd)}): distillation did not help here.")

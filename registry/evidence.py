@@ -1,7 +1,7 @@
 """What ``promote`` logs so a report can be written later from the store alone: per-image hold-out probabilities
-(for bootstrap intervals, confusion matrices, curves), the KD student's hold-out intervals (for its model card),
-a no-KD cross-validation of the trial's student on the same
-folds (for the paired test), the software and hardware it ran on, the pinned requirements and the code version.
+(for bootstrap intervals, confusion matrices, curves), a no-KD cross-validation of the trial's student on the same
+folds (for the paired test), the KD student's hold-out bootstrap intervals (for its model card), the software and
+hardware it ran on, the pinned requirements and the code version.
 
 The artifact and tag names here are the contract with ``registry.report``, which reads them back and trains nothing.
 """
@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     from pipelines.prepare import Prepared
 
 PREDICTIONS_ARTIFACT = "evaluation/holdout_predictions.csv"
-# Bootstrap resamples of the hold-out intervals promote logs (holdout_student_<figure>_ci_low / _ci_high), and their seed.
-INTERVAL_RESAMPLES, INTERVAL_SEED = 1000, 0
 ENVIRONMENT_ARTIFACT = "environment.json"
 
 
@@ -37,17 +35,21 @@ def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], 
     from pipelines.distill import distill
 
     test = prepared.splits.test
+    log_intervals(prepared.dataset.labels[test], probs["student"], prepared.dataset.class_names, "holdout_student_")
     frame = prepared.dataset.manifest.iloc[test][["path", "sha256", "label"]].reset_index(drop=True)
     for who, values in probs.items():
         for index, name in enumerate(prepared.dataset.class_names):
             frame[f"{who}_prob_{name}"] = values[:, index]
     mlflow.log_text(frame.to_csv(index=False), PREDICTIONS_ARTIFACT)
     mlflow.log_dict(describe_machine(), ENVIRONMENT_ARTIFACT)
-    log_intervals(prepared.dataset.labels[test], probs["student"], prepared.dataset.class_names, "holdout_student_")
     # Not quantization-aware: the trial runs it is paired with are the search's float students.
     no_kd_run_id = distill(cfg.replace(no_kd=True, qat=False), prepared, nested=True)
     mlflow.set_tags({RunTag.NO_KD_CV_RUN_ID: no_kd_run_id, RunTag.TRIAL_RUN_ID: trial_run_id})
     return no_kd_run_id
+
+
+# Bootstrap resamples of the hold-out intervals promote logs (holdout_student_<figure>_ci_low / _ci_high), and their seed.
+INTERVAL_RESAMPLES, INTERVAL_SEED = 1000, 0
 
 
 def log_intervals(labels: np.ndarray, probs: np.ndarray, class_names: list[str], prefix: str = "") -> dict[str, tuple[float, float]]:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from kdtest import MODEL, tiny_config, tracking_at
 from mlflow import MlflowClient
@@ -64,16 +65,16 @@ def test_promote_fits_each_temperature_on_out_of_fold_logits_and_logs_the_figure
 
 
 def test_the_served_model_returns_softmax_of_its_logits_over_the_temperature_with_labels_unchanged(promoted, mri_subset):
-    from pipelines.images import load_images
-    from pipelines.sources import ingest
     from registry.export import load_student
+    from registry.model import encode_file
 
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}/{promoted.version.version}")
     wrapper = model.unwrap_python_model()
     temperature = promoted.run.data.metrics[Metric.TEMPERATURE]
     assert wrapper.temperature == pytest.approx(temperature, rel=1e-12) and temperature != 1.0
-    images = load_images(ingest(promoted.cfg), 32, Path(promoted.cfg.cache_dir))
-    served = model.predict(images)[["prob_no", "prob_yes"]].to_numpy()
+    frame = pd.DataFrame({"image": [encode_file(path) for path in sorted(mri_subset.rglob("*.*"))]})
+    served = model.predict(frame)[["prob_no", "prob_yes"]].to_numpy()
+    images = wrapper._images_from_frame(frame)  # the scans as the server decodes them
     # the served format's own logits, divided by T
     np.testing.assert_allclose(served, scaled_probabilities(wrapper._logits(images), temperature), rtol=1e-5, atol=1e-6)
     # and the Keras student's, within the served format's arithmetic (TFLite float32 or INT8 when promote chose it)
@@ -82,6 +83,7 @@ def test_the_served_model_returns_softmax_of_its_logits_over_the_temperature_wit
     np.testing.assert_allclose(served, scaled_probabilities(logits, temperature), atol=atol)
     raw = scaled_probabilities(wrapper._logits(images))
     assert np.array_equal(served.argmax(axis=1), raw.argmax(axis=1)), "calibration changes no label"
+    assert not np.allclose(served, raw), "the temperature changed the probabilities"
 
 
 @pytest.mark.parametrize("serving_format", ["keras", "tflite-float32", "tflite-int8"])
