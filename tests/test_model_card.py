@@ -201,7 +201,7 @@ def test_kd_card_adds_every_external_validation_and_the_pointing_game_once_logge
     for key, value in pointing.items():
         client.log_metric(promoted.run.info.run_id, key, value)
 
-    path = run_command("card", ["--model_name", MODEL, "--version", promoted.version.version, "--out_dir", str(tmp_path)])
+    path = run_command("card", ["--model_name", MODEL, "--version", str(promoted.version.version), "--out_dir", str(tmp_path)])
     card = Path(path).read_text()
     assert card == read_card(MODEL, promoted.version.version)
     assert "External validations: 2 (latest macro-F1 0.7000 [0.4000, 0.8000])" in description(card)
