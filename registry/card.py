@@ -116,12 +116,15 @@ def summary(f: CardFacts) -> list[str]:
         if f.trial
         else "KD settings not recorded"
     )
+    # alpha = 1 (the search's no-KD anchor trial can win): hard labels only, whatever the temperature says
+    alpha = _float(f.trial.data.params.get("alpha")) if f.trial else None
+    kind = "student" if alpha is None else "student trained without KD (alpha = 1)" if alpha == 1.0 else "KD student"
     trained_on, served = v.tags.get(VersionTag.TRAINED_ON, "data not recorded"), v.tags.get(VersionTag.SERVING_FORMAT, "keras")
     others = f"teacher {num(m.get('holdout_teacher_f1'))}, no-KD {num(m.get('holdout_no_kd_f1'))}"
     lines = [
         f"# Model card: {v.name} v{v.version}",
         "",
-        f"Brain-MRI slice classifier ({', '.join(f.class_names)}): a KD student of {int(f.metric(Metric.STUDENT_PARAMS)):,} parameters "
+        f"Brain-MRI slice classifier ({', '.join(f.class_names)}): a {kind} of {int(f.metric(Metric.STUDENT_PARAMS)):,} parameters "
         f"({kd}), trained on {trained_on}, served as {served}.",
         f"k-fold F1 {num(m.get(Metric.KFOLD_F1_MEAN))} ± {num(m.get(Metric.KFOLD_F1_STD))}; hold-out F1 "
         f"{num(_float(v.tags.get(VersionTag.HOLDOUT_F1)))}, macro-F1 {interval(m, 'holdout_student_f1_macro')} ({others}).",
