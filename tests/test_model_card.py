@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from kdtest import MODEL, tiny_config, tracking_at
+from kdtest import MODEL, assert_calibration_table, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.calibration import OOF_LOGITS_ARTIFACT, fit_temperature, load_oof_logits, scaled_probabilities
@@ -146,13 +146,7 @@ def test_the_model_card_figures_equal_the_logged_metrics(promoted):
     tables = card_tables(card)
 
     calibration = tables["Calibration"]
-    assert [row[0] for row in calibration[1:]] == list(MODELS.values())
-    for row, who in zip(calibration[1:], MODELS):
-        assert close(row[1], metrics[Metric.temperature(who)])
-        for cell, name in zip(row[2:6], Metric.CALIBRATION):
-            assert close(cell, metrics[Metric.calibration(who, name)]), (who, name, cell)
-        for cell, name in zip(row[6:10], Metric.CALIBRATION):
-            assert close(cell, metrics[Metric.calibration(who, name, calibrated=True)]), (who, name, cell)
+    assert_calibration_table(calibration, metrics)
 
     holdout = tables["Hold-out split (5 images, never trained on)"]
     keys = ["accuracy", "f1_macro"] + [f"f1_{key}" for key in class_keys(["no", "yes"])]
