@@ -33,6 +33,9 @@ SERVING_FORMATS = ("auto", "keras", "tflite-float32", "tflite-int8")
 SERVING_F1_TOLERANCE = 0.005
 LR_SCALINGS = ("sqrt", "linear", "none")
 LR_SCHEDULES = ("constant", "cosine")
+# How promote calibrates the probabilities a version serves (pipelines/calibration.py): one temperature fitted on
+# out-of-fold validation logits, or none.
+CALIBRATIONS = ("temperature", "none")
 
 
 class PipelineError(Exception):
@@ -569,6 +572,17 @@ class Config:
             ),
         },
     )
+    calibration: str = field(
+        default="temperature",
+        metadata={
+            "reuse": (),
+            "help": (
+                "promote: temperature = divide each model's logits by one temperature fitted (minimum NLL) on its out-of-fold "
+                "validation logits, never the hold-out; the served model and every TFLite format then return calibrated "
+                "probabilities, labels unchanged; none = the probabilities as trained"
+            ),
+        },
+    )
     # tracking
     experiment_name: str = field(default="kd-brain", metadata={"reuse": (), "help": "MLflow experiment"})
     tracking_wait_s: float = field(
@@ -633,6 +647,7 @@ class Config:
                 f"comparison={self.comparison!r}: a comparison name or run id has no quotes or backslashes; give it without them",
             ),
             (self.serving_format in SERVING_FORMATS, f"serving_format={self.serving_format!r}: use {', '.join(SERVING_FORMATS)}"),
+            (self.calibration in CALIBRATIONS, f"calibration={self.calibration!r}: use {' or '.join(CALIBRATIONS)}"),
             (
                 re.fullmatch(r"[\w.:-]+", self.comparison_name) is not None,
                 f"comparison_name={self.comparison_name!r}: use letters, digits and _ . : - (it names runs and locks)",

@@ -59,12 +59,14 @@ class VersionTag:
     HOLDOUT_F1 = "holdout_f1"
     PARAMS_COUNT = "params_count"
     TEACHER_RUN_ID = "teacher_run_id"
+    TEMPERATURE = "temperature"  # what the served model divides its logits by (1 = uncalibrated); also in metadata.json
     DATA_DIGEST = "data_digest"
     CODE_VERSION = "code_version"
     IMAGE_SIZE = "image_size"
     TRAINED_ON = "trained_on"
     SERVING_FORMAT = "serving_format"  # keras, tflite-float32 or tflite-int8: how the version's network runs when served
     INT8 = "int8"  # how its student_int8.tflite was made: quantization-aware (qat=true) or post-training
+    EVALUATIONS = "kd.evaluations"  # the run ids of its evaluate runs (external validations), comma-separated, oldest first
 
 
 class Metric:
@@ -86,6 +88,10 @@ class Metric:
     TEST_TRAIN_RATIO = "test_train_ratio"
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
+    # Calibration (pipelines/calibration.py): promote logs the promoted student's hold-out figures as served under these
+    # bare keys, evaluate runs theirs; TEMPERATURE is what the served model divides its logits by.
+    ECE, MCE, BRIER, NLL, TEMPERATURE = "ece", "mce", "brier", "nll", "temperature"
+    CALIBRATION = (ECE, MCE, BRIER, NLL)
     # Quantization-aware training (qat=true): the QAT models' metrics carry this prefix (qat_f1_mean, qat_f1_fold_<k>, ...).
     QAT_PREFIX = "qat_"
     QAT_F1_MEAN = "qat_f1_mean"
@@ -115,3 +121,13 @@ class Metric:
     def minority_fold_recall(k: int) -> str:
         """Validation recall of the minority class in fold entry ``k``."""
         return f"recall_minority_fold_{k}"
+
+    @staticmethod
+    def calibration(who: str, name: str, calibrated: bool = False) -> str:
+        """Promote: a model's (teacher, student, no_kd) hold-out ``ece``/``mce``/``brier``/``nll``, as trained or calibrated."""
+        return f"holdout_{who}_{name}" + ("_calibrated" if calibrated else "")
+
+    @staticmethod
+    def temperature(who: str) -> str:
+        """Promote: the temperature fitted for a model (teacher, student, no_kd) on its out-of-fold logits."""
+        return f"{who}_temperature"

@@ -14,15 +14,21 @@ from pipelines.names import VersionTag
 STAGES = ("Production", "Staging", "Archived", "None")
 
 
-def resolve_version(name: str, stage: str | None = None, alias: str | None = None) -> ModelVersion:
-    """The version a stage or alias points at, with a clear error for unknown names, stages and aliases."""
-    if (stage is None) == (alias is None):
-        raise PipelineError("give exactly one of stage or alias")
+def resolve_version(name: str, stage: str | None = None, alias: str | None = None, version: str | None = None) -> ModelVersion:
+    """The version a stage or alias points at (or the numbered ``version``), with a clear error for unknown names, stages,
+    aliases and versions."""
+    if sum(given is not None for given in (stage, alias, version)) != 1:
+        raise PipelineError("give exactly one of stage, alias or version")
     client = MlflowClient()
     try:
         client.get_registered_model(name)
     except MlflowException:
         raise PipelineError(f"no registered model {name!r}; promote one first (mlflow run . -e promote)") from None
+    if version is not None:
+        try:
+            return client.get_model_version(name, str(version))
+        except MlflowException:
+            raise PipelineError(f"{name} has no version {version!r}") from None
     if alias is not None:
         try:
             return client.get_model_version_by_alias(name, alias)

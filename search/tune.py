@@ -25,6 +25,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from pipelines.calibration import log_oof_logits
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
 from pipelines.distill import cross_validate_student
 from pipelines.evaluate import CONFUSION_ARTIFACT, confusion_record
@@ -313,6 +314,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             trial.set_user_attr("f1_std", summary[Metric.F1_STD])
             mlflow.log_metrics({**summary, **cost})
             mlflow.log_dict(confusion_record(prepared.dataset.class_names, cv.confusion_matrices()), CONFUSION_ARTIFACT)
+            log_oof_logits(prepared, cv.models, cv.fold_ids)  # what promote fits the student's temperature on
             mlflow.set_tag("optuna.state", "COMPLETE")
         if not multi:
             return summary[Metric.F1_MEAN]

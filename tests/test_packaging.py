@@ -14,7 +14,7 @@ CONTRACT = {
     "teacher": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed"},
     "distill": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
     "search": {"data_dir", "n_trials", "study_name", "storage", "folds", "repeats", "epochs", "seed", "max_params", "max_latency_ms"},
-    "promote": {"study_name", "storage", "model_name", "margin", "force", "serving_format"},
+    "promote": {"study_name", "storage", "model_name", "margin", "force", "serving_format", "calibration"},
     "main": {
         "data_dir",
         "image_size",
@@ -27,6 +27,7 @@ CONTRACT = {
         "model_name",
         "max_params",
         "serving_format",
+        "calibration",
     },
     "compare": {
         "data_dir",

@@ -17,6 +17,7 @@ from pipelines.names import Metric, RunTag, VersionTag
 from registry.report.figures import confusion_figure, curve_figure, gradcam_examples, gradcam_figure, importance_figure
 from registry.report.gather import MODELS, Sources
 from registry.report.stats import BOOTSTRAP_RESAMPLES, METRICS, Findings, findings, per_class_f1_rows, per_class_scores, report_numbers
+from registry.report.trust import calibration_numbers, calibration_result, card_result
 from search.comparison_tables import ComparisonResults, comparison_blocks, comparison_numbers, plot_comparison
 
 # ---------------------------------------------------------------- methods
@@ -518,11 +519,13 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
         per_class_table(s, f),
         per_class_f1_table(s, f),
         *holdout_figures(s, f, figures),
+        *calibration_result(s, out_dir),
         importance_result(f, figures),
         gradcam_result(s, f, figures),
         *comparison_result(s.comparison, out_dir),
+        card_result(s, out_dir),
     ]
-    numbers = report_numbers(s, f)
+    numbers = report_numbers(s, f) | {"calibration": calibration_numbers(s)}
     if s.comparison is not None:
         numbers["comparison"] = comparison_numbers(s.comparison)
     return blocks, numbers
