@@ -24,7 +24,7 @@ import mlflow
 from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
-from pipelines.config import PROJECT_ROOT, Config
+from pipelines.config import FAST_TRAINING, PROJECT_ROOT, Config
 from pipelines.crossval import CrossValidation, cross_validate
 from pipelines.distill import FoldStudent
 from pipelines.evaluate import model_logits
@@ -33,9 +33,10 @@ from pipelines.prepare import Prepared, prepare_data
 from pipelines.teacher import FoldTeacher, at_teacher_size
 
 FOUR_CLASS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-4class"
-# What each lever's parameter was before it existed; the project's defaults are the "all" variant.
+# What each lever's parameter was before it existed; the fast settings (FAST_TRAINING) are the bench's chain's and the
+# "all" variant's.
 TODAY = {"batch_size": 16, "steps_per_execution": 1, "parallel_augment": False, "fold_workers": 1}
-LEVERS = ("batch_size", "steps_per_execution", "parallel_augment", "fold_workers")
+FAST = FAST_TRAINING
 # Per mode: scans per class of the 4-class subsample, folds, epochs, teacher sizes (the student's first). Each lever alone
 # runs at the student's size only (at the larger teacher size it would double the part's time), and not at all in smoke
 # runs, which check the code in CI's budget.
@@ -53,13 +54,9 @@ def subsample(data_dir: Path, work: Path, per_class: int) -> Path:
     return subset
 
 
-def variants(defaults: Config) -> dict[str, dict]:
-    """today, each lever alone at the project's default, and all of them (the defaults)."""
-    result = {"today": dict(TODAY)}
-    for lever in LEVERS:
-        result[lever] = {**TODAY, lever: getattr(defaults, lever)}
-    result["all"] = {lever: getattr(defaults, lever) for lever in LEVERS}
-    return result
+def variants() -> dict[str, dict]:
+    """today, each lever alone at its FAST value, and all of them (FAST)."""
+    return {"today": dict(TODAY), **{lever: {**TODAY, lever: value} for lever, value in FAST.items()}, "all": dict(FAST)}
 
 
 def timed_cv(prepared: Prepared, cfg: Config, build, logits: dict | None, describe: str) -> tuple[dict, CrossValidation]:
@@ -78,12 +75,12 @@ def throughput(cfg: Config, prepared: Prepared, sizes: tuple[int, ...], each_lev
     """Teacher and cached-logit student cross-validations per variant (``each_lever``: every lever alone too, at the
     student's size); the student's logits are those of today's teacher at the student's size (fold k's on every image)."""
     measured: dict[str, dict] = {"teacher": {}, "student": {}}
-    names = [name for name in variants(cfg) if each_lever or name in ("today", "all")]
+    names = [name for name in variants() if each_lever or name in ("today", "all")]
     plan = [("teacher", size, name) for size in sizes for name in names if size == sizes[0] or name in ("today", "all")]
     plan += [("student", sizes[0], name) for name in names]
     logits = None
     for role, size, name in tqdm(plan, desc="part 7: training speed", unit="variant"):
-        variant = cfg.replace(**variants(cfg)[name], image_size=sizes[0], teacher_image_size=size if size != sizes[0] else 0)
+        variant = cfg.replace(**variants()[name], image_size=sizes[0], teacher_image_size=size if size != sizes[0] else 0)
         if role == "teacher":
             build = FoldTeacher(variant, prepared.dataset.num_classes)
             result, cv = timed_cv(at_teacher_size(variant, prepared), variant, build, None, f"teacher {size}px {name}")
@@ -148,7 +145,7 @@ def run(bench: Bench, defaults_chain: dict, data_dir: Path = FOUR_CLASS_DIR) -> 
             "epochs": epochs,
             "augment": True,
             "today": TODAY,
-            "defaults": variants(cfg)["all"],
+            "defaults": FAST,
         },
         "teacher": teacher,
         "student": student,
@@ -156,6 +153,7 @@ def run(bench: Bench, defaults_chain: dict, data_dir: Path = FOUR_CLASS_DIR) -> 
         "student_speedup": ratio(student[f"{low} all"]["images_per_s"], student[f"{low} today"]["images_per_s"]),
     }
     today = main_chain(bench, bench.cfg.replace(**TODAY, study_name="bench-today", model_name=f"{bench.cfg.model_name}-today"))
+    assert all(getattr(bench.cfg, lever) == value for lever, value in FAST.items()), "the bench's own chain runs the fast settings"
     images = len(bench.prepared.dataset.labels)
     result["main"] = {
         "today": today,
