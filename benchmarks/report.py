@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from pipelines.evaluate import save_figure
+from pipelines.evaluate import pyplot, save_figure
 
 PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling", "training")
 TITLES = {
@@ -72,10 +72,7 @@ def figures(tree, prefix: str = "") -> list[tuple[str, float]]:
 
 
 def plot_scaling(scaling: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import NullLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -99,10 +96,7 @@ def plot_scaling(scaling: dict, path: Path) -> Path:
 
 
 def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(list(values), list(values.values()), color="tab:blue")
@@ -112,10 +106,7 @@ def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path) -> 
 
 
 def plot_serving(serving: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     clients = [int(n) for n in serving["clients"]]
     levels = list(serving["clients"].values())
