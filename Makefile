@@ -16,14 +16,14 @@ STUDY ?= kd-embedded
 # registered model can serve TFLite INT8 (serving_format=auto takes it when its hold-out F1 is within 0.005 of Keras).
 RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P max_params=34000 -P student_norm=batch -P qat=true -P study_name=$(STUDY)
 
-.PHONY: venv run test lint server clean bench bench-smoke docs-gradcam
+.PHONY: venv run test test-fast lint server clean bench bench-smoke docs docs-gradcam
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
 	touch $@
 
 run: venv
@@ -32,6 +32,10 @@ run: venv
 # Style first (seconds): one tool, ruff, formats and lints (settings in pyproject.toml), then the tests.
 test: venv lint
 	$(BIN)/python -m pytest
+
+# The edit loop: every test not marked slow (no end-to-end training, servers or real-data runs).
+test-fast: venv lint
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: venv
 	$(BIN)/ruff format --check .
@@ -53,6 +57,11 @@ server: venv
 bench: venv
 	$(BIN)/python -m benchmarks
 
+# The documentation site in site/ (README as front page, parameter reference generated from the Config); --strict: a
+# broken link or a missing page fails the build.
+docs: venv
+	$(BIN)/mkdocs build --strict
+
 # The README's Grad-CAM figure (docs/gradcam.png): a teacher and KD student trained on the real scans, a hold-out tumour.
 docs-gradcam: venv
 	$(BIN)/python docs/gradcam.py
@@ -62,4 +71,4 @@ bench-smoke: venv
 
 # Everything the commands above generate: environment, caches, tracking store, study, lock files, reports.
 clean:
-	rm -rf $(VENV) .cache mlruns mlartifacts mlflow.db optuna.db .mlflow.db.*.lock .optuna.db.*.lock reports
+	rm -rf $(VENV) .cache mlruns mlartifacts mlflow.db optuna.db .mlflow.db.*.lock .optuna.db.*.lock reports site

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import compression, edge, report, scaling, search_cost, serving, throughput
+from benchmarks import compression, edge, report, scaling, search_cost, serving, throughput, training
 from benchmarks.common import FULL, REAL_DATA_DIR, SMOKE, Settings, header, open_bench
 from pipelines.cli import run_cli
 from pipelines.config import PROJECT_ROOT
@@ -53,6 +53,10 @@ def run_benchmarks(settings: Settings, data_dir: Path, out_dir: Path, report_pat
         results["edge"] = edge.run(bench)
         results["serving"] = serving.run(bench)
         results["scaling"] = scaling.run(bench, results["search"]["ours"]["peak_rss_mib"])
+        chain = {k: results["pipeline"][k] for k in ("teacher_s", "promote_s")}
+        results["training"] = training.run(
+            bench, {**chain, "search_s": results["search"]["ours"]["wall_s"], "search": results["search"]["ours"]}
+        )
         results["total_s"] = time.perf_counter() - started
     finally:
         if not keep:

@@ -11,9 +11,9 @@ import math
 import os
 from pathlib import Path
 
-from pipelines.evaluate import save_figure
+from pipelines.evaluate import pyplot, save_figure
 
-PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling")
+PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling", "training")
 TITLES = {
     "throughput": "1. KD training throughput (cached logits vs online teacher)",
     "search": "2. Search cost (naive vs ours)",
@@ -21,6 +21,7 @@ TITLES = {
     "edge": "4. Edge export (TFLite float32 and INT8)",
     "serving": "5. Serving (`mlflow models serve`, loopback)",
     "scaling": "6. Scaling and memory",
+    "training": "7. Training speed (today's settings vs each lever vs all, real 4-class scans)",
 }
 COST_LABELS = {
     "teacher_epoch_s": "teacher training epoch",
@@ -42,6 +43,11 @@ def fmt(value) -> str:
     if abs(value) >= 1:
         return f"{value:.2f}"
     return f"{value:.4f}"
+
+
+def interval(gap: dict) -> str:
+    """A paired F1 difference with its 95% bootstrap interval, e.g. ``0.0120 [-0.0050, 0.0290] (1,150 scans)``."""
+    return f"{fmt(gap['difference'])} [{fmt(gap['low'])}, {fmt(gap['high'])}] ({fmt(gap['scans'])} scans)"
 
 
 def table(headers: list[str], rows: list[list]) -> str:
@@ -66,10 +72,7 @@ def figures(tree, prefix: str = "") -> list[tuple[str, float]]:
 
 
 def plot_scaling(scaling: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import NullLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -93,10 +96,7 @@ def plot_scaling(scaling: dict, path: Path) -> Path:
 
 
 def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(list(values), list(values.values()), color="tab:blue")
@@ -106,10 +106,7 @@ def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path) -> 
 
 
 def plot_serving(serving: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     clients = [int(n) for n in serving["clients"]]
     levels = list(serving["clients"].values())
@@ -128,8 +125,35 @@ def plot_serving(serving: dict, path: Path) -> Path:
     return save_figure(figure, path, dpi=100)
 
 
+def training_tables(r: dict) -> list[str]:
+    """Part 7: every variant's images/s, its speed-up over today's at the same role and size, its fold F1; the main chain."""
+    rows = []
+    for role in ("teacher", "student"):
+        for name, v in r[role].items():
+            today = r[role][f"{name.split()[0]} today"]["images_per_s"]
+            rows.append(
+                [role, name, v["images_per_s"], v["images_per_s"] / today, f"{fmt(v['f1_mean'])} ± {fmt(v['f1_std'])}", v["wall_s"]]
+            )
+    main = r["main"]
+    chain = lambda c: [c["teacher_s"], c["search_s"], c["promote_s"], f"{fmt(c['search']['best_f1'])} ± {fmt(c['search']['best_f1_std'])}"]  # noqa: E731
+    return [
+        table(["role", "size and variant", "images/s", "x today", "fold F1 (mean ± sd)", "wall s"], rows),
+        f"Levers: today {r['setup']['today']}; defaults {r['setup']['defaults']}. F1 after {r['setup']['epochs']} epoch(s): it shows "
+        "that no lever changes what is learnt, not how good a model gets.",
+        table(
+            ["main chain (bench data)", "teacher s", "search s", "promotion s", "best trial k-fold F1", "per 1,000 images, min"],
+            [
+                ["today's settings", *chain(main["today"]), main["today_per_1000_s"] / 60],
+                ["defaults", *chain(main["defaults"]), main["defaults_per_1000_s"] / 60],
+            ],
+        ),
+    ]
+
+
 def part_tables(part: str, r: dict) -> list[str]:
     """The readable tables of one part (the complete figure list follows them)."""
+    if part == "training":
+        return training_tables(r)
     if part == "throughput":
         rows = [[name, value, r["first_epoch_s"][name]] for name, value in r["images_per_s"].items()]
         return [
@@ -158,10 +182,17 @@ def part_tables(part: str, r: dict) -> list[str]:
     if part == "compression":
         keys = ("params", "file_bytes", "flops", "batch1_p50_ms", "batch1_p95_ms", "batch32_p50_ms", "batch32_p95_ms", "f1", "roc_auc")
         rows = [[key, r["teacher"][key], r["student"][key], r["teacher_over_student"].get(key, "")] for key in keys]
-        return [
+        blocks = [
             table(["", "teacher", "student", "teacher / student"], rows),
             f"FLOPs: {r['setup']['flops_method']}. F1 drop (teacher - student): {fmt(r['f1_drop'])}",
         ]
+        if "scans_f1_drop" in r:  # results from before the F1 scans render without them
+            blocks.append(
+                f"F1 teacher - student with its 95% paired bootstrap interval: on the hold-out split {interval(r['holdout_f1_drop'])}; "
+                f"on the F1 scans **{interval(r['scans_f1_drop'])}** (F1 teacher {fmt(r['teacher']['scans_f1'])}, student "
+                f"{fmt(r['student']['scans_f1'])}). The F1 scans: {r['setup']['f1_scans']}."
+            )
+        return blocks
     if part == "edge":
         ops = r.get("float_ops", {})
         rows = [
@@ -173,19 +204,45 @@ def part_tables(part: str, r: dict) -> list[str]:
             summary = f"{r['setup']['served_int8']} / float32 batch-1 p50: **{fmt(r['float32_over_int8_batch1_p50'])}x**; " + "; ".join(
                 f"F1 float32 - {name}: {fmt(gap)}" for name, gap in r["float32_minus_int8_f1"].items()
             )
-        return [
+        blocks = [
             table(["format", "bytes", "batch-1 p50 ms", "p95 ms", "hold-out F1", "ROC-AUC", "float ops in the graph"], rows),
             f"Keras / INT8 batch-1 p50: **{fmt(r['keras_over_int8_batch1_p50'])}x**; Keras / float32: "
             f"{fmt(r['keras_over_float32_batch1_p50'])}x; {summary}; logged to run `{r['logged_to_run']}`",
         ]
+        batched = next((key for key in r if key.startswith("batch") and key.endswith("_p50_ms")), None)
+        if batched:  # results from before the batch timing and the F1 scans render without them
+            batch = batched.removeprefix("batch").removesuffix("_p50_ms")
+            scans_f1, gaps, holdout = r["scans_f1"], r["scans_float32_minus_int8_f1"], r["holdout_float32_minus_int8_f1"]
+            blocks += [
+                table(
+                    ["format", f"batch-{batch} p50 ms", "per image ms", "F1 on the F1 scans", "float32 - this F1, F1 scans (95%)"],
+                    [
+                        [name, ms, ms / int(batch), scans_f1[name], interval(gaps[name]) if name in gaps else ""]
+                        for name, ms in r[batched].items()
+                    ]
+                    + [["keras", "", "", scans_f1["keras"], ""]],
+                ),
+                f"{r['setup']['served_int8']} / float32 at batch {batch}: **{fmt(r[f'float32_over_int8_batch{batch}_p50'])}x**; "
+                "float32 - INT8 F1 on the hold-out split with its 95% paired bootstrap interval: "
+                + "; ".join(f"{name} {interval(gap)}" for name, gap in holdout.items())
+                + f". The F1 scans: {r['setup']['f1_scans']}.",
+            ]
+        return blocks
     if part == "serving":
         rows = [[n, lv["p50_ms"], lv["p95_ms"], lv["requests_per_s"], lv["requests"], lv["errors"]] for n, lv in r["clients"].items()]
         ip = r["in_process_one_image"]
-        return [
+        blocks = [
             table(["clients", "p50 ms", "p95 ms", "requests/s", "requests", "errors"], rows),
             f"in-process pyfunc, one image: p50 {fmt(ip['p50_ms'])} ms, p95 {fmt(ip['p95_ms'])} ms; served p50 at one client / in-process "
             f"p50: **{fmt(r['served_over_in_process_p50'])}x**",
         ]
+        if "http_floor_ping" in r:  # results from before the HTTP floor was measured render without it
+            blocks.append(
+                f"HTTP floor (GET /ping, same server and client, one at a time): p50 {fmt(r['http_floor_ping']['p50_ms'])} ms, p95 "
+                f"{fmt(r['http_floor_ping']['p95_ms'])} ms; (served p50 at one client - floor) / in-process p50: "
+                f"**{fmt(r['served_above_floor_over_in_process_p50'])}x**"
+            )
+        return blocks
     if part == "scaling":
         rows = [["x" + fmt(p["factor"]), p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_images"]]
         rows += [[f"{fmt(p['image_size'])} px", p["images"], p["image_size"]] + [p[c] for c in COST_LABELS] for p in r["by_size"]]
@@ -239,7 +296,8 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
     }
     link = lambda path: os.path.relpath(path, report_path.parent)  # noqa: E731 (one-line helper)
     machine, settings = results["machine"], results["settings"]
-    targets = [(part, t) for part in PARTS for t in results[part]["targets"]]
+    parts = [part for part in PARTS if part in results]  # a results file from before a part existed re-renders without it
+    targets = [(part, t) for part in parts for t in results[part]["targets"]]
     lines = [
         "# Benchmarks",
         "",
@@ -248,6 +306,7 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         f"every figure below comes from that file (re-render: `python -m benchmarks.report {link(json_path)}`). Total run time "
         f"{fmt(results['total_s'] / 60)} min.",
         "",
+        f"**Device:** {results.get('device') or ('GPU: ' + ', '.join(machine['gpus']) if machine['gpus'] else 'CPU only')}.  ",
         f"**Machine:** {machine['cpu']}, {machine['cpu_count']} cores, {fmt(machine['memory_gib'])} GiB RAM"
         + (f", GPUs {', '.join(machine['gpus'])}" if machine["gpus"] else "")
         + f", {machine['platform']}.  ",
@@ -280,7 +339,12 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         ),
         "",
     ]
-    for part in PARTS:
+    changed = [(part, t) for part, t in targets if t.get("why")]
+    if changed:
+        lines += ["Targets measured differently from their first definition, and why:", ""]
+        lines += [f"- part {TITLES[part].split('.', 1)[0]}, *{t['target']}*: {t['why']}." for part, t in changed]
+        lines.append("")
+    for part in parts:
         section = results[part]
         lines += [f"## {TITLES[part]}", ""]
         for block in part_tables(part, section):

@@ -29,14 +29,16 @@ from pipelines.evaluate import model_logits
 from pipelines.models import build_student, build_teacher
 from pipelines.prepare import prepare_data
 from pipelines.teacher import load_teacher_logits
-from pipelines.training import augmentation, make_dataset, set_seed, training_precision
+from pipelines.training import make_dataset, set_seed, training_precision
+from pipelines.views import views_of
 
 MEMORY_LIMIT_MIB = 4096
 
 
 def grown(images: np.ndarray, labels: np.ndarray, logits: np.ndarray, factor: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The set and ``factor - 1`` augmented copies of it (each copy keeps its original's label and teacher logits)."""
-    copies = [images] + [np.asarray(augmentation(seed + k)(images, training=True)) for k in range(1, factor)]
+    keys = np.arange(len(images), dtype=np.int64) + seed
+    copies = [images] + [views_of(images, keys, view) for view in range(1, factor)]
     return np.concatenate(copies), np.tile(labels, factor), np.tile(logits, (factor, 1))
 
 

@@ -83,16 +83,29 @@ def run_naive(cfg: Config) -> dict:
     }
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory since its exec (VmHWM).
+def vm_hwm_mib(pid: str = "self") -> float:
+    """A process's peak resident memory since its exec (VmHWM).
 
     Not ``getrusage``: on Linux a child's ``ru_maxrss`` starts at its parent's resident size at fork time,
     so every child of the benchmark would report at least the benchmark's own memory.
     """
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory plus that of its live children (the fold workers, ``fold_workers`` > 1, which
+    stay up for the next trial): a search's memory is all of its processes'."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rpartition(")")[2].split()[1] == str(os.getpid()):
+                children.append(vm_hwm_mib(stat.parent.name))
+        except (OSError, RuntimeError):  # a process that ended while it was read
+            continue
+    return vm_hwm_mib() + sum(children)
 
 
 def run_strategy(strategy: str, cfg: Config, tracking_uri: str, work: Path) -> dict:

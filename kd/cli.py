@@ -52,6 +52,23 @@ def _stage_and_alias(args: argparse.Namespace) -> tuple[str | None, str | None]:
     return (stage or ("Production" if alias is None else None)), alias
 
 
+def _version_number_options(parser: argparse.ArgumentParser) -> None:
+    """``--stage`` / ``--alias`` / ``--version`` (a version number): one of them, Production when none is given."""
+    _version_options(parser)
+    parser.add_argument("--version", default=None, help="a version number, instead of --stage or --alias")
+
+
+def _version_number(cfg: Config, args: argparse.Namespace) -> str:
+    """The version number ``--version`` gives, or the one the stage or alias points at."""
+    from pipelines.config import PipelineError
+    from registry.fetch import resolve_version
+
+    if args.version and (args.stage or args.alias):
+        raise PipelineError(f"--version {args.version} with --stage/--alias: give one of them")
+    stage, alias = (None, None) if args.version else _stage_and_alias(args)
+    return resolve_version(cfg.model_name, stage, alias, args.version or None).version
+
+
 def _prepare(cfg: Config, args: argparse.Namespace) -> str:
     from pipelines.prepare import prepare
 
@@ -159,6 +176,22 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> str:
 
     stage, alias = (None, None) if args.version else _stage_and_alias(args)
     return evaluate_version(cfg, stage, alias, args.version or None, args.resamples)
+
+
+def _card_options(parser: argparse.ArgumentParser) -> None:
+    _version_number_options(parser)
+    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default="", help="folder to write; empty = reports/<model>-v<version>")
+
+
+def _card(cfg: Config, args: argparse.Namespace) -> Any:
+    from registry.card import CARD_ARTIFACT, description, write_card
+
+    version = _version_number(cfg, args)
+    out_dir = args.out_dir or PROJECT_ROOT / "reports" / f"{cfg.model_name}-v{version}"
+    card, path = write_card(cfg.model_name, version, out_dir)
+    print(description(card))
+    print(f"card: {cfg.model_name} v{version} -> {path} (also {CARD_ARTIFACT} of the version's run; its summary is the description)")
+    return path
 
 
 def _fetch(cfg: Config, args: argparse.Namespace) -> None:
@@ -275,6 +308,13 @@ COMMANDS = {
         _evaluate,
         ("data_dir", "modality", "class_map", "dedupe", "seed", "model_name", "experiment_name", "cache_dir", "storage"),
         _evaluate_options,
+    ),
+    "card": Command(
+        "Write the model card of a registered version from its tracked runs (after a new evaluation, say): model_card.md on "
+        "the version's run, its summary as the version's description.",
+        _card,
+        ("model_name",),
+        _card_options,
     ),
     "fetch": Command("Show the version a stage or alias points at: metrics and lineage.", _fetch, ("model_name",), _version_options),
     "history": Command("Every promotion and rollback: who, when, which version, why.", _history, ("model_name",)),

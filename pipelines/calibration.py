@@ -21,15 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.evaluate import probabilities, pyplot, save_figure
+from pipelines.evaluate import model_logits, probabilities, pyplot, save_figure
 
+# A cross-validation's out-of-fold logits (search trials log them): what a temperature is fitted on, never the hold-out.
+OOF_LOGITS_ARTIFACT = "logits/oof_logits.npz"
 BINS = 15
 # The search interval of T (log-spaced): wide enough for any network we train, narrow enough that a degenerate set
 # (every image right with huge margins) stops at a finite T instead of running off to infinity or zero.
 T_RANGE = (0.05, 20.0)
 # Probabilities are clipped here before the log: one confidently wrong image costs -log(1e-12) ~ 27.6, not infinity.
 EPS = 1e-12
-CALIBRATION_CHOICES = ("temperature", "none")
 
 
 def is_binary_logits(logits: np.ndarray) -> bool:
@@ -122,26 +123,75 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(found.x))
 
 
-def plot_reliability(ax, probs: np.ndarray, labels: np.ndarray, title: str, bins: int = BINS) -> None:
-    """A reliability diagram on ``ax``: accuracy per confidence bin as bars against the diagonal, ECE in the title."""
-    table = reliability_bins(probs, labels, bins)
-    width = table.edges[1] - table.edges[0]
-    filled = table.counts > 0
-    ax.bar(table.edges[:-1][filled], table.accuracy[filled], width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+Series = tuple[np.ndarray, np.ndarray]  # (probabilities (N, C), integer labels (N,))
+
+
+def plot_reliability(ax, series: Mapping[str, Series], title: str, bins: int = BINS) -> None:
+    """A reliability diagram on ``ax``: accuracy against mean top-label confidence of each non-empty bin, one curve per
+    named series (e.g. before and after calibration, ECE in the legend), against the diagonal of perfect calibration."""
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
+    for name, (probs, labels) in series.items():
+        table = reliability_bins(probs, labels, bins)
+        filled = table.counts > 0
+        ax.plot(
+            table.confidence[filled], table.accuracy[filled], marker="o", markersize=3, label=f"{name} (ECE {ece(probs, labels, bins):.3f})"
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top label)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nECE {ece(probs, labels, bins):.3f}", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(loc="upper left", fontsize=7)
 
 
-def reliability_figure(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
-    """One figure with a reliability diagram per named ``(probs, labels)`` panel, side by side, written to ``path``."""
+def reliability_figure(panels: Mapping[str, Mapping[str, Series] | Series], path: Path, bins: int = BINS) -> Path:
+    """One figure, a reliability diagram per titled panel side by side, written to ``path``; a panel is one
+    ``(probs, labels)`` pair or several named ones (before / after calibration)."""
     plt = pyplot()
     columns = max(1, len(panels))
-    fig, axes = plt.subplots(1, columns, figsize=(3.2 * columns, 3.4), squeeze=False)
-    for ax, (title, (probs, labels)) in zip(axes[0], panels.items()):
-        plot_reliability(ax, probs, labels, title)
+    fig, axes = plt.subplots(1, columns, figsize=(3.4 * columns, 3.6), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels.items()):
+        plot_reliability(ax, series if isinstance(series, Mapping) else {"model": series}, title, bins)
     return save_figure(fig, path)
+
+
+def out_of_fold_logits(models, fold_ids, folds, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each fold model's logits on its own validation rows: ``(rows, fold of each row, logits)``, folds in order.
+
+    ``folds``: the splits' ``(train rows, validation rows)`` per fold entry; a row validated in several repeats comes
+    once per repeat (each time from a model that never saw it)."""
+    rows, fold, logits = [], [], []
+    for k, model in zip(fold_ids, models):
+        validation = folds[k][1]
+        rows.append(validation)
+        fold.append(np.full(len(validation), k))
+        logits.append(model_logits(model, images[validation]))
+    return np.concatenate(rows), np.concatenate(fold), np.concatenate(logits)
+
+
+def save_oof_logits(path: Path, sha256: np.ndarray, labels: np.ndarray, fold: np.ndarray, logits: np.ndarray) -> Path:
+    """Out-of-fold logits as ``OOF_LOGITS_ARTIFACT`` holds them: keyed by image sha256, with label and fold entry,
+    fixed-width strings so that it loads without pickle."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, sha256=np.asarray(sha256).astype("U64"), label=labels, fold=fold, logits=logits)
+    return path
+
+
+def log_oof_logits(prepared, models, fold_ids) -> None:
+    """The cross-validation's out-of-fold logits (:func:`out_of_fold_logits` of its fold ``models`` on ``prepared``), logged
+    to the active MLflow run as ``OOF_LOGITS_ARTIFACT``: a forward pass of each fold's model, no extra training."""
+    import tempfile
+
+    import mlflow
+
+    rows, fold, logits = out_of_fold_logits(models, fold_ids, prepared.splits.folds, prepared.images)
+    with tempfile.TemporaryDirectory() as tmp:
+        sha256, labels = prepared.dataset.manifest["sha256"].to_numpy()[rows], prepared.dataset.labels[rows]
+        path = save_oof_logits(Path(tmp) / Path(OOF_LOGITS_ARTIFACT).name, sha256, labels, fold, logits)
+        mlflow.log_artifact(str(path), str(Path(OOF_LOGITS_ARTIFACT).parent))
+
+
+def load_oof_logits(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(logits, labels)`` of a :func:`save_oof_logits` file."""
+    with np.load(path, allow_pickle=False) as stored:
+        return stored["logits"], stored["label"]

@@ -31,6 +31,11 @@ STUDENT_NORMS = ("group", "batch", "none")
 # hold-out F1 is within SERVING_F1_TOLERANCE of the Keras student's.
 SERVING_FORMATS = ("auto", "keras", "tflite-float32", "tflite-int8")
 SERVING_F1_TOLERANCE = 0.005
+LR_SCALINGS = ("sqrt", "linear", "none")
+LR_SCHEDULES = ("constant", "cosine")
+# How promote calibrates the probabilities a version serves (pipelines/calibration.py): one temperature fitted on
+# out-of-fold validation logits, or none.
+CALIBRATIONS = ("temperature", "none")
 # Resamples of the percentile bootstrap behind every 95 % interval (the report's hold-out figures, kd evaluate's).
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -81,6 +86,10 @@ LIMITS = {
     "epochs": Limits(1, 1000),
     "patience": Limits(0, 1000),
     "batch_size": Limits(1, 1024),
+    "warmup_epochs": Limits(0, 100),
+    "weight_decay": Limits(0, 1),
+    "steps_per_execution": Limits(1, 10_000),
+    "fold_workers": Limits(1, 64),
     "learning_rate": Limits(0, 1, low_open=True),
     "temperature": Limits(0, 100, low_open=True),
     "alpha": Limits(0, 1),
@@ -254,221 +263,346 @@ def check_storage_parameter(url: str) -> None:
         )
 
 
+# The reuse keys a Config field can belong to: "data", what one process's prepared-data cache is keyed on
+# (pipelines.prepare), and each step whose finished runs are reused. Every field names its keys in its metadata
+# ("reuse", () for a field that decides no trained result): a new field cannot be left out of a key by forgetting a
+# list, and a test fails on a field that names none.
+REUSE_KEYS = ("data", "prepare", "teacher", "distill", "search", "compare")
+ALL_KEYS = REUSE_KEYS  # what decides the prepared data decides every step after it
+SOURCE_KEYS = ("data",)  # where the data comes from: run keys identify the data by its digest instead
+TRAINING_KEYS = ("teacher", "distill", "search", "compare")  # how networks are trained
+
+
 @dataclass
 class Config:
     """Defaults for data, models, distillation and tracking. Field names are the CLI/MLproject names."""
 
     # data
-    data_dir: str = field(default="", metadata={"help": "image folder, BraTS .h5 folder or CSV manifest; empty = embedded synthetic set"})
-    image_size: int = field(default=64, metadata={"help": "square input size in pixels"})
-    positive_class: str = field(default="", metadata={"help": "positive class for binary metrics; empty = detect (yes, tumor, ...)"})
+    data_dir: str = field(
+        default="",
+        metadata={"reuse": SOURCE_KEYS, "help": "image folder, BraTS .h5 folder or CSV manifest; empty = embedded synthetic set"},
+    )
+    image_size: int = field(default=64, metadata={"reuse": ALL_KEYS, "help": "square input size in pixels"})
+    positive_class: str = field(
+        default="", metadata={"reuse": ALL_KEYS, "help": "positive class for binary metrics; empty = detect (yes, tumor, ...)"}
+    )
     modality: str = field(
         default="flair",
-        metadata={"help": "BraTS channel (.h5) or NIfTI file (<case>_<modality>.nii.gz): flair, t1, t1ce, t2 or an index 0-3"},
+        metadata={
+            "reuse": ALL_KEYS,
+            "help": "BraTS channel (.h5) or NIfTI file (<case>_<modality>.nii.gz): flair, t1, t1ce, t2 or an index 0-3",
+        },
     )
     test_fraction: float = field(
-        default=0.2, metadata={"help": "stratified hold-out fraction (ignored when the data has its own test split)"}
+        default=0.2, metadata={"reuse": ALL_KEYS, "help": "stratified hold-out fraction (ignored when the data has its own test split)"}
     )
-    folds: int = field(default=5, metadata={"help": "stratified group k-fold splits of the training part"})
+    folds: int = field(default=5, metadata={"reuse": ALL_KEYS, "help": "stratified group k-fold splits of the training part"})
     repeats: int = field(
         default=1,
         metadata={
+            "reuse": ALL_KEYS,
             "help": (
                 "repetitions of the k-fold with new seeds (same hold-out): folds x repeats validation folds, numbered "
                 "k = repeat x folds + fold, for the corrected resampled t-test of KD vs no-KD"
-            )
+            ),
         },
     )
-    seed: int = field(default=42, metadata={"help": "seed for splits, initialisation and augmentation"})
+    seed: int = field(default=42, metadata={"reuse": ALL_KEYS, "help": "seed for splits, initialisation and augmentation"})
     augment: bool = field(
         default=False,
         metadata={
+            "reuse": TRAINING_KEYS,
             "help": (
                 "light augmentation (flip, rotation, zoom, shift, contrast); off by default: it lowered the student's F1 on the real set"
-            )
+            ),
         },
     )
     dedupe: str = field(
         default="drop",
         metadata={
+            "reuse": ALL_KEYS,
             "help": (
                 "hold-out images that duplicate training images (given Testing/ split), and evaluate's images the version already "
                 "saw: drop, keep or error"
-            )
+            ),
         },
     )
-    synthetic_images: int = field(default=300, metadata={"help": "size of the embedded synthetic set when data_dir is empty"})
+    synthetic_images: int = field(
+        default=300, metadata={"reuse": SOURCE_KEYS, "help": "size of the embedded synthetic set when data_dir is empty"}
+    )
     synthetic_classes: int = field(
         default=2,
-        metadata={"help": "classes of the embedded synthetic set: 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)"},
+        metadata={
+            "reuse": SOURCE_KEYS,
+            "help": "classes of the embedded synthetic set: 2 (tumor/normal), 3 (glioma, meningioma, notumor) or 4 (+ pituitary)",
+        },
     )
     # optimisation
-    epochs: int = field(default=60, metadata={"help": "maximum epochs per fold (early stopping on validation loss)"})
-    patience: int = field(default=15, metadata={"help": "early-stopping patience in epochs"})
-    batch_size: int = field(default=16, metadata={"help": "mini-batch size"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "Adam learning rate"})
+    epochs: int = field(
+        default=60, metadata={"reuse": TRAINING_KEYS, "help": "maximum epochs per fold (early stopping on validation loss)"}
+    )
+    patience: int = field(default=15, metadata={"reuse": TRAINING_KEYS, "help": "early-stopping patience in epochs"})
+    batch_size: int = field(default=16, metadata={"reuse": TRAINING_KEYS, "help": "mini-batch size"})
+    lr_scaling: str = field(
+        default="sqrt",
+        metadata={
+            "reuse": TRAINING_KEYS,
+            "help": (
+                "how learning_rate (given for batches of 16) scales with batch_size: sqrt (the rule for Adam), linear or none "
+                "(learning_rate as given)"
+            ),
+        },
+    )
+    warmup_epochs: float = field(
+        default=0.0, metadata={"reuse": TRAINING_KEYS, "help": "epochs of linear learning-rate warm-up at the start of training"}
+    )
+    lr_schedule: str = field(
+        default="constant",
+        metadata={"reuse": TRAINING_KEYS, "help": "after warm-up: constant, or cosine (decay to 0 at the last of epochs)"},
+    )
+    weight_decay: float = field(default=0.0, metadata={"reuse": TRAINING_KEYS, "help": "decoupled weight decay (AdamW) when > 0; 0 = Adam"})
+    parallel_augment: bool = field(
+        default=True,
+        metadata={"reuse": (), "help": "make the augmented views on every core (the same views as one at a time: stateless)"},
+    )
+    steps_per_execution: int = field(
+        default=1,
+        metadata={
+            "reuse": (),
+            "help": "training steps per call of the compiled step (fewer Python dispatches); per-epoch metrics, early stopping as with 1",
+        },
+    )
+    fold_workers: int = field(
+        default=1,
+        metadata={
+            "reuse": (),
+            "help": (
+                "folds trained at once, each in its own process with cores / fold_workers threads (same runs and metrics as 1, "
+                "within float tolerance)"
+            ),
+        },
+    )
+    learning_rate: float = field(default=3e-3, metadata={"reuse": TRAINING_KEYS, "help": "Adam learning rate"})
     precision: str = field(
         default="float32",
         metadata={
+            "reuse": TRAINING_KEYS,
             "help": (
                 "training arithmetic: float32, or bfloat16 (Keras mixed_bfloat16, float32 weights and logits); saved models are "
                 "float32 either way"
-            )
+            ),
         },
     )
     # models
     teacher_arch: str = field(
         default="resnet",
         metadata={
+            "reuse": ("teacher", "distill", "search"),
             "help": (
                 "resnet or hybrid (ours; :S, :M or :L: size, default M) or a keras.applications name; a comma list (resnet:L,hybrid:S) "
                 "is an ensemble: the student distils from the mean of its members' logits"
-            )
+            ),
         },
     )
     teacher_seed_offset: int = field(
         default=0,
         metadata={
+            "reuse": TRAINING_KEYS,
             "help": (
                 "added to seed for the teacher's initialisation, shuffling and augmentation (splits and views keep seed); a repeated "
                 "ensemble member (resnet,resnet) adds 1000 per repeat"
-            )
+            ),
         },
     )
-    teacher_weights: str = field(default="", metadata={"help": "local weights file for a keras.applications teacher; empty = random init"})
+    teacher_weights: str = field(
+        default="", metadata={"reuse": TRAINING_KEYS, "help": "local weights file for a keras.applications teacher; empty = random init"}
+    )
     teacher_image_size: int = field(
         default=0,
         metadata={
+            "reuse": TRAINING_KEYS,
             "help": (
                 "the teacher's input size in pixels, 0 = image_size; a larger one lets a high-resolution teacher guide a low-resolution "
                 "student through cached logits (keyed by image), at no cost to the student"
-            )
+            ),
         },
     )
-    student_size: str = field(default="small", metadata={"help": "tiny, small, medium, large or WIDTHxDEPTH, e.g. 24x3"})
+    student_size: str = field(
+        default="small", metadata={"reuse": ("distill",), "help": "tiny, small, medium, large or WIDTHxDEPTH, e.g. 24x3"}
+    )
     student_norm: str = field(
         default="group",
         metadata={
+            "reuse": ("distill", "search"),
             "help": (
                 "the student's normalisation: group (GroupNorm, no INT8 kernel: the INT8 export falls back to float around it), batch "
                 "(BatchNorm, statistics recomputed on the training images after training, folded into the convolutions for INT8) or "
                 "none; batch and none export to an all-integer TFLite graph"
-            )
+            ),
         },
     )
     qat: bool = field(
         default=False,
         metadata={
+            "reuse": ("distill",),
             "help": (
                 "quantization-aware training: fine-tune the distilled student with fake-quantized weights (per channel) and activations "
                 "under the same KD loss, and keep that model for the INT8 export; needs student_norm=batch or none"
-            )
+            ),
         },
     )
     # distillation
-    temperature: float = field(default=5.0, metadata={"help": "softmax temperature T"})
-    alpha: float = field(default=0.5, metadata={"help": "weight of the hard-label loss; 1 - alpha weighs the KD term"})
+    temperature: float = field(default=5.0, metadata={"reuse": ("distill", "compare"), "help": "softmax temperature T"})
+    alpha: float = field(
+        default=0.5, metadata={"reuse": ("distill", "compare"), "help": "weight of the hard-label loss; 1 - alpha weighs the KD term"}
+    )
     teacher_mode: str = field(
-        default="cached", metadata={"help": "cached (teacher logits computed once) or online (teacher forward pass every step)"}
+        default="cached",
+        metadata={
+            "reuse": ("distill", "search", "compare"),
+            "help": "cached (teacher logits computed once) or online (teacher forward pass every step)",
+        },
     )
     kd_mode: str = field(
         default="standard",
         metadata={
+            "reuse": TRAINING_KEYS,
             "help": (
                 "standard: the student's augmented image, the teacher's logits of the plain one (cached); consistent (Beyer et al. 2022): "
                 "teacher and student see the same augmented view, always augmented: online, every step's fresh views mixed by mixup; "
                 "cached, kd_views fixed views per image without mixup (logits of mixed images cannot be cached)"
-            )
+            ),
         },
     )
     kd_views: int = field(
-        default=8, metadata={"help": "augmented views per image the teacher's logits are cached for (kd_mode=consistent, cached)"}
+        default=8,
+        metadata={
+            "reuse": TRAINING_KEYS,
+            "help": "augmented views per image the teacher's logits are cached for (kd_mode=consistent, cached)",
+        },
     )
-    no_kd: bool = field(default=False, metadata={"help": "baseline: train the student on hard labels only (alpha = 1)"})
+    no_kd: bool = field(
+        default=False, metadata={"reuse": ("distill",), "help": "baseline: train the student on hard labels only (alpha = 1)"}
+    )
     # imbalance (any step) and the comparison (compare)
     imbalance: str = field(
         default="0",
         metadata={
+            "reuse": ALL_KEYS,
             "help": (
                 "minority:majority ratio r of the training folds: 0 = the data as it is; r >= 1 keeps ceil(majority / r) minority "
                 "images in each fold's training rows (validation folds and hold-out untouched); compare takes a comma list (0,4,10)"
-            )
+            ),
         },
     )
     minority_class: str = field(
-        default="", metadata={"help": "the class imbalance subsamples and minority metrics are of; empty = the fewest training images"}
+        default="",
+        metadata={
+            "reuse": ALL_KEYS,
+            "help": "the class imbalance subsamples and minority metrics are of; empty = the fewest training images",
+        },
     )
     teachers: str = field(
-        default="resnet:S,hybrid:S", metadata={"help": "compare: the teachers, a comma list of teacher_arch values (resnet:S,resnet:L,...)"}
+        default="resnet:S,hybrid:S",
+        metadata={"reuse": ("compare",), "help": "compare: the teachers, a comma list of teacher_arch values (resnet:S,resnet:L,...)"},
     )
-    students: str = field(default="tiny,small", metadata={"help": "compare: the student sizes, a comma list (tiny,small,24x3)"})
-    comparison_name: str = field(default="kd-comparison", metadata={"help": "compare: the comparison's name (its run's kd.comparison tag)"})
-    fold: int = field(default=-1, metadata={"help": "train only this fold entry (0-based, up to folds x repeats - 1); -1 = all of them"})
+    students: str = field(
+        default="tiny,small", metadata={"reuse": ("compare",), "help": "compare: the student sizes, a comma list (tiny,small,24x3)"}
+    )
+    comparison_name: str = field(
+        default="kd-comparison", metadata={"reuse": ("compare",), "help": "compare: the comparison's name (its run's kd.comparison tag)"}
+    )
+    fold: int = field(
+        default=-1,
+        metadata={"reuse": ("distill",), "help": "train only this fold entry (0-based, up to folds x repeats - 1); -1 = all of them"},
+    )
     # search (Optuna)
     n_trials: int = field(
         default=20,
         metadata={
-            "help": "finished (complete + pruned) trials the study should end with, over all workers (students over the budget apart)"
+            "reuse": ("search",),
+            "help": "finished (complete + pruned) trials the study should end with, over all workers (students over the budget apart)",
         },
     )
-    study_name: str = field(default="kd-brain", metadata={"help": "Optuna study name"})
+    study_name: str = field(default="kd-brain", metadata={"reuse": ("search",), "help": "Optuna study name"})
     storage: str = field(
-        default="", metadata={"help": "Optuna RDB storage URL (sqlite:///... or postgresql://...); empty = optuna.db in the project"}
+        default="",
+        metadata={"reuse": (), "help": "Optuna RDB storage URL (sqlite:///... or postgresql://...); empty = optuna.db in the project"},
     )
-    objectives: str = field(default="f1", metadata={"help": "f1, or f1,params / f1,latency for a multi-objective search"})
-    temperature_range: str = field(default="1,20", metadata={"help": "temperature search range (log scale)"})
-    alpha_range: str = field(default="0,1", metadata={"help": "alpha search range"})
-    width_range: str = field(default="8,32", metadata={"help": "student first-block width range (step 4)"})
-    depth_range: str = field(default="2,4", metadata={"help": "student depth range"})
-    learning_rate_range: str = field(default="5e-4,5e-3", metadata={"help": "learning-rate search range (log scale)"})
+    objectives: str = field(
+        default="f1", metadata={"reuse": ("search",), "help": "f1, or f1,params / f1,latency for a multi-objective search"}
+    )
+    temperature_range: str = field(default="1,20", metadata={"reuse": ("search",), "help": "temperature search range (log scale)"})
+    alpha_range: str = field(default="0,1", metadata={"reuse": ("search",), "help": "alpha search range"})
+    width_range: str = field(default="8,32", metadata={"reuse": ("search",), "help": "student first-block width range (step 4)"})
+    depth_range: str = field(default="2,4", metadata={"reuse": ("search",), "help": "student depth range"})
+    learning_rate_range: str = field(default="5e-4,5e-3", metadata={"reuse": ("search",), "help": "learning-rate search range (log scale)"})
     teacher_choices: str = field(
         default="",
         metadata={
+            "reuse": ("search",),
             "help": (
                 "teachers the search chooses among, separated by '/' (resnet/hybrid:S/resnet,hybrid: a comma list is one "
                 "ensemble choice); empty = teacher_arch alone"
-            )
+            ),
         },
     )
     max_params: int = field(
         default=0,
         metadata={
+            "reuse": ("search",),
             "help": (
                 "the student's parameter budget: a trial whose student has more is skipped before training and never promoted; 0 = no limit"
-            )
+            ),
         },
     )
     max_latency_ms: float = field(
         default=0.0,
         metadata={
+            "reuse": ("search",),
             "help": (
                 "the student's latency budget: median ms of one image through the Keras model on the machine that runs the trial "
                 "(machine-dependent: search on the hardware it is for); over it, a trial is skipped before training; 0 = no limit"
-            )
+            ),
         },
     )
-    heartbeat_interval: int = field(default=20, metadata={"help": "seconds between a running trial's heartbeats"})
-    grace_period: int = field(default=60, metadata={"help": "seconds without a heartbeat before a trial counts as dead and is retried"})
+    heartbeat_interval: int = field(default=20, metadata={"reuse": (), "help": "seconds between a running trial's heartbeats"})
+    grace_period: int = field(
+        default=60, metadata={"reuse": (), "help": "seconds without a heartbeat before a trial counts as dead and is retried"}
+    )
     # registry
-    model_name: str = field(default="brain-tumor-student", metadata={"help": "registered model name"})
-    margin: float = field(default=0.0, metadata={"help": "hold-out F1 a new model must beat the champion by to be promoted"})
-    force: bool = field(default=False, metadata={"help": "promote even if the gate refuses"})
+    model_name: str = field(default="brain-tumor-student", metadata={"reuse": (), "help": "registered model name"})
+    margin: float = field(default=0.0, metadata={"reuse": (), "help": "hold-out F1 a new model must beat the champion by to be promoted"})
+    force: bool = field(default=False, metadata={"reuse": (), "help": "promote even if the gate refuses"})
     comparison: str = field(
         default="",
         metadata={
+            "reuse": (),
             "help": (
                 "report: the KD comparison whose tables to include, by run id or name (its newest finished run); empty = the newest "
                 "finished comparison on the reported version's data, if any"
-            )
+            ),
         },
     )
     serving_format: str = field(
         default="auto",
         metadata={
+            "reuse": (),
             "help": (
                 "how the registered model runs when served: keras, tflite-float32 or tflite-int8; auto = the fastest at batch 1 whose "
                 f"hold-out F1 is within {SERVING_F1_TOLERANCE} of the Keras student's"
-            )
+            ),
+        },
+    )
+    calibration: str = field(
+        default="temperature",
+        metadata={
+            "reuse": (),
+            "help": (
+                "promote: temperature = divide each model's logits by one temperature fitted (minimum NLL) on its out-of-fold "
+                "validation logits, never the hold-out; the served model and every TFLite format then return calibrated "
+                "probabilities, labels unchanged; none = the probabilities as trained"
+            ),
         },
     )
     # external validation (kd evaluate) and localisation (promote, kd explain)
@@ -493,11 +627,12 @@ class Config:
         },
     )
     # tracking
-    experiment_name: str = field(default="kd-brain", metadata={"help": "MLflow experiment"})
+    experiment_name: str = field(default="kd-brain", metadata={"reuse": (), "help": "MLflow experiment"})
     tracking_wait_s: float = field(
-        default=300.0, metadata={"help": "after a failure, how long to wait for an absent tracking server to mark the run FAILED"}
+        default=300.0,
+        metadata={"reuse": (), "help": "after a failure, how long to wait for an absent tracking server to mark the run FAILED"},
     )
-    cache_dir: str = field(default=str(PROJECT_ROOT / ".cache"), metadata={"help": "decoded images and the synthetic set"})
+    cache_dir: str = field(default=str(PROJECT_ROOT / ".cache"), metadata={"reuse": (), "help": "decoded images and the synthetic set"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -526,6 +661,8 @@ class Config:
         check_storage_parameter(self.storage)
         checks = [
             (self.precision in ("float32", "bfloat16"), f"precision={self.precision!r}: use 'float32' or 'bfloat16'"),
+            (self.lr_scaling in LR_SCALINGS, f"lr_scaling={self.lr_scaling!r}: use {', '.join(LR_SCALINGS)}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}"),
             (self.teacher_mode in ("cached", "online"), f"teacher_mode={self.teacher_mode!r}: use 'cached' or 'online'"),
             (self.kd_mode in KD_MODES, f"kd_mode={self.kd_mode!r}: use {' or '.join(KD_MODES)}"),
             (self.student_norm in STUDENT_NORMS, f"student_norm={self.student_norm!r}: use {', '.join(STUDENT_NORMS)}"),
@@ -558,6 +695,7 @@ class Config:
                 f"comparison={self.comparison!r}: a comparison name or run id has no quotes or backslashes; give it without them",
             ),
             (self.serving_format in SERVING_FORMATS, f"serving_format={self.serving_format!r}: use {', '.join(SERVING_FORMATS)}"),
+            (self.calibration in CALIBRATIONS, f"calibration={self.calibration!r}: use {' or '.join(CALIBRATIONS)}"),
             (
                 re.fullmatch(r"[\w.:-]+", self.comparison_name) is not None,
                 f"comparison_name={self.comparison_name!r}: use letters, digits and _ . : - (it names runs and locks)",
@@ -621,32 +759,21 @@ def redact_url(text: str) -> str:
     return re.sub(r"([?&]password=)[^&\s]+", r"\1***", re.sub(r"(://[^/:@\s]*:)[^@/\s]+@", r"\1***@", text), flags=re.IGNORECASE)
 
 
+def reuse_fields(key: str) -> tuple[str, ...]:
+    """The Config fields that belong to the reuse key ``key`` (one of REUSE_KEYS), in declaration order."""
+    return tuple(f.name for f in fields(Config) if key in f.metadata["reuse"])
+
+
 # Parameters that decide a step's result; a finished run whose params, data digest and code fingerprint match is reused.
 # data_dir itself is not among them: the data digest identifies the data, wherever it is read from.
 # imbalance and minority_class decide the folds' training rows: teacher and distill runs are reused per ratio.
-DATA_PARAMS = (
-    "image_size",
-    "positive_class",
-    "modality",
-    "test_fraction",
-    "folds",
-    "repeats",
-    "seed",
-    "dedupe",
-    "imbalance",
-    "minority_class",
-)
+DATA_PARAMS = reuse_fields("prepare")
 # every field that decides what prepare_data returns (cache_dir only says where the decoded images are kept)
-DATA_INPUTS = DATA_PARAMS + ("data_dir", "synthetic_images", "synthetic_classes")
-TRAIN_PARAMS = ("augment", "epochs", "patience", "batch_size", "learning_rate", "precision")
+DATA_INPUTS = reuse_fields("data")
 # kd_views is a teacher parameter: the teacher run caches its logits of that many views of every image.
-# kd_mode and kd_views: a consistent teacher run also caches the logits of kd_views views per image, which a
-# standard one does not spend time on.
-TEACHER_PARAMS = (
-    DATA_PARAMS + TRAIN_PARAMS + ("teacher_arch", "teacher_seed_offset", "teacher_weights", "teacher_image_size", "kd_mode", "kd_views")
-)
+TEACHER_PARAMS = reuse_fields("teacher")
 # The teacher's settings too: a student distilled from another teacher is another student.
-DISTILL_PARAMS = TEACHER_PARAMS + ("student_size", "student_norm", "qat", "temperature", "alpha", "teacher_mode", "no_kd", "fold")
+DISTILL_PARAMS = reuse_fields("distill")
 # What a student without a teacher (no_kd, or alpha = 1) does not depend on.
 TEACHER_ONLY_PARAMS = (
     "teacher_arch",
@@ -667,34 +794,13 @@ def distill_params(cfg: Config) -> tuple[str, ...]:
     return DISTILL_PARAMS
 
 
-SEARCH_PARAMS = (
-    DATA_PARAMS
-    + TRAIN_PARAMS
-    + (
-        "teacher_arch",
-        "teacher_seed_offset",
-        "teacher_weights",
-        "teacher_image_size",
-        "teacher_mode",
-        "kd_mode",
-        "kd_views",
-        "student_norm",
-        "n_trials",
-        "study_name",
-        "objectives",
-        "max_params",
-        "max_latency_ms",
-    )
-    + ("temperature_range", "alpha_range", "width_range", "depth_range", "learning_rate_range", "teacher_choices")
-)
-
+SEARCH_PARAMS = reuse_fields("search")
 # A comparison's reuse key and logged parameters: whatever decides its cells (imbalance, minority_class: in DATA_PARAMS).
-COMPARE_PARAMS = (
-    DATA_PARAMS
-    + TRAIN_PARAMS
-    + ("teacher_seed_offset", "teacher_weights", "teacher_image_size", "kd_mode", "kd_views", "teacher_mode", "temperature", "alpha")
-    + ("teachers", "students", "comparison_name")
-)
+COMPARE_PARAMS = reuse_fields("compare")
+# The training-speed levers for real data (benchmarks part 7 measures them against batch 16, one step per call, views one
+# at a time, one fold at a time). The defaults stay those for tiny runs and the test suite, where a fold worker's start
+# (seconds of imports) costs more than it saves and a batch of 64 is more than a fold holds.
+FAST_TRAINING = {"batch_size": 64, "steps_per_execution": 8, "parallel_augment": True, "fold_workers": 2}
 # ``kd compare``'s own defaults: a small comparison that finishes on a fresh 2-core machine in minutes on the embedded
 # synthetic set (12 cells, 4 teacher runs); a study of real data gives its folds and epochs (README).
 COMPARE_DEFAULTS = {"folds": 3, "epochs": 8, "patience": 3, "image_size": 32, "synthetic_images": 200, "imbalance": "0,4"}

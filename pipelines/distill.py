@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import mlflow
 
 from pipelines.config import Config, distill_params
+from pipelines.crossval import CrossValidation, cross_validate, summarize_folds
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, model_logits, probabilities, write_evaluation_artifacts
 from pipelines.locks import teacher_lock
@@ -26,7 +28,7 @@ from pipelines.prepare import Prepared, prepare_data
 from pipelines.quantize import fine_tune_qat
 from pipelines.teacher import load_teacher_logits, load_teacher_model, teacher_cv_summary, train_teacher
 from pipelines.tracking import reuse_finished, step_run
-from pipelines.training import CrossValidation, cross_validate, set_seed, summarize_folds
+from pipelines.training import set_seed
 
 
 def describe_student(cfg: Config) -> str:
@@ -35,6 +37,23 @@ def describe_student(cfg: Config) -> str:
     consistent = {"cached": f", consistent over {cfg.kd_views} views", "online": ", consistent with mixup"}
     consistent = consistent[cfg.teacher_mode] if cfg.kd_mode == "consistent" else ""
     return f"student {cfg.student_size} (KD, T={cfg.temperature:g}, alpha={cfg.alpha:g}, {cfg.teacher_mode}{consistent})"
+
+
+@dataclass(frozen=True)
+class FoldStudent:
+    """Fold k's student in its Distiller, with the fold teacher when it runs online: a picklable callable, so fold
+    workers (``fold_workers``) can be handed it."""
+
+    cfg: Config
+    num_classes: int
+    teacher_run_id: str | None
+
+    def __call__(self, k: int) -> Distiller:
+        cfg = self.cfg
+        student = build_student(cfg.student_size, cfg.image_size, self.num_classes, seed=cfg.seed + k, norm=cfg.student_norm)
+        online = self.teacher_run_id and cfg.teacher_mode == "online"
+        teacher = load_teacher_model(self.teacher_run_id, f"fold_{k}") if online else None
+        return Distiller(student, teacher, cfg.temperature, cfg.effective_alpha, self.num_classes == 2)
 
 
 def cross_validate_student(
@@ -50,7 +69,6 @@ def cross_validate_student(
     mean logits (cached) or mean model (online) guide the student. Cached mode reads the teacher run's logits once; consistent
     cached mode trains on the views those logits are of, consistent online (and no-KD) on fresh views with mixup.
     """
-    alpha = cfg.effective_alpha
     dataset = prepared.dataset
     cached = (
         load_teacher_logits(teacher_run_id, dataset.manifest["sha256"].to_numpy())
@@ -58,19 +76,12 @@ def cross_validate_student(
         else {}
     )
 
-    def build_trainer(k: int) -> Distiller:
-        student = build_student(cfg.student_size, cfg.image_size, dataset.num_classes, seed=cfg.seed + k, norm=cfg.student_norm)
-        teacher = load_teacher_model(teacher_run_id, f"fold_{k}") if teacher_run_id and cfg.teacher_mode == "online" else None
-        trainer = Distiller(student, teacher, cfg.temperature, alpha, dataset.binary)
-        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-        return trainer
-
     view_logits = (lambda k: cached.get(f"views_fold_{k}")) if cfg.kd_mode == "consistent" else None
     return cross_validate(
         prepared,
         cfg,
         fold_ids,
-        build_trainer,
+        FoldStudent(cfg, dataset.num_classes, teacher_run_id),
         lambda k: cached.get(f"fold_{k}"),
         describe_student(cfg),
         on_fold,

@@ -74,6 +74,13 @@ def per_class_f1(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, fl
     return {**{f"f1_{key}": float(value) for key, value in zip(class_keys(class_names), f1)}, "f1_macro": float(f1.mean())}
 
 
+def accuracy_and_f1(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """``accuracy``, each class's ``f1_<class key>`` and ``f1_macro`` from one confusion matrix: cheap enough to
+    recompute for every bootstrap resample (``pipelines.statistics.bootstrap_intervals``)."""
+    matrix = confusion_matrix(labels, probs)
+    return {"accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)), **per_class_f1(matrix, class_names)}
+
+
 def confusion_matrix(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """Counts of (true class row, arg-max predicted class column), every class present."""
     return skm.confusion_matrix(np.asarray(labels), probs.argmax(axis=1), labels=np.arange(probs.shape[1]))

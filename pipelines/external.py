@@ -18,6 +18,7 @@ from pipelines.calibration import brier, ece
 from pipelines.config import BOOTSTRAP_RESAMPLES, PipelineError, parse_class_map
 from pipelines.evaluate import class_keys, per_class_f1
 from pipelines.splits import closest_matches
+from pipelines.statistics import bootstrap_intervals
 
 CONFIDENCE = 0.95
 
@@ -104,18 +105,9 @@ def metrics_with_intervals(
     ``resamples`` resamples of the images (NaN resamples, e.g. an AUC of a resample without a class, left out), and
     ``ece`` and ``brier`` of the probabilities (:mod:`pipelines.calibration`)."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
-    point = point_metrics(labels, probs, class_names)
-    rng = np.random.default_rng(seed)
-    samples = {name: [] for name in point}
-    for rows in rng.integers(0, len(labels), size=(resamples, len(labels))):
-        for name, value in point_metrics(labels[rows], probs[rows], class_names).items():
-            samples[name].append(value)
-    result = dict(point)
-    tail = 100 * (1 - CONFIDENCE) / 2
-    for name, values in samples.items():
-        values = np.asarray(values, dtype=np.float64)
-        values = values[np.isfinite(values)]
-        low, high = np.percentile(values, [tail, 100 - tail]) if values.size else (math.nan, math.nan)
-        result[f"{name}_ci_low"], result[f"{name}_ci_high"] = float(low), float(high)
+    result = point_metrics(labels, probs, class_names)
+    score = lambda rows_labels, rows_probs: point_metrics(rows_labels, rows_probs, class_names)
+    for name, (low, high) in bootstrap_intervals(labels, probs, score, resamples, seed, CONFIDENCE).items():
+        result[f"{name}_ci_low"], result[f"{name}_ci_high"] = low, high
     result.update({"ece": ece(probs, labels), "brier": brier(probs, labels)})
     return result

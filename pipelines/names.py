@@ -13,7 +13,7 @@ class RunTag:
     REUSED_RUN_ID = "kd.reused_run_id"
     DATA_DIGEST = "kd.data_digest"
     PARAMS = "kd.params"  # the step's reuse key (its parameters)
-    CODE = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint() of the process that ran it
+    CODE = "kd.code_fingerprint"  # pipelines.fingerprint.code_fingerprint(step) of the process that ran it
     HOST = "kd.host"
     PROCESS = "kd.process"  # pid:start time, to tell a live run from one whose process died
     FAILURE = "kd.failure"
@@ -62,6 +62,7 @@ class VersionTag:
     HOLDOUT_F1 = "holdout_f1"
     PARAMS_COUNT = "params_count"
     TEACHER_RUN_ID = "teacher_run_id"
+    TEMPERATURE = "temperature"  # what the served model divides its logits by (1 = uncalibrated); also in metadata.json
     DATA_DIGEST = "data_digest"
     CODE_VERSION = "code_version"
     IMAGE_SIZE = "image_size"
@@ -90,6 +91,10 @@ class Metric:
     TEST_TRAIN_RATIO = "test_train_ratio"
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
+    # Calibration (pipelines/calibration.py): promote logs the promoted student's hold-out figures as served under these
+    # bare keys, evaluate runs theirs; TEMPERATURE is what the served model divides its logits by.
+    ECE, MCE, BRIER, NLL, TEMPERATURE = "ece", "mce", "brier", "nll", "temperature"
+    CALIBRATION = (ECE, MCE, BRIER, NLL)
     # Quantization-aware training (qat=true): the QAT models' metrics carry this prefix (qat_f1_mean, qat_f1_fold_<k>, ...).
     QAT_PREFIX = "qat_"
     QAT_F1_MEAN = "qat_f1_mean"
@@ -124,3 +129,13 @@ class Metric:
     def minority_fold_recall(k: int) -> str:
         """Validation recall of the minority class in fold entry ``k``."""
         return f"recall_minority_fold_{k}"
+
+    @staticmethod
+    def calibration(who: str, name: str, calibrated: bool = False) -> str:
+        """Promote: a model's (teacher, student, no_kd) hold-out ``ece``/``mce``/``brier``/``nll``, as trained or calibrated."""
+        return f"holdout_{who}_{name}" + ("_calibrated" if calibrated else "")
+
+    @staticmethod
+    def temperature(who: str) -> str:
+        """Promote: the temperature fitted for a model (teacher, student, no_kd) on its out-of-fold logits."""
+        return f"{who}_temperature"

@@ -147,12 +147,20 @@ def fine_tune_qat(
     qat = qat_model(student, representative_images(images))
     alpha = cfg.effective_alpha if teacher_logits is not None or teacher is not None else 1.0
     trainer = Distiller(qat, teacher, cfg.temperature, alpha, num_classes == 2)
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate * QAT_LEARNING_RATE_FACTOR))
     weights = class_weights(labels, num_classes)[labels]
     train = make_dataset(images, labels, weights, teacher_logits, cfg.batch_size, shuffle=True, seed=cfg.seed)
     epochs = max(1, round(cfg.epochs * QAT_EPOCH_FRACTION))
     print(f"{describe}: quantization-aware fine-tuning of student {size} for {epochs} epoch(s)")
-    fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
+    fit(
+        trainer,
+        train,
+        None,
+        cfg,
+        prefix=prefix,
+        describe=describe,
+        epochs=epochs,
+        learning_rate=cfg.learning_rate * QAT_LEARNING_RATE_FACTOR,
+    )
     return qat
 
 

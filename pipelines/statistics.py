@@ -58,3 +58,25 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * pvalues[index]))
         adjusted[index] = running
     return adjusted.tolist()
+
+
+def bootstrap_intervals(
+    labels: np.ndarray, probs: np.ndarray, score, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals (``level``, two-sided) of every figure ``score(labels, probs)`` returns (a dict),
+    over ``resamples`` draws of the images with replacement; a figure undefined in a draw (NaN) is left out of it."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(labels), size=(resamples, len(labels)))
+    samples: dict[str, list[float]] = {}
+    for rows in draws:
+        for name, value in score(labels[rows], probs[rows]).items():
+            samples.setdefault(name, []).append(value)
+    tail = 100 * (1 - level) / 2
+    result = {}
+    for name, values in samples.items():
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        result[name] = (
+            (float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))) if values.size else (math.nan, math.nan)
+        )
+    return result

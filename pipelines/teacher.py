@@ -27,6 +27,7 @@ import mlflow
 import numpy as np
 
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError, teacher_members
+from pipelines.crossval import cross_validate, summarize_folds
 from pipelines.distiller import Distiller
 from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities, write_evaluation_artifacts
 from pipelines.images import load_images
@@ -34,18 +35,28 @@ from pipelines.models import build_teacher, load_keras_model
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import Prepared, prepare_data
 from pipelines.tracking import reuse_finished, step_run, tracked_run
-from pipelines.training import cross_validate, set_seed, summarize_folds, train_on_all_data
+from pipelines.training import set_seed, train_on_all_data
 from pipelines.views import image_keys, view_logits
 
 LOGITS_ARTIFACT = "logits/teacher_logits.npz"
 
 
 def _trainer(cfg: Config, num_classes: int, seed: int) -> Distiller:
-    """Plain supervised training is the Distiller with alpha = 1 and no teacher: one loss, one set of metrics."""
+    """Plain supervised training is the Distiller with alpha = 1 and no teacher: one loss, one set of metrics (compiled by
+    :func:`pipelines.training.fit`)."""
     network = build_teacher(cfg.teacher_arch, cfg.teacher_size, num_classes, cfg.teacher_weights, seed=seed)
-    trainer = Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
-    trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-    return trainer
+    return Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldTeacher:
+    """Fold k's teacher, from the teacher's seed + k: a picklable callable, so fold workers (``fold_workers``) can be handed it."""
+
+    cfg: Config
+    num_classes: int
+
+    def __call__(self, k: int) -> Distiller:
+        return _trainer(self.cfg, self.num_classes, self.cfg.teacher_seed + k)
 
 
 def at_teacher_size(cfg: Config, prepared: Prepared) -> Prepared:
@@ -88,7 +99,7 @@ def _train_single(cfg: Config, prepared: Prepared, nested: bool) -> str:
             prepared,
             trainer_cfg,
             list(range(cfg.fold_count)),
-            lambda k: _trainer(cfg, dataset.num_classes, cfg.teacher_seed + k),
+            FoldTeacher(cfg, dataset.num_classes),
             lambda k: None,
             f"teacher {cfg.teacher_arch}",
         )

@@ -111,14 +111,16 @@ def close_run(run_id: str, status: str, reason: str, wait_s: float) -> bool:
 
 
 @contextmanager
-def tracked_run(cfg: Config, finished_on: tuple[type[BaseException], ...] = (), **start_run: object) -> Iterator[mlflow.ActiveRun]:
+def tracked_run(
+    cfg: Config, finished_on: tuple[type[BaseException], ...] = (), step: str = "", **start_run: object
+) -> Iterator[mlflow.ActiveRun]:
     """``mlflow.start_run`` that never leaves its run RUNNING: an exception ends it FAILED (KILLED on Ctrl-C)
     with the reason in ``kd.failure``, waiting for an absent tracking server; ``finished_on`` exceptions
     (a pruned trial) end it FINISHED. The run is tagged with its process (see ``close_stale_runs``) and the
-    fingerprint of the code it ran (``kd.code_fingerprint``)."""
+    fingerprint of the code it ran (``kd.code_fingerprint``: ``step``'s code, see :func:`code_fingerprint`)."""
     # The process tags come with the new run, not after it: a process killed in between would leave a RUNNING run
     # that names no process, which close_stale_runs could never close.
-    tags = {**(start_run.pop("tags", None) or {}), **process_tags(), RunTag.CODE: code_fingerprint()}
+    tags = {**(start_run.pop("tags", None) or {}), **process_tags(), RunTag.CODE: code_fingerprint(step)}
     run = mlflow.start_run(tags=tags, **start_run)
     run_id = run.info.run_id
     try:
@@ -176,14 +178,19 @@ def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, 
     Under ``mlflow run`` (not nested) a run already exists for this step: it is tagged with the run it
     stands for and ends FINISHED, so the user sees why nothing trained.
     """
-    previous = find_finished_run(step, digest, step_key(cfg, names), code_fingerprint())
+    previous = find_finished_run(step, digest, step_key(cfg, names), code_fingerprint(step))
     if previous is None:
         return None
     print(f"{step}: reusing finished run {previous.info.run_id} (same data digest, parameters and code fingerprint)")
     if not nested and os.environ.get("MLFLOW_RUN_ID"):
         with mlflow.start_run():
             mlflow.set_tags(
-                {RunTag.STEP: step, RunTag.OUTCOME: "reused", RunTag.REUSED_RUN_ID: previous.info.run_id, RunTag.CODE: code_fingerprint()}
+                {
+                    RunTag.STEP: step,
+                    RunTag.OUTCOME: "reused",
+                    RunTag.REUSED_RUN_ID: previous.info.run_id,
+                    RunTag.CODE: code_fingerprint(step),
+                }
             )
     return previous.info.run_id
 
@@ -199,7 +206,8 @@ def step_run(
     if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    with tracked_run(cfg, nested=nested, run_name=step if nested else None) as run:
+    # Named after its step however it starts (nested, `kd <step>` alone, `mlflow run`), never a made-up name.
+    with tracked_run(cfg, step=step, nested=nested, run_name=step) as run:
         already = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the MLproject params itself
         mlflow.log_params({k: v for k, v in cfg.as_params(names + ("data_dir",)).items() if k not in already})
         mlflow.set_tags(

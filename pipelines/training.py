@@ -6,8 +6,8 @@ import contextlib
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import keras
@@ -16,9 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import class_keys, classification_metrics, confusion_matrix, model_logits, per_class_f1, probabilities
 from pipelines.models import recalibrate_batch_norm
-from pipelines.names import Metric
 from pipelines.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -80,25 +78,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return (len(labels) / (num_classes * np.maximum(counts, 1))).astype(np.float32)
 
 
-def augmentation(seed: int) -> keras.Sequential:
-    """Light, anatomy-preserving changes: left-right flip, small rotation, zoom, shift and contrast.
-
-    Images are z-scored, so: borders are filled with the nearest (background) pixel, not 0, which is mid-grey
-    here; and RandomContrast gets a value range wide enough that its clipping (to [0, 255] by default, which
-    would erase every negative pixel and make training and inference images differ) never applies.
-    """
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.04, fill_mode="nearest", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="nearest", seed=seed),
-            keras.layers.RandomTranslation(0.05, 0.05, fill_mode="nearest", seed=seed),
-            keras.layers.RandomContrast(0.2, value_range=(-1e4, 1e4), seed=seed),
-        ],
-        name="augmentation",
-    )
-
-
 def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -109,6 +88,8 @@ def make_dataset(
     augment: bool = False,
     seed: int = 0,
     view_keys: np.ndarray | None = None,
+    mix: bool = False,
+    parallel: bool = True,
 ) -> tf.data.Dataset:
     """``({"image", ["teacher_logits"]}, label[, weight])`` batches: in memory, shuffled, augmented, prefetched.
 
@@ -117,20 +98,23 @@ def make_dataset(
     The slices are the only copy of the images: no ``.cache()`` (it kept a second one) and no float32 copy of
     float32 input; slicing runs thousands of images/s, far ahead of training (benchmarks/scaling.py measures it).
 
-    ``view_keys`` (:func:`pipelines.views.image_keys` of the rows) makes the batches consistent (pipelines/views.py),
-    augmented whatever ``augment`` says: with ``teacher_logits`` of every row's views ``(rows, views, units)``, each
-    image comes as one of its cached views with the teacher's logits of that view; without, as a fresh view, and the
-    batch is mixed by mixup (an online teacher then runs on the very batch the student sees). The views depend on
-    the keys alone; ``seed`` only shuffles and draws which view.
+    Augmentation is :func:`pipelines.views.augmented_view`, a stateless function of (image key, draw): the draws come
+    from ``seed`` and differ per epoch, so the views are made in parallel and the same seed still gives the same
+    batches. ``view_keys`` (:func:`pipelines.views.image_keys` of the rows) are the image keys, else each row's position.
+    Given ``view_keys``, every image is augmented whatever ``augment`` says (consistent KD, pipelines/views.py): with
+    ``teacher_logits`` of every row's views ``(rows, views, units)``, each image comes as one of its cached views with the
+    teacher's logits of that view; else as a fresh view. ``mix``: each batch mixed by mixup (consistent KD with an online
+    teacher, which then runs on the very batch the student sees, or none). The views depend on the keys alone; ``seed``
+    only shuffles and draws which view. ``parallel``: views made on every core (the same views, in the same order).
     """
     features = {"image": np.asarray(images, dtype=np.float32)}
     if teacher_logits is not None:
         features["teacher_logits"] = np.asarray(teacher_logits, dtype=np.float32)
-    mixing = view_keys is not None and teacher_logits is None
-    if view_keys is not None:
-        features["view_key"] = np.asarray(view_keys, dtype=np.int64)
-        if mixing and sample_weights is None:
-            sample_weights = np.ones(len(labels), dtype=np.float32)
+    augmented = augment or view_keys is not None
+    if augmented:
+        features["view_key"] = np.asarray(np.arange(len(labels)) if view_keys is None else view_keys, dtype=np.int64)
+    if mix and sample_weights is None:
+        sample_weights = np.ones(len(labels), dtype=np.float32)
     elements = (
         (features, labels.astype(np.int32))
         if sample_weights is None
@@ -139,34 +123,26 @@ def make_dataset(
     dataset = tf.data.Dataset.from_tensor_slices(elements)
     if shuffle:
         dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    if view_keys is not None:
+    if augmented:
         # Views are stateless functions of their seed pairs: parallel calls cannot change them.
         draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip((dataset, draws)).map(
-            lambda element, draw: (pick_view(element[0], draw), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE
+            lambda element, draw: (pick_view(element[0], draw), *element[1:]), num_parallel_calls=tf.data.AUTOTUNE if parallel else None
         )
     dataset = dataset.batch(batch_size)
-    if mixing:
+    if mix:
         draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip((dataset, draws)).map(lambda batch, draw: mixup(*batch, draw))
-    elif augment and view_keys is None:
-        augmenter = augmentation(seed)
-
-        def apply(features, *rest):
-            return ({**features, "image": augmenter(features["image"], training=True)}, *rest)
-
-        # Sequential on purpose: the augmentation layers draw from a stateful seed generator, and parallel calls
-        # take its states in a racy order, so the same seed trained different models (tests/test_numerics.py).
-        dataset = dataset.map(apply)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 class MlflowEpochLogger(keras.callbacks.Callback):
-    """Per-epoch metrics to MLflow as ``<prefix><name>`` with the epoch as step; stops with a clear error on NaN."""
+    """Per-epoch metrics to MLflow as ``<prefix><name>`` with the epoch as step (to run ``run_id``, else the active run);
+    stops with a clear error on NaN."""
 
-    def __init__(self, prefix: str, describe: str, learning_rate: float):
+    def __init__(self, prefix: str, describe: str, learning_rate: float, run_id: str | None = None):
         super().__init__()
-        self.prefix, self.describe, self.learning_rate = prefix, describe, learning_rate
+        self.prefix, self.describe, self.learning_rate, self.run_id = prefix, describe, learning_rate, run_id
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -176,7 +152,12 @@ class MlflowEpochLogger(keras.callbacks.Callback):
                 f"{self.describe}: training diverged at epoch {epoch + 1} ({bad}); lower learning_rate (now {self.learning_rate}) "
                 "or check the inputs"
             )
-        mlflow.log_metrics({f"{self.prefix}{k}": float(v) for k, v in logs.items()}, step=epoch)
+        metrics = {f"{self.prefix}{k}": float(v) for k, v in logs.items()}
+        if self.run_id is None:
+            mlflow.log_metrics(metrics, step=epoch)
+        else:  # a fold worker: the step's run is active in the parent process only
+            now = int(time.time() * 1000)
+            mlflow.MlflowClient().log_batch(self.run_id, [mlflow.entities.Metric(k, v, now, epoch) for k, v in metrics.items()])
 
 
 def progress_verbosity() -> int:
@@ -184,6 +165,66 @@ def progress_verbosity() -> int:
     if os.environ.get("CI"):
         return 0
     return 1 if sys.stdout.isatty() else 2
+
+
+# The batch size ``learning_rate`` is given for: a larger batch scales it by the ``lr_scaling`` rule.
+REFERENCE_BATCH = 16
+
+
+def peak_learning_rate(cfg: Config, learning_rate: float | None = None) -> float:
+    """``learning_rate`` (``cfg.learning_rate`` unless given), set for batches of REFERENCE_BATCH, scaled to ``cfg.batch_size``:
+    by the batch ratio (``linear``, Goyal et al. 2017), its square root (``sqrt``, the rule for Adam: Malladi et al. 2022)
+    or not at all (``none``)."""
+    ratio = cfg.batch_size / REFERENCE_BATCH
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[cfg.lr_scaling]
+    return (cfg.learning_rate if learning_rate is None else learning_rate) * factor
+
+
+@keras.saving.register_keras_serializable(package="kd")
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from ``peak / warmup_steps`` to ``peak`` over ``warmup_steps``, then constant or cosine decay to 0
+    at ``total_steps``. Per optimizer step, so ``steps_per_execution`` does not change it."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, cosine: bool):
+        self.peak, self.warmup_steps, self.total_steps, self.cosine = float(peak), int(warmup_steps), int(total_steps), bool(cosine)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32") + 1.0
+        warmup = keras.ops.minimum(1.0, step / max(self.warmup_steps, 1))
+        if not self.cosine:
+            return self.peak * warmup
+        progress = keras.ops.clip((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0.0, 1.0)
+        return self.peak * warmup * 0.5 * (1.0 + keras.ops.cos(math.pi * progress))
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps, "cosine": self.cosine}
+
+
+def optimizer(cfg: Config, steps_per_epoch: int, epochs: int, learning_rate: float | None = None) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW when ``weight_decay`` > 0, at :func:`peak_learning_rate` with ``warmup_epochs`` of linear warm-up and
+    the ``lr_schedule`` over ``epochs``; with none of these it is today's plain ``Adam(learning_rate)``."""
+    peak = peak_learning_rate(cfg, learning_rate)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    rate = peak
+    if warmup_steps or cfg.lr_schedule == "cosine":
+        rate = WarmupSchedule(peak, warmup_steps, steps_per_epoch * epochs, cfg.lr_schedule == "cosine")
+    if cfg.weight_decay > 0:
+        return keras.optimizers.AdamW(rate, weight_decay=cfg.weight_decay)
+    return keras.optimizers.Adam(rate)
+
+
+def describe_optimiser(cfg: Config, learning_rate: float | None = None) -> str:
+    """What :func:`optimizer` builds for ``cfg``, in words (the report's methods text): optimiser, batch, rate and schedule."""
+    name = f"AdamW (decoupled weight decay {cfg.weight_decay:g})" if cfg.weight_decay > 0 else "Adam"
+    base = cfg.learning_rate if learning_rate is None else learning_rate
+    peak = peak_learning_rate(cfg, base)
+    rate = f"learning rate {peak:.4g}"
+    if peak != base:  # lr_scaling none keeps the rate as given
+        rule = {"sqrt": "the square root of the batch ratio", "linear": "the batch ratio"}[cfg.lr_scaling]
+        rate += f" ({base:g} for batches of {REFERENCE_BATCH}, scaled by {rule})"
+    schedule = f", a linear warm-up over {cfg.warmup_epochs:g} epoch(s)" if cfg.warmup_epochs else ""
+    schedule += ", then cosine decay to 0 at the last epoch" if cfg.lr_schedule == "cosine" else ""
+    return f"{name}, batch size {cfg.batch_size}, {rate}{schedule}"
 
 
 def fit(
@@ -194,141 +235,27 @@ def fit(
     prefix: str,
     describe: str,
     epochs: int | None = None,
+    learning_rate: float | None = None,
+    run_id: str | None = None,
 ) -> int:
-    """Train with early stopping on validation loss (best weights restored); returns the best epoch count."""
-    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate)]
+    """Compile ``model`` with :func:`optimizer` and ``steps_per_execution`` and train it with early stopping on validation
+    loss (best weights restored); returns the best epoch count. ``learning_rate``: another base rate than ``cfg``'s;
+    ``run_id``: the run the epochs' metrics go to, when it is not this process's active run.
+
+    Keras runs ``steps_per_execution`` steps in one call of its compiled function: the epoch's metrics, early stopping
+    and the progress line still come per epoch, and the last call of an epoch takes the steps that are left."""
+    epochs = epochs or cfg.epochs
+    steps = int(train.cardinality())
+    model.compile(optimizer=optimizer(cfg, steps, epochs, learning_rate), steps_per_execution=cfg.steps_per_execution)
+    callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate, run_id)]
     stopper = None
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
         callbacks.append(stopper)
-    history = model.fit(
-        train, validation_data=validation, epochs=epochs or cfg.epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity()
-    )
+    history = model.fit(train, validation_data=validation, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity())
     if validation is None:
         return len(history.history["loss"])
     return int(np.argmin(history.history["val_loss"])) + 1
-
-
-@dataclass
-class CrossValidation:
-    """Per-fold results of one model family; ``oof_probs`` holds each row's probabilities from the fold that held it out."""
-
-    models: list[keras.Model]
-    fold_metrics: list[dict[str, float]]
-    best_epochs: list[int]
-    oof_rows: np.ndarray
-    oof_probs: np.ndarray
-    fold_ids: list[int]
-    fold_matrices: list[np.ndarray] = field(default_factory=list)  # each fold's validation confusion matrix
-
-    def confusion_matrices(self) -> dict[str, np.ndarray]:
-        """``out_of_fold`` (all folds' validation rows pooled) and ``fold_<k>``: what ``evaluation/confusion_matrix.json`` holds.
-
-        The per-class ``f1_<class>_mean`` of :meth:`summary` is the mean of the folds' F1 from these ``fold_<k>`` matrices.
-        """
-        return {"out_of_fold": np.sum(self.fold_matrices, axis=0), **{f"fold_{k}": m for k, m in zip(self.fold_ids, self.fold_matrices)}}
-
-    def summary(self) -> dict[str, float]:
-        """:func:`summarize_folds` of these folds."""
-        return summarize_folds(self.fold_ids, self.fold_metrics)
-
-    def minority_summary(self, class_names: list[str], minority: str) -> dict[str, float]:
-        """The ``minority`` class's F1 and recall per fold (``f1_minority_fold_<k>``, ``recall_minority_fold_<k>``) and their
-        mean and spread over folds (``f1_minority_mean`` / ``_std``, ``recall_minority_mean`` / ``_std``), from the folds'
-        confusion matrices: the figures an imbalance comparison reads, whatever the positive class."""
-        index = class_names.index(minority)
-        f1_key = f"f1_{class_keys(class_names)[index]}"
-        folds = [
-            {"f1": per_class_f1(matrix, class_names)[f1_key], "recall": matrix[index, index] / max(matrix[index].sum(), 1)}
-            for matrix in self.fold_matrices
-        ]
-        result = {}
-        for k, metrics in zip(self.fold_ids, folds):
-            result |= {Metric.minority_fold_f1(k): float(metrics["f1"]), Metric.minority_fold_recall(k): float(metrics["recall"])}
-        for name in ("f1", "recall"):
-            values = np.array([metrics[name] for metrics in folds], dtype=np.float64)
-            result[f"{name}_minority_mean"] = float(np.mean(values))
-            result[f"{name}_minority_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        return result
-
-
-def summarize_folds(fold_ids: list[int], fold_metrics: list[dict[str, float]]) -> dict[str, float]:
-    """``f1_fold_<k>`` for each fold, and ``<metric>_mean`` / ``<metric>_std`` over folds: what a cross-validated run logs."""
-    result = {f"f1_fold_{k}": m["f1"] for k, m in zip(fold_ids, fold_metrics)}
-    for name in fold_metrics[0]:
-        values = np.array([m[name] for m in fold_metrics], dtype=np.float64)
-        result[f"{name}_mean"] = float(np.mean(values))
-        result[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return result
-
-
-def cross_validate(
-    prepared: Prepared,
-    cfg: Config,
-    fold_ids: list[int],
-    build_trainer: Callable[[int], Distiller],
-    teacher_logits: Callable[[int], np.ndarray | None],
-    describe: str,
-    on_fold: Callable[[int, dict[str, float]], None] | None = None,
-    view_logits: Callable[[int], np.ndarray | None] | None = None,
-    recalibrate: bool = False,
-) -> CrossValidation:
-    """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
-
-    ``build_trainer(k)`` gives the compiled :class:`Distiller` for fold k (alpha = 1 and no teacher for plain
-    training); ``teacher_logits(k)`` gives cached logits for every row, or None (online or no KD).
-    ``on_fold(k, metrics)`` sees each fold's validation metrics as they come (a search reports and prunes there).
-    ``view_logits`` makes training consistent (:func:`make_dataset` with view keys): ``view_logits(k)`` gives the
-    cached logits of every row's views ``(N, views, units)``, or None for fresh views every step (online or no KD);
-    the validation rows stay plain images with ``teacher_logits(k)``.
-    ``recalibrate``: each trained model's BatchNorm statistics recomputed on its training images before it is evaluated
-    (:func:`pipelines.models.recalibrate_batch_norm`; the student with ``student_norm=batch``).
-    """
-    dataset, images = prepared.dataset, prepared.images
-    labels = dataset.labels
-    keys = image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed) if view_logits is not None else None
-    models, fold_metrics, best_epochs, oof_rows, oof_probs, fold_matrices = [], [], [], [], [], []
-    for k in fold_ids:
-        train_rows, val_rows = prepared.splits.folds[k]
-        weights = class_weights(labels[train_rows], dataset.num_classes)[labels]
-        logits = teacher_logits(k)
-        set_seed(cfg.seed + k)
-        # Folds are numbered from 0 everywhere: here, in metric and artifact names (f1_fold_<k>), pruning messages and the report.
-        print(
-            f"{describe}: fold {k} of folds 0-{len(prepared.splits.folds) - 1} ({len(train_rows)} train, {len(val_rows)} validation images)"
-        )
-        with training_precision(cfg.precision):
-            trainer = build_trainer(k)
-        # Consistent training reads the views' cached logits (None: fresh views); validation images stay plain either way.
-        train_logits = view_logits(k) if view_logits is not None else logits
-        train = make_dataset(
-            images[train_rows],
-            labels[train_rows],
-            weights[train_rows],
-            None if train_logits is None else train_logits[train_rows],
-            cfg.batch_size,
-            shuffle=True,
-            augment=cfg.augment,
-            seed=cfg.seed + k,
-            view_keys=None if keys is None else keys[train_rows],
-        )
-        validation = make_dataset(
-            images[val_rows], labels[val_rows], weights[val_rows], None if logits is None else logits[val_rows], cfg.batch_size
-        )
-        best_epochs.append(fit(trainer, train, validation, cfg, prefix=f"fold_{k}_", describe=f"{describe} fold {k}"))
-        student = as_float32(trainer.student)
-        if recalibrate:
-            recalibrate_batch_norm(student, images[train_rows])
-        probs = probabilities(model_logits(student, images[val_rows]), dataset.binary)
-        fold_metrics.append(classification_metrics(labels[val_rows], probs, dataset.class_names))
-        fold_matrices.append(confusion_matrix(labels[val_rows], probs))
-        print(f"{describe}: fold {k} F1 {fold_metrics[-1]['f1']:.4f} (best epoch {best_epochs[-1]})")
-        models.append(student)
-        oof_rows.append(val_rows)
-        oof_probs.append(probs)
-        if on_fold is not None:
-            on_fold(k, fold_metrics[-1])
-    return CrossValidation(models, fold_metrics, best_epochs, np.concatenate(oof_rows), np.concatenate(oof_probs), fold_ids, fold_matrices)
 
 
 def train_on_all_data(
@@ -353,7 +280,7 @@ def train_on_all_data(
     labels, rows = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
-    keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy(), cfg.seed)[rows] if consistent else None
+    keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy(), cfg.seed)[rows] if consistent or cfg.augment else None
     train = make_dataset(
         prepared.images[rows],
         labels[rows],
@@ -364,6 +291,8 @@ def train_on_all_data(
         augment=cfg.augment,
         seed=cfg.seed,
         view_keys=keys,
+        mix=consistent and teacher_logits is None,
+        parallel=cfg.parallel_augment,
     )
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)

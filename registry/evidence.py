@@ -1,6 +1,7 @@
 """What ``promote`` logs so a report can be written later from the store alone: per-image hold-out probabilities
 (for bootstrap intervals, confusion matrices, curves), a no-KD cross-validation of the trial's student on the same
-folds (for the paired test), the software and hardware it ran on, the pinned requirements and the code version.
+folds (for the paired test), the KD student's hold-out bootstrap intervals (for its model card), the software and
+hardware it ran on, the pinned requirements and the code version.
 
 The artifact and tag names here are the contract with ``registry.report``, which reads them back and trains nothing.
 """
@@ -37,6 +38,7 @@ def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], 
     from pipelines.distill import distill
 
     test = prepared.splits.test
+    log_intervals(prepared.dataset.labels[test], probs["student"], prepared.dataset.class_names, "holdout_student_")
     frame = prepared.dataset.manifest.iloc[test][["path", "sha256", "label"]].reset_index(drop=True)
     for who, values in probs.items():
         for index, name in enumerate(prepared.dataset.class_names):
@@ -57,6 +59,24 @@ def log_training_hashes(prepared: Prepared) -> None:
     table = prepared.splits.table(prepared.dataset)[["path", "sha256", "split"]]
     table["phash"] = hash_text(perceptual_hashes(prepared.images))
     mlflow.log_text(table.to_csv(index=False), TRAINING_HASHES_ARTIFACT)
+
+
+# Bootstrap resamples of the hold-out intervals promote logs (holdout_student_<figure>_ci_low / _ci_high), and their seed.
+INTERVAL_RESAMPLES, INTERVAL_SEED = 1000, 0
+
+
+def log_intervals(labels: np.ndarray, probs: np.ndarray, class_names: list[str], prefix: str = "") -> dict[str, tuple[float, float]]:
+    """95 % bootstrap intervals of accuracy, macro-F1 and each class's F1, logged as ``<prefix><figure>_ci_low`` and
+    ``_ci_high`` to the active run (``holdout_student_f1_macro_ci_low``; an evaluate run's bare ``f1_macro_ci_low``)."""
+    from pipelines.evaluate import accuracy_and_f1
+    from pipelines.statistics import bootstrap_intervals
+
+    score = lambda rows_labels, rows_probs: accuracy_and_f1(rows_labels, rows_probs, class_names)
+    intervals = bootstrap_intervals(labels, probs, score, INTERVAL_RESAMPLES, INTERVAL_SEED)
+    mlflow.log_metrics(
+        {f"{prefix}{name}_ci_{end}": value for name, (low, high) in intervals.items() for end, value in (("low", low), ("high", high))}
+    )
+    return intervals
 
 
 def code_version() -> str:

@@ -6,8 +6,9 @@ too), or an array batch of preprocessed images
 reads: a picture (JPEG, PNG, TIFF, ... any size or mode), a BraTS ``.h5`` slice (the channel the model was
 trained on, from its ``metadata.json``; only models trained on BraTS data know one), or a NIfTI file, plain or
 gzipped, holding one 2-D slice (``pipelines.images.request_bytes`` gives it for a row of a NIfTI data set). Output: one row per image with
-``label`` and ``prob_<class>`` for each class. Bad input raises ``MlflowException`` with
-INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400.
+``label`` and ``prob_<class>`` for each class: calibrated probabilities, the softmax (sigmoid for two classes) of the
+logits divided by the ``temperature`` of ``metadata.json`` (1 = as trained), in every serving format. Bad input
+raises ``MlflowException`` with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400.
 
 The network runs in the format ``serving_format`` of ``metadata.json`` (promote chooses it): ``keras`` (the
 .keras student as one ``tf.function`` with a fixed input signature, traced once), or ``tflite-float32`` /
@@ -83,7 +84,7 @@ def decode_base64(value: str | bytes) -> bytes:
 
 class StudentClassifier(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper; artifacts ``student`` (a .keras file), ``metadata`` (JSON: image_size, class_names,
-    serving_format) and, where logged, the TFLite flatbuffers ``tflite-float32`` and ``tflite-int8``."""
+    serving_format, temperature) and, where logged, the TFLite flatbuffers ``tflite-float32`` and ``tflite-int8``."""
 
     def load_context(self, context) -> None:
         metadata = json.loads(Path(context.artifacts["metadata"]).read_text())
@@ -93,6 +94,13 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
 
         # The BraTS channel an .h5 slice is read from; models trained on pictures have none (and refuse .h5).
         self.modality = BRATS_MODALITIES.index(metadata["modality"]) if metadata.get("modality") else None
+        # Every format's logits are divided by the temperature promote fitted (registry.calibrate), so every format returns
+        # calibrated probabilities; the arg-max, and so the label, is the same. Versions logged before it existed: 1.
+        self.temperature = float(metadata.get("temperature") or 1.0)
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise MlflowException(
+                f"temperature {self.temperature!r} in metadata.json: it must be positive; re-log the model", error_code=INTERNAL_ERROR
+            )
         # Versions logged before the choice existed serve their Keras student.
         self.serving_format = metadata.get("serving_format") or "keras"
         artifact = FORMAT_ARTIFACTS.get(self.serving_format)
@@ -201,7 +209,8 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         images = self._images_from_frame(model_input) if isinstance(model_input, pd.DataFrame) else self._images_from_array(model_input)
         from pipelines.evaluate import probabilities
 
-        probs = probabilities(self._logits(images.astype(np.float32, copy=False)), len(self.class_names) == 2)
+        logits = self._logits(images.astype(np.float32, copy=False)) / np.float32(self.temperature)
+        probs = probabilities(logits, len(self.class_names) == 2)
         if not np.all(np.isfinite(probs)):
             # Inputs are checked above, so this is the model's fault: an error (HTTP 500), never a NaN answer.
             raise MlflowException(

@@ -46,6 +46,8 @@ from pipelines.quantize import fine_tune_qat
 from pipelines.teacher import load_teacher_logits, load_teacher_models, train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
 from pipelines.training import set_seed, train_on_all_data
+from registry.calibrate import calibrate, log_calibration, validation_logits
+from registry.card import write_card
 from registry.evidence import code_version, log_evidence
 from registry.export import format_results, tflite_exports
 from registry.gate import Champion, Twin, decide
@@ -73,9 +75,7 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
 
     def build_trainer() -> Distiller:
         student = build_student(cfg.student_size, cfg.image_size, prepared.dataset.num_classes, seed=cfg.seed, norm=cfg.student_norm)
-        trainer = Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
-        trainer.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate))
-        return trainer
+        return Distiller(student, None, cfg.temperature, cfg.effective_alpha, prepared.dataset.binary)
 
     consistent = cfg.kd_mode == "consistent"
     recalibrate = cfg.student_norm == "batch"
@@ -143,11 +143,13 @@ def log_student(
     example: pd.DataFrame,
     exports: dict[str, bytes] | None = None,
     serving_format: str = "keras",
+    temperature: float = 1.0,
 ) -> mlflow.models.model.ModelInfo:
     """Log the pyfunc model (student + preprocessing + class names) to the active run, with an input example.
 
     ``exports``: TFLite flatbuffers by serving format (``tflite-float32``, ``tflite-int8``), carried beside the
-    .keras student; ``serving_format``: the one the served model runs (``keras`` or one of them).
+    .keras student; ``serving_format``: the one the served model runs (``keras`` or one of them); ``temperature``: what
+    every format's logits are divided by before the softmax (``registry.calibrate``; 1 = the probabilities as trained).
     """
     exports = exports or {}
     if serving_format != "keras" and serving_format not in exports:
@@ -169,6 +171,7 @@ def log_student(
             "class_names": prepared.dataset.class_names,
             "positive_class": prepared.dataset.positive_class,
             "serving_format": serving_format,
+            "temperature": float(temperature),
         }
         metadata_path.write_text(json.dumps({**metadata, "modality": modality}))
         info = mlflow.pyfunc.log_model(
@@ -185,6 +188,7 @@ def log_student(
                 VersionTag.TRAINED_ON: trained_on(prepared.dataset),
                 VersionTag.DATA_DIGEST: prepared.dataset.digest,
                 VersionTag.SERVING_FORMAT: serving_format,
+                VersionTag.TEMPERATURE: float(temperature),
             },
         )
     return info
@@ -233,16 +237,20 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
         baseline = _student(cfg.replace(no_kd=True), prepared, None, epochs, "student (no KD)", "no_kd_all_")
 
         labels, test = prepared.dataset.labels, prepared.splits.test
-        holdout_probs = {
-            "student": probabilities(model_logits(student, prepared.images[test]), prepared.dataset.binary),
-            "no_kd": probabilities(model_logits(baseline, prepared.images[test]), prepared.dataset.binary),
-            "teacher": probabilities(all_logits[test], prepared.dataset.binary),
+        holdout_logits = {
+            "student": model_logits(student, prepared.images[test]),
+            "no_kd": model_logits(baseline, prepared.images[test]),
+            "teacher": all_logits[test],
         }
+        holdout_probs = {who: probabilities(logits, prepared.dataset.binary) for who, logits in holdout_logits.items()}
         holdout = {who: classification_metrics(labels[test], probs, prepared.dataset.class_names) for who, probs in holdout_probs.items()}
         if qat_student is not None:
             qat_probs = probabilities(model_logits(qat_student, prepared.images[test]), prepared.dataset.binary)
             mlflow.log_metric(Metric.HOLDOUT_QAT_F1, classification_metrics(labels[test], qat_probs)["f1"])
-        log_evidence(cfg, prepared, holdout_probs, best.user_attrs.get("mlflow_run_id", ""))
+        no_kd_run_id = log_evidence(cfg, prepared, holdout_probs, best.user_attrs.get("mlflow_run_id", ""))
+        validation = validation_logits(cfg, prepared, stored, best.user_attrs.get("mlflow_run_id", ""), no_kd_run_id)
+        calibration = calibrate(cfg, holdout_logits, labels[test], validation)
+        log_calibration(calibration, holdout_logits, labels[test])
         mlflow.log_metrics({f"holdout_{who}_{name}": value for who, metrics in holdout.items() for name, value in metrics.items()})
         # Scope holdout_<who> goes with the metrics holdout_<who>_f1_<class> (fetch prints the student's).
         matrices = {f"holdout_{who}": confusion_matrix(labels[test], p) for who, p in holdout_probs.items()}
@@ -284,7 +292,7 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
                 cfg.boxes_dir, {"student": student, "teacher": teacher}, prepared.dataset.class_names, prepared.dataset.modality
             )
         frame = holdout_frame(prepared)
-        logged = log_student(student, prepared, cfg, frame.head(1), exports, serving_format)
+        logged = log_student(student, prepared, cfg, frame.head(1), exports, serving_format, calibration.temperatures["student"])
         model_uri = logged.model_uri
         new_f1 = pyfunc_f1(mlflow.pyfunc.load_model(model_uri), frame, labels[test], prepared.dataset.class_names)["f1"]
 
@@ -309,9 +317,15 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             VersionTag.TRAINED_ON: trained_on(prepared.dataset),
             VersionTag.SERVING_FORMAT: serving_format,
             VersionTag.INT8: "quantization-aware" if qat_student is not None else "post-training",
+            VersionTag.TEMPERATURE: f"{calibration.temperatures['student']:.6f}",
         }
         tags.update({f"holdout_{name}": f"{value:.6f}" for name, value in holdout["student"].items()})
         version = register(client, cfg.model_name, logged, run.info.run_id, tags, description)
+        try:  # its model card (registry.card) from everything logged above; its summary becomes the description
+            write_card(cfg.model_name, version)
+        except BaseException:
+            client.delete_model_version(cfg.model_name, version)  # no half-registered model
+            raise
         # Gate and roles under one lock: a promotion racing this one sees the champion it leaves behind.
         with registry_lock(cfg.model_name, cfg.storage_url):
             try:

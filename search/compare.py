@@ -77,7 +77,7 @@ def comparison_cells(cfg: Config) -> list[Cell]:
 def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
     """The comparison's run id, and whether it was created now: the newest run of this comparison (name, data digest,
     parameters, code), or a new one (under ``mlflow run``: its run). Called under the comparison's creation lock."""
-    digest, fingerprint = prepared.dataset.digest, code_fingerprint()
+    digest, fingerprint = prepared.dataset.digest, code_fingerprint("compare")
     key = step_key(cfg, COMPARE_PARAMS)
     client = mlflow.MlflowClient()
     launched = os.environ.pop("MLFLOW_RUN_ID", None)  # consumed: left in the environment, every nested start_run would resume it

@@ -25,9 +25,10 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from pipelines.calibration import log_oof_logits
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
 from pipelines.distill import cross_validate_student
-from pipelines.evaluate import CONFUSION_ARTIFACT, confusion_record
+from pipelines.evaluate import CONFUSION_ARTIFACT, confusion_record, pyplot
 from pipelines.latency import keras_latency
 from pipelines.locks import database_lock, teacher_lock
 from pipelines.models import build_student
@@ -313,6 +314,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             trial.set_user_attr("f1_std", summary[Metric.F1_STD])
             mlflow.log_metrics({**summary, **cost})
             mlflow.log_dict(confusion_record(prepared.dataset.class_names, cv.confusion_matrices()), CONFUSION_ARTIFACT)
+            log_oof_logits(prepared, cv.models, cv.fold_ids)  # what promote fits the student's temperature on
             mlflow.set_tag("optuna.state", "COMPLETE")
         if not multi:
             return summary[Metric.F1_MEAN]
@@ -450,10 +452,7 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
 
 def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
     """Optimisation history, parameter importances, parallel coordinates (and the Pareto front) as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from optuna.visualization import matplotlib as plots
 
     target = None if len(study.directions) == 1 else (lambda t: t.values[0])
@@ -475,7 +474,7 @@ def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
         try:
             # Optuna's plots switch the whole process to the ggplot style; the context restores ours after each,
             # so figures drawn later in the same process (promotion, report) look as they do on their own.
-            with matplotlib.rc_context():
+            with plt.rc_context():
                 axes = draw()
         except (ValueError, RuntimeError) as error:  # e.g. importances when every trial has the same value
             print(f"search: skipped plot {name}: {error}")

@@ -128,3 +128,18 @@ def check_serving(model_name: str, tracking_uri: str, files: list[Path]) -> None
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def assert_calibration_table(rows: list[list[str]], metrics: dict[str, float]) -> None:
+    """A calibration table as the report and the model card print it (header first; per model: name, temperature, then
+    ECE, MCE, Brier and NLL as trained and calibrated) holds the promote run's logged figures, to the printed 4 decimals."""
+    from pipelines.names import Metric
+    from registry.calibrate import MODELS
+
+    assert [row[0] for row in rows[1:]] == list(MODELS.values())
+    for row, who in zip(rows[1:], MODELS):
+        keys = [Metric.temperature(who)] + [
+            Metric.calibration(who, name, calibrated) for calibrated in (False, True) for name in Metric.CALIBRATION
+        ]
+        for cell, key in zip(row[1:], keys, strict=True):
+            assert abs(float(cell) - metrics[key]) <= 5e-5, (who, key, cell)

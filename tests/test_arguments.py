@@ -102,6 +102,7 @@ BAD = [
     ("modality", "dwi"),
     ("student_norm", "layer"),
     ("serving_format", "onnx"),
+    ("calibration", "platt"),
     ("storage", "postgresql://kd:PgSecretPw99@db/optuna"),
 ]
 

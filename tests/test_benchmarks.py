@@ -3,23 +3,27 @@ from the measured numbers, and the report shows every figure of a results file."
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import shutil
 
 import keras
 import mlflow
 import numpy as np
 import pytest
 from kdtest import tiny_config, tracking_at
+from sklearn.metrics import f1_score
 
-from benchmarks import report, scaling, throughput
-from benchmarks.common import SMOKE, Bench, open_bench, ratio, target
+from benchmarks import report, scaling, scans, throughput
+from benchmarks.common import EXTERNAL_DATA_DIR, SMOKE, Bench, open_bench, ratio, target
 from benchmarks.compression import count_macs
+from benchmarks.edge import batched_call
 from pipelines.distiller import Distiller
 from pipelines.evaluate import probabilities
 from pipelines.models import build_student
 from pipelines.prepare import prepare_data
-from pipelines.quantize import TFLiteModel, to_tflite
+from pipelines.quantize import TFLiteModel, int8_export, to_tflite
 from pipelines.training import class_weights, make_dataset, set_seed
 
 
@@ -64,6 +68,58 @@ def test_ratios_and_targets_follow_the_numbers():
     assert not target("z", float("nan"), 1.0)["met"] and not target("z", float("nan"), 1.0, at_least=False)["met"]
 
 
+def test_a_target_measured_differently_carries_its_reason_and_one_that_is_not_carries_none():
+    assert target("x", 1.0, 1.0, why="timed on a batch")["why"] == "timed on a batch"
+    assert "why" not in target("x", 1.0, 1.0)
+
+
+def test_the_paired_f1_difference_is_the_difference_of_the_two_f1s_inside_its_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    a = np.where(rng.random(400) < 0.85, labels, 1 - labels)  # right on 85% of scans
+    b = np.where(rng.random(400) < 0.70, labels, 1 - labels)
+    gap = scans.f1_difference(labels, a, b)
+    assert gap["difference"] == pytest.approx(f1_score(labels, a) - f1_score(labels, b))
+    assert gap["low"] < gap["difference"] < gap["high"] and gap["low"] > 0, "15 points of accuracy apart on 400 scans: resolved"
+    assert scans.binary_f1(labels, b) == pytest.approx(f1_score(labels, b))
+    same = scans.f1_difference(labels, a, a)
+    assert same["difference"] == same["low"] == same["high"] == 0
+    narrow = scans.f1_difference(np.tile(labels, 10), np.tile(a, 10), np.tile(b, 10))
+    assert narrow["high"] - narrow["low"] < (gap["high"] - gap["low"]) / 2, "ten times the scans: a much narrower interval"
+
+
+def test_a_batched_interpreter_call_gives_the_outputs_of_one_image_at_a_time(mri_subset, tmp_path):
+    prepared = prepare_data(tiny_config(mri_subset, tmp_path))
+    student = build_student("tiny", 32, 2, seed=0, norm="batch")  # the benchmark's students: GroupNorm bakes in batch 1
+    images = prepared.images[:5]
+    for flatbuffer in (to_tflite(student), int8_export(student, prepared.images)):  # float32, full-integer INT8
+        one_by_one = TFLiteModel(flatbuffer)
+        raw = batched_call(flatbuffer, images, 8)()  # 8 from 5 images: repeated, as np.resize does
+        scale, zero = one_by_one.output["quantization"]
+        logits = (raw.astype(np.float32) - zero) * scale if one_by_one.output["dtype"] == np.int8 else raw
+        np.testing.assert_allclose(logits, one_by_one.logits(np.resize(images, (8, *images.shape[1:]))), rtol=1e-5, atol=1e-5)
+
+
+def test_the_f1_scans_are_a_fixed_balanced_draw_without_copies_of_the_benchmarks_own_scans(mri_subset, tmp_path):
+    if not EXTERNAL_DATA_DIR.is_dir():
+        pytest.skip(f"the 4-class set is not at {EXTERNAL_DATA_DIR}")
+    chosen = scans._choose(6)
+    assert chosen == scans._choose(6), "the same scans every run"
+    assert sorted(chosen.values()).count("no") == 6 and sorted(chosen.values()).count("yes") == 6
+    # the benchmark's data holds (a copy of) one of the drawn no-tumour scans: it must not be scored on it
+    data = tmp_path / "data"
+    shutil.copytree(mri_subset, data)
+    copied = next(path for path, label in chosen.items() if label == "no")
+    shutil.copy(copied, data / "no" / copied.name)
+    cfg = tiny_config(data, tmp_path)
+    bench = Bench(dataclasses.replace(SMOKE, external_per_class=6), cfg, tmp_path / "work", "", prepare_data(cfg))
+    found = scans.f1_scans(bench, 32)
+    assert found.left_out >= 1 and len(found.labels) == 12 - found.left_out
+    assert (found.labels == 1).sum() == 6 and found.images.shape == (len(found.labels), 32, 32, 1)
+    assert scans.f1_scans(bench, 32) is found, "read once per image size"
+    assert f"{len(found.labels)} scans of brain-mri-4class" in found.name
+
+
 @pytest.mark.slow
 def test_throughput_ratio_is_computed_from_the_measured_images_per_second(mri_subset, tmp_path, monkeypatch):
     from pipelines.teacher import train_teacher
@@ -81,10 +137,12 @@ def test_throughput_ratio_is_computed_from_the_measured_images_per_second(mri_su
     assert goal["value"] == result["cached_vs_online"] and goal["met"] == (result["cached_vs_online"] >= 3.0)
 
 
-def sample_results(rng: np.random.Generator) -> dict:
-    """A results file with the structure the benchmark writes and arbitrary numbers."""
+def sample_results(rng: np.random.Generator, current: bool = True) -> dict:
+    """A results file with the structure the benchmark writes and arbitrary numbers; ``current=False``: as the runs
+    before the F1 scans, the batch timing, the HTTP floor and the device line wrote them."""
     n = lambda: float(rng.uniform(0.001, 5000))  # noqa: E731
-    goal = lambda: target("a target", n(), n(), bool(rng.integers(2)))  # noqa: E731
+    goal = lambda: target("a target", n(), n(), bool(rng.integers(2)), why="measured anew" if current else "")  # noqa: E731
+    gap = lambda: {"difference": n(), "low": n(), "high": n(), "scans": 1100.0}  # noqa: E731
     model = lambda: {
         k: n()
         for k in (
@@ -98,6 +156,7 @@ def sample_results(rng: np.random.Generator) -> dict:
             "batch32_p95_ms",
             "f1",
             "roc_auc",
+            *(("scans_f1",) if current else ()),
         )
     }  # noqa: E731
     strategy = lambda: {
@@ -111,7 +170,7 @@ def sample_results(rng: np.random.Generator) -> dict:
         "peak_rss_mib": n(),
     }  # noqa: E731
     costs = lambda: {"images": n(), "image_size": n(), "teacher_epoch_s": n(), "student_kd_epoch_s": n(), "student_inference_s": n()}  # noqa: E731
-    return {
+    results = {
         "date": "2026-01-02",
         "started_utc": "2026-01-02T03:04:05+00:00",
         "total_s": n(),
@@ -193,23 +252,57 @@ def sample_results(rng: np.random.Generator) -> dict:
             "targets": [goal()],
         },
     }
+    if current:
+        results["device"] = "GPU: Test H100"
+        results["compression"] |= {"holdout_f1_drop": gap(), "scans_f1_drop": gap()}
+        results["compression"]["setup"]["f1_scans"] = "1,100 scans of brain-mri-4class"
+        results["edge"] |= {
+            "float32_minus_int8_f1": {"int8": n()},
+            "float32_over_int8_batch1_p50": n(),
+            "holdout_float32_minus_int8_f1": {"int8": gap()},
+            "batch32_p50_ms": {"float32": n(), "int8": n()},
+            "float32_over_int8_batch32_p50": n(),
+            "scans_f1": {"keras": n(), "float32": n(), "int8": n()},
+            "scans_float32_minus_int8_f1": {"int8": gap()},
+        }
+        results["edge"]["setup"] = {"served_int8": "int8", "f1_scans": "1,100 scans of brain-mri-4class"}
+        results["serving"] |= {"http_floor_ping": {"p50_ms": n(), "p95_ms": n()}, "served_above_floor_over_in_process_p50": n()}
+        variant = lambda: {"images_per_s": n(), "wall_s": n(), "f1_mean": n(), "f1_std": n()}  # noqa: E731
+        chain = lambda: {"teacher_s": n(), "search_s": n(), "promote_s": n(), "search": strategy()}  # noqa: E731
+        results["training"] = {
+            "setup": {"today": {"batch_size": 16}, "defaults": {"batch_size": 64}, "epochs": 3},
+            "teacher": {f"{size} {name}": variant() for size in ("64px", "128px") for name in ("today", "all")},
+            "student": {f"64px {name}": variant() for name in ("today", "batch_size", "all")},
+            "teacher_speedup": n(),
+            "student_speedup": n(),
+            "main": {"today": chain(), "defaults": chain(), "today_per_1000_s": n(), "defaults_per_1000_s": n(), "speedup": n()},
+            "targets": [goal(), goal(), goal()],
+        }
+    return results
 
 
-def test_report_shows_every_figure_target_and_plot(tmp_path):
-    results = sample_results(np.random.default_rng(7))
+@pytest.mark.parametrize("current", [True, False], ids=["current results", "results from before the new figures"])
+def test_report_shows_every_figure_target_and_plot(tmp_path, current):
+    results = sample_results(np.random.default_rng(7), current)
     json_path = tmp_path / "results" / "2026-01-02.json"
     json_path.parent.mkdir()
     plots = report.render(results, json_path, tmp_path / "BENCHMARKS.md")
     text = (tmp_path / "BENCHMARKS.md").read_text()
-    for part in report.PARTS:
+    assert ("training" in results) == current, "a results file from before part 7 re-renders without it"
+    for part in (part for part in report.PARTS if part in results):
         for key, value in report.figures(results[part]):
             assert f"| {key} | {report.fmt(value)} |" in text, (part, key)
-    targets = [t for part in report.PARTS for t in results[part]["targets"]]
+    targets = [t for part in report.PARTS if part in results for t in results[part]["targets"]]
     assert len(re.findall(r"\| (met|\*\*not met\*\*) \|", text)) == len(targets)
     assert text.count("**not met**") == sum(not t["met"] for t in targets)
     assert len(plots) == 3
     for plot in plots:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot.relative_to(tmp_path)})" in text
+    assert ("**Device:** GPU: Test H100." if current else "**Device:** CPU only.") in text
+    assert text.count("*a target*: measured anew.") == (len(targets) if current else 0), "each changed target says why"
+    if current:
+        gap = results["compression"]["scans_f1_drop"]
+        assert f"**{report.fmt(gap['difference'])} [{report.fmt(gap['low'])}, {report.fmt(gap['high'])}] (1,100 scans)**" in text
 
 
 def test_the_leaner_input_pipeline_gives_the_very_same_batches_as_the_one_it_replaced():

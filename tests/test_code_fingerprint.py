@@ -1,4 +1,4 @@
-"""The code fingerprint: a finished step is reused only when the code that shapes a model is the code that trained it.
+"""The code fingerprint: a finished step is reused only when the code it imports is the code that trained it.
 
 The end-to-end test runs the teacher step on a copy of the package sources, so it can edit a model builder there
 and watch the teacher retrain, without touching the checkout under test."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import mlflow
@@ -15,8 +16,16 @@ import pytest
 from kdtest import child_env, tracking_at
 from mlflow import MlflowClient
 
-from pipelines.config import TEACHER_PARAMS, Config
-from pipelines.fingerprint import FINGERPRINTED_MODULES, code_fingerprint, fingerprint_sources
+from pipelines.config import DATA_INPUTS, DATA_PARAMS, DISTILL_PARAMS, REUSE_KEYS, TEACHER_ONLY_PARAMS, TEACHER_PARAMS, Config
+from pipelines.fingerprint import (
+    SOURCE_ROOT,
+    STEP_MODULES,
+    code_fingerprint,
+    fingerprint_sources,
+    import_closure,
+    module_file,
+    step_sources,
+)
 from pipelines.names import RunTag
 from pipelines.tracking import reuse_finished, step_key
 
@@ -40,31 +49,94 @@ def copy_sources(target: Path) -> Path:
     return target
 
 
-def test_the_fingerprint_changes_with_a_fingerprinted_module_and_not_with_another_file(tmp_path):
+def edit(path: Path, before: str, after: str) -> None:
+    """Replace the one occurrence of ``before`` in ``path`` (the test fails if the code it aims at moved)."""
+    text = path.read_text()
+    assert text.count(before) == 1, f"{before!r} must occur once in {path.name}"
+    path.write_text(text.replace(before, after))
+
+
+def append_comment(path: Path) -> None:
+    path.write_text(path.read_text() + "\n# an edit that changes no behaviour\n")
+
+
+def test_the_fingerprint_changes_with_a_module_the_step_imports_and_not_with_another_file(tmp_path):
     copy = copy_sources(tmp_path / "src")
-    before = fingerprint_sources(copy)
-    assert before == code_fingerprint(), "the same sources at another path have the same fingerprint"
+    before = fingerprint_sources(copy, "teacher")
+    assert before == code_fingerprint("teacher"), "the same sources at another path have the same fingerprint"
 
-    cli = copy / "pipelines" / "cli.py"
-    cli.write_text(cli.read_text() + "\n# a change to the command line only\n")
-    assert fingerprint_sources(copy) == before, "a module outside FINGERPRINTED_MODULES does not shape a model"
+    append_comment(copy / "pipelines" / "cli.py")
+    append_comment(copy / "registry" / "promote.py")
+    assert fingerprint_sources(copy, "teacher") == before, "modules the teacher step does not import do not shape its model"
 
-    models = copy / "pipelines" / "models.py"
-    assert STEM_BEFORE in models.read_text(), "the edit below must change the teacher's stem"
-    models.write_text(models.read_text().replace(STEM_BEFORE, STEM_AFTER))
-    assert fingerprint_sources(copy) != before
+    edit(copy / "pipelines" / "models.py", STEM_BEFORE, STEM_AFTER)
+    assert fingerprint_sources(copy, "teacher") != before
 
 
-def test_every_fingerprinted_module_exists_so_renaming_one_fails_here_and_not_silently():
-    assert all((ROOT / name).is_file() for name in FINGERPRINTED_MODULES), FINGERPRINTED_MODULES
+@pytest.mark.parametrize(
+    "module, step",
+    [
+        ("pipelines/views.py", "teacher"),  # the consistent-KD views whose logits a teacher run caches
+        ("pipelines/views.py", "distill"),
+        ("pipelines/config.py", "distill"),  # a comment was enough to be reused by a hand-kept list's omission
+        ("pipelines/training.py", "compare"),
+    ],
+)
+def test_any_edit_to_a_module_in_the_steps_import_closure_changes_its_fingerprint(tmp_path, module, step):
+    copy = copy_sources(tmp_path / "src")
+    before = fingerprint_sources(copy, step)
+    append_comment(copy / module)
+    assert fingerprint_sources(copy, step) != before
+
+
+def test_changing_what_a_student_preset_means_changes_the_distill_fingerprint(tmp_path):
+    copy = copy_sources(tmp_path / "src")
+    before = fingerprint_sources(copy, "distill")
+    edit(copy / "pipelines" / "config.py", '"small": (16, 3)', '"small": (16, 2)')
+    assert fingerprint_sources(copy, "distill") != before
+
+
+def test_a_module_a_step_starts_importing_joins_its_fingerprint_also_from_inside_a_function(tmp_path):
+    copy = copy_sources(tmp_path / "src")
+    (copy / "pipelines" / "helper_for_test.py").write_text("VALUE = 1\n")
+    assert "pipelines/helper_for_test.py" not in step_sources(copy, "teacher")
+    teacher = copy / "pipelines" / "teacher.py"
+    teacher.write_text(teacher.read_text() + "\n\ndef late():\n    from pipelines import helper_for_test\n\n    return helper_for_test\n")
+    assert "pipelines/helper_for_test.py" in step_sources(copy, "teacher")
+    before = fingerprint_sources(copy, "teacher")
+    (copy / "pipelines" / "helper_for_test.py").write_text("VALUE = 2\n")
+    assert fingerprint_sources(copy, "teacher") != before
+
+
+def test_import_closures_follow_relative_imports_and_skip_modules_outside_the_project(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from . import leaf\n")
+    (package / "sub" / "leaf.py").write_text("import os\nfrom ..top import VALUE\n")
+    (package / "top.py").write_text("import numpy\nVALUE = 1\n")
+    (package / "unused.py").write_text("")
+    assert import_closure(tmp_path, "pkg.sub.leaf") == ["pkg/__init__.py", "pkg/sub/__init__.py", "pkg/sub/leaf.py", "pkg/top.py"]
+
+
+def test_every_step_module_exists_so_renaming_one_fails_here_and_not_silently():
+    assert all(module_file(SOURCE_ROOT, module) for module in STEP_MODULES.values()), STEP_MODULES
+
+
+def test_every_config_field_names_the_reuse_keys_it_belongs_to():
+    unclassified = [f.name for f in fields(Config) if "reuse" not in f.metadata]
+    assert not unclassified, f"give these Config fields metadata['reuse'] (a tuple of {REUSE_KEYS}, or ()): {unclassified}"
+    unknown = {f.name: f.metadata["reuse"] for f in fields(Config) if not set(f.metadata["reuse"]) <= set(REUSE_KEYS)}
+    assert not unknown, unknown
+    assert set(TEACHER_ONLY_PARAMS) <= set(DISTILL_PARAMS) and set(DATA_PARAMS) <= set(DATA_INPUTS)
 
 
 def test_line_endings_do_not_change_the_fingerprint(tmp_path):
     copy = copy_sources(tmp_path / "src")
-    before = fingerprint_sources(copy)
-    for name in FINGERPRINTED_MODULES:
+    before = fingerprint_sources(copy, "distill")
+    for name in step_sources(copy, "distill"):
         (copy / name).write_bytes((copy / name).read_bytes().replace(b"\n", b"\r\n"))
-    assert fingerprint_sources(copy) == before
+    assert fingerprint_sources(copy, "distill") == before
 
 
 def test_a_finished_run_of_other_code_is_not_reused_and_one_of_this_code_is(tmp_path):
@@ -72,7 +144,7 @@ def test_a_finished_run_of_other_code_is_not_reused_and_one_of_this_code_is(tmp_
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
         mlflow.set_experiment("fingerprint")
         runs = {}
-        for code in ("0" * 64, code_fingerprint()):
+        for code in ("0" * 64, code_fingerprint("teacher")):
             with mlflow.start_run() as run:
                 tags = {
                     RunTag.STEP: "teacher",
@@ -84,7 +156,7 @@ def test_a_finished_run_of_other_code_is_not_reused_and_one_of_this_code_is(tmp_
             runs[code] = run.info.run_id
             # Only the run of this process's code is ever found, whether it is the newest or not.
             found = reuse_finished("teacher", cfg, TEACHER_PARAMS, "d" * 64, nested=True)
-            assert found == runs.get(code_fingerprint())
+            assert found == runs.get(code_fingerprint("teacher"))
 
 
 def run_teacher(sources: Path, work: Path) -> subprocess.CompletedProcess:
@@ -113,17 +185,20 @@ def test_a_teacher_is_reused_by_the_same_code_and_retrained_after_its_model_chan
 
     run_teacher(sources, work)
     [first] = trained()
-    assert first.data.tags[RunTag.CODE] == fingerprint_sources(sources) == code_fingerprint(), "the copy runs this checkout's code"
+    assert first.data.tags[RunTag.CODE] == fingerprint_sources(sources, "teacher") == code_fingerprint("teacher"), "this checkout's code"
 
     again = run_teacher(sources, work)
     assert f"reusing finished run {first.info.run_id}" in again.stdout, again.stdout[-3000:]
     assert [run.info.run_id for run in trained()] == [first.info.run_id], "the same code trains nothing new"
 
-    models = sources / "pipelines" / "models.py"
-    assert models.read_text().count(STEM_BEFORE) == 1, "the edit below must hit build_teacher's stem"
-    models.write_text(models.read_text().replace(STEM_BEFORE, STEM_AFTER))
+    edit(sources / "pipelines" / "models.py", STEM_BEFORE, STEM_AFTER)
     run_teacher(sources, work)
     old, new = trained()
     assert old.info.run_id == first.info.run_id and new.info.run_id != first.info.run_id
-    assert new.data.tags[RunTag.CODE] == fingerprint_sources(sources) != first.data.tags[RunTag.CODE]
+    assert new.data.tags[RunTag.CODE] == fingerprint_sources(sources, "teacher") != first.data.tags[RunTag.CODE]
     assert new.data.metrics["teacher_params"] > first.data.metrics["teacher_params"], "the new teacher was built by the edited code"
+
+    # An edit to a module the teacher imports without a model builder in it (the views it caches logits of) retrains too.
+    append_comment(sources / "pipelines" / "views.py")
+    run_teacher(sources, work)
+    assert len(trained()) == 3

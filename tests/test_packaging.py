@@ -14,7 +14,7 @@ CONTRACT = {
     "teacher": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed"},
     "distill": {"data_dir", "image_size", "folds", "repeats", "epochs", "seed", "temperature", "alpha", "student_size", "teacher_mode"},
     "search": {"data_dir", "n_trials", "study_name", "storage", "folds", "repeats", "epochs", "seed", "max_params", "max_latency_ms"},
-    "promote": {"study_name", "storage", "model_name", "margin", "force", "serving_format", "boxes_dir"},
+    "promote": {"study_name", "storage", "model_name", "margin", "force", "serving_format", "calibration", "boxes_dir"},
     "main": {
         "data_dir",
         "image_size",
@@ -27,6 +27,7 @@ CONTRACT = {
         "model_name",
         "max_params",
         "serving_format",
+        "calibration",
         "boxes_dir",
     },
     "compare": {
@@ -55,6 +56,13 @@ def test_conda_env_pins_exactly_the_pyproject_dependencies():
     assert all("==" in requirement for requirement in project["dependencies"]), "every dependency is pinned"
     python = next(item for item in conda["dependencies"] if isinstance(item, str) and item.startswith("python="))
     assert python.split("=")[1] in ("3.11", "3.12")
+
+
+def test_the_gpu_extra_is_the_cuda_build_of_the_very_tensorflow_the_project_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    cpu = next(r for r in project["dependencies"] if r.startswith("tensorflow-cpu=="))
+    assert project["optional-dependencies"]["gpu"] == [f"tensorflow[and-cuda]=={cpu.split('==')[1]}"]
+    assert "gpu extra" in (ROOT / "conda.yaml").read_text(), "conda.yaml says how to add it"
 
 
 def test_mlproject_entry_points_keep_their_contract():

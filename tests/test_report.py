@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from kdtest import MODEL, child_env, tiny_config, tracking_at
+from kdtest import MODEL, assert_calibration_table, child_env, tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
@@ -384,3 +384,15 @@ def test_the_report_shows_the_comparison_on_its_data_or_the_one_named_and_no_oth
     finally:
         for run_id in (elsewhere, here):  # later tests' reports are of a store without comparisons
             MlflowClient().delete_run(run_id)
+
+
+def test_the_calibration_table_equals_the_logged_metrics_and_the_model_card_is_linked(tracked):
+    _, paths = tracked
+    metrics = runs_of_report(paths)["promote"].data.metrics
+    results = paths.results_md.read_text()
+    rows = table_starting(markdown_tables(results), "Calibration on the hold-out split")
+    assert rows[0][:3] == ["model", "temperature", "ECE as trained"]
+    assert_calibration_table(rows, metrics)
+    assert "figures/reliability.png" in results and (paths.folder / "figures" / "reliability.png").stat().st_size > 1000
+    card = (paths.folder / "model_card.md").read_text()
+    assert "model_card.md" in results and card.startswith(f"# Model card: {MODEL} v")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -59,3 +60,20 @@ def test_holm_caps_at_one_and_never_lowers_a_p_value():
 def test_holm_with_tied_p_values_matches_a_hand_computed_example():
     # sorted: 0.001 x 4 = 0.004, 0.02 x 3 = 0.06, 0.02 x 2 = 0.04 -> raised to 0.06, 0.5 x 1 = 0.5; ties share one value
     assert holm([0.02, 0.02, 0.5, 0.001]) == pytest.approx([0.06, 0.06, 0.5, 0.004])
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_images():
+    from pipelines.statistics import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+    score = lambda labels, probs: {"accuracy": float(np.mean(labels == probs.argmax(axis=1)))}
+
+    def interval(n):
+        labels = rng.integers(0, 2, n)
+        correct = rng.random(n) < 0.8
+        predicted = np.where(correct, labels, 1 - labels)
+        return bootstrap_intervals(labels, np.eye(2)[predicted], score, resamples=400, seed=1)["accuracy"]
+
+    small, large = interval(50), interval(2000)
+    assert small[0] < 0.8 < small[1] and large[0] < 0.8 < large[1]
+    assert large[1] - large[0] < (small[1] - small[0]) / 3

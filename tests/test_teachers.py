@@ -131,7 +131,9 @@ def test_each_consistent_training_image_is_a_cached_view_with_the_teachers_logit
 def test_a_mixup_batch_mixes_the_hard_loss_by_the_weights_that_mixed_its_images():
     images = RNG.normal(size=(8, 32, 32, 1)).astype(np.float32)
     labels = np.arange(8) % 2
-    (features, batch_labels, weights) = next(iter(make_dataset(images, labels, None, None, 8, view_keys=image_keys(SHA256[:8], 0))))
+    (features, batch_labels, weights) = next(
+        iter(make_dataset(images, labels, None, None, 8, view_keys=image_keys(SHA256[:8], 0), mix=True))
+    )
     mix = features["mix"].numpy()
     assert ((mix >= 0) & (mix <= 1)).all() and not np.allclose(mix, 1.0)
     np.testing.assert_array_equal(features["mix_labels"].numpy(), batch_labels.numpy()[::-1])

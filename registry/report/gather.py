@@ -18,11 +18,9 @@ from mlflow.entities import Run
 
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError, build_parser, config_from_args
 from pipelines.names import RunTag, VersionTag
+from registry.calibrate import MODELS  # the three models compared, by the key of their hold-out probabilities and metrics
 from registry.evidence import ENVIRONMENT_ARTIFACT, PREDICTIONS_ARTIFACT
 from search.comparison_tables import ComparisonResults, comparison_results, find_comparison
-
-# The three models the report compares, by the key of their hold-out probabilities and metrics, with their names.
-MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pipelines.names import Metric, RunTag, VersionTag
 from registry.report.figures import confusion_figure, curve_figure, gradcam_examples, gradcam_figure, importance_figure
 from registry.report.gather import MODELS, Sources
 from registry.report.stats import BOOTSTRAP_RESAMPLES, METRICS, Findings, findings, per_class_f1_rows, per_class_scores, report_numbers
+from registry.report.trust import calibration_numbers, calibration_result, card_result
 from search.comparison_tables import ComparisonResults, comparison_blocks, comparison_numbers, plot_comparison
 
 # ---------------------------------------------------------------- methods
@@ -226,7 +227,10 @@ def distillation_section(s: Sources) -> list[Block]:
 
 
 def optimisation_section(s: Sources) -> list[Block]:
-    """Heading "Optimisation": optimiser, batch size, early stopping and the final models' epochs."""
+    """Heading "Optimisation": optimiser, batch size, learning-rate schedule, early stopping and the final models' epochs,
+    worded by :func:`pipelines.training.describe_optimiser` from the runs' Configs."""
+    from pipelines.training import describe_optimiser
+
     cfg, student = s.data_cfg, s.student_cfg
     client = MlflowClient()
     student_epochs = len(client.get_metric_history(s.promote.info.run_id, "student_all_loss"))
@@ -234,9 +238,9 @@ def optimisation_section(s: Sources) -> list[Block]:
     return [
         Heading(2, "Optimisation"),
         para(
-            f"All models were trained with Adam, batch size {cfg.batch_size}, at most {cfg.epochs} epochs per fold "
-            f"with early stopping on the validation loss (patience {cfg.patience}, best weights restored). "
-            f"Learning rate: teacher {cfg.learning_rate:g}, student {student.learning_rate:.4g}. "
+            f"The teacher was trained with {describe_optimiser(cfg)}; the student with {describe_optimiser(student)}; "
+            f"at most {cfg.epochs} epochs per fold with early stopping on the validation loss (patience {cfg.patience}, best "
+            "weights restored). "
             "The final models were trained on the whole training part for a fixed number of epochs "
             "(the median best epoch of the folds): teacher "
             f"{', '.join(str(_int_metric(run, 'all_data_epochs')) for run in s.teacher_members)}, "
@@ -404,17 +408,16 @@ def value_range(values: np.ndarray) -> str:
 
 
 def augmentation_description(cfg: Config) -> str:
-    """The augmentation layers and their factors, read from the layers the training code builds."""
+    """The augmentation and its ranges, read from the constants the training views are made with (pipelines/views.py)."""
     if not cfg.augment:
         return "none (augment = false)"
-    from pipelines.training import augmentation
+    from pipelines.views import CONTRAST, ROTATION, SHIFT, ZOOM
 
-    parts = []
-    for layer in augmentation(cfg.seed).layers:
-        config = layer.get_config()
-        settings = {key: config[key] for key in ("mode", "factor", "height_factor", "width_factor", "fill_mode") if key in config}
-        parts.append(f"{type(layer).__name__}({', '.join(f'{k}={v}' for k, v in settings.items())})")
-    return "; ".join(parts) + " (training batches only)"
+    return (
+        f"random left-right flip, rotation up to ±{ROTATION} turns, zoom ±{ZOOM:.0%}, shift up to ±{SHIFT:.0%} of the side "
+        f"(borders filled with the nearest pixel) and contrast ×(1 ± {CONTRAST}), each a stateless function of the image and a "
+        "per-epoch draw from the seed (training batches only)"
+    )
 
 
 def layer_rows(model) -> list[list[str]]:
@@ -516,11 +519,13 @@ def results(s: Sources, out_dir: Path, resamples: int = BOOTSTRAP_RESAMPLES) -> 
         per_class_table(s, f),
         per_class_f1_table(s, f),
         *holdout_figures(s, f, figures),
+        *calibration_result(s, out_dir),
         importance_result(f, figures),
         gradcam_result(s, f, figures),
         *comparison_result(s.comparison, out_dir),
+        card_result(s, out_dir),
     ]
-    numbers = report_numbers(s, f)
+    numbers = report_numbers(s, f) | {"calibration": calibration_numbers(s)}
     if s.comparison is not None:
         numbers["comparison"] = comparison_numbers(s.comparison)
     return blocks, numbers
