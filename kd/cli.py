@@ -304,7 +304,7 @@ COMMANDS = {
     ),
     "evaluate": Command(
         "External validation of a registered version on labelled data from elsewhere: classes matched by name, images the "
-        "version already saw dropped, metrics with 95% bootstrap intervals; logged as a run named evaluate, linked to the version.",
+        "version already saw dropped, metrics with 95 percent bootstrap intervals; logged as a run named evaluate, linked to the version.",
         _evaluate,
         ("data_dir", "modality", "class_map", "dedupe", "seed", "model_name", "experiment_name", "cache_dir", "storage"),
         _evaluate_options,
