@@ -10,6 +10,7 @@ can be laid over it. Values are in [0, 1]; pixels outside the head box are 0.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def class_activation(model: keras.Model, image: np.ndarray, class_index: int) ->
     """
     import tensorflow as tf
 
-    features_and_logits = keras.Model(model.inputs, [target_layer(model).input, model.output])
+    features_and_logits = _probe(model)
     batch = tf.convert_to_tensor(np.asarray(image, dtype=np.float32)[None])
     with tf.GradientTape() as tape:
         features, logits = features_and_logits(batch, training=False)
@@ -92,6 +93,18 @@ def class_activation(model: keras.Model, image: np.ndarray, class_index: int) ->
             score = logits[:, class_index]
     gradients = tape.gradient(score, features)
     return tf.reduce_sum(features * gradients, axis=-1)[0].numpy()
+
+
+# One feature-map-and-logits model per explained model, built once: building it per scan cost more than the gradient
+# (the pointing game explains hundreds of scans with the same two models).
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe(model: keras.Model) -> keras.Model:
+    """``model`` with its last feature map (the global pooling's input) as a second output."""
+    if model not in _PROBES:
+        _PROBES[model] = keras.Model(model.inputs, [target_layer(model).input, model.output])
+    return _PROBES[model]
 
 
 def gradcam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:

@@ -106,7 +106,8 @@ def pointing_game(models: dict, class_names: list[str], scans: list[BoxedScan], 
         row = {"path": str(scan_entry.path)}
         points = {"centre": ((scan.shape[0] - 1) / 2, (scan.shape[1] - 1) / 2), "brightest": brightest_point(scan)}
         for who, model in models.items():
-            explanation = explain_scan(model, scan, class_names)
+            # Two classes: the positive one, known before any forward pass; more: the likeliest tumour class, after one.
+            explanation = explain_scan(model, scan, class_names, class_names[1] if len(class_names) == 2 else None)
             wanted = tumour_class(class_names, explanation.probabilities)
             if explanation.class_name != wanted:
                 explanation = explain_scan(model, scan, class_names, wanted)
