@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import PipelineError
-from pipelines.evaluate import probabilities, save_figure
+from pipelines.evaluate import probabilities, pyplot, save_figure
 from pipelines.images import decode_image, head_box, preprocess
 from pipelines.names import VersionTag
 
@@ -177,10 +177,7 @@ def draw(ax, explanation: Explanation, who: str, fontsize: int) -> None:
 
 def write_overlay(explanations: dict[str, Explanation], title: str, out_path: Path) -> Path:
     """The scan and one Grad-CAM overlay per model, side by side, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     first = next(iter(explanations.values()))
     fig, axes = plt.subplots(1, 1 + len(explanations), figsize=(3.2 * (1 + len(explanations)), 3.6), squeeze=False)
@@ -255,10 +252,7 @@ def explain(
 
 def explanation_grid(models: RegisteredModels, examples: list[tuple[str, Path]], out_path: Path) -> Path:
     """One row per (category, scan): the scan, the student's and the teacher's (each ensemble member's) Grad-CAM for the predicted class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = {"student": models.student, **models.teachers}
     fig, axes = plt.subplots(len(examples), 1 + len(panels), figsize=(2.5 * (1 + len(panels)), 2.6 * len(examples)), squeeze=False)
