@@ -15,8 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.cli import run_cli
-from pipelines.config import COMPARE_DEFAULTS, DATA_INPUTS, PROJECT_ROOT, Config, build_parser, config_from_args
+from pipelines.cli import fail, run_cli
+from pipelines.config import COMPARE_DEFAULTS, DATA_INPUTS, PROJECT_ROOT, Config, PipelineError, build_parser, config_from_args
+from pipelines.recipes import RECIPES, recipe_values
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,30 @@ class Command:
     add_help: bool = True  # False: the options take -h themselves
     defaults: dict[str, Any] | None = None  # its own defaults of some Config fields
     ratios: bool = False  # takes a list of imbalance ratios (compare); every other command trains on one
+    recipe: str | None = None  # takes --recipe (pipelines/recipes.py), this one by default ("" none); None: no --recipe
 
-    def parser(self, name: str) -> argparse.ArgumentParser:
-        parser = build_parser(self.description, self.fields, self.add_help, self.defaults)
+    def parser(self, name: str, recipe: str = "") -> argparse.ArgumentParser:
+        """The command's options; ``recipe``: a recipe whose values are the defaults (explicit options win)."""
+        parser = build_parser(self.description, self.fields, self.add_help, {**(self.defaults or {}), **recipe_values(recipe)})
         parser.prog = f"kd {name}"
+        if self.recipe is not None:
+            parser.add_argument(
+                "--recipe",
+                default=self.recipe,
+                help=f"a named set of defaults ({', '.join(RECIPES)}; empty = none); options given explicitly win "
+                f"(default here {self.recipe!r})",
+            )
         if self.options:
             self.options(parser)
         return parser
+
+    def chosen_recipe(self, argv: list[str]) -> str:
+        """The ``--recipe`` in ``argv`` (or the command's default), read before the command's own parser is built."""
+        if self.recipe is None:
+            return ""
+        early = argparse.ArgumentParser(add_help=False)
+        early.add_argument("--recipe", default=self.recipe)
+        return early.parse_known_args(argv)[0].recipe
 
 
 def _version_options(parser: argparse.ArgumentParser) -> None:
@@ -248,12 +266,13 @@ COMMANDS = {
         _prepare,
         DATA_INPUTS + ("experiment_name", "cache_dir"),
     ),
-    "teacher": Command("Train one teacher per fold and one on all training data (reused when already trained).", _teacher),
-    "distill": Command("Distil a student from the teachers (trained first when missing), cross-validated.", _distill),
+    "teacher": Command("Train one teacher per fold and one on all training data (reused when already trained).", _teacher, recipe=""),
+    "distill": Command("Distil a student from the teachers (trained first when missing), cross-validated.", _distill, recipe=""),
     "search": Command(
         "Optuna search of temperature, alpha, student size and learning rate by k-fold F1. Start more workers with the same "
         "--storage and --study-name to share the study.",
         _search,
+        recipe="",
     ),
     "compare": Command(
         "Compare teachers x students x KD/no-KD x imbalance ratios on the same folds, one nested run per cell; resumes where "
@@ -262,8 +281,9 @@ COMMANDS = {
         _compare,
         defaults=COMPARE_DEFAULTS,
         ratios=True,
+        recipe="",
     ),
-    "main": Command("Run prepare -> teacher -> search -> promote, reusing finished steps.", _main),
+    "main": Command("Run prepare -> teacher -> search -> promote, reusing finished steps.", _main, recipe=""),
     "promote": Command("Retrain the study's best student, register it and promote it if it beats the champion.", _promote),
     "report": Command(
         "Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs.",
@@ -319,6 +339,10 @@ def build_command_parser() -> argparse.ArgumentParser:
 def run_command(name: str, argv: list[str] | None = None) -> Any:
     """Parse the command's options, check its Config, then import what it runs and run it."""
     command = COMMANDS[name]
+    try:
+        parser = command.parser(name, command.chosen_recipe(sys.argv[1:] if argv is None else argv))
+    except PipelineError as error:  # an unknown recipe: one line, before anything heavy is imported
+        fail(str(error))
 
     def run(args: argparse.Namespace) -> Any:
         cfg = config_from_args(args)
@@ -326,7 +350,7 @@ def run_command(name: str, argv: list[str] | None = None) -> Any:
             cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused here, before anything heavy is imported
         return command.run(cfg, args)
 
-    return run_cli(run, command.parser(name), argv)
+    return run_cli(run, parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
