@@ -12,12 +12,15 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from pipelines.cli import fail, run_cli
 from pipelines.config import COMPARE_DEFAULTS, DATA_INPUTS, PROJECT_ROOT, Config, PipelineError, build_parser, config_from_args
-from pipelines.recipes import RECIPES, recipe_values
+from pipelines.recipes import EVIDENCE_DEFAULTS, EVIDENCE_RECIPE, RECIPES, check_evidence, recipe_values
+
+# Config fields kd evidence does not take: the teacher is teacher_arch, the students are students, every fold entry runs.
+EVIDENCE_LEFT_OUT = ("teachers", "student_size", "no_kd", "fold", "comparison")
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,28 @@ def _compare(cfg: Config, args: argparse.Namespace) -> str:
     from search.compare import run_comparison
 
     return run_comparison(cfg)
+
+
+def _evidence_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out-dir", "--out_dir", dest="out_dir", default="", help="folder of the documents; empty = docs/<comparison_name> in the project"
+    )
+    for name, what in (("folds", "folds"), ("repeats", "repeats")):
+        parser.add_argument(
+            f"--main-{name}",
+            f"--main_{name}",
+            dest=f"main_{name}",
+            type=int,
+            default=0,
+            help=f"the main run's {what}; 0 = the comparison's (a main run with the comparison's folds and repeats shares its teacher)",
+        )
+
+
+def _evidence(cfg: Config, args: argparse.Namespace) -> Any:
+    check_evidence(cfg)  # before the heavy imports
+    from kd.evidence import run_evidence
+
+    return run_evidence(cfg, args.out_dir, args.main_folds, args.main_repeats, args.recipe, args.command_line)
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> dict[str, str]:
@@ -284,6 +309,17 @@ COMMANDS = {
         recipe="",
     ),
     "main": Command("Run prepare -> teacher -> search -> promote, reusing finished steps.", _main, recipe=""),
+    "evidence": Command(
+        "Run (or reuse) the main chain and the comparison of the teacher with each student, KD and no-KD, at each imbalance ratio, "
+        "then write results.json, Markdown and LaTeX tables and figures from the tracking store. Its defaults: the real 4-class "
+        "set with the strong recipe.",
+        _evidence,
+        tuple(f.name for f in fields(Config) if f.name not in EVIDENCE_LEFT_OUT),
+        _evidence_options,
+        defaults=EVIDENCE_DEFAULTS,
+        ratios=True,
+        recipe=EVIDENCE_RECIPE,
+    ),
     "promote": Command("Retrain the study's best student, register it and promote it if it beats the champion.", _promote),
     "report": Command(
         "Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs.",
@@ -345,6 +381,7 @@ def run_command(name: str, argv: list[str] | None = None) -> Any:
         fail(str(error))
 
     def run(args: argparse.Namespace) -> Any:
+        args.command_line = list(sys.argv[1:] if argv is None else argv)  # as given (kd evidence records it)
         cfg = config_from_args(args)
         if not command.ratios:
             cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused here, before anything heavy is imported

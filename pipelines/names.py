@@ -42,6 +42,8 @@ class RunTag:
     CELL_KD = "kd.cell_kd"  # "true" or "false"
     CELL_IMBALANCE = "kd.cell_imbalance"  # the ratio as given: 0 = the data as it is
     CELL_SOURCE_RUN_ID = "kd.cell_source_run_id"  # the distill run (trained or reused) whose results the cell holds
+    # kd evidence: its name (the comparison's) on the evidence run and on the main run it ran, found by it when run again
+    EVIDENCE = "kd.evidence"
 
     @staticmethod
     def step_run_id(step: str) -> str:
@@ -86,6 +88,7 @@ class Metric:
     # a comparison cell: mean validation rows / mean training rows of its folds (the corrected t-test's n_test / n_train;
     # subsampling the minority shrinks the training rows)
     TEST_TRAIN_RATIO = "test_train_ratio"
+    WALL_S = "wall_s"  # kd evidence: the evidence command's own wall time, seconds
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
     # Calibration (pipelines/calibration.py): promote logs the promoted student's hold-out figures as served under these
@@ -96,6 +99,11 @@ class Metric:
     QAT_PREFIX = "qat_"
     QAT_F1_MEAN = "qat_f1_mean"
     HOLDOUT_QAT_F1 = "holdout_qat_f1"  # promote: the QAT model's (fake-quantized Keras) hold-out F1
+
+    @staticmethod
+    def wall_s(step: str) -> str:
+        """``main``: the wall time of one of its steps (``teacher_wall_s``), or of the whole chain (``main_wall_s``), seconds."""
+        return f"{step}_wall_s"
 
     @staticmethod
     def serving_f1(serving_format: str) -> str:
