@@ -211,7 +211,8 @@ def evidence_blocks(results: dict, comparison_figures: list[Figure], confusion: 
         para(
             f"Data {results['data']} (digest {results['data_digest'][:16]}), classes {', '.join(classes)}, minority class "
             f"{results['minority_class']}; {results['folds']} folds × {results['repeats']} repeats of stratified group k-fold on the "
-            f"training part; a hold-out of {results['holdout_size']} scans that only promotion reads. Generated from the tracking store by ",
+            f"training part; a hold-out of {results['holdout_size']} scans that only promotion reads. Generated from the tracking "
+            "store by ",
             Code(results["command"]),
             f" (recipe {results['recipe'] or 'none'}, code {results['code_commit']}) in {clock(results['wall_s'])}.",
         ),

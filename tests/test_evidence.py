@@ -41,7 +41,7 @@ CELL_CONTRACT = {
 TINY = (
     ["--image_size", "32", "--teacher_arch", "resnet:S", "--teacher_image_size", "48", "--epochs", "2", "--patience", "1"]
     + ["--folds", "2", "--repeats", "2", "--students", "2x1,4x1", "--n_trials", "2", "--width_range", "8,8", "--depth_range", "2,2"]
-    + ["--batch_size", "32"]
+    + ["--batch_size", "32", "--fold_workers", "1"]  # a fold worker's start costs more than these folds take
 )
 
 
