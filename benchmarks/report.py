@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+from pipelines.document import data_label
 from pipelines.evaluate import pyplot, save_figure
 
 PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling", "training")
@@ -316,7 +317,7 @@ def render(results: dict, json_path: Path, report_path: Path) -> list[Path]:
         f"**Data:** {results['data']['images']} images ({results['data']['source']}, classes {', '.join(results['data']['classes'])}, "
         f"digest {results['data']['digest']}), hold-out {results['data']['holdout']}.  ",
         f"**Settings ({settings['mode']}):** " + ", ".join(f"{k} {v}" for k, v in settings.items() if k != "mode") + ".  ",
-        "**Config:** " + ", ".join(f"{k} {v}" for k, v in results["config"].items()) + ".  ",
+        "**Config:** " + ", ".join(f"{k} {data_label(v) if k == 'data_dir' else v}" for k, v in results["config"].items()) + ".  ",
         f"**Pipeline:** teacher training {fmt(results['pipeline']['teacher_s'])} s, promotion {fmt(results['pipeline']['promote_s'])} s.  ",
         f"**Main per 1,000 images:** {fmt(main_per_1000_images(results) / 60)} min: teacher, search (ours) and promotion above at these "
         "settings, "

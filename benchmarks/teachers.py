@@ -21,6 +21,7 @@ import mlflow
 from benchmarks.common import REAL_DATA_DIR
 from pipelines.config import DISTILL_PARAMS, PROJECT_ROOT, Config
 from pipelines.distill import distill
+from pipelines.document import data_label
 from pipelines.names import Metric, RunTag
 from pipelines.prepare import prepare_data
 from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
@@ -97,7 +98,7 @@ def rows_from_store(twin_run_id: str, kd_run_ids: dict[str, str], cfg: Config) -
 def render(rows: list[dict], cfg: Config) -> str:
     """The table as Markdown, with the settings it was measured at."""
     header = (
-        f"Data {cfg.data_dir or 'embedded synthetic set'}, student `{cfg.student_size}` at {cfg.image_size} px, KD T = "
+        f"Data {data_label(cfg.data_dir)}, student `{cfg.student_size}` at {cfg.image_size} px, KD T = "
         f"{cfg.temperature:g}, "
         f"alpha = {cfg.alpha:g}; stratified group {cfg.folds}-fold x {cfg.repeats} repeats (same folds for every row), "
         f"up to {cfg.epochs} epochs (patience {cfg.patience}). KD vs no-KD: corrected resampled t-test (Nadeau-Bengio) "

@@ -12,11 +12,24 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from pipelines.cli import run_cli
-from pipelines.config import BOOTSTRAP_RESAMPLES, COMPARE_DEFAULTS, DATA_INPUTS, PROJECT_ROOT, Config, build_parser, config_from_args
+from pipelines.cli import fail, run_cli
+from pipelines.config import (
+    BOOTSTRAP_RESAMPLES,
+    COMPARE_DEFAULTS,
+    DATA_INPUTS,
+    PROJECT_ROOT,
+    Config,
+    PipelineError,
+    build_parser,
+    config_from_args,
+)
+from pipelines.recipes import EVIDENCE_DEFAULTS, EVIDENCE_RECIPE, RECIPES, check_evidence, recipe_values
+
+# Config fields kd evidence does not take: the teacher is teacher_arch, the students are students, every fold entry runs.
+EVIDENCE_LEFT_OUT = ("teachers", "student_size", "no_kd", "fold", "comparison")
 
 
 @dataclass(frozen=True)
@@ -30,13 +43,30 @@ class Command:
     add_help: bool = True  # False: the options take -h themselves
     defaults: dict[str, Any] | None = None  # its own defaults of some Config fields
     ratios: bool = False  # takes a list of imbalance ratios (compare); every other command trains on one
+    recipe: str | None = None  # takes --recipe (pipelines/recipes.py), this one by default ("" none); None: no --recipe
 
-    def parser(self, name: str) -> argparse.ArgumentParser:
-        parser = build_parser(self.description, self.fields, self.add_help, self.defaults)
+    def parser(self, name: str, recipe: str = "") -> argparse.ArgumentParser:
+        """The command's options; ``recipe``: a recipe whose values are the defaults (explicit options win)."""
+        parser = build_parser(self.description, self.fields, self.add_help, {**(self.defaults or {}), **recipe_values(recipe)})
         parser.prog = f"kd {name}"
+        if self.recipe is not None:
+            parser.add_argument(
+                "--recipe",
+                default=self.recipe,
+                help=f"a named set of defaults ({', '.join(RECIPES)}; empty = none); options given explicitly win "
+                f"(default here {self.recipe!r})",
+            )
         if self.options:
             self.options(parser)
         return parser
+
+    def chosen_recipe(self, argv: list[str]) -> str:
+        """The ``--recipe`` in ``argv`` (or the command's default), read before the command's own parser is built."""
+        if self.recipe is None:
+            return ""
+        early = argparse.ArgumentParser(add_help=False)
+        early.add_argument("--recipe", default=self.recipe)
+        return early.parse_known_args(argv)[0].recipe
 
 
 def _version_options(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +127,28 @@ def _compare(cfg: Config, args: argparse.Namespace) -> str:
     from search.compare import run_comparison
 
     return run_comparison(cfg)
+
+
+def _evidence_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out-dir", "--out_dir", dest="out_dir", default="", help="folder of the documents; empty = docs/<comparison_name> in the project"
+    )
+    for name, what in (("folds", "folds"), ("repeats", "repeats")):
+        parser.add_argument(
+            f"--main-{name}",
+            f"--main_{name}",
+            dest=f"main_{name}",
+            type=int,
+            default=0,
+            help=f"the main run's {what}; 0 = the comparison's (a main run with the comparison's folds and repeats shares its teacher)",
+        )
+
+
+def _evidence(cfg: Config, args: argparse.Namespace) -> Any:
+    check_evidence(cfg)  # before the heavy imports
+    from kd.evidence import run_evidence
+
+    return run_evidence(cfg, args.out_dir, args.main_folds, args.main_repeats, args.recipe, args.command_line)
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> dict[str, str]:
@@ -272,12 +324,13 @@ COMMANDS = {
         _prepare,
         DATA_INPUTS + ("experiment_name", "cache_dir"),
     ),
-    "teacher": Command("Train one teacher per fold and one on all training data (reused when already trained).", _teacher),
-    "distill": Command("Distil a student from the teachers (trained first when missing), cross-validated.", _distill),
+    "teacher": Command("Train one teacher per fold and one on all training data (reused when already trained).", _teacher, recipe=""),
+    "distill": Command("Distil a student from the teachers (trained first when missing), cross-validated.", _distill, recipe=""),
     "search": Command(
         "Optuna search of temperature, alpha, student size and learning rate by k-fold F1. Start more workers with the same "
         "--storage and --study-name to share the study.",
         _search,
+        recipe="",
     ),
     "compare": Command(
         "Compare teachers x students x KD/no-KD x imbalance ratios on the same folds, one nested run per cell; resumes where "
@@ -286,8 +339,20 @@ COMMANDS = {
         _compare,
         defaults=COMPARE_DEFAULTS,
         ratios=True,
+        recipe="",
     ),
-    "main": Command("Run prepare -> teacher -> search -> promote, reusing finished steps.", _main),
+    "main": Command("Run prepare -> teacher -> search -> promote, reusing finished steps.", _main, recipe=""),
+    "evidence": Command(
+        "Run (or reuse) the main chain and the comparison of the teacher with each student, KD and no-KD, at each imbalance ratio, "
+        "then write results.json, Markdown and LaTeX tables and figures from the tracking store. Its defaults: the real 4-class "
+        "set with the strong recipe.",
+        _evidence,
+        tuple(f.name for f in fields(Config) if f.name not in EVIDENCE_LEFT_OUT),
+        _evidence_options,
+        defaults=EVIDENCE_DEFAULTS,
+        ratios=True,
+        recipe=EVIDENCE_RECIPE,
+    ),
     "promote": Command("Retrain the study's best student, register it and promote it if it beats the champion.", _promote),
     "report": Command(
         "Write the methodology and results sections (Markdown and LaTeX) of a registered version from its tracked runs.",
@@ -354,14 +419,19 @@ def build_command_parser() -> argparse.ArgumentParser:
 def run_command(name: str, argv: list[str] | None = None) -> Any:
     """Parse the command's options, check its Config, then import what it runs and run it."""
     command = COMMANDS[name]
+    try:
+        parser = command.parser(name, command.chosen_recipe(sys.argv[1:] if argv is None else argv))
+    except PipelineError as error:  # an unknown recipe: one line, before anything heavy is imported
+        fail(str(error))
 
     def run(args: argparse.Namespace) -> Any:
+        args.command_line = list(sys.argv[1:] if argv is None else argv)  # as given (kd evidence records it)
         cfg = config_from_args(args)
         if not command.ratios:
             cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused here, before anything heavy is imported
         return command.run(cfg, args)
 
-    return run_cli(run, command.parser(name), argv)
+    return run_cli(run, parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,35 +4,65 @@ parameters match (the search resumes its study; promotion is skipped when the ch
 from __future__ import annotations
 
 import os
+import time
 
 import mlflow
 
 from pipelines.config import Config
-from pipelines.names import RunTag, VersionTag
-from pipelines.prepare import prepare, prepare_data
+from pipelines.names import Metric, RunTag, VersionTag
+from pipelines.prepare import Prepared, prepare, prepare_data
 from pipelines.teacher import train_teacher
 from pipelines.tracking import close_stale_runs, tracked_run
 from registry.promote import promote
 from registry.roles import CHALLENGER, CHAMPION, current_version
+from search.compare import clock
 from search.tune import PARENT_RUN_ATTR, best_trial, run_search
 
+STEPS = ("prepare", "teacher", "search", "promote")
 
-def run_main(cfg: Config) -> dict[str, str]:
-    """Run the chain under one ``main`` run (steps nested in it); returns each step's run id.
 
-    The data is ingested, decoded and hashed once here; every step of the chain gets that one :class:`Prepared`.
+class StepClock:
+    """Each step's wall time from the end of the one before (the first from the clock's start), printed as it ends; the
+    whole chain's as ``main``."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.walls: dict[str, float] = {}
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self.walls[step], self.last = now - self.last, now
+        print(f"main: {step} took {clock(self.walls[step])}", flush=True)
+
+    def metrics(self) -> dict[str, float]:
+        """``<step>_wall_s`` of every step and ``main_wall_s`` (seconds)."""
+        return {Metric.wall_s(step): seconds for step, seconds in {**self.walls, "main": time.monotonic() - self.start}.items()}
+
+
+def run_main(cfg: Config, tags: dict[str, str] | None = None, prepared: Prepared | None = None) -> dict[str, str]:
+    """Run the chain under one ``main`` run (steps nested in it, ``tags`` on it); returns each step's run id and the main
+    run's (``main``). Logs each step's wall time on the main run (``prepare_wall_s``, ..., ``main_wall_s``: a step that
+    was reused takes the seconds it took to find it).
+
+    The data is ingested, decoded and hashed once here (counted in prepare's time); every step of the chain gets that one
+    :class:`Prepared` (``prepared``: a caller's, used when it was prepared from the same data settings).
     """
-    prepared = prepare_data(cfg)
+    steps = StepClock()
+    prepared = prepare_data(cfg, reuse=prepared)
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    with tracked_run(cfg, run_name="main") as parent:  # under `mlflow run`: that run
-        mlflow.set_tag(RunTag.STEP, "main")
-        runs = {"prepare": prepare(cfg, prepared, nested=True), "teacher": train_teacher(cfg, prepared, nested=True)}
+    with tracked_run(cfg, step="main", run_name="main", tags=tags) as parent:  # under `mlflow run`: that run
+        mlflow.set_tags({RunTag.STEP: "main", RunTag.DATA_DIGEST: prepared.dataset.digest})
+        runs = {"prepare": prepare(cfg, prepared, nested=True)}
+        steps.done("prepare")
+        runs["teacher"] = train_teacher(cfg, prepared, nested=True)
+        steps.done("teacher")
     main_id = parent.info.run_id
 
     study = run_search(cfg, under=main_id, prepared=prepared)
     runs["search"] = study.user_attrs[PARENT_RUN_ATTR]
+    steps.done("search")
     best = best_trial(study)
     client = mlflow.MlflowClient()
     evaluated = f"trial {best.number} of {cfg.study_name!r}"
@@ -49,18 +79,24 @@ def run_main(cfg: Config) -> dict[str, str]:
     else:
         promotion = promote(cfg, under=main_id, prepared=prepared)
         runs["promote"] = client.get_model_version(cfg.model_name, promotion.version).run_id
+    steps.done("promote")
 
     production = current_version(client, cfg.model_name, CHAMPION)
-    tags = {RunTag.step_run_id(step): run_id for step, run_id in runs.items()}
+    pointers = {RunTag.step_run_id(step): run_id for step, run_id in runs.items()}
     if production is not None:
-        tags[RunTag.PRODUCTION_VERSION] = production.version
-    for key, value in tags.items():
+        pointers[RunTag.PRODUCTION_VERSION] = production.version
+    for key, value in pointers.items():
         client.set_tag(main_id, key, value)
+    walls = steps.metrics()
+    for key, seconds in walls.items():
+        client.log_metric(main_id, key, seconds)
     tracking_uri = mlflow.get_tracking_uri()
     print("\nDone. Where to look:")
     print(f"  tracking store  : {tracking_uri}   (browse: mlflow ui --backend-store-uri {tracking_uri})")
     for step, run_id in {"main": main_id, **runs}.items():
         print(f"  {step:<16}: run {run_id}")
+    print("  wall time       : " + ", ".join(f"{step} {clock(walls[Metric.wall_s(step)])}" for step in (*STEPS, "main")))
+    runs["main"] = main_id
     print(
         f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f},"
         f" params {best.params}"

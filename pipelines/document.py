@@ -8,8 +8,12 @@ numbers and escape LaTeX alike.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.config import PROJECT_ROOT
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,18 @@ Block = Heading | Paragraph | Bullets | Equation | Table | Figure
 def num(value: float | None, digits: int = 4) -> str:
     """A metric as printed everywhere in the report (tests parse it back at this precision); ``n/a`` when undefined."""
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def data_label(data_dir: str | Path) -> str:
+    """How a generated document names a data folder: its path relative to the project (``../shared/data/brain-mri-4class``)
+    when it lies in the project's folder or beside it, else its folder name alone; never a path of the machine it ran on.
+    A relative ``data_dir`` is taken from the working directory, as the steps read it."""
+    if not str(data_dir):
+        return "the embedded synthetic set"
+    path = Path(os.path.abspath(data_dir))
+    if path.is_relative_to(PROJECT_ROOT.parent):
+        return Path(os.path.relpath(path, PROJECT_ROOT)).as_posix()
+    return path.name
 
 
 def para(*spans: Span) -> Paragraph:

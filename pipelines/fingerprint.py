@@ -22,6 +22,7 @@ STEP_MODULES = {
     "teacher": "pipelines.teacher",
     "distill": "pipelines.distill",
     "compare": "search.compare",
+    "main": "kd.main",  # kd evidence reuses a finished main run (its wall times are what it reports)
 }
 
 

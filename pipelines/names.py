@@ -45,6 +45,8 @@ class RunTag:
     # evaluate: the registered version a run evaluated (an external validation; its data in DATA_DIGEST)
     MODEL_NAME = "kd.model_name"
     MODEL_VERSION = "kd.model_version"
+    # kd evidence: its name (the comparison's) on the evidence run and on the main run it ran, found by it when run again
+    EVIDENCE = "kd.evidence"
 
     @staticmethod
     def step_run_id(step: str) -> str:
@@ -89,6 +91,7 @@ class Metric:
     # a comparison cell: mean validation rows / mean training rows of its folds (the corrected t-test's n_test / n_train;
     # subsampling the minority shrinks the training rows)
     TEST_TRAIN_RATIO = "test_train_ratio"
+    WALL_S = "wall_s"  # kd evidence: the evidence command's own wall time, seconds
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
     # Calibration (pipelines/calibration.py): promote logs the promoted student's hold-out figures as served under these
@@ -104,6 +107,11 @@ class Metric:
     # promote (boxes_dir) and kd explain --boxes_dir: fraction of box-annotated tumour scans whose Grad-CAM peak (or a
     # baseline's point) lies in the box grown by the tolerance (registry.pointing)
     POINTING_GAME_PREFIX = "pointing_game_"
+
+    @staticmethod
+    def wall_s(step: str) -> str:
+        """``main``: the wall time of one of its steps (``teacher_wall_s``), or of the whole chain (``main_wall_s``), seconds."""
+        return f"{step}_wall_s"
 
     @staticmethod
     def serving_f1(serving_format: str) -> str:

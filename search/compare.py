@@ -201,7 +201,8 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
     print(
         f"compare: {len(cells)} cells ({cfg.teachers} x {cfg.students} x KD/no-KD x imbalance {cfg.imbalance}), minority {base.minority!r}"
     )
-    with tracked_run(cfg, run_id=comparison_id):
+    # step="compare": the run keeps the fingerprint of the comparison's code, by which a rerun finds and resumes it
+    with tracked_run(cfg, step="compare", run_id=comparison_id):
         if created:
             log_data(base.dataset, base.splits)
         mlflow.log_metric(Metric.CELLS_TOTAL, len(cells))

@@ -16,7 +16,7 @@ from registry.roles import CHALLENGER, CHAMPION, current_version
 pytestmark = pytest.mark.slow
 
 
-def test_one_main_chain_ingests_the_data_once(tmp_path: Path, monkeypatch) -> None:
+def test_one_main_chain_ingests_the_data_once_and_logs_each_steps_wall_time(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     ingested = []
     ingest = pipelines.prepare.ingest
@@ -25,8 +25,13 @@ def test_one_main_chain_ingests_the_data_once(tmp_path: Path, monkeypatch) -> No
     cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=1, n_trials=1, study_name="main-once")
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
         runs = run_main(cfg)
-    assert set(runs) == {"prepare", "teacher", "search", "promote"} and all(runs.values())
+    assert set(runs) == {"main", "prepare", "teacher", "search", "promote"} and all(runs.values())
     assert ingested == [""], f"main ingested the data {len(ingested)} times"
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):
+        walls = mlflow.get_run(runs["main"]).data.metrics
+    steps = [walls[f"{step}_wall_s"] for step in ("prepare", "teacher", "search", "promote")]
+    assert all(seconds > 0 for seconds in steps) and sum(steps) <= walls["main_wall_s"], walls
+    assert "main: teacher took 0:" in capsys.readouterr().out
 
 
 def test_a_main_chain_whose_student_the_gate_refuses_ends_without_production_and_is_not_promoted_twice(

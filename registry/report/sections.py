@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from pipelines.config import Config, PipelineError
-from pipelines.document import Block, Code, Equation, Figure, Heading, Math, bullets, num, para, table
+from pipelines.document import Block, Code, Equation, Figure, Heading, Math, bullets, data_label, num, para, table
 from pipelines.names import Metric, RunTag, VersionTag
 from registry.report.figures import confusion_figure, curve_figure, gradcam_examples, gradcam_figure, importance_figure
 from registry.report.gather import MODELS, Sources
@@ -79,7 +79,7 @@ def data_section(s: Sources) -> list[Block]:
         Heading(2, "Data"),
         para(
             f"The data set is {dataset_name} (source type {params.get('data_source')}, read from ",
-            Code(params["data_dir"]) if params.get("data_dir") else "the embedded synthetic generator",
+            Code(data_label(params["data_dir"])) if params.get("data_dir") else "the embedded synthetic generator",
             f") with {len(splits)} images in {len(class_names)} classes ({', '.join(class_names)})"
             + (f"; the positive class is {params.get('positive')}" if s.binary else "; metrics are macro-averaged over classes")
             + f". Raw image sizes: {image_size_range(splits['path'].tolist())}. "
