@@ -60,7 +60,7 @@ bench: venv
 # The documentation site in site/ (README as front page, parameter reference generated from the Config); --strict: a
 # broken link or a missing page fails the build.
 docs: venv
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The README's Grad-CAM figure (docs/gradcam.png): a teacher and KD student trained on the real scans, a hold-out tumour.
 docs-gradcam: venv

@@ -17,7 +17,7 @@ from pipelines.config import LIMITS, PROJECT_ROOT, Config
 
 # Repository files served as site pages: source -> page. Their links to each other and to docs/ are rewritten to pages.
 PAGES = {"README.md": "index.md", "BENCHMARKS.md": "benchmarks-record.md", "RELIABILITY.md": "reliability-record.md"}
-FIGURES = "benchmarks/results/*.png"  # the figures BENCHMARKS.md shows, served at the same paths
+RESULTS = "benchmarks/results/*.*"  # the figures BENCHMARKS.md shows and the results files it names, served at the same paths
 
 
 def entry_points_taking(root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
@@ -74,6 +74,6 @@ def on_files(files, config):
     for source, page in PAGES.items():
         files.append(File.generated(config, page, content=as_page((PROJECT_ROOT / source).read_text())))
     files.append(File.generated(config, "parameters.md", content=parameter_reference()))
-    for figure in sorted(PROJECT_ROOT.glob(FIGURES)):
-        files.append(File.generated(config, figure.relative_to(PROJECT_ROOT).as_posix(), content=figure.read_bytes()))
+    for result in sorted(PROJECT_ROOT.glob(RESULTS)):
+        files.append(File.generated(config, result.relative_to(PROJECT_ROOT).as_posix(), content=result.read_bytes()))
     return files

@@ -54,8 +54,8 @@ def test_a_multi_class_set_has_the_documented_class_counts(classes: int, n_image
     assert "notumor" in counts and ("pituitary" in counts) == (classes == 4)
 
 
-def test_the_readme_documents_the_code_proportions() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_the_data_page_documents_the_code_proportions() -> None:
+    readme = (ROOT / "docs" / "data.md").read_text()
     for classes, shares in CLASS_PROPORTIONS.items():
         documented = ", ".join(f"{name} {round(share * 100)}%" for name, share in shares.items())
         assert f"{classes} classes: {documented}" in readme
