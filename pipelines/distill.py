@@ -32,7 +32,8 @@ from pipelines.training import set_seed
 
 
 def describe_student(cfg: Config) -> str:
-    if cfg.no_kd:
+    """How a student is trained, in log lines: alpha = 1 (no_kd, or a search's baseline trial) is the no-KD baseline."""
+    if cfg.effective_alpha >= 1.0:
         return f"student {cfg.student_size} (no KD)"
     consistent = {"cached": f", consistent over {cfg.kd_views} views", "online": ", consistent with mixup"}
     consistent = consistent[cfg.teacher_mode] if cfg.kd_mode == "consistent" else ""
