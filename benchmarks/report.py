@@ -139,13 +139,14 @@ def training_tables(r: dict) -> list[str]:
     chain = lambda c: [c["teacher_s"], c["search_s"], c["promote_s"], f"{fmt(c['search']['best_f1'])} ± {fmt(c['search']['best_f1_std'])}"]  # noqa: E731
     return [
         table(["role", "size and variant", "images/s", "x today", "fold F1 (mean ± sd)", "wall s"], rows),
-        f"Levers: today {r['setup']['today']}; defaults {r['setup']['defaults']}. F1 after {r['setup']['epochs']} epoch(s): it shows "
+        f"Levers: today {r['setup']['today']}; fast (FAST_TRAINING) {r['setup']['defaults']}. F1 after {r['setup']['epochs']} epoch(s): "
+        "it shows "
         "that no lever changes what is learnt, not how good a model gets.",
         table(
             ["main chain (bench data)", "teacher s", "search s", "promotion s", "best trial k-fold F1", "per 1,000 images, min"],
             [
                 ["today's settings", *chain(main["today"]), main["today_per_1000_s"] / 60],
-                ["defaults", *chain(main["defaults"]), main["defaults_per_1000_s"] / 60],
+                ["fast (FAST_TRAINING, the bench's own chain)", *chain(main["defaults"]), main["defaults_per_1000_s"] / 60],
             ],
         ),
     ]
