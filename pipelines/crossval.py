@@ -27,7 +27,7 @@ from pipelines.config import Config
 from pipelines.evaluate import class_keys, classification_metrics, confusion_matrix, model_logits, per_class_f1, probabilities
 from pipelines.models import load_keras_model, recalibrate_batch_norm
 from pipelines.names import Metric
-from pipelines.training import as_float32, class_weights, fit, make_dataset, set_seed, training_precision
+from pipelines.training import as_float32, class_weights, fit, make_dataset, set_seed, training_batches, training_precision
 from pipelines.views import image_keys
 
 if TYPE_CHECKING:
@@ -132,18 +132,8 @@ def train_fold(task: FoldTask) -> FoldResult:
     set_seed(cfg.seed + k)
     with training_precision(cfg.precision):
         trainer = task.build_trainer(k)
-    train = make_dataset(
-        train_images,
-        labels[task.train_rows],
-        weights[task.train_rows],
-        task.train_logits,
-        cfg.batch_size,
-        shuffle=True,
-        augment=cfg.augment,
-        seed=cfg.seed + k,
-        view_keys=task.keys,
-        mix=task.mix,
-        parallel=cfg.parallel_augment,
+    train = training_batches(
+        cfg, train_images, labels[task.train_rows], weights[task.train_rows], task.train_logits, cfg.seed + k, task.keys, task.mix
     )
     validation = make_dataset(val_images, labels[task.val_rows], weights[task.val_rows], task.val_logits, cfg.batch_size)
     best_epoch = fit(trainer, train, validation, cfg, prefix=f"fold_{k}_", describe=f"{task.describe} fold {k}", run_id=task.run_id)

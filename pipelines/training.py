@@ -136,6 +136,33 @@ def make_dataset(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def training_batches(
+    cfg: Config,
+    images: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    teacher_logits: np.ndarray | None,
+    seed: int,
+    view_keys: np.ndarray | None,
+    mix: bool,
+) -> tf.data.Dataset:
+    """The shuffled training batches of :func:`make_dataset` under ``cfg``'s batch size and augmentation settings: what
+    cross-validation folds and all-data training both train on."""
+    return make_dataset(
+        images,
+        labels,
+        weights,
+        teacher_logits,
+        cfg.batch_size,
+        shuffle=True,
+        augment=cfg.augment,
+        seed=seed,
+        view_keys=view_keys,
+        mix=mix,
+        parallel=cfg.parallel_augment,
+    )
+
+
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Per-epoch metrics to MLflow as ``<prefix><name>`` with the epoch as step (to run ``run_id``, else the active run);
     stops with a clear error on NaN."""
@@ -281,18 +308,8 @@ def train_on_all_data(
     weights = class_weights(labels[rows], prepared.dataset.num_classes)[labels]
     logits = None if teacher_logits is None else teacher_logits[rows]
     keys = image_keys(prepared.dataset.manifest["sha256"].to_numpy(), cfg.seed)[rows] if consistent or cfg.augment else None
-    train = make_dataset(
-        prepared.images[rows],
-        labels[rows],
-        weights[rows],
-        logits,
-        cfg.batch_size,
-        shuffle=True,
-        augment=cfg.augment,
-        seed=cfg.seed,
-        view_keys=keys,
-        mix=consistent and teacher_logits is None,
-        parallel=cfg.parallel_augment,
+    train = training_batches(
+        cfg, prepared.images[rows], labels[rows], weights[rows], logits, cfg.seed, keys, consistent and teacher_logits is None
     )
     print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
