@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 
 from pipelines.config import FAST_TRAINING, PROJECT_ROOT, Config, PipelineError
+from pipelines.document import data_label
 from pipelines.machine import describe_machine
 from pipelines.prepare import Prepared, prepare_data
 
@@ -147,7 +148,8 @@ def header(settings: Settings, cfg: Config) -> dict[str, object]:
         "machine": describe_machine(),
         "settings": asdict(settings),
         "config": {
-            name: getattr(cfg, name)
+            # the data named as generated documents name it (relative to the project), never by this machine's path
+            name: data_label(cfg.data_dir) if name == "data_dir" else getattr(cfg, name)
             for name in (
                 "data_dir",
                 "image_size",
