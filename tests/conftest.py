@@ -137,9 +137,15 @@ def reliability(request) -> Recorder:
     return RELIABILITY_LOG.recorder(request.node.nodeid)
 
 
+def whole_suite(config) -> bool:
+    """Whether this run selected every test (``make test``): no paths, marker or keyword narrowed it."""
+    return config.args == config.getini("testpaths") and not config.option.markexpr and not config.option.keyword
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Write RELIABILITY.md at the repository root when any test recorded something (not in xdist workers)."""
-    if RELIABILITY_LOG.empty or hasattr(session.config, "workerinput"):
+    """Write RELIABILITY.md at the repository root when the whole suite ran and any test recorded something (not in
+    xdist workers): a partial run (``make test-fast``, one file) would replace the full record with a part of it."""
+    if RELIABILITY_LOG.empty or hasattr(session.config, "workerinput") or not whole_suite(session.config):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     results = results_from_stats(reporter.stats if reporter else {})
