@@ -139,7 +139,8 @@ def training_tables(r: dict) -> list[str]:
     chain = lambda c: [c["teacher_s"], c["search_s"], c["promote_s"], f"{fmt(c['search']['best_f1'])} ± {fmt(c['search']['best_f1_std'])}"]  # noqa: E731
     return [
         table(["role", "size and variant", "images/s", "x today", "fold F1 (mean ± sd)", "wall s"], rows),
-        f"Levers: today {r['setup']['today']}; fast (FAST_TRAINING) {r['setup']['defaults']}. F1 after {r['setup']['epochs']} epoch(s): "
+        f"Levers: today {r['setup']['today']}; each alone {r['setup'].get('levers', r['setup']['defaults'])}; fast "
+        f"(FAST_TRAINING: the levers that measured faster, over today's) {r['setup']['defaults']}. F1 after {r['setup']['epochs']} epoch(s): "
         "it shows "
         "that no lever changes what is learnt, not how good a model gets.",
         table(

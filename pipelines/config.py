@@ -797,10 +797,11 @@ def distill_params(cfg: Config) -> tuple[str, ...]:
 SEARCH_PARAMS = reuse_fields("search")
 # A comparison's reuse key and logged parameters: whatever decides its cells (imbalance, minority_class: in DATA_PARAMS).
 COMPARE_PARAMS = reuse_fields("compare")
-# The training-speed levers for real data (benchmarks part 7 measures them against batch 16, one step per call, views one
-# at a time, one fold at a time). The defaults stay those for tiny runs and the test suite, where a fold worker's start
-# (seconds of imports) costs more than it saves and a batch of 64 is more than a fold holds.
-FAST_TRAINING = {"batch_size": 64, "steps_per_execution": 8, "parallel_augment": True, "fold_workers": 2}
+# The training-speed levers for real data that measured faster (benchmarks part 7 measures every lever alone against
+# batch 16, one step per call, views one at a time, one fold at a time). fold_workers=2 is not among them: on 2 cores two
+# one-thread fold processes measured slower than one two-thread process (benchmarks/training.py, LEVERS). The defaults
+# stay those for tiny runs and the test suite, where a batch of 64 is more than a fold holds.
+FAST_TRAINING = {"batch_size": 64, "steps_per_execution": 8, "parallel_augment": True}
 # ``kd compare``'s own defaults: a small comparison that finishes on a fresh 2-core machine in minutes on the embedded
 # synthetic set (12 cells, 4 teacher runs); a study of real data gives its folds and epochs (README).
 COMPARE_DEFAULTS = {"folds": 3, "epochs": 8, "patience": 3, "image_size": 32, "synthetic_images": 200, "imbalance": "0,4"}
