@@ -140,9 +140,8 @@ def training_tables(r: dict) -> list[str]:
     return [
         table(["role", "size and variant", "images/s", "x today", "fold F1 (mean ± sd)", "wall s"], rows),
         f"Levers: today {r['setup']['today']}; each alone {r['setup'].get('levers', r['setup']['defaults'])}; fast "
-        f"(FAST_TRAINING: the levers that measured faster, over today's) {r['setup']['defaults']}. F1 after {r['setup']['epochs']} epoch(s): "
-        "it shows "
-        "that no lever changes what is learnt, not how good a model gets.",
+        f"(FAST_TRAINING: the levers that measured faster, over today's) {r['setup']['defaults']}. "
+        f"F1 after {r['setup']['epochs']} epoch(s): it shows that no lever changes what is learnt, not how good a model gets.",
         table(
             ["main chain (bench data)", "teacher s", "search s", "promotion s", "best trial k-fold F1", "per 1,000 images, min"],
             [
