@@ -7,11 +7,11 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-# Light enough for 2 cores in a few minutes; the real-data defaults live in pipelines/config.py.
+# Light enough for 2 cores in a few minutes; the real-data defaults live in pipelines/config/.
 # The study and the MLflow experiment share one name per data set: kd-embedded here, kd-brain for the real scans (README).
 STUDY ?= kd-embedded
 # max_params: a student budget at least 20x below the default teacher (resnet M: 690,505 parameters on 2 classes, from
-# pipelines/models.py; / 20 = 34,525): the search skips larger students before training and promotes one that fits.
+# pipelines/models/builders.py; / 20 = 34,525): the search skips larger students before training and promotes one that fits.
 # student_norm=batch + qat=true: a student whose INT8 export is all-integer, fine-tuned with fake quantization, so the
 # registered model can serve TFLite INT8 (serving_format=auto takes it when its hold-out F1 is within 0.005 of Keras).
 RUN_PARAMS ?= -P folds=3 -P epochs=20 -P patience=6 -P n_trials=4 -P max_params=34000 -P student_norm=batch -P qat=true -P study_name=$(STUDY)

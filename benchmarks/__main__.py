@@ -15,15 +15,15 @@ from pathlib import Path
 
 from benchmarks import compression, edge, report, scaling, search_cost, serving, throughput, training
 from benchmarks.common import FULL, REAL_DATA_DIR, SMOKE, Settings, header, open_bench
-from pipelines.cli import run_cli
 from pipelines.config import PROJECT_ROOT
+from pipelines.steps.cli import run_cli
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 
 
 def run_benchmarks(settings: Settings, data_dir: Path, out_dir: Path, report_path: Path, work: Path | None = None) -> dict:
     """Run every part and write ``<out_dir>/<date>.json`` plus the rendered report; returns the results."""
-    from pipelines.teacher import train_teacher
+    from pipelines.steps.teacher import train_teacher
     from registry.promote import promote
 
     started = time.perf_counter()

@@ -15,8 +15,8 @@ import numpy as np
 
 from pipelines.config import FAST_TRAINING, PROJECT_ROOT, Config, PipelineError
 from pipelines.document import data_label
-from pipelines.machine import describe_machine
-from pipelines.prepare import Prepared, prepare_data
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.tracking.machine import describe_machine
 
 REAL_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-yes-no"
 # The larger scan set the F1 targets are judged on (see external_scans): folder -> the yes/no class it counts as.
@@ -110,7 +110,7 @@ def make_config(settings: Settings, work: Path, data_dir: str) -> Config:
 
 def student_budget(cfg: Config, num_classes: int, times_smaller: int = SIZE_RATIO) -> int:
     """``max_params`` for a student at least ``times_smaller`` x smaller than ``cfg``'s teacher (counted, not assumed)."""
-    from pipelines.models import build_teacher
+    from pipelines.models.builders import build_teacher
 
     return build_teacher(cfg.teacher_arch, cfg.teacher_size, num_classes).count_params() // times_smaller
 

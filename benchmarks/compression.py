@@ -20,10 +20,10 @@ from tqdm import tqdm
 
 from benchmarks.common import SIZE_RATIO, Bench, ratio, target
 from benchmarks.scans import binary_f1, f1_difference, f1_scans
-from pipelines.evaluate import classification_metrics, model_logits, probabilities
-from pipelines.images import load_images
-from pipelines.latency import keras_latency
-from pipelines.teacher import load_teacher_model
+from pipelines.data.images import load_images
+from pipelines.evaluation.latency import keras_latency
+from pipelines.evaluation.metrics import classification_metrics, model_logits, probabilities
+from pipelines.steps.teacher import load_teacher_model
 from registry.export import load_student
 
 

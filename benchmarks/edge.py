@@ -17,9 +17,9 @@ import numpy as np
 from benchmarks.common import Bench, ratio, target
 from benchmarks.scans import binary_f1, f1_difference, f1_scans
 from pipelines.config import SERVING_F1_TOLERANCE
-from pipelines.evaluate import model_logits, probabilities
-from pipelines.latency import latency_percentiles
-from pipelines.quantize import REPRESENTATIVE_IMAGES, TFLiteModel, float_ops
+from pipelines.evaluation.latency import latency_percentiles
+from pipelines.evaluation.metrics import model_logits, probabilities
+from pipelines.training.quantize import REPRESENTATIVE_IMAGES, TFLiteModel, float_ops
 from registry.export import export_edge, load_student
 
 BATCH = 32
@@ -37,7 +37,7 @@ F1_WHY = (
 
 def batched_call(flatbuffer: bytes, images: np.ndarray, batch: int) -> Callable[[], np.ndarray]:
     """One interpreter call on ``batch`` images (``images`` repeated or cut) returning the raw outputs; the input is
-    quantized in the call where the model takes INT8, as :meth:`pipelines.quantize.TFLiteModel.logit` does for one image.
+    quantized in the call where the model takes INT8, as :meth:`pipelines.training.quantize.TFLiteModel.logit` does for one image.
     The graph must not bake in batch 1 (GroupNorm's reshapes do; the benchmark's students use BatchNorm, folded)."""
     model = TFLiteModel(flatbuffer)
     interpreter, details = model.interpreter, model.input

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from pipelines.cli import run_cli
-from pipelines.sources import IMAGE_EXTENSIONS
+from pipelines.data.sources import IMAGE_EXTENSIONS
+from pipelines.steps.cli import run_cli
 
 
 def augmented(image: Image.Image, rng: np.random.Generator) -> Image.Image:

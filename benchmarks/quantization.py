@@ -20,14 +20,14 @@ import mlflow
 import numpy as np
 
 from pipelines.config import Config
-from pipelines.distill import cross_validate_student
-from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, model_logits, probabilities
-from pipelines.latency import REPEATS, keras_latency, latency_percentiles
-from pipelines.models import build_student
-from pipelines.prepare import Prepared, prepare_data
-from pipelines.quantize import TFLiteModel, fine_tune_qat, float_ops, int8_export, to_tflite
-from pipelines.training import set_seed, train_on_all_data
+from pipelines.evaluation.latency import REPEATS, keras_latency, latency_percentiles
+from pipelines.evaluation.metrics import classification_metrics, model_logits, probabilities
+from pipelines.models.builders import build_student
+from pipelines.models.distiller import Distiller
+from pipelines.steps.distill import cross_validate_student
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.training.fit import set_seed, train_on_all_data
+from pipelines.training.quantize import TFLiteModel, fine_tune_qat, float_ops, int8_export, to_tflite
 
 
 def format_results(

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from pipelines.document import data_label
-from pipelines.evaluate import pyplot, save_figure
+from pipelines.evaluation.metrics import pyplot, save_figure
 
 PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling", "training")
 TITLES = {

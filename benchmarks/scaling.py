@@ -24,13 +24,13 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from benchmarks.common import Bench, EpochTimer, ratio, target
-from pipelines.distiller import Distiller
-from pipelines.evaluate import model_logits
-from pipelines.models import build_student, build_teacher
-from pipelines.prepare import prepare_data
-from pipelines.teacher import load_teacher_logits
-from pipelines.training import make_dataset, set_seed, training_precision
-from pipelines.views import views_of
+from pipelines.evaluation.metrics import model_logits
+from pipelines.models.builders import build_student, build_teacher
+from pipelines.models.distiller import Distiller
+from pipelines.steps.prepare import prepare_data
+from pipelines.steps.teacher import load_teacher_logits
+from pipelines.training.fit import make_dataset, set_seed, training_precision
+from pipelines.training.views import views_of
 
 MEMORY_LIMIT_MIB = 4096
 
@@ -185,7 +185,7 @@ def run(bench: Bench, search_peak_rss_mib: float | None) -> dict:
         "precision": precision,
         "input_pipeline": pipeline,
         "setup": {
-            "augmentation": "pipelines.training.augmentation (flip, rotation, zoom, shift, contrast)",
+            "augmentation": "pipelines.training.fit.augmentation (flip, rotation, zoom, shift, contrast)",
             "batch_size": cfg.batch_size,
             "base_images": int(len(labels)),
             "memory": "peak RSS (VmHWM) of the part-2 'ours' search process",

@@ -19,9 +19,9 @@ import numpy as np
 
 from benchmarks.common import EXTERNAL_CLASSES, EXTERNAL_DATA_DIR, Bench
 from pipelines.config import Config
-from pipelines.images import load_images
-from pipelines.sources import ingest
-from pipelines.splits import _close_pairs, perceptual_hashes
+from pipelines.data.images import load_images
+from pipelines.data.sources import ingest
+from pipelines.data.splits import _close_pairs, perceptual_hashes
 
 SEED = 0  # the subsample: fixed, so every run scores the same scans
 RESAMPLES = 2000  # paired bootstrap resamples of an F1 difference

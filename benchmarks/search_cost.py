@@ -46,9 +46,9 @@ def run_naive(cfg: Config) -> dict:
     import numpy as np
     import optuna
 
-    from pipelines.distill import cross_validate_student
-    from pipelines.prepare import prepare_data
-    from pipelines.teacher import train_teacher
+    from pipelines.steps.distill import cross_validate_student
+    from pipelines.steps.prepare import prepare_data
+    from pipelines.steps.teacher import train_teacher
     from search.space import SearchSpace
 
     trials = sorted(

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
-from pipelines.latency import latency_percentiles, percentiles_ms
+from pipelines.evaluation.latency import latency_percentiles, percentiles_ms
 from pipelines.names import VersionTag
 from registry.model import encode_file
 from registry.server import serve_model
@@ -184,8 +184,8 @@ def compare_serving_formats(data_dir: Path, work: Path, student_size: str = "28x
     """Each serving format of one student on real scans: in-process pyfunc latency of one scan, and `mlflow models serve`
     with 1 and 2 workers under 16 closed-loop clients. The student is untrained: timing, not accuracy, is measured."""
     from pipelines.config import Config
-    from pipelines.models import build_student
-    from pipelines.prepare import prepare_data
+    from pipelines.models.builders import build_student
+    from pipelines.steps.prepare import prepare_data
     from registry.export import tflite_exports
     from registry.promote import log_student
 

@@ -14,10 +14,10 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.common import Bench, EpochTimer, ratio, target
-from pipelines.distiller import Distiller
-from pipelines.models import build_student
-from pipelines.teacher import load_teacher_logits, load_teacher_model
-from pipelines.training import class_weights, make_dataset, set_seed
+from pipelines.models.builders import build_student
+from pipelines.models.distiller import Distiller
+from pipelines.steps.teacher import load_teacher_logits, load_teacher_model
+from pipelines.training.fit import class_weights, make_dataset, set_seed
 
 VARIANTS = (("online", False), ("cached", False), ("cached", True))
 WHY = (

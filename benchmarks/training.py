@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from benchmarks.common import Bench, ratio, target
 from pipelines.config import FAST_TRAINING, PROJECT_ROOT, Config
-from pipelines.crossval import CrossValidation, cross_validate
-from pipelines.distill import FoldStudent
-from pipelines.evaluate import model_logits
+from pipelines.evaluation.metrics import model_logits
 from pipelines.names import Metric
-from pipelines.prepare import Prepared, prepare_data
-from pipelines.teacher import FoldTeacher, at_teacher_size
+from pipelines.steps.distill import FoldStudent
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.steps.teacher import FoldTeacher, at_teacher_size
+from pipelines.training.crossval import CrossValidation, cross_validate
 
 FOUR_CLASS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-4class"
 # What each lever's parameter was before it existed, and the value each lever is measured at alone; the fast settings
@@ -100,7 +100,7 @@ def main_chain(bench: Bench, cfg: Config) -> dict:
     """The ``main`` chain on the bench's data under ``cfg`` in its own study and registered model: teacher, search (in a
     child process, as part 2 runs it: its peak memory that of all its processes) and promotion, each timed."""
     from benchmarks.search_cost import run_strategy
-    from pipelines.teacher import train_teacher
+    from pipelines.steps.teacher import train_teacher
     from registry.promote import promote
 
     work = bench.work / f"chain-{cfg.study_name}"

@@ -15,12 +15,12 @@ import keras
 import numpy as np
 
 from pipelines.config import PROJECT_ROOT, Config
-from pipelines.distiller import Distiller
-from pipelines.evaluate import model_logits, probabilities
-from pipelines.images import decode_image
-from pipelines.models import build_student, build_teacher
-from pipelines.prepare import prepare_data
-from pipelines.training import class_weights, make_dataset, set_seed
+from pipelines.data.images import decode_image
+from pipelines.evaluation.metrics import model_logits, probabilities
+from pipelines.models.builders import build_student, build_teacher
+from pipelines.models.distiller import Distiller
+from pipelines.steps.prepare import prepare_data
+from pipelines.training.fit import class_weights, make_dataset, set_seed
 from registry.explain import describe, explain_scan, write_overlay
 
 

@@ -34,7 +34,6 @@ from kd.registry_commands import (
     server_options,
     version_options,
 )
-from pipelines.cli import fail, run_cli
 from pipelines.config import (
     COMPARE_DEFAULTS,
     DATA_INPUTS,
@@ -44,6 +43,7 @@ from pipelines.config import (
     config_from_args,
 )
 from pipelines.recipes import EVIDENCE_DEFAULTS, EVIDENCE_RECIPE, RECIPES, check_evidence, recipe_values
+from pipelines.steps.cli import fail, run_cli
 
 # Config fields kd evidence does not take: the teacher is teacher_arch, the students are students, every fold entry runs.
 EVIDENCE_LEFT_OUT = ("teachers", "student_size", "no_kd", "fold", "comparison")
@@ -87,19 +87,19 @@ class Command:
 
 
 def _prepare(cfg: Config, args: argparse.Namespace) -> str:
-    from pipelines.prepare import prepare
+    from pipelines.steps.prepare import prepare
 
     return prepare(cfg)
 
 
 def _teacher(cfg: Config, args: argparse.Namespace) -> str:
-    from pipelines.teacher import train_teacher
+    from pipelines.steps.teacher import train_teacher
 
     return train_teacher(cfg)
 
 
 def _distill(cfg: Config, args: argparse.Namespace) -> str:
-    from pipelines.distill import distill
+    from pipelines.steps.distill import distill
 
     return distill(cfg)
 

@@ -46,7 +46,7 @@ def parameter_reference(root: Path = PROJECT_ROOT) -> str:
         [
             "# Parameters",
             "",
-            "Generated from `pipelines/config.py` (the one `Config` every entry point builds) and `MLproject` when the site is "
+            "Generated from `pipelines/config/` (the one `Config` every entry point builds) and `MLproject` when the site is "
             "built: every `kd` command takes the fields it uses as `--name value`, every MLproject entry point as "
             "`-P name=value`. *Reuse keys*: the steps whose finished runs are found again by this parameter's value (a "
             "run is reused when its data digest, these parameters and its code fingerprint match); *none*: it decides no "

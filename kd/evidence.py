@@ -31,9 +31,9 @@ from pipelines.config import PROJECT_ROOT, SEARCH_PARAMS, Config, PipelineError,
 from pipelines.document import data_label
 from pipelines.fingerprint import code_fingerprint
 from pipelines.names import Metric, RunTag
-from pipelines.prepare import Prepared, prepare_data
 from pipelines.recipes import check_evidence
-from pipelines.tracking import close_stale_runs, newest_matching_run, step_key, tracked_run
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.tracking.runs import close_stale_runs, newest_matching_run, step_key, tracked_run
 from registry.evidence import code_version
 from search.compare import clock, run_comparison
 from search.tune import student_cost

@@ -18,9 +18,9 @@ import numpy as np
 from mlflow import MlflowClient
 
 from pipelines.document import Block, Code, Figure, Heading, bullets, num, para, table, to_latex, to_markdown
-from pipelines.evaluate import CONFUSION_ARTIFACT, pyplot, save_figure
+from pipelines.evaluation.metrics import CONFUSION_ARTIFACT, pyplot, save_figure
 from pipelines.names import Metric, RunTag
-from pipelines.training import describe_optimiser
+from pipelines.training.fit import describe_optimiser
 from registry.report.gather import run_config
 from registry.report.sections import augmentation_description
 from registry.report.stats import per_class_f1_rows

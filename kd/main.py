@@ -10,9 +10,9 @@ import mlflow
 
 from pipelines.config import Config
 from pipelines.names import Metric, RunTag, VersionTag
-from pipelines.prepare import Prepared, prepare, prepare_data
-from pipelines.teacher import train_teacher
-from pipelines.tracking import close_stale_runs, tracked_run
+from pipelines.steps.prepare import Prepared, prepare, prepare_data
+from pipelines.steps.teacher import train_teacher
+from pipelines.tracking.runs import close_stale_runs, tracked_run
 from registry.promote import promote
 from registry.roles import CHALLENGER, CHAMPION, current_version
 from search.compare import clock

@@ -1,5 +1,5 @@
 """The code fingerprint: a hash of the sources that shape a trained model, so a finished step is reused only when
-the code that would train it again is the code that trained it (see ``pipelines.tracking.reuse_finished``).
+the code that would train it again is the code that trained it (see ``pipelines.tracking.runs.reuse_finished``).
 
 A step's sources are the import closure of its module inside the project, found from the ``import`` statements
 themselves (every one, also those inside functions), never from a hand-kept list: a new module a step imports, or a
@@ -18,9 +18,9 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 # The module that defines each step whose finished runs are reused: its import closure is the step's code.
 STEP_MODULES = {
-    "prepare": "pipelines.prepare",
-    "teacher": "pipelines.teacher",
-    "distill": "pipelines.distill",
+    "prepare": "pipelines.steps.prepare",
+    "teacher": "pipelines.steps.teacher",
+    "distill": "pipelines.steps.distill",
     "compare": "search.compare",
     "main": "kd.main",  # kd evidence reuses a finished main run (its wall times are what it reports)
 }

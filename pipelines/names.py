@@ -94,7 +94,7 @@ class Metric:
     WALL_S = "wall_s"  # kd evidence: the evidence command's own wall time, seconds
     CELLS_TOTAL = "cells_total"
     CELLS_FINISHED = "cells_finished"
-    # Calibration (pipelines/calibration.py): promote logs the promoted student's hold-out figures as served under these
+    # Calibration (pipelines/evaluation/calibration.py): promote logs the promoted student's hold-out figures as served under these
     # bare keys, evaluate runs theirs; TEMPERATURE is what the served model divides its logits by.
     ECE, MCE, BRIER, NLL, TEMPERATURE = "ece", "mce", "brier", "nll", "temperature"
     CALIBRATION = (ECE, MCE, BRIER, NLL)

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 import mlflow
 import numpy as np
 
-from pipelines.calibration import (
+from pipelines.config import Config
+from pipelines.evaluation.calibration import (
     OOF_LOGITS_ARTIFACT,
     calibration_metrics,
     fit_temperature,
@@ -34,11 +35,10 @@ from pipelines.calibration import (
     reliability_figure,
     scaled_probabilities,
 )
-from pipelines.config import Config
 from pipelines.names import Metric
 
 if TYPE_CHECKING:  # the card and the report read MODELS without loading TensorFlow
-    from pipelines.prepare import Prepared
+    from pipelines.steps.prepare import Prepared
 
 # The models promote compares, in the order the figure and the tables show them.
 MODELS = {"teacher": "Teacher", "student": "KD student", "no_kd": "No-KD student"}
@@ -66,7 +66,7 @@ def teacher_validation_logits(stored: dict[str, np.ndarray], prepared: Prepared,
 
 def fold_model_logits(run_id: str, prepared: Prepared, fold_count: int) -> tuple[np.ndarray, np.ndarray]:
     """The out-of-fold logits of a ``distill`` run's fold students (``models/student_fold_<k>.keras``), with labels."""
-    from pipelines.models import load_keras_model
+    from pipelines.models.builders import load_keras_model
 
     with tempfile.TemporaryDirectory() as tmp:
         models = [
@@ -100,7 +100,7 @@ def validation_logits(
     if trial is not None:
         found["student"] = (*trial, f"the fold students of search trial run {trial_run_id}")
     else:
-        from pipelines.distill import distill
+        from pipelines.steps.distill import distill
 
         run_id = distill(cfg.replace(qat=False), prepared, nested=True)
         found["student"] = (*fold_model_logits(run_id, prepared, cfg.fold_count), f"the fold students of distill run {run_id}")

@@ -22,9 +22,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from pipelines.calibration import T_RANGE
 from pipelines.document import num
-from pipelines.evaluate import class_keys
+from pipelines.evaluation.calibration import T_RANGE
+from pipelines.evaluation.metrics import class_keys
 from pipelines.names import Metric, RunTag, VersionTag
 from registry.calibrate import MODELS
 

@@ -15,11 +15,11 @@ import mlflow
 import numpy as np
 
 from pipelines.config import PROJECT_ROOT, Config
-from pipelines.machine import describe_machine
 from pipelines.names import RunTag
+from pipelines.tracking.machine import describe_machine
 
 if TYPE_CHECKING:
-    from pipelines.prepare import Prepared
+    from pipelines.steps.prepare import Prepared
 
 PREDICTIONS_ARTIFACT = "evaluation/holdout_predictions.csv"
 ENVIRONMENT_ARTIFACT = "environment.json"
@@ -35,7 +35,7 @@ def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], 
     trial's configuration is cross-validated on the same folds with the same seeds (a finished run is reused).
     """
     # Imported here: the report reads this module's names without loading the training code (and TensorFlow).
-    from pipelines.distill import distill
+    from pipelines.steps.distill import distill
 
     test = prepared.splits.test
     log_intervals(prepared.dataset.labels[test], probs["student"], prepared.dataset.class_names, "holdout_student_")
@@ -54,7 +54,7 @@ def log_evidence(cfg: Config, prepared: Prepared, probs: dict[str, np.ndarray], 
 
 def log_training_hashes(prepared: Prepared) -> None:
     """The version's data manifest with each image's perceptual hash, to the active run (``TRAINING_HASHES_ARTIFACT``)."""
-    from pipelines.splits import hash_text, perceptual_hashes
+    from pipelines.data.splits import hash_text, perceptual_hashes
 
     table = prepared.splits.table(prepared.dataset)[["path", "sha256", "split"]]
     table["phash"] = hash_text(perceptual_hashes(prepared.images))
@@ -68,8 +68,8 @@ INTERVAL_RESAMPLES, INTERVAL_SEED = 1000, 0
 def log_intervals(labels: np.ndarray, probs: np.ndarray, class_names: list[str], prefix: str = "") -> dict[str, tuple[float, float]]:
     """95 % bootstrap intervals of accuracy, macro-F1 and each class's F1, logged as ``<prefix><figure>_ci_low`` and
     ``_ci_high`` to the active run (``holdout_student_f1_macro_ci_low``; an evaluate run's bare ``f1_macro_ci_low``)."""
-    from pipelines.evaluate import accuracy_and_f1
-    from pipelines.statistics import bootstrap_intervals
+    from pipelines.evaluation.metrics import accuracy_and_f1
+    from pipelines.evaluation.statistics import bootstrap_intervals
 
     score = lambda rows_labels, rows_probs: accuracy_and_f1(rows_labels, rows_probs, class_names)
     intervals = bootstrap_intervals(labels, probs, score, INTERVAL_RESAMPLES, INTERVAL_SEED)

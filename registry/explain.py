@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import PipelineError
-from pipelines.evaluate import probabilities, pyplot, save_figure
-from pipelines.images import decode_image, head_box, preprocess
+from pipelines.data.images import decode_image, head_box, preprocess
+from pipelines.evaluation.metrics import probabilities, pyplot, save_figure
 from pipelines.names import VersionTag
 
 GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
@@ -208,7 +208,7 @@ def load_models(model_name: str, version) -> RegisteredModels:
     """
     import mlflow
 
-    from pipelines.teacher import load_teacher_models
+    from pipelines.steps.teacher import load_teacher_models
     from registry.export import load_student
 
     wrapper = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}").unwrap_python_model()

@@ -19,12 +19,12 @@ import numpy as np
 from mlflow import MlflowClient
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import classification_metrics, model_logits, probabilities
-from pipelines.latency import REPEATS, keras_latency, latency_percentiles
-from pipelines.models import load_keras_model
+from pipelines.evaluation.latency import REPEATS, keras_latency, latency_percentiles
+from pipelines.evaluation.metrics import classification_metrics, model_logits, probabilities
+from pipelines.models.builders import load_keras_model
 from pipelines.names import VersionTag
-from pipelines.prepare import Prepared, prepare_data
-from pipelines.quantize import TFLiteModel, int8_export, to_tflite
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.training.quantize import TFLiteModel, int8_export, to_tflite
 from registry.fetch import resolve_version
 
 # serving format -> its edge_<name>_* metrics and file; int8 is post-training quantized here, int8_qat the quantization-aware

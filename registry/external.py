@@ -22,15 +22,16 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from pipelines.calibration import reliability_figure
+from pipelines.batches import in_batches
 from pipelines.config import BRATS_MODALITIES, Config, PipelineError
-from pipelines.evaluate import in_batches, write_evaluation_artifacts
-from pipelines.external import BOOTSTRAP_RESAMPLES, match_classes, metrics_with_intervals, training_overlap
-from pipelines.images import load_images
+from pipelines.data.images import load_images
+from pipelines.data.sources import Dataset, ingest
+from pipelines.data.splits import HASH_FREQUENCIES, describe_duplicates, hash_bits, perceptual_hashes
+from pipelines.evaluation.calibration import reliability_figure
+from pipelines.evaluation.external import BOOTSTRAP_RESAMPLES, match_classes, metrics_with_intervals, training_overlap
+from pipelines.evaluation.metrics import write_evaluation_artifacts
 from pipelines.names import Metric, RunTag, VersionTag
-from pipelines.sources import Dataset, ingest
-from pipelines.splits import HASH_FREQUENCIES, describe_duplicates, hash_bits, perceptual_hashes
-from pipelines.tracking import close_stale_runs, local_source, tracked_run
+from pipelines.tracking.runs import close_stale_runs, local_source, tracked_run
 from registry.evidence import TRAINING_HASHES_ARTIFACT
 from registry.fetch import resolve_version
 from registry.model import MAX_BATCH, encode_file

@@ -10,7 +10,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import PipelineError
-from pipelines.evaluate import CONFUSION_ARTIFACT
+from pipelines.evaluation.metrics import CONFUSION_ARTIFACT
 from pipelines.names import VersionTag
 
 STAGES = ("Production", "Staging", "Archived", "None")

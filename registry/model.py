@@ -2,13 +2,14 @@
 
 Input: a DataFrame column ``image`` of base64-encoded files (a browser's data URI ``data:image/jpeg;base64,...``
 too), or an array batch of preprocessed images
-``(N, S, S, 1)``. The files are read by content (``pipelines.images.decode_bytes``), as every source the loader
-reads: a picture (JPEG, PNG, TIFF, ... any size or mode), a BraTS ``.h5`` slice (the channel the model was
-trained on, from its ``metadata.json``; only models trained on BraTS data know one), or a NIfTI file, plain or
-gzipped, holding one 2-D slice (``pipelines.images.request_bytes`` gives it for a row of a NIfTI data set). Output: one row per image with
-``label`` and ``prob_<class>`` for each class: calibrated probabilities, the softmax (sigmoid for two classes) of the
-logits divided by the ``temperature`` of ``metadata.json`` (1 = as trained), in every serving format. Bad input
-raises ``MlflowException`` with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400.
+``(N, S, S, 1)``. The files are read by content (``pipelines.data.images.decode_bytes``), as every source the loader
+reads: a picture (JPEG, PNG, TIFF, ... any size or mode), a BraTS ``.h5`` slice (the channel the model was trained on,
+from its ``metadata.json``; only models trained on BraTS data know one), or a NIfTI file, plain or gzipped, holding
+one 2-D slice (``pipelines.data.images.request_bytes`` gives it for a row of a NIfTI data set). Output: one row per
+image with ``label`` and ``prob_<class>`` for each class: calibrated probabilities, the softmax (sigmoid for two
+classes) of the logits divided by the ``temperature`` of ``metadata.json`` (1 = as trained), in every serving format.
+Bad input raises ``MlflowException`` with INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP
+400.
 
 The network runs in the format ``serving_format`` of ``metadata.json`` (promote chooses it): ``keras`` (the
 .keras student as one ``tf.function`` with a fixed input signature, traced once), or ``tflite-float32`` /
@@ -123,7 +124,7 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         (eager calls cost 29 ms for one image where the graph costs 4; ``predict`` 95 ms)."""
         import tensorflow as tf
 
-        from pipelines.models import load_keras_model
+        from pipelines.models.builders import load_keras_model
 
         try:
             tf.config.threading.set_intra_op_parallelism_threads(self.threads)
@@ -140,7 +141,7 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
     def _tflite_logits(self, images: np.ndarray) -> np.ndarray:
         """Logits through this thread's interpreter (an interpreter is not thread-safe; the server answers requests
         from a pool of threads)."""
-        from pipelines.quantize import TFLiteModel
+        from pipelines.training.quantize import TFLiteModel
 
         model = getattr(self._interpreters, "model", None)
         if model is None:
@@ -149,7 +150,7 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
 
     def _images_from_frame(self, frame: pd.DataFrame) -> np.ndarray:
         from pipelines.config import PipelineError
-        from pipelines.images import decode_bytes, preprocess
+        from pipelines.data.images import decode_bytes, preprocess
 
         if "image" not in frame.columns:
             raise bad_request(f"expected a column 'image' of base64-encoded image files; got columns {list(frame.columns)}")
@@ -207,7 +208,7 @@ class StudentClassifier(mlflow.pyfunc.PythonModel):
         if len(model_input) > MAX_BATCH:
             raise bad_request(f"batch of {len(model_input)} images; send at most {MAX_BATCH} per request")
         images = self._images_from_frame(model_input) if isinstance(model_input, pd.DataFrame) else self._images_from_array(model_input)
-        from pipelines.evaluate import probabilities
+        from pipelines.evaluation.metrics import probabilities
 
         logits = self._logits(images.astype(np.float32, copy=False)) / np.float32(self.temperature)
         probs = probabilities(logits, len(self.class_names) == 2)
@@ -236,6 +237,6 @@ def signature(class_names: list[str]) -> ModelSignature:
 
 def encode_file(path: Path | str) -> str:
     """A file, or a manifest row (a NIfTI slice ``<volume>#z=<k>`` included), as the base64 string the served model takes."""
-    from pipelines.images import request_bytes
+    from pipelines.data.images import request_bytes
 
     return base64.b64encode(request_bytes(path)).decode("ascii")

@@ -5,7 +5,7 @@ that cannot beat them explains nothing a one-line heuristic would not.
 
 Boxes are YOLO text files beside the scans (``y0.jpg`` + ``y0.txt``: ``class x_centre y_centre width height``, the last
 four as fractions of the image's width and height). The class explained is the tumour class: the positive class of a
-two-class model, else the most probable class that is not a "no tumour" class (``pipelines.sources.NEGATIVE_NAMES``).
+two-class model, else the most probable class that is not a "no tumour" class (``pipelines.data.sources.NEGATIVE_NAMES``).
 
 Promote logs ``pointing_game_student``, ``pointing_game_teacher``, ``pointing_game_centre`` and
 ``pointing_game_brightest`` (fractions in [0, 1]), ``pointing_game_scans`` and param ``boxes_dir`` when ``boxes_dir``
@@ -24,9 +24,9 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 
 from pipelines.config import PipelineError
-from pipelines.images import decode_image
+from pipelines.data.images import decode_image
+from pipelines.data.sources import IMAGE_EXTENSIONS, NEGATIVE_NAMES
 from pipelines.names import Metric
-from pipelines.sources import IMAGE_EXTENSIONS, NEGATIVE_NAMES
 
 TOLERANCE_PX = 15
 # The brightest-pixel baseline smooths the scan by a Gaussian of this fraction of its larger side (a 256 px scan:

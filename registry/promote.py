@@ -28,8 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import BRATS_MODALITIES, PROJECT_ROOT, SERVING_F1_TOLERANCE, Config, PipelineError
-from pipelines.distiller import Distiller
-from pipelines.evaluate import (
+from pipelines.evaluation.metrics import (
     CONFUSION_ARTIFACT,
     classification_metrics,
     confusion_matrix,
@@ -38,14 +37,15 @@ from pipelines.evaluate import (
     model_logits,
     probabilities,
 )
-from pipelines.machine import pinned_requirements
-from pipelines.models import build_student
+from pipelines.models.builders import build_student
+from pipelines.models.distiller import Distiller
 from pipelines.names import Metric, RunTag, VersionTag
-from pipelines.prepare import Prepared, prepare_data
-from pipelines.quantize import fine_tune_qat
-from pipelines.teacher import load_teacher_logits, load_teacher_models, train_teacher
-from pipelines.tracking import close_stale_runs, tracked_run
-from pipelines.training import set_seed, train_on_all_data
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.steps.teacher import load_teacher_logits, load_teacher_models, train_teacher
+from pipelines.tracking.machine import pinned_requirements
+from pipelines.tracking.runs import close_stale_runs, tracked_run
+from pipelines.training.fit import set_seed, train_on_all_data
+from pipelines.training.quantize import fine_tune_qat
 from registry.calibrate import calibrate, log_calibration, validation_logits
 from registry.card import write_card
 from registry.evidence import code_version, log_evidence
@@ -86,8 +86,8 @@ def _student(cfg: Config, prepared: Prepared, teacher_logits: np.ndarray | None,
 
 def _qat_student(cfg: Config, prepared: Prepared, student: keras.Model, teacher_logits: np.ndarray, epochs: int) -> keras.Model:
     """``qat=true``: the all-data KD student fine-tuned with fake quantization under the same loss, on the same images
-    with the all-data teacher's logits of them (pipelines.quantize.fine_tune_qat, for a fifth of the student's epochs);
-    ``pipelines.quantize.int8_export`` of it is the INT8 model with the ranges it learnt."""
+    with the all-data teacher's logits of them (pipelines.training.quantize.fine_tune_qat, for a fifth of the student's epochs);
+    ``pipelines.training.quantize.int8_export`` of it is the INT8 model with the ranges it learnt."""
     set_seed(cfg.seed)
     rows = prepared.splits.train
     labels = prepared.dataset.labels[rows]

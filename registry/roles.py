@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import PipelineError
-from pipelines.locks import database_lock, lockable
+from pipelines.tracking.locks import database_lock, lockable
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 STAGE_OF_ALIAS = {CHAMPION: "Production", CHALLENGER: "Staging"}

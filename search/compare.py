@@ -4,14 +4,14 @@ Cells: every (teacher, student, ratio) distilled with KD, and every (student, ra
 depend on the teacher: one cell serves every teacher). Each cell is one MLflow run nested in the comparison run,
 standing for the distill run (trained, or reused when one with the same data, parameters and code finished) whose
 metrics it copies; every cell runs on the same folds and seeds. The data is prepared once; each ratio subsamples the
-minority class in the training rows of the folds only (:func:`pipelines.prepare.imbalanced`). Cells go ratio by ratio,
-teacher by teacher, so a ratio's teacher is trained once (:func:`pipelines.teacher.train_teacher`) and its students
+minority class in the training rows of the folds only (:func:`pipelines.steps.prepare.imbalanced`). Cells go ratio by ratio,
+teacher by teacher, so a ratio's teacher is trained once (:func:`pipelines.steps.teacher.train_teacher`) and its students
 follow.
 
 Resuming: the comparison run is found by its name, data digest, parameters and code, and resumed; cells whose run
 finished are skipped, an unfinished cell's run is resumed (never a second run of a cell). Several workers (processes,
 machines sharing the stores) split the cells: a worker claims a cell with a non-blocking lock in the study's storage
-(:func:`pipelines.locks.database_lock`), skips cells another holds and waits for those at the end.
+(:func:`pipelines.tracking.locks.database_lock`), skips cells another holds and waits for those at the end.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import numpy as np
 from mlflow.entities import Run
 
 from pipelines.config import COMPARE_PARAMS, PROJECT_ROOT, Config, parse_list, parse_ratios
-from pipelines.distill import distill
 from pipelines.fingerprint import code_fingerprint
-from pipelines.locks import database_lock
 from pipelines.names import Metric, RunTag
-from pipelines.prepare import Prepared, imbalanced, prepare_data
-from pipelines.tracking import close_stale_runs, log_data, newest_matching_run, step_key, tracked_run
+from pipelines.steps.distill import distill
+from pipelines.steps.prepare import Prepared, imbalanced, prepare_data
+from pipelines.tracking.locks import database_lock
+from pipelines.tracking.runs import close_stale_runs, log_data, newest_matching_run, step_key, tracked_run
 from search.comparison_tables import write_comparison_tables
 
 CELL_STEP = "cell"  # kd.step of a cell run (the comparison run's is "compare")

@@ -32,9 +32,9 @@ from mlflow.exceptions import MlflowException
 
 from pipelines.config import PipelineError
 from pipelines.document import Block, Figure, Heading, num, para, table, to_latex, to_markdown
-from pipelines.evaluate import class_keys, pyplot, save_figure
+from pipelines.evaluation.metrics import class_keys, pyplot, save_figure
+from pipelines.evaluation.statistics import corrected_resampled_t_test, holm, kfold_test_train_ratio
 from pipelines.names import Metric, RunTag
-from pipelines.statistics import corrected_resampled_t_test, holm, kfold_test_train_ratio
 
 COMPARE_STEP = "compare"  # the comparison run's kd.step
 ARTIFACT_FOLDER = "comparison"
@@ -188,7 +188,7 @@ def comparison_results(comparison_run_id: str) -> ComparisonResults:
         raise PipelineError(f"comparison {name!r} (run {comparison_run_id}) has no finished cell runs yet")
     cells.sort(key=lambda c: (float(c.ratio), not c.kd, c.teacher, c.metrics.get(Metric.STUDENT_PARAMS, math.inf), c.student))
     teachers = {run_id: client.get_run(run_id) for cell in cells for run_id in cell.teacher_run_ids}
-    # The class names as the data's runs logged them (pipelines.tracking.log_data): a teacher's, else a cell's source run.
+    # The class names as the data's runs logged them (pipelines.tracking.runs.log_data): a teacher's, else a cell's source run.
     source = next(iter(teachers.values()), None) or client.get_run(cells[0].tags[RunTag.CELL_SOURCE_RUN_ID])
     return ComparisonResults(run, cells, teachers, source.data.params["classes"].split(","))
 

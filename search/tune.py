@@ -25,17 +25,17 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from pipelines.calibration import log_oof_logits
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
-from pipelines.distill import cross_validate_student
-from pipelines.evaluate import CONFUSION_ARTIFACT, confusion_record, pyplot
-from pipelines.latency import keras_latency
-from pipelines.locks import database_lock, teacher_lock
-from pipelines.models import build_student
+from pipelines.evaluation.calibration import log_oof_logits
+from pipelines.evaluation.latency import keras_latency
+from pipelines.evaluation.metrics import CONFUSION_ARTIFACT, confusion_record, pyplot
+from pipelines.models.builders import build_student
 from pipelines.names import Metric, RunTag
-from pipelines.prepare import Prepared, prepare_data
-from pipelines.teacher import train_teacher
-from pipelines.tracking import close_stale_runs, log_data, tracked_run
+from pipelines.steps.distill import cross_validate_student
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.steps.teacher import train_teacher
+from pipelines.tracking.locks import database_lock, teacher_lock
+from pipelines.tracking.runs import close_stale_runs, log_data, tracked_run
 from search.space import SearchSpace, teacher_config
 
 # fail_stale_trials and the matplotlib plots are marked experimental; they are what we need.

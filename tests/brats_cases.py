@@ -2,7 +2,7 @@
 
 ``write_nifti_cases`` writes NIfTI cases (``<case>/<case>_flair.nii.gz``, ``_t1``, ``_t1ce``, ``_t2``,
 ``_seg.nii.gz``) and ``write_h5_slices`` BraTS2020 ``.h5`` slices (``volume_<v>_slice_<k>.h5``), both from
-``pipelines.synthetic`` images, so a model trained on them learns something, with the synthetic lesion drawn
+``pipelines.data.synthetic`` images, so a model trained on them learns something, with the synthetic lesion drawn
 as the segmentation. Both return the truth (what each slice's label must be) for the tests' oracles.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import BRATS_MODALITIES
-from pipelines.synthetic import generate_synthetic_mri
+from pipelines.data.synthetic import generate_synthetic_mri
 
 # BraTS volumes are stored left-right and front-back flipped against RAS; the loader reorients them.
 BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])

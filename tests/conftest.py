@@ -11,8 +11,8 @@ import pytest
 from reliability import REPORT_NAME, Recorder, ReliabilityLog, results_from_stats, write_report
 
 from pipelines.config import Config
-from pipelines.images import decode_image, load_images
-from pipelines.sources import Dataset, ingest
+from pipelines.data.images import decode_image, load_images
+from pipelines.data.sources import Dataset, ingest
 
 # The real "Brain MRI Images for Brain Tumor Detection" set, read-only, beside the repository
 # (``../shared/data/brain-mri-yes-no`` from the project root).
@@ -51,7 +51,7 @@ def real_decoded(real_dataset: Dataset, real_cache_dir: Path) -> tuple[np.ndarra
         return image
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("pipelines.images.decode_image", recording)
+        patch.setattr("pipelines.data.images.decode_image", recording)
         images = load_images(real_dataset, 32, real_cache_dir)
     return images, raw
 
@@ -142,10 +142,22 @@ def whole_suite(config) -> bool:
     return config.args == config.getini("testpaths") and not config.option.markexpr and not config.option.keyword
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist's controller: take a finished worker's reliability records (sent by its pytest_sessionfinish)."""
+    records = getattr(node, "workeroutput", {}).get("reliability")
+    if records:
+        RELIABILITY_LOG.merge(records)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
-    """Write RELIABILITY.md at the repository root when the whole suite ran and any test recorded something (not in
-    xdist workers): a partial run (``make test-fast``, one file) would replace the full record with a part of it."""
-    if RELIABILITY_LOG.empty or hasattr(session.config, "workerinput") or not whole_suite(session.config):
+    """Write RELIABILITY.md at the repository root when the whole suite ran and any test recorded something; an xdist
+    worker sends its records to the controller instead. A partial run (``make test-fast``, one file) would replace the
+    full record with a part of it, so it writes nothing."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["reliability"] = RELIABILITY_LOG.as_dict()
+        return
+    if RELIABILITY_LOG.empty or not whole_suite(session.config):
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     results = results_from_stats(reporter.stats if reporter else {})

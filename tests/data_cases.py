@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from pipelines.config import Config
-from pipelines.sources import Dataset, ingest
-from pipelines.splits import Splits
+from pipelines.data.sources import Dataset, ingest
+from pipelines.data.splits import Splits
 
 
 def data_config(data_dir: Path | str, cache_dir: Path, **changes) -> Config:

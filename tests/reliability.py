@@ -4,13 +4,13 @@ Tests record through the ``reliability`` fixture (tests/conftest.py); at the end
 ``pytest_sessionfinish`` writes ``RELIABILITY.md`` at the repository root (``make test`` regenerates it)
 whenever any test recorded something. Every row carries the test that made it and that test's result,
 so a failing check never reads as a passing one. Rows are sorted, so reruns differ only in numbers and
-dates. Records live in the pytest process: under pytest-xdist workers nothing is collected.
+dates. Under pytest-xdist each worker sends its records to the controller (``as_dict``/``merge``), which writes the file.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 LOST_KINDS = ("runs", "trials", "models")
@@ -51,6 +51,22 @@ class ReliabilityLog:
     @property
     def empty(self) -> bool:
         return not (self.faults or self.bad_inputs or self.losses)
+
+    def as_dict(self) -> dict:
+        """The records as plain data: what an xdist worker can send its controller."""
+        return {
+            "faults": [asdict(e) for e in self.faults],
+            "bad_inputs": [asdict(e) for e in self.bad_inputs],
+            "losses": [asdict(loss) for loss in self.losses],
+            "tests": sorted(self.tests),
+        }
+
+    def merge(self, records: dict) -> None:
+        """Add another log's records (``as_dict``'s form), a worker's in the controller."""
+        self.faults += [Entry(**e) for e in records["faults"]]
+        self.bad_inputs += [Entry(**e) for e in records["bad_inputs"]]
+        self.losses += [Loss(**loss) for loss in records["losses"]]
+        self.tests.update(records["tests"])
 
 
 class Recorder:

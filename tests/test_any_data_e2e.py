@@ -24,9 +24,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from pipelines.config import Config
-from pipelines.images import request_bytes
-from pipelines.sources import ingest
-from pipelines.synthetic import generate_synthetic_mri
+from pipelines.data.images import request_bytes
+from pipelines.data.sources import ingest
+from pipelines.data.synthetic import generate_synthetic_mri
 from registry.model import MAX_BATCH
 from registry.server import serve_model
 

@@ -12,10 +12,11 @@ from kdtest import tracking_at
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from pipelines.batches import in_batches
 from pipelines.config import Config
-from pipelines.evaluate import classification_metrics, in_batches, model_logits, probabilities
-from pipelines.models import build_student
-from pipelines.prepare import prepare_data
+from pipelines.evaluation.metrics import classification_metrics, model_logits, probabilities
+from pipelines.models.builders import build_student
+from pipelines.steps.prepare import prepare_data
 from registry.model import MAX_BATCH
 from registry.promote import holdout_frame, log_student, pyfunc_f1
 

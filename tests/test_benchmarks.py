@@ -19,12 +19,12 @@ from benchmarks import report, scaling, scans, throughput
 from benchmarks.common import EXTERNAL_DATA_DIR, SMOKE, Bench, open_bench, ratio, target
 from benchmarks.compression import count_macs
 from benchmarks.edge import batched_call
-from pipelines.distiller import Distiller
-from pipelines.evaluate import probabilities
-from pipelines.models import build_student
-from pipelines.prepare import prepare_data
-from pipelines.quantize import TFLiteModel, int8_export, to_tflite
-from pipelines.training import class_weights, make_dataset, set_seed
+from pipelines.evaluation.metrics import probabilities
+from pipelines.models.builders import build_student
+from pipelines.models.distiller import Distiller
+from pipelines.steps.prepare import prepare_data
+from pipelines.training.fit import class_weights, make_dataset, set_seed
+from pipelines.training.quantize import TFLiteModel, int8_export, to_tflite
 
 
 def test_int8_tflite_agrees_with_keras_on_most_real_scans(mri_subset, tmp_path):
@@ -122,7 +122,7 @@ def test_the_f1_scans_are_a_fixed_balanced_draw_without_copies_of_the_benchmarks
 
 @pytest.mark.slow
 def test_throughput_ratio_is_computed_from_the_measured_images_per_second(mri_subset, tmp_path, monkeypatch):
-    from pipelines.teacher import train_teacher
+    from pipelines.steps.teacher import train_teacher
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # open_bench exports its store for its children: undone after the test
     with tracking_at(mlflow.get_tracking_uri()):

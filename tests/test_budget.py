@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from pipelines.config import Config, PipelineError
-from pipelines.prepare import prepare_data
+from pipelines.steps.prepare import prepare_data
 from registry.promote import promote
 from search.space import SearchSpace
 from search.tune import PARENT_RUN_ATTR, best_trial, load_or_create_study, make_objective, open_storage, run_search, within_budget

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.calibration import (
+from pipelines.evaluation.calibration import (
     brier,
     calibration_metrics,
     ece,

@@ -27,7 +27,7 @@ from pipelines.fingerprint import (
     step_sources,
 )
 from pipelines.names import RunTag
-from pipelines.tracking import reuse_finished, step_key
+from pipelines.tracking.runs import reuse_finished, step_key
 
 ROOT = Path(__file__).resolve().parents[1]
 # How a step is started from the command line; the arguments after it are the step's name and options.
@@ -65,21 +65,21 @@ def test_the_fingerprint_changes_with_a_module_the_step_imports_and_not_with_ano
     before = fingerprint_sources(copy, "teacher")
     assert before == code_fingerprint("teacher"), "the same sources at another path have the same fingerprint"
 
-    append_comment(copy / "pipelines" / "cli.py")
+    append_comment(copy / "pipelines" / "steps" / "cli.py")  # beside the step, not imported by it
     append_comment(copy / "registry" / "promote.py")
     assert fingerprint_sources(copy, "teacher") == before, "modules the teacher step does not import do not shape its model"
 
-    edit(copy / "pipelines" / "models.py", STEM_BEFORE, STEM_AFTER)
+    edit(copy / "pipelines" / "models" / "builders.py", STEM_BEFORE, STEM_AFTER)
     assert fingerprint_sources(copy, "teacher") != before
 
 
 @pytest.mark.parametrize(
     "module, step",
     [
-        ("pipelines/views.py", "teacher"),  # the consistent-KD views whose logits a teacher run caches
-        ("pipelines/views.py", "distill"),
-        ("pipelines/config.py", "distill"),  # a comment was enough to be reused by a hand-kept list's omission
-        ("pipelines/training.py", "compare"),
+        ("pipelines/training/views.py", "teacher"),  # the consistent-KD views whose logits a teacher run caches
+        ("pipelines/training/views.py", "distill"),
+        ("pipelines/config/core.py", "distill"),  # a comment was enough to be reused by a hand-kept list's omission
+        ("pipelines/training/fit.py", "compare"),
     ],
 )
 def test_any_edit_to_a_module_in_the_steps_import_closure_changes_its_fingerprint(tmp_path, module, step):
@@ -92,7 +92,7 @@ def test_any_edit_to_a_module_in_the_steps_import_closure_changes_its_fingerprin
 def test_changing_what_a_student_preset_means_changes_the_distill_fingerprint(tmp_path):
     copy = copy_sources(tmp_path / "src")
     before = fingerprint_sources(copy, "distill")
-    edit(copy / "pipelines" / "config.py", '"small": (16, 3)', '"small": (16, 2)')
+    edit(copy / "pipelines" / "config" / "values.py", '"small": (16, 3)', '"small": (16, 2)')
     assert fingerprint_sources(copy, "distill") != before
 
 
@@ -100,7 +100,7 @@ def test_a_module_a_step_starts_importing_joins_its_fingerprint_also_from_inside
     copy = copy_sources(tmp_path / "src")
     (copy / "pipelines" / "helper_for_test.py").write_text("VALUE = 1\n")
     assert "pipelines/helper_for_test.py" not in step_sources(copy, "teacher")
-    teacher = copy / "pipelines" / "teacher.py"
+    teacher = copy / "pipelines" / "steps" / "teacher.py"
     teacher.write_text(teacher.read_text() + "\n\ndef late():\n    from pipelines import helper_for_test\n\n    return helper_for_test\n")
     assert "pipelines/helper_for_test.py" in step_sources(copy, "teacher")
     before = fingerprint_sources(copy, "teacher")
@@ -191,7 +191,7 @@ def test_a_teacher_is_reused_by_the_same_code_and_retrained_after_its_model_chan
     assert f"reusing finished run {first.info.run_id}" in again.stdout, again.stdout[-3000:]
     assert [run.info.run_id for run in trained()] == [first.info.run_id], "the same code trains nothing new"
 
-    edit(sources / "pipelines" / "models.py", STEM_BEFORE, STEM_AFTER)
+    edit(sources / "pipelines" / "models" / "builders.py", STEM_BEFORE, STEM_AFTER)
     run_teacher(sources, work)
     old, new = trained()
     assert old.info.run_id == first.info.run_id and new.info.run_id != first.info.run_id
@@ -199,6 +199,6 @@ def test_a_teacher_is_reused_by_the_same_code_and_retrained_after_its_model_chan
     assert new.data.metrics["teacher_params"] > first.data.metrics["teacher_params"], "the new teacher was built by the edited code"
 
     # An edit to a module the teacher imports without a model builder in it (the views it caches logits of) retrains too.
-    append_comment(sources / "pipelines" / "views.py")
+    append_comment(sources / "pipelines" / "training" / "views.py")
     run_teacher(sources, work)
     assert len(trained()) == 3

@@ -19,9 +19,9 @@ import pytest
 from kdtest import child_env
 
 from pipelines.config import Config, PipelineError
-from pipelines.locks import database_lock, teacher_lock
 from pipelines.names import Metric, RunTag
-from pipelines.prepare import imbalanced, prepare_data
+from pipelines.steps.prepare import imbalanced, prepare_data
+from pipelines.tracking.locks import database_lock, teacher_lock
 
 TINY = ["--synthetic_images", "60", "--image_size", "32", "--folds", "2", "--repeats", "1", "--epochs", "1", "--patience", "1"]
 # KD and no-KD at two ratios (4 cells, a teacher per ratio); two students at one ratio (4 cells, one teacher)

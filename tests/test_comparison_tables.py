@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
 from pipelines.document import latex_escape, num, to_markdown
+from pipelines.evaluation.statistics import corrected_resampled_t_test
 from pipelines.names import Metric, RunTag
-from pipelines.statistics import corrected_resampled_t_test
 from registry.report.sections import comparison_result
 from search.comparison_tables import (
     FIGURES,

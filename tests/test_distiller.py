@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines.distiller import Distiller, hard_loss, soft_loss
-from pipelines.models import build_student, build_teacher
+from pipelines.models.builders import build_student, build_teacher
+from pipelines.models.distiller import Distiller, hard_loss, soft_loss
 
 RNG = np.random.default_rng(0)
 

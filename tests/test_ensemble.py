@@ -12,10 +12,10 @@ import pytest
 from kdtest import tiny_config, tracking_at
 
 from pipelines.config import MEMBER_SEED_STRIDE, Config, PipelineError, parse_teachers, teacher_members
-from pipelines.distill import distill
-from pipelines.models import build_teacher
-from pipelines.prepare import prepare_data
-from pipelines.teacher import LOGITS_ARTIFACT, load_teacher_logits, load_teacher_model, teacher_cv_summary
+from pipelines.models.builders import build_teacher
+from pipelines.steps.distill import distill
+from pipelines.steps.prepare import prepare_data
+from pipelines.steps.teacher import LOGITS_ARTIFACT, load_teacher_logits, load_teacher_model, teacher_cv_summary
 from registry.report.gather import ensemble_cv
 
 SHA256 = np.array([f"{row:064x}" for row in range(6)])

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from pipelines.config import Config, PipelineError
-from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, probabilities
-from pipelines.images import decode_image, head_box, preprocess
-from pipelines.models import build_student, build_teacher
-from pipelines.prepare import prepare_data
-from pipelines.training import class_weights, make_dataset, set_seed
+from pipelines.data.images import decode_image, head_box, preprocess
+from pipelines.evaluation.metrics import classification_metrics, probabilities
+from pipelines.models.builders import build_student, build_teacher
+from pipelines.models.distiller import Distiller
+from pipelines.steps.prepare import prepare_data
+from pipelines.training.fit import class_weights, make_dataset, set_seed
 from registry.explain import Explanation, caption, class_activation, describe, explain_scan, gradcam, onto_scan, overlay, target_layer
 
 pytestmark = pytest.mark.slow

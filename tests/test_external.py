@@ -17,9 +17,9 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from pipelines.config import Config, PipelineError
-from pipelines.external import match_classes, metrics_with_intervals, point_metrics, training_overlap
-from pipelines.images import decode_image, preprocess
-from pipelines.splits import hash_bits, hash_text, perceptual_hashes
+from pipelines.data.images import decode_image, preprocess
+from pipelines.data.splits import hash_bits, hash_text, perceptual_hashes
+from pipelines.evaluation.external import match_classes, metrics_with_intervals, point_metrics, training_overlap
 
 BOXES_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "br35h-boxes"
 

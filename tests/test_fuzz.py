@@ -36,8 +36,8 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines.config import LIMITS, Config, PipelineError
-from pipelines.images import crop_to_head, decode_bytes, decode_image, load_images
-from pipelines.sources import IMAGE_EXTENSIONS, MAX_PIXELS, ingest, shown
+from pipelines.data.images import crop_to_head, decode_bytes, decode_image, load_images
+from pipelines.data.sources import IMAGE_EXTENSIONS, MAX_PIXELS, ingest, shown
 
 # Function-scoped fixtures (tmp_path, reliability) are shared by all examples of a test on purpose.
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -706,7 +706,7 @@ def served(tmp_path_factory):
     store and loaded back with mlflow.pyfunc.load_model (signature enforcement included)."""
     import mlflow
 
-    from pipelines.models import build_student
+    from pipelines.models.builders import build_student
     from registry.promote import log_student
 
     root = tmp_path_factory.mktemp("served")

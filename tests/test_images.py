@@ -1,4 +1,4 @@
-"""Decoding, preprocessing and the image cache (pipelines/images.py), on the real yes/no set and small images written
+"""Decoding, preprocessing and the image cache (pipelines/data/images.py), on the real yes/no set and small images written
 to tmp; the real set is decoded once per session (``real_decoded`` in tests/conftest.py).
 """
 
@@ -14,8 +14,8 @@ from data_cases import ellipse, ingest_at, tiny_folder, write_mode_files, write_
 from PIL import Image
 
 from pipelines.config import PipelineError
-from pipelines.images import GZIP_MAGIC, crop_to_head, decode_bytes, decode_image, draft_scale, load_images, preprocess, request_bytes
-from pipelines.sources import MAX_PIXELS, Dataset
+from pipelines.data.images import GZIP_MAGIC, crop_to_head, decode_bytes, decode_image, draft_scale, load_images, preprocess, request_bytes
+from pipelines.data.sources import MAX_PIXELS, Dataset
 
 SUFFIX_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -305,9 +305,9 @@ def test_decompression_bomb_far_over_pillow_limit(tmp_path: Path) -> None:
 def test_max_pixels_boundary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_png(tmp_path / "small.png", ellipse(20, 30, canvas=(20, 30)))
     # Patched where pictures are decoded: images.py checks them against the limit it imports from sources.py.
-    monkeypatch.setattr("pipelines.images.MAX_PIXELS", 600)  # exactly the image: allowed
+    monkeypatch.setattr("pipelines.data.images.MAX_PIXELS", 600)  # exactly the image: allowed
     assert decode_image(path).shape == (20, 30)
-    monkeypatch.setattr("pipelines.images.MAX_PIXELS", 599)
+    monkeypatch.setattr("pipelines.data.images.MAX_PIXELS", 599)
     with pytest.raises(PipelineError, match="30x20 exceeds 599"):
         decode_image(path)
 
@@ -318,7 +318,7 @@ def test_load_images_reuses_cache(real_decoded, real_dataset: Dataset, real_cach
     def refuse(*args, **kwargs):
         raise AssertionError("decode_image called although the arrays are cached")
 
-    monkeypatch.setattr("pipelines.images.decode_image", refuse)
+    monkeypatch.setattr("pipelines.data.images.decode_image", refuse)
     again = load_images(real_dataset, 32, real_cache_dir)
     np.testing.assert_array_equal(again, images)
     cached = sorted((real_cache_dir / "arrays").iterdir())
@@ -331,7 +331,7 @@ def test_cache_keyed_by_size_and_content(tmp_path: Path, monkeypatch: pytest.Mon
     cache = tmp_path / "cache"
     calls = []
     original = decode_image
-    monkeypatch.setattr("pipelines.images.decode_image", lambda path, modality=None: calls.append(path) or original(path, modality))
+    monkeypatch.setattr("pipelines.data.images.decode_image", lambda path, modality=None: calls.append(path) or original(path, modality))
 
     dataset = ingest_at(root, tmp_path)
     first = load_images(dataset, 32, cache)

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from pipelines.latency import keras_latency, latency_percentiles, percentiles_ms
-from pipelines.models import build_student
+from pipelines.evaluation.latency import keras_latency, latency_percentiles, percentiles_ms
+from pipelines.models.builders import build_student
 
 
 def test_percentiles_are_of_the_given_seconds_in_milliseconds_and_nan_when_nothing_was_timed():

@@ -9,6 +9,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("pipelines", "search", "registry", "benchmarks", "kd")  # bottom first
+# Inside pipelines: the modules at its top (names, fingerprint, batches, recipes, document) and the config package are
+# the base every sub-package may import; the other sub-packages are floors of their own, bottom first.
+PIPELINE_BASE_PACKAGES = ("config",)
+PIPELINE_FLOORS = ("data", "evaluation", "models", "training", "tracking", "steps")
 
 
 def module_name(path: Path) -> str:
@@ -60,6 +64,25 @@ def test_the_import_graph_sees_imports_at_module_level_and_inside_functions() ->
 def test_no_module_imports_a_layer_above_its_own() -> None:
     upward = sorted(f"{name} -> {target}" for name, targets in GRAPH.items() for target in targets if layer(target) > layer(name))
     assert not upward, f"imports of a higher layer (order {' < '.join(LAYERS)}): {upward}"
+
+
+def pipeline_floor(name: str) -> int:
+    """A pipelines module's floor: -1 for the base, else its sub-package's index."""
+    parts = name.split(".")
+    return PIPELINE_FLOORS.index(parts[1]) if len(parts) > 2 and parts[1] not in PIPELINE_BASE_PACKAGES else -1
+
+
+def test_every_pipelines_module_sits_in_a_floor_or_the_base() -> None:
+    packages = {name.split(".")[1] for name in MODULES if name.startswith("pipelines.") and MODULES[name].name == "__init__.py"}
+    assert packages == {*PIPELINE_FLOORS, *PIPELINE_BASE_PACKAGES}, "a new sub-package of pipelines needs its place in PIPELINE_FLOORS"
+
+
+def test_inside_pipelines_no_module_imports_a_higher_floor_and_the_base_imports_no_floor() -> None:
+    inside = {name: {t for t in targets if t.startswith("pipelines.")} for name, targets in GRAPH.items() if name.startswith("pipelines.")}
+    upward = sorted(
+        f"{name} -> {target}" for name, targets in inside.items() for target in targets if pipeline_floor(target) > pipeline_floor(name)
+    )
+    assert not upward, f"imports of a higher floor of pipelines (base < {' < '.join(PIPELINE_FLOORS)}): {upward}"
 
 
 def test_no_modules_import_each_other_in_a_cycle() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-from pipelines.machine import describe_machine, pinned_requirements
+from pipelines.tracking.machine import describe_machine, pinned_requirements
 
 
 def test_the_description_names_the_python_every_pinned_package_and_the_hardware():

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from kdtest import tiny_config, tracking_at
 
-import pipelines.prepare
+import pipelines.steps.prepare
 from kd.main import run_main
 from registry.roles import CHALLENGER, CHAMPION, current_version
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 def test_one_main_chain_ingests_the_data_once_and_logs_each_steps_wall_time(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     ingested = []
-    ingest = pipelines.prepare.ingest
-    monkeypatch.setattr(pipelines.prepare, "ingest", lambda cfg: ingested.append(cfg.data_dir) or ingest(cfg))
+    ingest = pipelines.steps.prepare.ingest
+    monkeypatch.setattr(pipelines.steps.prepare, "ingest", lambda cfg: ingested.append(cfg.data_dir) or ingest(cfg))
     # data_dir "": the embedded synthetic set
     cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=1, n_trials=1, study_name="main-once")
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):

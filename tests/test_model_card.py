@@ -17,8 +17,8 @@ import pytest
 from kdtest import MODEL, assert_calibration_table, tiny_config, tracking_at
 from mlflow import MlflowClient
 
-from pipelines.calibration import OOF_LOGITS_ARTIFACT, fit_temperature, load_oof_logits, scaled_probabilities
-from pipelines.evaluate import class_keys, model_logits
+from pipelines.evaluation.calibration import OOF_LOGITS_ARTIFACT, fit_temperature, load_oof_logits, scaled_probabilities
+from pipelines.evaluation.metrics import class_keys, model_logits
 from pipelines.names import Metric, RunTag, VersionTag
 from registry.calibrate import MODELS, RELIABILITY_ARTIFACT
 from registry.card import CARD_ARTIFACT, description, read_card
@@ -88,8 +88,8 @@ def test_the_served_model_returns_softmax_of_its_logits_over_the_temperature_wit
 
 @pytest.mark.parametrize("serving_format", ["keras", "tflite-float32", "tflite-int8"])
 def test_every_serving_format_divides_its_logits_by_the_temperature(tmp_path, real_data_dir, serving_format):
-    from pipelines.models import build_student
-    from pipelines.quantize import TFLiteModel, int8_export, to_tflite
+    from pipelines.models.builders import build_student
+    from pipelines.training.quantize import TFLiteModel, int8_export, to_tflite
 
     student = build_student("tiny", 32, 3, seed=4)
     student.save(tmp_path / "student.keras")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import Config, PipelineError
-from pipelines.models import STUDENT_PRESETS, build_student, build_teacher, load_keras_model, parse_student_size
+from pipelines.models.builders import STUDENT_PRESETS, build_student, build_teacher, load_keras_model, parse_student_size
 from registry.explain import class_activation, gradcam
 
 

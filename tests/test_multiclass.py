@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 from sklearn.metrics import f1_score
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import CONFUSION_ARTIFACT, class_keys
+from pipelines.data.synthetic import CLASS_PROPORTIONS, class_counts, ensure_synthetic_dataset, generate_synthetic_mri
+from pipelines.evaluation.metrics import CONFUSION_ARTIFACT, class_keys
 from pipelines.names import RunTag
-from pipelines.synthetic import CLASS_PROPORTIONS, class_counts, ensure_synthetic_dataset, generate_synthetic_mri
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,10 +20,10 @@ from kdtest import child_env, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import Config, PipelineError
-from pipelines.distiller import Distiller
-from pipelines.evaluate import model_logits
-from pipelines.models import build_student
-from pipelines.training import as_float32, fit, make_dataset, set_seed, training_precision
+from pipelines.evaluation.metrics import model_logits
+from pipelines.models.builders import build_student
+from pipelines.models.distiller import Distiller
+from pipelines.training.fit import as_float32, fit, make_dataset, set_seed, training_precision
 
 N_IMAGES, SIZE = 32, 32
 

@@ -111,7 +111,7 @@ def test_bad_data_dir_fails_with_one_line_and_a_failed_run(tmp_path):
 
 
 def test_diverging_training_stops_with_a_clear_error_and_a_failed_run(mri_subset, tmp_path):
-    from pipelines.teacher import train_teacher
+    from pipelines.steps.teacher import train_teacher
 
     tracking_uri, previous_uri = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)

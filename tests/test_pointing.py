@@ -60,10 +60,10 @@ def test_gradcam_of_models_trained_on_real_scans_beats_the_centre_and_the_bright
     annotated boxes (another source: none of them is in the training set)."""
     if not BOXES_DIR.is_dir():
         pytest.skip(f"{BOXES_DIR} not found")
-    from pipelines.distiller import Distiller
-    from pipelines.models import build_student, build_teacher
-    from pipelines.prepare import prepare_data
-    from pipelines.training import class_weights, make_dataset, set_seed
+    from pipelines.models.builders import build_student, build_teacher
+    from pipelines.models.distiller import Distiller
+    from pipelines.steps.prepare import prepare_data
+    from pipelines.training.fit import class_weights, make_dataset, set_seed
 
     cfg = Config(data_dir=str(real_data_dir), image_size=64, folds=2, cache_dir=str(tmp_path_factory.mktemp("cache")))
     prepared = prepare_data(cfg)

@@ -13,13 +13,13 @@ import pytest
 from kdtest import tiny_config, tracking_at
 
 from pipelines.config import DISTILL_PARAMS, SEARCH_PARAMS, TEACHER_PARAMS, Config, PipelineError
-from pipelines.crossval import cross_validate
-from pipelines.distiller import Distiller
-from pipelines.evaluate import model_logits
-from pipelines.models import build_student, load_keras_model
-from pipelines.prepare import prepare_data
-from pipelines.tracking import step_key
-from pipelines.training import as_float32, make_dataset, set_seed, train_on_all_data, training_precision
+from pipelines.evaluation.metrics import model_logits
+from pipelines.models.builders import build_student, load_keras_model
+from pipelines.models.distiller import Distiller
+from pipelines.steps.prepare import prepare_data
+from pipelines.tracking.runs import step_key
+from pipelines.training.crossval import cross_validate
+from pipelines.training.fit import as_float32, make_dataset, set_seed, train_on_all_data, training_precision
 
 SIZE = 32
 

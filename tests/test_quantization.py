@@ -14,11 +14,11 @@ import pytest
 from kdtest import tiny_config, tracking_at
 
 from pipelines.config import Config, PipelineError
-from pipelines.evaluate import model_logits
-from pipelines.models import FakeQuant, build_student, load_keras_model, recalibrate_batch_norm
+from pipelines.evaluation.metrics import model_logits
+from pipelines.models.builders import FakeQuant, build_student, load_keras_model, recalibrate_batch_norm
 from pipelines.names import Metric
-from pipelines.prepare import prepare_data
-from pipelines.quantize import TFLiteModel, fine_tune_qat, float_ops, fold_batch_norm, int8_export, qat_model
+from pipelines.steps.prepare import prepare_data
+from pipelines.training.quantize import TFLiteModel, fine_tune_qat, float_ops, fold_batch_norm, int8_export, qat_model
 
 
 def _images(count: int = 48, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -73,8 +73,8 @@ def test_precise_batch_norm_statistics_normalise_the_images_they_were_computed_o
 
 
 def test_a_qat_models_int8_export_predicts_what_its_fake_quantized_keras_model_predicts(real_data_dir, tmp_path) -> None:
-    from pipelines.distiller import Distiller
-    from pipelines.training import train_on_all_data
+    from pipelines.models.distiller import Distiller
+    from pipelines.training.fit import train_on_all_data
 
     cfg = Config(
         data_dir=str(real_data_dir),
@@ -122,7 +122,7 @@ def test_qat_model_keeps_the_student_and_starts_from_its_function() -> None:
 
 @pytest.mark.slow
 def test_distill_with_qat_fine_tunes_logs_and_saves_every_folds_quantization_aware_student(tmp_path) -> None:
-    from pipelines.distill import distill
+    from pipelines.steps.distill import distill
 
     cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=1, teacher_arch="resnet:S", student_norm="batch", qat=True)
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):

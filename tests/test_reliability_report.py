@@ -51,3 +51,14 @@ def test_worst_result_of_a_test_wins() -> None:
     report = lambda nodeid: SimpleNamespace(nodeid=nodeid)  # noqa: E731
     stats = {"passed": [report("t1"), report("t2")], "error": [report("t2")], "skipped": [report("t3")], "": [report("t4")]}
     assert results_from_stats(stats) == {"t1": "passed", "t2": "error", "t3": "skipped"}
+
+
+def test_records_sent_from_xdist_workers_render_the_same_report_as_one_process() -> None:
+    import json
+
+    merged = ReliabilityLog()
+    for worker in (_log(), ReliabilityLog()):
+        merged.merge(json.loads(json.dumps(worker.as_dict())))  # what execnet carries: plain data
+    results = {"tests/test_a.py::test_fuzz": "passed", "tests/test_b.py::test_kill": "passed"}
+    assert render(merged, results, "tests", NOW) == render(_log(), results, "tests", NOW)
+    assert merged.tests == _log().tests and not ReliabilityLog().as_dict()["faults"]

@@ -21,8 +21,8 @@ from kdtest import MODEL, assert_calibration_table, child_env, tiny_config, trac
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
+from pipelines.evaluation.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from pipelines.names import RunTag
-from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from registry.fetch import resolve_version
 from registry.promote import promote
 from registry.report import write_report
@@ -161,7 +161,7 @@ def test_the_kd_vs_no_kd_test_is_the_corrected_t_test_of_every_logged_fold_of_ev
 
 
 def test_the_per_class_f1_table_equals_the_logged_values(tracked):
-    from pipelines.evaluate import class_keys
+    from pipelines.evaluation.metrics import class_keys
 
     _, paths = tracked
     runs = runs_of_report(paths)
@@ -336,7 +336,7 @@ def test_mlflow_run_report_and_explain_cli(tracked, mri_subset, tmp_path):
 
 
 def test_registered_models_explain_on_the_scan(tracked, mri_subset):
-    from pipelines.images import decode_image
+    from pipelines.data.images import decode_image
     from registry.explain import explain_scan, load_models
 
     models = load_models(MODEL, resolve_version(MODEL, alias="champion"))

@@ -21,7 +21,7 @@ import pytest
 from kdtest import tracking_at
 
 from pipelines.config import PipelineError
-from pipelines.models import build_student, build_teacher, load_keras_model
+from pipelines.models.builders import build_student, build_teacher, load_keras_model
 from registry.model import StudentClassifier
 
 
@@ -107,7 +107,7 @@ def test_non_keras_objects_in_the_config_are_refused(tmp_path: Path, marker: Pat
 
 @pytest.mark.parametrize(
     "module, class_name, registered_name",
-    [("os", "system", "kd_brain>FakeQuant"), ("pipelines.models", "PipelineError", "kd_brain>PipelineError")],
+    [("os", "system", "kd_brain>FakeQuant"), ("pipelines.models.builders", "PipelineError", "kd_brain>PipelineError")],
 )
 def test_only_this_projects_own_quantization_layers_pass_as_registered_objects(
     tmp_path: Path, module: str, class_name: str, registered_name: str
@@ -159,7 +159,7 @@ def tracking(tmp_path_factory):
 
 def test_teacher_run_artifacts_are_loaded_safely(tracking, lambda_model: Path, pickle_file: Path, marker: Path, reliability) -> None:
     """A teacher run whose model and logits artifacts were replaced by malicious files (a writer to the store)."""
-    from pipelines.teacher import LOGITS_ARTIFACT, load_teacher_logits, load_teacher_model
+    from pipelines.steps.teacher import LOGITS_ARTIFACT, load_teacher_logits, load_teacher_model
 
     staged = lambda_model.parent / "staged"
     (staged / "models").mkdir(parents=True)

@@ -15,9 +15,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines.config import Config
-from pipelines.images import decode_bytes, load_images, preprocess
-from pipelines.models import build_student
-from pipelines.sources import ingest
+from pipelines.data.images import decode_bytes, load_images, preprocess
+from pipelines.data.sources import ingest
+from pipelines.models.builders import build_student
 from registry.model import MAX_BATCH, StudentClassifier, encode_file
 
 
@@ -79,7 +79,7 @@ def test_truncated_file_is_refused(wrapper, real_data_dir):
 
 
 def test_oversized_images_are_refused_before_decoding(wrapper, monkeypatch):
-    monkeypatch.setattr("pipelines.images.MAX_PIXELS", 100)  # a 60x40 image now counts as a decompression bomb
+    monkeypatch.setattr("pipelines.data.images.MAX_PIXELS", 100)  # a 60x40 image now counts as a decompression bomb
     _rejects(wrapper, pd.DataFrame({"image": [_png()]}), "exceeds 100 pixels")
     monkeypatch.setattr("registry.model.MAX_IMAGE_BYTES", 10)
     _rejects(wrapper, pd.DataFrame({"image": [_png()]}), "larger than")
@@ -159,8 +159,8 @@ def formats_served(mri_subset, tmp_path_factory):
     import mlflow
     from kdtest import tracking_at
 
-    from pipelines.prepare import prepare_data
-    from pipelines.training import set_seed
+    from pipelines.steps.prepare import prepare_data
+    from pipelines.training.fit import set_seed
     from registry.export import tflite_exports
     from registry.promote import holdout_frame, log_student
 

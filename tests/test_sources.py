@@ -1,4 +1,4 @@
-"""Ingestion (pipelines/sources.py): every source layout read into one manifest and digest, and the bad input it
+"""Ingestion (pipelines/data/sources.py): every source layout read into one manifest and digest, and the bad input it
 refuses, on the real yes/no set and small cases written to tmp (helpers in tests/data_cases.py).
 """
 
@@ -24,9 +24,9 @@ from data_cases import (
 )
 
 from pipelines.config import BRATS_MODALITIES, PipelineError
-from pipelines.images import NIFTI_SLICE, decode_image, load_images
-from pipelines.sources import BRATS_PATTERN, Dataset, detect_positive_class
-from pipelines.splits import make_splits
+from pipelines.data.images import NIFTI_SLICE, decode_image, load_images
+from pipelines.data.sources import BRATS_PATTERN, Dataset, detect_positive_class
+from pipelines.data.splits import make_splits
 
 README_COUNTS = {"yes": 155, "no": 98}  # from the data README
 

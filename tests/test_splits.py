@@ -1,4 +1,4 @@
-"""Splits (pipelines/splits.py): the hold-out split and the folds, groups and near-duplicates kept on one side,
+"""Splits (pipelines/data/splits.py): the hold-out split and the folds, groups and near-duplicates kept on one side,
 on the real yes/no set and small cases written to tmp (helpers in tests/data_cases.py).
 """
 
@@ -23,9 +23,9 @@ from data_cases import (
 from PIL import Image
 
 from pipelines.config import PipelineError
-from pipelines.images import decode_image, load_images, preprocess
-from pipelines.sources import Dataset
-from pipelines.splits import NEAR_DUPLICATE_BITS, Splits, duplicate_groups, make_splits, perceptual_hashes
+from pipelines.data.images import decode_image, load_images, preprocess
+from pipelines.data.sources import Dataset
+from pipelines.data.splits import NEAR_DUPLICATE_BITS, Splits, duplicate_groups, make_splits, perceptual_hashes
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def test_duplicates_across_a_given_split_are_dropped_from_the_holdout_logged_and
     import mlflow
     from kdtest import tracking_at
 
-    from pipelines.prepare import prepare, prepare_data
+    from pipelines.steps.prepare import prepare, prepare_data
 
     copies = _leaky_split_set(real_data_dir, tmp_path / "leaky")
     cfg = data_config(tmp_path / "leaky", tmp_path / "cache", image_size=32, folds=2, experiment_name="dedupe")
@@ -263,7 +263,7 @@ def test_duplicates_across_a_given_split_are_dropped_from_the_holdout_logged_and
 
 
 def test_dedupe_keep_keeps_the_duplicates_in_the_holdout_and_error_refuses_the_data(real_data_dir: Path, tmp_path: Path, capsys) -> None:
-    from pipelines.prepare import prepare_data
+    from pipelines.steps.prepare import prepare_data
 
     _leaky_split_set(real_data_dir, tmp_path / "leaky")
     cfg = data_config(tmp_path / "leaky", tmp_path / "cache", image_size=32, folds=2)

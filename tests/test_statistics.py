@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipelines.statistics import corrected_resampled_t_test, holm, kfold_test_train_ratio
+from pipelines.evaluation.statistics import corrected_resampled_t_test, holm, kfold_test_train_ratio
 
 
 def test_corrected_t_test_matches_a_hand_computed_example():
@@ -63,7 +63,7 @@ def test_holm_with_tied_p_values_matches_a_hand_computed_example():
 
 
 def test_bootstrap_intervals_hold_the_estimate_and_narrow_with_more_images():
-    from pipelines.statistics import bootstrap_intervals
+    from pipelines.evaluation.statistics import bootstrap_intervals
 
     rng = np.random.default_rng(0)
     score = lambda labels, probs: {"accuracy": float(np.mean(labels == probs.argmax(axis=1)))}

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipelines import synthetic
-from pipelines.synthetic import (
+from pipelines.data.synthetic import (
     NEGATIVE_CLASS,
     POSITIVE_CLASS,
     ensure_synthetic_dataset,

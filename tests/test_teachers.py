@@ -13,16 +13,16 @@ import pytest
 from kdtest import tiny_config, tracking_at
 
 from pipelines.config import Config, PipelineError, distill_params
-from pipelines.distill import distill
-from pipelines.distiller import Distiller, hard_loss
-from pipelines.evaluate import model_logits
-from pipelines.images import load_images, preprocess
-from pipelines.models import build_student, build_teacher, load_keras_model
-from pipelines.prepare import prepare_data
-from pipelines.teacher import load_teacher_logits, load_teacher_model
-from pipelines.tracking import step_key
-from pipelines.training import make_dataset, train_on_all_data
-from pipelines.views import image_keys, view_logits, views_of
+from pipelines.data.images import load_images, preprocess
+from pipelines.evaluation.metrics import model_logits
+from pipelines.models.builders import build_student, build_teacher, load_keras_model
+from pipelines.models.distiller import Distiller, hard_loss
+from pipelines.steps.distill import distill
+from pipelines.steps.prepare import prepare_data
+from pipelines.steps.teacher import load_teacher_logits, load_teacher_model
+from pipelines.tracking.runs import step_key
+from pipelines.training.fit import make_dataset, train_on_all_data
+from pipelines.training.views import image_keys, view_logits, views_of
 from registry.explain import explain_scan
 
 RNG = np.random.default_rng(0)

@@ -14,11 +14,11 @@ from kdtest import tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError
-from pipelines.distiller import Distiller
+from pipelines.models.distiller import Distiller
 from pipelines.names import RunTag
-from pipelines.prepare import prepare_data
-from pipelines.teacher import train_teacher
-from pipelines.training import WarmupSchedule, fit, make_dataset, optimizer, peak_learning_rate
+from pipelines.steps.prepare import prepare_data
+from pipelines.steps.teacher import train_teacher
+from pipelines.training.fit import WarmupSchedule, fit, make_dataset, optimizer, peak_learning_rate
 
 
 def teacher_run(client: MlflowClient, run_id: str):

@@ -1,4 +1,4 @@
-"""The report's figures, drawn with the evaluation plots of ``pipelines.evaluate`` (the same confusion matrices
+"""The report's figures, drawn with the evaluation plots of ``pipelines.evaluation.metrics`` (the same confusion matrices
 and curves every run logs), three models side by side. Each function writes a PNG and returns its path relative
 to the report folder, as the documents cite it."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.document import num
-from pipelines.evaluate import plot_confusion, plot_curves, pyplot, save_figure
+from pipelines.evaluation.metrics import plot_confusion, plot_curves, pyplot, save_figure
 from registry.report.gather import MODELS, Sources
 from registry.report.stats import METRICS
 
@@ -55,7 +55,7 @@ def importance_figure(importances: dict[str, float], path: Path) -> str:
 
 def gradcam_examples(s: Sources, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, Path]]:
     """The KD student's most confident hold-out example of each outcome whose file is still there."""
-    from pipelines.images import row_file
+    from pipelines.data.images import row_file
 
     predicted = probs.argmax(axis=1)
     if probs.shape[1] == 2:

@@ -104,7 +104,7 @@ def search_study(search: Run, storage: str) -> tuple[object | None, str]:
 def ensemble_cv(run_ids: str, splits: pd.DataFrame, classes: list[str], cfg: Config) -> dict[str, float]:
     """An ensemble teacher's cross-validation metrics, from its members' cached logits on the logged fold entries
     (``splits.csv``: fold entry k of repeat r = k // folds in column ``split``, or ``split_repeat_<r>`` for r > 0)."""
-    from pipelines.teacher import teacher_cv_summary
+    from pipelines.steps.teacher import teacher_cv_summary
 
     labels = splits["label"].map({name: i for i, name in enumerate(classes)}).to_numpy()
     columns = [("split" if k < cfg.folds else f"split_repeat_{k // cfg.folds}") for k in range(cfg.fold_count)]

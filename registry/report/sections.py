@@ -187,7 +187,7 @@ def architecture_section(s: Sources) -> list[Block]:
 
 def distillation_section(s: Sources) -> list[Block]:
     """Heading "Knowledge distillation": the loss, the selected temperature and weight, and the class weights."""
-    from pipelines.training import class_weights
+    from pipelines.training.fit import class_weights
 
     class_names, student = s.class_names, s.student_cfg
     _, train, _ = data_parts(s)
@@ -228,8 +228,8 @@ def distillation_section(s: Sources) -> list[Block]:
 
 def optimisation_section(s: Sources) -> list[Block]:
     """Heading "Optimisation": optimiser, batch size, learning-rate schedule, early stopping and the final models' epochs,
-    worded by :func:`pipelines.training.describe_optimiser` from the runs' Configs."""
-    from pipelines.training import describe_optimiser
+    worded by :func:`pipelines.training.fit.describe_optimiser` from the runs' Configs."""
+    from pipelines.training.fit import describe_optimiser
 
     cfg, student = s.data_cfg, s.student_cfg
     client = MlflowClient()
@@ -408,10 +408,10 @@ def value_range(values: np.ndarray) -> str:
 
 
 def augmentation_description(cfg: Config) -> str:
-    """The augmentation and its ranges, read from the constants the training views are made with (pipelines/views.py)."""
+    """The augmentation and its ranges, read from the constants the training views are made with (pipelines/training/views.py)."""
     if not cfg.augment:
         return "none (augment = false)"
-    from pipelines.views import CONTRAST, ROTATION, SHIFT, ZOOM
+    from pipelines.training.views import CONTRAST, ROTATION, SHIFT, ZOOM
 
     return (
         f"random left-right flip, rotation up to ±{ROTATION} turns, zoom ±{ZOOM:.0%}, shift up to ±{SHIFT:.0%} of the side "

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.config import BOOTSTRAP_RESAMPLES
-from pipelines.evaluate import class_keys, classification_metrics
+from pipelines.evaluation.metrics import class_keys, classification_metrics
+from pipelines.evaluation.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from pipelines.names import Metric
-from pipelines.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from registry.report.gather import MODELS, Sources, holdout_arrays
 from search.comparison_tables import fold_scores
 

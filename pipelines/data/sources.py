@@ -8,7 +8,7 @@ empty) the embedded synthetic set, which is read back through the folder loader.
 A manifest row is a file, except for NIfTI, where it is one axial slice of a volume: ``<volume>#z=<index>``.
 Every file is checked before its data is read: its name, its links, and the array types and sizes its header
 declares (``MAX_PIXELS``). The readers of BraTS slices and NIfTI volumes live here because ingest needs them
-(masks label slices, volumes are sliced); decoding (:mod:`pipelines.images`) builds on them.
+(masks label slices, volumes are sliced); decoding (:mod:`pipelines.data.images`) builds on them.
 """
 
 from __future__ import annotations
@@ -419,7 +419,7 @@ def _csv_rows(csv_path: Path) -> list[dict]:
 def resolve_data_dir(cfg: Config) -> tuple[Path, str]:
     """The folder or file to read and its source kind; an empty data_dir means the embedded synthetic set."""
     if not cfg.data_dir:
-        from pipelines.synthetic import ensure_synthetic_dataset
+        from pipelines.data.synthetic import ensure_synthetic_dataset
 
         return ensure_synthetic_dataset(
             Path(cfg.cache_dir), n_images=cfg.synthetic_images, seed=0, classes=cfg.synthetic_classes

@@ -24,15 +24,15 @@ import mlflow
 import numpy as np
 
 from pipelines.config import Config
-from pipelines.evaluate import class_keys, classification_metrics, confusion_matrix, model_logits, per_class_f1, probabilities
-from pipelines.models import load_keras_model, recalibrate_batch_norm
+from pipelines.evaluation.metrics import class_keys, classification_metrics, confusion_matrix, model_logits, per_class_f1, probabilities
+from pipelines.models.builders import load_keras_model, recalibrate_batch_norm
 from pipelines.names import Metric
-from pipelines.training import as_float32, class_weights, fit, make_dataset, set_seed, training_batches, training_precision
-from pipelines.views import image_keys
+from pipelines.training.fit import as_float32, class_weights, fit, make_dataset, set_seed, training_batches, training_precision
+from pipelines.training.views import image_keys
 
 if TYPE_CHECKING:
-    from pipelines.distiller import Distiller
-    from pipelines.prepare import Prepared
+    from pipelines.data.prepared import Prepared
+    from pipelines.models.distiller import Distiller
 
 
 @dataclass
@@ -221,14 +221,14 @@ def cross_validate(
     """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
 
     ``build_trainer(k)`` gives the :class:`Distiller` for fold k (alpha = 1 and no teacher for plain training), compiled
-    by :func:`pipelines.training.fit`; with ``cfg.fold_workers`` > 1 it must be picklable (:class:`FoldTask`).
+    by :func:`pipelines.training.fit.fit`; with ``cfg.fold_workers`` > 1 it must be picklable (:class:`FoldTask`).
     ``teacher_logits(k)`` gives cached logits for every row, or None (online or no KD).
     ``on_fold(k, metrics)`` sees each fold's validation metrics as they come (a search reports and prunes there).
     ``view_logits`` makes training consistent (:func:`make_dataset` with view keys): ``view_logits(k)`` gives the
     cached logits of every row's views ``(N, views, units)``, or None for fresh views every step (online or no KD);
     the validation rows stay plain images with ``teacher_logits(k)``.
     ``recalibrate``: each trained model's BatchNorm statistics recomputed on its training images before it is evaluated
-    (:func:`pipelines.models.recalibrate_batch_norm`; the student with ``student_norm=batch``).
+    (:func:`pipelines.models.builders.recalibrate_batch_norm`; the student with ``student_norm=batch``).
     """
     dataset = prepared.dataset
     keys = image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed) if view_logits is not None or cfg.augment else None

@@ -72,7 +72,7 @@ def teacher_lock(cfg: Config) -> Iterator[None]:
     imbalance ratio included), so workers train different teachers at once; an ensemble holds its members' locks, taken
     in one order, so it never trains a member another worker is training. Through the study's storage (``storage`` or
     $KD_STORAGE_URL), so with PostgreSQL it holds across machines."""
-    from pipelines.tracking import step_key  # MLflow's import, for the distill and search steps that use it anyway
+    from pipelines.tracking.runs import step_key  # MLflow's import, for the distill and search steps that use it anyway
 
     keys = sorted({hashlib.sha256(step_key(member, TEACHER_PARAMS).encode()).hexdigest()[:16] for member in teacher_members(cfg)})
     with ExitStack() as stack:

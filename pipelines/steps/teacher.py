@@ -3,7 +3,7 @@
 A finished teacher run with the same data digest, parameters and code fingerprint is reused, never retrained.
 Artifacts: ``models/fold_<k>.keras``, ``models/all.keras``, ``logits/teacher_logits.npz`` (keyed by image
 sha256: ``fold_<k>`` and ``all`` logits for every image, ``views_fold_<k>`` and ``views_all`` those of its
-``kd_views`` consistent views, pipelines/views.py), evaluation plots and a classification report.
+``kd_views`` consistent views, pipelines/training/views.py), evaluation plots and a classification report.
 
 The teachers train, stop early and predict at ``teacher_image_size`` (the student's ``image_size`` when 0), on the
 same rows and splits as the student: the cached logits are keyed by image, so a student at a lower resolution
@@ -27,23 +27,23 @@ import mlflow
 import numpy as np
 
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError, teacher_members
-from pipelines.crossval import cross_validate, summarize_folds
-from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, confusion_matrix, model_logits, probabilities, write_evaluation_artifacts
-from pipelines.images import load_images
-from pipelines.models import build_teacher, load_keras_model
+from pipelines.data.images import load_images
+from pipelines.evaluation.metrics import classification_metrics, confusion_matrix, model_logits, probabilities, write_evaluation_artifacts
+from pipelines.models.builders import build_teacher, load_keras_model
+from pipelines.models.distiller import Distiller
 from pipelines.names import Metric, RunTag
-from pipelines.prepare import Prepared, prepare_data
-from pipelines.tracking import reuse_finished, step_run, tracked_run
-from pipelines.training import set_seed, train_on_all_data
-from pipelines.views import image_keys, view_logits
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.tracking.runs import reuse_finished, step_run, tracked_run
+from pipelines.training.crossval import cross_validate, summarize_folds
+from pipelines.training.fit import set_seed, train_on_all_data
+from pipelines.training.views import image_keys, view_logits
 
 LOGITS_ARTIFACT = "logits/teacher_logits.npz"
 
 
 def _trainer(cfg: Config, num_classes: int, seed: int) -> Distiller:
     """Plain supervised training is the Distiller with alpha = 1 and no teacher: one loss, one set of metrics (compiled by
-    :func:`pipelines.training.fit`)."""
+    :func:`pipelines.training.fit.fit`)."""
     network = build_teacher(cfg.teacher_arch, cfg.teacher_size, num_classes, cfg.teacher_weights, seed=seed)
     return Distiller(network, None, temperature=1.0, alpha=1.0, binary=num_classes == 2)
 

@@ -19,7 +19,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pipelines.config import DEDUPE_MODES, PipelineError
-from pipelines.sources import Dataset, shown
+from pipelines.data.sources import Dataset, shown
 
 # Near-duplicates (see perceptual_hashes): hash of the 12x12 lowest DCT frequencies of the preprocessed image at
 # 32x32, and the largest Hamming distance (of its 143 bits) that still counts as the same scan. On the real yes/no
@@ -96,7 +96,7 @@ def perceptual_hashes(images: np.ndarray) -> np.ndarray:
 def _close_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(i, j, distance)`` for every hash ``a[i]`` within ``NEAR_DUPLICATE_BITS`` of ``b[j]``, computed in row
     blocks so memory stays bounded for tens of thousands of images."""
-    from pipelines.evaluate import in_batches
+    from pipelines.batches import in_batches
 
     ones_b, zeros_b = b.astype(np.float32).T, (~b).astype(np.float32).T
 

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.config import PipelineError
+from pipelines.data.sources import MAX_PIXELS, Dataset, check_declared, nifti_errors, nifti_slice, one_line, read_h5, shown, squeezed
 from pipelines.fingerprint import SOURCE_ROOT, fingerprint_sources
-from pipelines.sources import MAX_PIXELS, Dataset, check_declared, nifti_errors, nifti_slice, one_line, read_h5, shown, squeezed
 
 NIFTI_SLICE = re.compile(r"^(?P<file>.+\.nii(\.gz)?)#z=(?P<z>\d+)$", re.IGNORECASE)
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -290,7 +290,7 @@ def preprocess(image: np.ndarray, image_size: int) -> np.ndarray:
 def load_images(dataset: Dataset, image_size: int, cache_dir: Path | str) -> np.ndarray:
     """Every image decoded and preprocessed once, ``(N, S, S, 1)``; cached on disk by digest, size and the source of
     this module (an edit to decoding or preprocessing never reads arrays the old code made: no version to bump by hand)."""
-    code = fingerprint_sources(SOURCE_ROOT, ("pipelines/images.py",))[:12]
+    code = fingerprint_sources(SOURCE_ROOT, ("pipelines/data/images.py",))[:12]
     cache = Path(cache_dir) / "arrays" / f"{dataset.digest[:16]}-{image_size}px-{code}.npy"
     if cache.exists():
         return np.load(cache)

@@ -27,7 +27,7 @@ def run_cli(
     try:
         checked = check(args) if check else args
         if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: name its run after the entry point
-            from pipelines.tracking import name_launched_run
+            from pipelines.tracking.runs import name_launched_run
 
             name_launched_run()
         return step(checked)
@@ -37,7 +37,7 @@ def run_cli(
         mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # an MlflowException needs MLflow imported
         if mlflow_exceptions is None or not isinstance(error, mlflow_exceptions.MlflowException):
             raise
-        from pipelines.tracking import unreachable
+        from pipelines.tracking.runs import unreachable
 
         if unreachable(error):
             fail(

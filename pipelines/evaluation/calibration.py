@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.evaluate import model_logits, probabilities, pyplot, save_figure
+from pipelines.evaluation.metrics import model_logits, probabilities, pyplot, save_figure
 
 # A cross-validation's out-of-fold logits (search trials log them): what a temperature is fitted on, never the hold-out.
 OOF_LOGITS_ARTIFACT = "logits/oof_logits.npz"

@@ -3,7 +3,7 @@ teacher and student see the same augmented view of an image on every step.
 
 A view is a pure function of (image, seed pair): a left-right flip, a small rotation, zoom and shift (fractions of the
 image, so a view means the same thing at any resolution: a teacher at twice the student's size sees the same view)
-and a contrast change, the changes of :func:`pipelines.training.augmentation`. The seed pair is (image key, view):
+and a contrast change, the changes of :func:`pipelines.training.fit.augmentation`. The seed pair is (image key, view):
 the image key comes from the run's seed and the image's sha256, so a view of an image is the same in the teacher
 run, which caches its logits of views 0..kd_views-1, and in any student run that reads them, whatever the row order.
 
@@ -20,7 +20,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-# The ranges of pipelines.training.augmentation: rotation in turns, zoom and shift as fractions, contrast factor.
+# The ranges of pipelines.training.fit.augmentation: rotation in turns, zoom and shift as fractions, contrast factor.
 ROTATION, ZOOM, SHIFT, CONTRAST = 0.04, 0.1, 0.05, 0.2
 # Beta(a, a) mixup weights; a small a keeps most mixes close to one image (Zhang et al. 2018 use 0.2-0.4).
 MIXUP_ALPHA = 0.2
@@ -77,7 +77,7 @@ def view_logits(model, images: np.ndarray, keys: np.ndarray, views: int, batch_s
     """The model's logits of views ``0..views-1`` of every image: ``(N, views, units)``, what a teacher run caches.
 
     Views are made a batch at a time: never a second copy of all the images."""
-    from pipelines.evaluate import model_logits
+    from pipelines.evaluation.metrics import model_logits
 
     per_view = [
         np.concatenate(

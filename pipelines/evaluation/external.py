@@ -2,7 +2,7 @@
 images the model has already seen, and the metrics with 95 % bootstrap intervals.
 
 ``registry.external`` runs them on a registered version (``kd evaluate``). Calibration figures (``ece``, ``brier``) come
-from :mod:`pipelines.calibration`, the one definition promotion, the report and the model card share.
+from :mod:`pipelines.evaluation.calibration`, the one definition promotion, the report and the model card share.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from pipelines.calibration import brier, ece
 from pipelines.config import BOOTSTRAP_RESAMPLES, PipelineError, parse_class_map
-from pipelines.evaluate import class_keys, per_class_f1
-from pipelines.splits import closest_matches
-from pipelines.statistics import bootstrap_intervals
+from pipelines.data.splits import closest_matches
+from pipelines.evaluation.calibration import brier, ece
+from pipelines.evaluation.metrics import class_keys, per_class_f1
+from pipelines.evaluation.statistics import bootstrap_intervals
 
 CONFIDENCE = 0.95
 
@@ -83,7 +83,7 @@ def one_vs_rest_auc(truth: np.ndarray, score: np.ndarray) -> float:
 def point_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """``accuracy``, ``f1_macro``, and per class ``f1_<key>``, ``precision_<key>``, ``recall_<key>``, ``auc_<key>``
     (one-vs-rest), with ``auc_macro`` their mean, of arg-max decisions. Precision and F1 of a class never predicted are
-    0, as in ``pipelines.evaluate``; an AUC without both outcomes is NaN."""
+    0, as in ``pipelines.evaluation.metrics``; an AUC without both outcomes is NaN."""
     n_classes = len(class_names)
     predicted = probs.argmax(axis=1)
     matrix = np.bincount(labels * n_classes + predicted, minlength=n_classes**2).reshape(n_classes, n_classes).astype(np.float64)
@@ -103,7 +103,7 @@ def metrics_with_intervals(
 ) -> dict[str, float]:
     """:func:`point_metrics` with ``<metric>_ci_low`` / ``<metric>_ci_high``: the 95 % percentile bootstrap interval over
     ``resamples`` resamples of the images (NaN resamples, e.g. an AUC of a resample without a class, left out), and
-    ``ece`` and ``brier`` of the probabilities (:mod:`pipelines.calibration`)."""
+    ``ece`` and ``brier`` of the probabilities (:mod:`pipelines.evaluation.calibration`)."""
     labels, probs = np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
     result = point_metrics(labels, probs, class_names)
     score = lambda rows_labels, rows_probs: point_metrics(rows_labels, rows_probs, class_names)

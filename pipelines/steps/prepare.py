@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from pipelines.config import DATA_INPUTS, DATA_PARAMS, Config, PipelineError
-from pipelines.images import load_images
-from pipelines.sources import Dataset, ingest
-from pipelines.splits import Splits, describe_duplicates, make_splits, perceptual_hashes, subsample_minority
-
-
-@dataclass(frozen=True)
-class Prepared:
-    dataset: Dataset
-    splits: Splits
-    images: np.ndarray  # (N, S, S, 1), rows aligned with dataset.manifest
-    inputs: dict[str, str]  # the DATA_INPUTS of the Config it was prepared from
-    minority: str  # the minority class: the one imbalance subsamples and the minority metrics are of
+from pipelines.data.images import load_images
+from pipelines.data.prepared import Prepared
+from pipelines.data.sources import Dataset, ingest
+from pipelines.data.splits import Splits, describe_duplicates, make_splits, perceptual_hashes, subsample_minority
 
 
 def minority_class(dataset: Dataset, splits: Splits, requested: str = "") -> str:
@@ -33,7 +23,7 @@ def minority_class(dataset: Dataset, splits: Splits, requested: str = "") -> str
 
 def imbalanced(prepared: Prepared, cfg: Config) -> Prepared:
     """Data prepared as it is (imbalance 0), at ``cfg``'s imbalance ratio: the minority class subsampled in the
-    training rows of every fold (:func:`pipelines.splits.subsample_minority`), validation folds and hold-out unchanged.
+    training rows of every fold (:func:`pipelines.data.splits.subsample_minority`), validation folds and hold-out unchanged.
     ``kd compare`` prepares the data once and derives each ratio's from it."""
     dataset = prepared.dataset
     minority = minority_class(dataset, prepared.splits, cfg.minority_class)
@@ -72,7 +62,7 @@ def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
 
 def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
     """Run the step (or reuse a finished one): returns the MLflow run id holding the manifest, splits and digest."""
-    from pipelines.tracking import reuse_finished, step_run
+    from pipelines.tracking.runs import reuse_finished, step_run
 
     prepared = prepared or prepare_data(cfg)
     dataset = prepared.dataset

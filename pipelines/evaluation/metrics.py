@@ -8,25 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from sklearn import metrics as skm
 
-# Rows per forward pass when a whole split is scored: memory stays bounded by one batch, however many images.
-EVAL_BATCH = 256
-
-
-def in_batches(function, inputs, batch_size: int):
-    """``function`` applied to consecutive slices of at most ``batch_size`` rows of ``inputs`` (an array or a
-    DataFrame), the results (arrays or DataFrames) concatenated in order.
-
-    The one way a whole split is sent to a model: a Keras model's memory stays bounded by one batch, and a
-    served model never gets more rows per call than it accepts (``registry.model.MAX_BATCH``).
-    """
-    rows = inputs.iloc if isinstance(inputs, pd.DataFrame) else inputs
-    outputs = [function(rows[start : start + batch_size]) for start in range(0, len(inputs), batch_size)] or [function(inputs)]
-    if isinstance(outputs[0], pd.DataFrame):
-        return pd.concat(outputs, ignore_index=True)
-    return np.concatenate(outputs)
+from pipelines.batches import EVAL_BATCH, in_batches
 
 
 def model_logits(model, images: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
@@ -76,7 +60,7 @@ def per_class_f1(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, fl
 
 def accuracy_and_f1(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
     """``accuracy``, each class's ``f1_<class key>`` and ``f1_macro`` from one confusion matrix: cheap enough to
-    recompute for every bootstrap resample (``pipelines.statistics.bootstrap_intervals``)."""
+    recompute for every bootstrap resample (``pipelines.evaluation.statistics.bootstrap_intervals``)."""
     matrix = confusion_matrix(labels, probs)
     return {"accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)), **per_class_f1(matrix, class_names)}
 

@@ -2,9 +2,9 @@
 
 The teachers come from a finished teacher run with the same data, parameters and code, trained first if there is
 none. ``cached`` mode reads the teacher's stored logits; ``online`` runs the teacher on every step.
-``kd_mode=consistent`` shows teacher and student the same augmented view (pipelines/views.py): the cached logits
+``kd_mode=consistent`` shows teacher and student the same augmented view (pipelines/training/views.py): the cached logits
 of the teacher's views, or, online, the very (mixup) batch the student trains on. ``qat=true`` fine-tunes every fold's
-student with fake quantization (pipelines/quantize.py) and logs and saves those models beside the float ones.
+student with fake quantization (pipelines/training/quantize.py) and logs and saves those models beside the float ones.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import keras
 import mlflow
 
 from pipelines.config import Config, distill_params
-from pipelines.crossval import CrossValidation, cross_validate, summarize_folds
-from pipelines.distiller import Distiller
-from pipelines.evaluate import classification_metrics, model_logits, probabilities, write_evaluation_artifacts
-from pipelines.locks import teacher_lock
-from pipelines.models import build_student
+from pipelines.evaluation.metrics import classification_metrics, model_logits, probabilities, write_evaluation_artifacts
+from pipelines.models.builders import build_student
+from pipelines.models.distiller import Distiller
 from pipelines.names import Metric, RunTag
-from pipelines.prepare import Prepared, prepare_data
-from pipelines.quantize import fine_tune_qat
-from pipelines.teacher import load_teacher_logits, load_teacher_model, teacher_cv_summary, train_teacher
-from pipelines.tracking import reuse_finished, step_run
-from pipelines.training import set_seed
+from pipelines.steps.prepare import Prepared, prepare_data
+from pipelines.steps.teacher import load_teacher_logits, load_teacher_model, teacher_cv_summary, train_teacher
+from pipelines.tracking.locks import teacher_lock
+from pipelines.tracking.runs import reuse_finished, step_run
+from pipelines.training.crossval import CrossValidation, cross_validate, summarize_folds
+from pipelines.training.fit import set_seed
+from pipelines.training.quantize import fine_tune_qat
 
 
 def describe_student(cfg: Config) -> str:
@@ -94,7 +94,7 @@ def cross_validate_student(
 def quantization_aware_folds(
     cfg: Config, prepared: Prepared, teacher_run_id: str | None, cv: CrossValidation
 ) -> tuple[list[keras.Model], dict[str, float]]:
-    """``qat=true``: each fold's trained student fine-tuned with fake quantization (:func:`pipelines.quantize.fine_tune_qat`)
+    """``qat=true``: each fold's trained student fine-tuned with fake quantization (:func:`pipelines.training.quantize.fine_tune_qat`)
     on its fold's training images under the same KD loss, guided by the same fold teacher (its cached logits of the plain
     images, or the model online), and evaluated on the fold's validation images like the student. Returns the QAT models
     and their metrics as ``qat_<metric>`` (``qat_f1_mean``, ``qat_f1_fold_<k>``, ...)."""

@@ -4,7 +4,7 @@
 
 Inputs are a dict: ``{"image": ...}`` with the teacher run on every step (``online``), or
 ``{"image": ..., "teacher_logits": ...}`` with logits computed once (``cached``); a mixup batch adds
-``mix_labels`` and ``mix`` (pipelines/views.py) for the hard loss. Two classes use a
+``mix_labels`` and ``mix`` (pipelines/training/views.py) for the hard loss. Two classes use a
 single logit z: the sigmoid is the two-class softmax of ``[0, z]``, so the binary losses below equal the
 softmax ones on those logits (tested). Only the student is trained, evaluated and exported.
 """
@@ -18,7 +18,7 @@ from keras import ops
 def hard_loss(labels, logits, binary: bool, sample_weight=None, mix_labels=None, mix=None):
     """Cross-entropy with the true labels, weighted per sample (class weights), averaged over the batch.
 
-    A mixup batch (pipelines/views.py) gives each image's second label and the weight ``mix`` of its own: the
+    A mixup batch (pipelines/training/views.py) gives each image's second label and the weight ``mix`` of its own: the
     cross-entropies with the two labels are mixed by those weights.
     """
     per_sample = _cross_entropy(labels, logits, binary)

@@ -16,12 +16,12 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
-from pipelines.models import recalibrate_batch_norm
-from pipelines.views import image_keys, mixup, pick_view
+from pipelines.models.builders import recalibrate_batch_norm
+from pipelines.training.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
-    from pipelines.distiller import Distiller
-    from pipelines.prepare import Prepared
+    from pipelines.data.prepared import Prepared
+    from pipelines.models.distiller import Distiller
 
 
 def set_seed(seed: int) -> None:
@@ -30,7 +30,7 @@ def set_seed(seed: int) -> None:
 
 
 # Config.precision -> the Keras dtype policy models are built and trained under. Under mixed_bfloat16 the
-# variables stay float32 and the logits layers are float32 (pipelines/models.py): losses see float32 logits.
+# variables stay float32 and the logits layers are float32 (pipelines/models/builders.py): losses see float32 logits.
 DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
@@ -98,10 +98,10 @@ def make_dataset(
     The slices are the only copy of the images: no ``.cache()`` (it kept a second one) and no float32 copy of
     float32 input; slicing runs thousands of images/s, far ahead of training (benchmarks/scaling.py measures it).
 
-    Augmentation is :func:`pipelines.views.augmented_view`, a stateless function of (image key, draw): the draws come
+    Augmentation is :func:`pipelines.training.views.augmented_view`, a stateless function of (image key, draw): the draws come
     from ``seed`` and differ per epoch, so the views are made in parallel and the same seed still gives the same
-    batches. ``view_keys`` (:func:`pipelines.views.image_keys` of the rows) are the image keys, else each row's position.
-    Given ``view_keys``, every image is augmented whatever ``augment`` says (consistent KD, pipelines/views.py): with
+    batches. ``view_keys`` (:func:`pipelines.training.views.image_keys` of the rows) are the image keys, else each row's position.
+    Given ``view_keys``, every image is augmented whatever ``augment`` says (consistent KD, pipelines/training/views.py): with
     ``teacher_logits`` of every row's views ``(rows, views, units)``, each image comes as one of its cached views with the
     teacher's logits of that view; else as a fresh view. ``mix``: each batch mixed by mixup (consistent KD with an online
     teacher, which then runs on the very batch the student sees, or none). The views depend on the keys alone; ``seed``

@@ -16,10 +16,10 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import Config, PipelineError, redact_url
+from pipelines.data.sources import Dataset
+from pipelines.data.splits import Splits
 from pipelines.fingerprint import code_fingerprint
 from pipelines.names import RunTag
-from pipelines.sources import Dataset
-from pipelines.splits import Splits
 
 
 class TrackingUnreachable(PipelineError):

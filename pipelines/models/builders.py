@@ -73,7 +73,7 @@ def build_student(size: str, image_size: int, num_classes: int, seed: int = 0, n
     """A small plain CNN: ``depth`` blocks of conv-norm-ReLU and max-pooling, widths doubling, then average and max pooling.
 
     ``norm`` (``student_norm``): ``group``, ``batch`` or ``none``; without one, the convolutions have a bias.
-    ``quantized``: the quantization-aware form of a ``none`` student (pipelines/quantize.py fills it with a trained
+    ``quantized``: the quantization-aware form of a ``none`` student (pipelines/training/quantize.py fills it with a trained
     student's folded weights): kernels fake-quantized per output channel, the image and every activation that TFLite
     keeps as its own int8 tensor fake-quantized per tensor with trained ranges; layer names are the float student's.
     """
@@ -129,7 +129,7 @@ class FakeQuant(layers.Layer):
     """Per-tensor 8-bit fake quantization of an activation with a trained range (straight-through gradients, the range's
     own gradients from TensorFlow's FakeQuantWithMinMaxVars, which the TFLite converter reads as the tensor's int8 scale).
 
-    The range starts empty and is set from data by :func:`pipelines.quantize.qat_model` before training."""
+    The range starts empty and is set from data by :func:`pipelines.training.quantize.qat_model` before training."""
 
     def build(self, input_shape):
         self.range_min = self.add_weight(name="range_min", shape=(), initializer="zeros")

@@ -12,9 +12,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
-from pipelines.distiller import Distiller
-from pipelines.models import FakeQuant, build_student, layer_inputs
-from pipelines.training import class_weights, fit, make_dataset
+from pipelines.models.builders import FakeQuant, build_student, layer_inputs
+from pipelines.models.distiller import Distiller
+from pipelines.training.fit import class_weights, fit, make_dataset
 
 # Images an INT8 conversion or a QAT model's ranges are calibrated on: TFLite's own guidance is 100 to 500.
 REPRESENTATIVE_IMAGES = 200
@@ -76,7 +76,7 @@ QAT_EPOCH_FRACTION, QAT_LEARNING_RATE_FACTOR = 0.2, 0.1
 
 
 def student_spec(student: keras.Model) -> tuple[str, int, int]:
-    """(``WIDTHxDEPTH``, image size, classes) of a model :func:`pipelines.models.build_student` built."""
+    """(``WIDTHxDEPTH``, image size, classes) of a model :func:`pipelines.models.builders.build_student` built."""
     size = student.name.removeprefix("student_").removesuffix("_qat")
     units = student.output_shape[-1]
     return size, student.input_shape[1], 2 if units == 1 else units

@@ -1,0 +1,1 @@
+"""Models: the teacher and student builders and their presets (builders) and the KD Distiller (distiller)."""

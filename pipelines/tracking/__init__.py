@@ -1,0 +1,1 @@
+"""Tracking: MLflow runs and their reuse (runs), file locks (locks) and the machine description (machine)."""
