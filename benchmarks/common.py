@@ -14,9 +14,9 @@ import mlflow
 import numpy as np
 
 from pipelines.config import FAST_TRAINING, PROJECT_ROOT, Config, PipelineError
-from pipelines.document import data_label
 from pipelines.steps.prepare import Prepared, prepare_data
 from pipelines.tracking.machine import describe_machine
+from registry.report.document import data_label
 
 REAL_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-yes-no"
 # The larger scan set the F1 targets are judged on (see external_scans): folder -> the yes/no class it counts as.

@@ -11,8 +11,8 @@ import math
 import os
 from pathlib import Path
 
-from pipelines.document import data_label
 from pipelines.evaluation.metrics import pyplot, save_figure
+from registry.report.document import data_label
 
 PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling", "training")
 TITLES = {

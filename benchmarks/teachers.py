@@ -20,11 +20,11 @@ import mlflow
 
 from benchmarks.common import REAL_DATA_DIR
 from pipelines.config import DISTILL_PARAMS, PROJECT_ROOT, Config
-from pipelines.document import data_label
 from pipelines.evaluation.statistics import corrected_resampled_t_test, kfold_test_train_ratio
 from pipelines.names import Metric, RunTag
 from pipelines.steps.distill import distill
 from pipelines.steps.prepare import prepare_data
+from registry.report.document import data_label
 from registry.report.stats import fold_f1
 
 

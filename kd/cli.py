@@ -111,9 +111,12 @@ def _search(cfg: Config, args: argparse.Namespace) -> Any:
 
 
 def _compare(cfg: Config, args: argparse.Namespace) -> str:
+    from registry.report.comparison import write_tables_when_complete
     from search.compare import run_comparison
 
-    return run_comparison(cfg)
+    comparison_id = run_comparison(cfg)
+    write_tables_when_complete(comparison_id, cfg)
+    return comparison_id
 
 
 def _evidence_options(parser: argparse.ArgumentParser) -> None:

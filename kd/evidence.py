@@ -28,13 +28,14 @@ from benchmarks.common import SIZE_RATIO, student_budget
 from kd.evidence_report import evidence_results, write_evidence
 from kd.main import run_main
 from pipelines.config import PROJECT_ROOT, SEARCH_PARAMS, Config, PipelineError, parse_list
-from pipelines.document import data_label
 from pipelines.fingerprint import code_fingerprint
 from pipelines.names import Metric, RunTag
 from pipelines.recipes import check_evidence
 from pipelines.steps.prepare import Prepared, prepare_data
 from pipelines.tracking.runs import close_stale_runs, newest_matching_run, step_key, tracked_run
 from registry.evidence import code_version
+from registry.report.comparison import write_tables_when_complete
+from registry.report.document import data_label
 from search.compare import clock, run_comparison
 from search.tune import student_cost
 
@@ -75,7 +76,7 @@ def main_config(cfg: Config, budget: int, main_folds: int = 0, main_repeats: int
 
 def shown_argument(token: str) -> str:
     """A command-line token as documents show it: absolute paths (also after ``--x=`` or ``sqlite:///``) named as
-    :func:`pipelines.document.data_label` names them."""
+    :func:`registry.report.document.data_label` names them."""
     flag, equals, value = token.partition("=") if token.startswith("--") else ("", "", token)
     scheme = "sqlite:///" if value.startswith("sqlite:///") else ""
     path = value.removeprefix(scheme)
@@ -137,7 +138,9 @@ def run_evidence(cfg: Config, out_dir: str = "", main_folds: int = 0, main_repea
     )
     main_cfg = main_config(cfg, budget, main_folds, main_repeats)
     main_id = run_main_once(main_cfg, prepare_data(main_cfg, reuse=base))
-    comparison_id = run_comparison(cfg.replace(teachers=cfg.teacher_arch, fold=-1), base)
+    comparison_cfg = cfg.replace(teachers=cfg.teacher_arch, fold=-1)
+    comparison_id = run_comparison(comparison_cfg, base)
+    write_tables_when_complete(comparison_id, comparison_cfg)
 
     folder = Path(out_dir) if out_dir else PROJECT_ROOT / "docs" / cfg.comparison_name
     mlflow.set_experiment(cfg.experiment_name)

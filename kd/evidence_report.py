@@ -2,7 +2,7 @@
 
 :func:`evidence_results` gathers, from a finished comparison run and a main run, every number ``results.json`` holds:
 the teacher's k-fold macro-F1 (mean, sd, per class), each KD cell against its no-KD twin (the comparison's own
-statistics, :func:`search.comparison_tables.kd_table`: the corrected resampled t-test and Holm's adjustment), the
+statistics, :func:`registry.report.comparison.kd_table`: the corrected resampled t-test and Holm's adjustment), the
 promoted student's hold-out macro-F1, per-class F1 and confusion matrix, and the main run's wall times.
 :func:`write_evidence` writes them as ``results.json``, ``evidence.md`` and ``evidence.tex`` with the figures.
 """
@@ -17,15 +17,15 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-from pipelines.document import Block, Code, Figure, Heading, bullets, num, para, table, to_latex, to_markdown
 from pipelines.evaluation.metrics import CONFUSION_ARTIFACT, pyplot, save_figure
 from pipelines.names import Metric, RunTag
 from pipelines.training.fit import describe_optimiser
-from registry.report.gather import run_config
-from registry.report.sections import augmentation_description
-from registry.report.stats import per_class_f1_rows
+from registry.report.comparison import comparison_blocks, mean_std, plot_comparison, ratio_label
+from registry.report.document import Block, Code, Figure, Heading, bullets, num, para, table, to_latex, to_markdown
+from registry.report.gather import comparison_results, run_config
+from registry.report.methods_data import augmentation_description
+from registry.report.stats import kd_table, per_class_f1_rows
 from search.compare import clock
-from search.comparison_tables import comparison_blocks, comparison_results, kd_table, mean_std, plot_comparison, ratio_label
 
 MAIN_STEPS = ("prepare", "teacher", "search", "promote")
 HOLDOUT_MODELS = {"student": "promoted KD student", "no_kd": "its no-KD twin", "teacher": "teacher (all training data)"}

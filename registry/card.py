@@ -3,7 +3,7 @@ from the registry and the tracking store, never typed: ``model_card.md`` logged 
 (the summary, up to the first section) as the version's description.
 
 Promote writes it when it registers a version; ``kd card`` writes it again (after a new ``kd evaluate``, for
-instance). Every figure is a logged metric, parameter or tag, printed with :func:`pipelines.document.num`; what is
+instance). Every figure is a logged metric, parameter or tag, printed with :func:`registry.report.document.num`; what is
 not recorded says so ("none yet", "not recorded") instead of leaving a gap. Sections: model details, intended and
 out-of-scope use, training data, evaluation (hold-out and every external validation listed in the version's
 ``kd.evaluations`` tag), calibration, localisation (the Grad-CAM pointing game) and limitations derived from the figures.
@@ -22,11 +22,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from pipelines.document import num
 from pipelines.evaluation.calibration import T_RANGE
 from pipelines.evaluation.metrics import class_keys
 from pipelines.names import Metric, RunTag, VersionTag
 from registry.calibrate import MODELS
+from registry.report.document import num
 
 CARD_ARTIFACT = "model_card.md"
 FORMATS = ("keras", "tflite-float32", "tflite-int8")

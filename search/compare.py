@@ -24,14 +24,13 @@ import mlflow
 import numpy as np
 from mlflow.entities import Run
 
-from pipelines.config import COMPARE_PARAMS, PROJECT_ROOT, Config, parse_list, parse_ratios
+from pipelines.config import COMPARE_PARAMS, Config, parse_list, parse_ratios
 from pipelines.fingerprint import code_fingerprint
 from pipelines.names import Metric, RunTag
 from pipelines.steps.distill import distill
 from pipelines.steps.prepare import Prepared, imbalanced, prepare_data
 from pipelines.tracking.locks import database_lock
 from pipelines.tracking.runs import close_stale_runs, log_data, newest_matching_run, step_key, tracked_run
-from search.comparison_tables import write_comparison_tables
 
 CELL_STEP = "cell"  # kd.step of a cell run (the comparison run's is "compare")
 
@@ -44,12 +43,22 @@ class Cell:
     student: str
     ratio: str
 
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> Cell:
+        """The cell a run's tags (:attr:`tags`) name."""
+        kd = tags[RunTag.CELL_KD] == "true"
+        return cls(tags[RunTag.CELL_TEACHER] if kd else "", tags[RunTag.CELL_STUDENT], tags[RunTag.CELL_IMBALANCE])
+
+    @property
+    def kd(self) -> bool:
+        return bool(self.teacher)
+
     @property
     def tags(self) -> dict[str, str]:
         return {
             RunTag.CELL_TEACHER: self.teacher,
             RunTag.CELL_STUDENT: self.student,
-            RunTag.CELL_KD: str(bool(self.teacher)).lower(),
+            RunTag.CELL_KD: str(self.kd).lower(),
             RunTag.CELL_IMBALANCE: self.ratio,
         }
 
@@ -117,10 +126,7 @@ def cell_runs(comparison_id: str) -> dict[Cell, Run]:
         filter_string=f"tags.`mlflow.parentRunId` = '{comparison_id}' and tags.`{RunTag.STEP}` = '{CELL_STEP}'",
         output_format="list",
     )
-    return {
-        Cell(run.data.tags[RunTag.CELL_TEACHER], run.data.tags[RunTag.CELL_STUDENT], run.data.tags[RunTag.CELL_IMBALANCE]): run
-        for run in runs
-    }
+    return {Cell.from_tags(run.data.tags): run for run in runs}
 
 
 def copied_metrics(source: Run) -> dict[str, float]:
@@ -224,7 +230,5 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
             progress.done(cell, *run_cell(cfg, cell, by_ratio[cell.ratio], comparison_id, blocking=True))
         finished = sum(run.info.status == "FINISHED" for run in cell_runs(comparison_id).values())
         mlflow.log_metric(Metric.CELLS_FINISHED, finished)
-        if finished == len(cells):  # the tables need every cell; a worker that ends first leaves them to the last one
-            write_comparison_tables(comparison_id, PROJECT_ROOT / "reports" / f"comparison-{cfg.comparison_name}")
     print(f"compare: comparison {cfg.comparison_name!r} has {finished}/{len(cells)} cells, run {comparison_id}")
     return comparison_id

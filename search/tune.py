@@ -42,6 +42,16 @@ from search.space import SearchSpace, teacher_config
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 STUDY_CONFIG_ATTR, PARENT_RUN_ATTR, DIGEST_ATTR = "config", "mlflow_parent_run_id", "data_digest"
+SAMPLER_ATTR, PRUNER_ATTR = "sampler", "pruner"
+# The pruner: no pruning before two trials have finished, nor on a trial's first fold.
+PRUNER_SETTINGS = {"n_startup_trials": 2, "n_warmup_steps": 1}
+
+
+def sampler_settings(cfg: Config) -> dict:
+    """TPE's settings: a third of the trials (2 to 10) sampled at random before TPE models the others, univariate."""
+    return {"n_startup_trials": max(2, min(10, cfg.n_trials // 3)), "multivariate": False}
+
+
 # Settings a joining worker takes from the study, so every trial trains on the same data the same way.
 SHARED_FIELDS = tuple(name for name in SEARCH_PARAMS if name not in ("n_trials", "study_name")) + (
     "data_dir",
@@ -137,8 +147,9 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
         # The creating worker is seeded, so a single-worker study is reproducible; a joining worker with the
         # same seed would propose the very same parameters, so it draws its own.
         seed = cfg.seed if study_id is None else int.from_bytes(os.urandom(4), "big")
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, cfg.n_trials // 3)))
-        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        sampling = sampler_settings(cfg)
+        sampler = optuna.samplers.TPESampler(seed=seed, **sampling)
+        pruner = optuna.pruners.MedianPruner(**PRUNER_SETTINGS)
         study = optuna.create_study(
             study_name=cfg.study_name, storage=storage, directions=directions(cfg), sampler=sampler, pruner=pruner, load_if_exists=True
         )
@@ -146,6 +157,9 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
         if stored is None:
             study.set_metric_names(cfg.objectives.split(","))  # optuna-dashboard's labels: "f1", not "Objective 0"
             study.set_user_attr(STUDY_CONFIG_ATTR, {name: getattr(cfg, name) for name in SHARED_FIELDS})
+            # How the sampler and pruner were built, for the report (Optuna keeps them in private attributes only).
+            study.set_user_attr(SAMPLER_ATTR, {"type": type(sampler).__name__, **sampling})
+            study.set_user_attr(PRUNER_ATTR, {"type": type(pruner).__name__, **PRUNER_SETTINGS})
             # No more than n_trials: a queued trial beyond them would wait in the study for ever.
             for params in SearchSpace.from_config(cfg).anchors(cfg)[: cfg.n_trials]:
                 study.enqueue_trial(params)

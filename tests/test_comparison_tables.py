@@ -15,20 +15,13 @@ from kdtest import tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import PipelineError
-from pipelines.document import latex_escape, num, to_markdown
 from pipelines.evaluation.statistics import corrected_resampled_t_test
 from pipelines.names import Metric, RunTag
-from registry.report.sections import comparison_result
-from search.comparison_tables import (
-    FIGURES,
-    baseline_table,
-    comparison_results,
-    find_comparison,
-    kd_table,
-    render_latex,
-    render_markdown,
-    write_comparison_tables,
-)
+from registry.report.comparison import FIGURES, render_latex, render_markdown, write_comparison_tables
+from registry.report.document import latex_escape, num, to_markdown
+from registry.report.gather import comparison_results, find_comparison
+from registry.report.results import comparison_result
+from registry.report.stats import baseline_table, kd_table
 
 FOLDS, REPEATS = 3, 2
 FOLD_COUNT = FOLDS * REPEATS

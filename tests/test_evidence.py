@@ -17,9 +17,9 @@ from conftest import REAL_DATA_DIR
 from kdtest import child_env
 
 from pipelines.config import PROJECT_ROOT
-from pipelines.document import data_label
 from pipelines.evaluation.statistics import corrected_resampled_t_test, holm
 from pipelines.names import Metric, RunTag
+from registry.report.document import data_label
 
 FOUR_CLASS_DIR = REAL_DATA_DIR.parent / "brain-mri-4class"
 CONTRACT = {"teacher_params", "teacher_f1_macro_mean", "teacher_f1_macro_std", "cells", "holdout_f1_macro", "main_wall_s"}

@@ -1,13 +1,18 @@
-"""Step ``report``: the methodology and results sections of a paper, written from the tracked runs.
+"""The reporting package, and step ``report``: the methodology and results sections of a paper, written from the
+tracked runs. Three stages, each in its modules:
 
-For a registered version (by stage or alias) it reads the promote run, the teacher run, the best trial's run,
-the no-KD cross-validation run and the Optuna study (:mod:`.gather`), computes the statistics (:mod:`.stats`),
-draws the figures (:mod:`.figures`) and writes ``methodology.{md,tex}``, ``results.{md,tex}`` (:mod:`.sections`,
-rendered by :mod:`pipelines.document`), a standalone ``report.tex``, ``report.json`` (every number used) and
-``figures/`` into a folder, then logs the folder as artifacts (``report/``) of the version's run. When a KD
-comparison (``search.comparison_tables``) ran on the version's data, its tables and figures close the results.
-Every number comes from the tracking store, the registry, the study or the stored artifacts (models, data manifest,
-hold-out predictions); none is typed in. What the report reads is logged by ``promote`` (``registry.evidence``); the report trains nothing.
+- gather (all MLflow, registry, study and file reads): :mod:`.gather` (a version's runs, study and artifacts; a
+  comparison and its cell runs);
+- analyse: :mod:`.stats` (hold-out and k-fold statistics, the comparison's tables);
+- render: :mod:`.methods` (with :mod:`.methods_data`, :mod:`.methods_model`), :mod:`.results`, :mod:`.comparison`,
+  :mod:`.trust`, :mod:`.figures`, all written with :mod:`.document` (one list of blocks, Markdown and LaTeX).
+
+For a registered version (by stage or alias) it writes ``methodology.{md,tex}``, ``results.{md,tex}``, a standalone
+``report.tex``, ``report.json`` (every number used) and ``figures/`` into a folder, then logs the folder as artifacts
+(``report/``) of the version's run. When a KD comparison ran on the version's data, its tables and figures close the
+results. Every number comes from the tracking store, the registry, the study or the stored artifacts (models, data
+manifest, hold-out predictions); none is typed in. What the report reads is logged by ``promote``
+(``registry.evidence``); the report trains nothing.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT
-from pipelines.document import Table, latex_document, to_latex, to_markdown
 from pipelines.names import RunTag
+from registry.report.document import Table, latex_document, to_latex, to_markdown
 from registry.report.gather import gather
-from registry.report.sections import methodology, results
+from registry.report.methods import methodology
+from registry.report.results import results
 from registry.report.stats import BOOTSTRAP_RESAMPLES
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "ReportPaths", "write_report"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.document import num
 from pipelines.evaluation.metrics import plot_confusion, plot_curves, pyplot, save_figure
+from registry.report.document import num
 from registry.report.gather import MODELS, Sources
 from registry.report.stats import METRICS
 

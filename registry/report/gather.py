@@ -5,6 +5,7 @@ the Optuna study and the KD comparison on the same data, if one was run. Read on
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, fields
@@ -15,12 +16,14 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError, build_parser, config_from_args
-from pipelines.names import RunTag, VersionTag
+from pipelines.evaluation.statistics import kfold_test_train_ratio
+from pipelines.names import Metric, RunTag, VersionTag
 from registry.calibrate import MODELS  # the three models compared, by the key of their hold-out probabilities and metrics
 from registry.evidence import ENVIRONMENT_ARTIFACT, PREDICTIONS_ARTIFACT
-from search.comparison_tables import ComparisonResults, comparison_results, find_comparison
+from search.compare import Cell
 
 
 @dataclass
@@ -173,3 +176,154 @@ def holdout_arrays(s: Sources) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     labels = frame["label"].map({name: i for i, name in enumerate(class_names)}).to_numpy(np.int64)
     probs = {who: frame[[f"{who}_prob_{name}" for name in class_names]].to_numpy(np.float64) for who in MODELS}
     return labels, probs
+
+
+# ---------------------------------------------------------------- a comparison and its cells
+
+COMPARE_STEP = "compare"  # the comparison run's kd.step
+
+
+@dataclass(frozen=True)
+class CellRun:
+    """The finished run of one comparison cell; ``cell`` is the :class:`search.compare.Cell` its tags name."""
+
+    run: Run
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.run.data.tags
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.run.data.metrics
+
+    @property
+    def cell(self) -> Cell:
+        return Cell.from_tags(self.tags)
+
+    @property
+    def kd(self) -> bool:
+        return self.cell.kd
+
+    @property
+    def teacher(self) -> str:
+        return self.cell.teacher
+
+    @property
+    def student(self) -> str:
+        return self.cell.student
+
+    @property
+    def ratio(self) -> str:
+        return self.cell.ratio
+
+    @property
+    def teacher_run_ids(self) -> list[str]:
+        """The teacher run (or an ensemble's member runs) a KD cell distilled from; none for a no-KD cell."""
+        return [run_id for run_id in self.tags.get(RunTag.TEACHER_RUN_ID, "").split(",") if run_id] if self.kd else []
+
+    def describe(self) -> str:
+        kind = f"KD from {self.teacher}" if self.kd else "no-KD"
+        return f"cell run {self.run.info.run_id} ({kind}, student {self.student}, ratio {self.ratio})"
+
+
+@dataclass(frozen=True)
+class ComparisonResults:
+    """A comparison run with its finished cells and the teacher runs they name."""
+
+    run: Run
+    cells: list[CellRun]  # the newest finished run of each cell, in (ratio, KD first, teacher, student parameters) order
+    teachers: dict[str, Run]  # teacher run id -> run
+    class_names: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.run.data.tags[RunTag.COMPARISON]
+
+    @property
+    def minority_class(self) -> str:
+        return self.run.data.tags.get(RunTag.MINORITY_CLASS, self.run.data.params.get("minority_class", ""))
+
+    @property
+    def folds(self) -> int:
+        return int(self.run.data.params["folds"])
+
+    @property
+    def fold_count(self) -> int:
+        """Validation fold entries: folds x repeats, numbered k = repeat * folds + fold."""
+        return self.folds * int(self.run.data.params.get("repeats", "1"))
+
+    @property
+    def test_train_ratio(self) -> float:
+        """n_test / n_train of one split for the corrected t-test at imbalance ratio 0. Every training image of a repeat
+        is validated in exactly one of its folds and trained on in the others, so over the fold entries mean n_test / mean
+        n_train is 1 / (folds - 1) whatever the fold sizes. A subsampled ratio trains on fewer rows: its cells log their
+        own (``test_train_ratio``), which :func:`kd_table` prefers."""
+        return kfold_test_train_ratio(self.folds)
+
+    @property
+    def ratios(self) -> list[str]:
+        return sorted({cell.ratio for cell in self.cells}, key=float)
+
+
+def find_comparison(comparison: str = "", data_digest: str = "") -> Run | None:
+    """The comparison run named by ``comparison`` (a run id, or a comparison name: its newest finished run), else the
+    newest finished comparison on the data of ``data_digest``; None when neither is given or none matches the digest.
+    A ``comparison`` that names nothing is an error: it was asked for."""
+    client = MlflowClient()
+    if comparison:
+        try:
+            run = client.get_run(comparison)
+        except MlflowException:  # not a run id: a comparison name
+            run = None
+        if run is not None and run.data.tags.get(RunTag.STEP) == COMPARE_STEP and RunTag.CELL_KD not in run.data.tags:
+            return run
+        found = _comparison_runs(f"tags.`{RunTag.COMPARISON}` = '{comparison}'")
+        if not found:
+            raise PipelineError(
+                f"comparison={comparison!r}: no finished comparison run has that name or id; run `mlflow run . -e compare` "
+                "or give the name (tag kd.comparison) or run id of one"
+            )
+        return found[0]
+    if not data_digest:
+        return None
+    return next(iter(_comparison_runs(f"tags.`{RunTag.DATA_DIGEST}` = '{data_digest}'")), None)
+
+
+def _comparison_runs(condition: str) -> list[Run]:
+    """Finished comparison runs (not their cells) matching ``condition``, newest first, in every experiment."""
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`{RunTag.STEP}` = '{COMPARE_STEP}' and {condition} and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return [run for run in runs if RunTag.CELL_KD not in run.data.tags]
+
+
+def comparison_results(comparison_run_id: str) -> ComparisonResults:
+    """Read a comparison run, its finished cell runs (the newest of each cell, should one have been run again) and the
+    teacher runs its KD cells name."""
+    client = MlflowClient()
+    run = client.get_run(comparison_run_id)
+    name = run.data.tags.get(RunTag.COMPARISON)
+    if not name or RunTag.CELL_KD in run.data.tags:
+        raise PipelineError(f"run {comparison_run_id} is not a comparison run (it has no tag {RunTag.COMPARISON}, or is one of its cells)")
+    found = mlflow.search_runs(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{comparison_run_id}' and tags.`{RunTag.COMPARISON}` = '{name}' "
+        "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    newest: dict[tuple[object, ...], CellRun] = {}
+    for cell in (CellRun(found_run) for found_run in found if found_run.data.tags.get(RunTag.CELL_KD) in ("true", "false")):
+        newest.setdefault((cell.kd, cell.teacher, cell.student, cell.ratio), cell)
+    cells = list(newest.values())
+    if not cells:
+        raise PipelineError(f"comparison {name!r} (run {comparison_run_id}) has no finished cell runs yet")
+    cells.sort(key=lambda c: (float(c.ratio), not c.kd, c.teacher, c.metrics.get(Metric.STUDENT_PARAMS, math.inf), c.student))
+    teachers = {run_id: client.get_run(run_id) for cell in cells for run_id in cell.teacher_run_ids}
+    # The class names as the data's runs logged them (pipelines.tracking.runs.log_data): a teacher's, else a cell's source run.
+    source = next(iter(teachers.values()), None) or client.get_run(cells[0].tags[RunTag.CELL_SOURCE_RUN_ID])
+    return ComparisonResults(run, cells, teachers, source.data.params["classes"].split(","))

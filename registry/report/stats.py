@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-from pipelines.config import BOOTSTRAP_RESAMPLES
+from pipelines.config import BOOTSTRAP_RESAMPLES, PipelineError
 from pipelines.evaluation.metrics import class_keys, classification_metrics
-from pipelines.evaluation.statistics import corrected_resampled_t_test, kfold_test_train_ratio
+from pipelines.evaluation.statistics import corrected_resampled_t_test, holm, kfold_test_train_ratio
 from pipelines.names import Metric
-from registry.report.gather import MODELS, Sources, holdout_arrays
-from search.comparison_tables import fold_scores
+from registry.report.gather import MODELS, ComparisonResults, Sources, holdout_arrays
 
 METRICS = {
     "f1": "F1",
@@ -199,4 +200,99 @@ def report_numbers(s: Sources, f: Findings) -> dict:
             "no_kd_cv": s.no_kd.info.run_id,
             "search": s.search.info.run_id,
         },
+    }
+
+
+# ---------------------------------------------------------------- a comparison's tables
+
+
+def fold_scores(metrics: dict[str, float], fold_count: int, key: Callable[[int], str], owner: str) -> list[float]:
+    """The metric ``key(k)`` of every validation fold entry k (folds x repeats) in entry order, for a paired test."""
+    missing = [key(k) for k in range(fold_count) if key(k) not in metrics]
+    if missing:
+        raise PipelineError(f"{owner} has no {', '.join(missing)}; the paired test needs every fold entry (0 to {fold_count - 1})")
+    return [metrics[key(k)] for k in range(fold_count)]
+
+
+def baseline_table(results: ComparisonResults) -> pd.DataFrame:
+    """One row per teacher run and per no-KD cell at each ratio: k-fold F1, macro F1 and each class's F1, mean and
+    standard deviation over the fold entries, as their runs logged them (NaN where a run lacks one)."""
+    keys = ["f1", "f1_macro", *(f"f1_{key}" for key in class_keys(results.class_names))]
+    rows, seen = [], set()
+    for cell in results.cells:
+        if cell.kd:
+            members = [(results.teachers[run_id], "teacher", Metric.TEACHER_PARAMS) for run_id in cell.teacher_run_ids]
+        else:
+            members = [(cell.run, "no-KD student", Metric.STUDENT_PARAMS)]
+        for run, kind, params in members:
+            if (run.info.run_id, cell.ratio) in seen:  # a teacher serves every student of its ratio: one row
+                continue
+            seen.add((run.info.run_id, cell.ratio))
+            metrics = run.data.metrics
+            model = run.data.params.get("teacher_arch", cell.teacher) if kind == "teacher" else cell.student
+            row = {"ratio": cell.ratio, "model": model, "kind": kind, "params": metrics.get(params, math.nan), "run_id": run.info.run_id}
+            for key in keys:
+                row[f"{key}_mean"], row[f"{key}_std"] = metrics.get(f"{key}_mean", math.nan), metrics.get(f"{key}_std", math.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# The two families of KD - no-KD differences: (column prefix, per-fold metric, mean and std metrics)
+FAMILIES = {
+    "f1": (Metric.fold_f1, Metric.F1_MEAN, Metric.F1_STD),
+    "f1_minority": (Metric.minority_fold_f1, Metric.F1_MINORITY_MEAN, Metric.F1_MINORITY_STD),
+}
+
+
+def kd_table(results: ComparisonResults) -> pd.DataFrame:
+    """One row per KD cell: its F1 and minority F1 (mean, std), minority recall, and for each family the mean paired
+    difference KD - no-KD over the fold entries (``delta_<family>``), its corrected resampled t-test p-value
+    (``p_<family>``) and Holm's adjustment of that p across every KD cell (``p_<family>_holm``)."""
+    twins = {(cell.student, cell.ratio): cell for cell in results.cells if not cell.kd}
+    rows = []
+    for cell in (cell for cell in results.cells if cell.kd):
+        twin = twins.get((cell.student, cell.ratio))
+        if twin is None:
+            raise PipelineError(f"{cell.describe()} has no finished no-KD cell of its student and ratio to be compared with")
+        row = {
+            "teacher": cell.teacher,
+            "student": cell.student,
+            "ratio": cell.ratio,
+            "student_params": cell.metrics.get(Metric.STUDENT_PARAMS, math.nan),
+            "recall_minority_mean": cell.metrics.get(Metric.RECALL_MINORITY_MEAN, math.nan),
+            "no_kd_recall_minority_mean": twin.metrics.get(Metric.RECALL_MINORITY_MEAN, math.nan),
+            "run_id": cell.run.info.run_id,
+            "no_kd_run_id": twin.run.info.run_id,
+            "test_train_ratio": cell.metrics.get(Metric.TEST_TRAIN_RATIO, results.test_train_ratio),
+        }
+        for family, (fold_key, mean_key, std_key) in FAMILIES.items():
+            kd_scores = fold_scores(cell.metrics, results.fold_count, fold_key, cell.describe())
+            no_kd_scores = fold_scores(twin.metrics, results.fold_count, fold_key, twin.describe())
+            test_train = cell.metrics.get(Metric.TEST_TRAIN_RATIO, results.test_train_ratio)
+            test = corrected_resampled_t_test(kd_scores, no_kd_scores, test_train)
+            row |= {
+                f"{family}_mean": cell.metrics.get(mean_key, math.nan),
+                f"{family}_std": cell.metrics.get(std_key, math.nan),
+                f"no_kd_{family}_mean": twin.metrics.get(mean_key, math.nan),
+                f"delta_{family}": test.mean_difference,
+                f"t_{family}": test.t,
+                f"p_{family}": test.pvalue,
+            }
+        rows.append(row)
+    if not rows:
+        raise PipelineError(f"comparison {results.name!r} (run {results.run.info.run_id}) has no finished KD cell yet")
+    frame = pd.DataFrame(rows)
+    for family in FAMILIES:
+        frame[f"p_{family}_holm"] = holm(frame[f"p_{family}"].tolist())
+    return frame
+
+
+def comparison_numbers(results: ComparisonResults) -> dict:
+    """Every number of the comparison's tables, with the runs they come from (for ``report.json``)."""
+    return {
+        "run_id": results.run.info.run_id,
+        "name": results.name,
+        "test_train_ratio": results.test_train_ratio,
+        "baseline": baseline_table(results).to_dict("records"),
+        "kd": kd_table(results).to_dict("records"),
     }

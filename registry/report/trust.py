@@ -9,9 +9,9 @@ from pathlib import Path
 
 import mlflow
 
-from pipelines.document import Block, Code, Figure, num, para, table
 from pipelines.names import Metric
 from registry.calibrate import MODELS, RELIABILITY_ARTIFACT
+from registry.report.document import Block, Code, Figure, num, para, table
 from registry.report.gather import Sources
 
 NAMES = {"ece": "ECE", "mce": "MCE", "brier": "Brier", "nll": "NLL"}

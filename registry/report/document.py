@@ -1,7 +1,7 @@
 """A tiny document model rendered to Markdown and to LaTeX, so both come from one list of blocks.
 
 Text is plain; :class:`Code` and :class:`Math` spans mark what each format typesets differently. The report
-(``registry.report``) and the comparison's tables (``search.comparison_tables``) are written with it, so they print
+(``registry.report``) and the comparison's tables (``registry.report.comparison``) are written with it, so they print
 numbers and escape LaTeX alike.
 """
 

@@ -13,30 +13,26 @@ them come
 - three figures: F1 against student parameters per teacher, the KD gain against the imbalance ratio, and minority
   recall against it.
 
-:func:`write_comparison_tables` writes them as Markdown, LaTeX and PNG and logs them to the comparison run
-(``comparison/``); the report (``registry.report``) includes the same blocks.
+:func:`write_comparison_tables` (called by ``kd compare`` once every cell has finished) writes them as Markdown, LaTeX
+and PNG and logs them to the comparison run (``comparison/``); the report (``registry.report``) includes the same
+blocks. Gathering (:mod:`registry.report.gather`) and the tables' numbers (:mod:`registry.report.stats`) are the
+report's own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 
-from pipelines.config import PipelineError
-from pipelines.document import Block, Figure, Heading, num, para, table, to_latex, to_markdown
+from pipelines.config import PROJECT_ROOT, Config
 from pipelines.evaluation.metrics import class_keys, pyplot, save_figure
-from pipelines.evaluation.statistics import corrected_resampled_t_test, holm, kfold_test_train_ratio
-from pipelines.names import Metric, RunTag
+from pipelines.names import Metric
+from registry.report.document import Block, Figure, Heading, num, para, table, to_latex, to_markdown
+from registry.report.gather import ComparisonResults, comparison_results
+from registry.report.stats import baseline_table, kd_table
 
-COMPARE_STEP = "compare"  # the comparison run's kd.step
 ARTIFACT_FOLDER = "comparison"
 SIGNIFICANCE = 0.05  # Holm-adjusted p below which a figure marks a KD gain
 FIGURES = {
@@ -46,232 +42,9 @@ FIGURES = {
 }
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One cell run of a comparison."""
-
-    run: Run
-
-    @property
-    def tags(self) -> dict[str, str]:
-        return self.run.data.tags
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        return self.run.data.metrics
-
-    @property
-    def kd(self) -> bool:
-        return self.tags[RunTag.CELL_KD] == "true"
-
-    @property
-    def teacher(self) -> str:
-        return self.tags[RunTag.CELL_TEACHER] if self.kd else ""
-
-    @property
-    def student(self) -> str:
-        return self.tags[RunTag.CELL_STUDENT]
-
-    @property
-    def ratio(self) -> str:
-        return self.tags[RunTag.CELL_IMBALANCE]
-
-    @property
-    def teacher_run_ids(self) -> list[str]:
-        """The teacher run (or an ensemble's member runs) a KD cell distilled from; none for a no-KD cell."""
-        return [run_id for run_id in self.tags.get(RunTag.TEACHER_RUN_ID, "").split(",") if run_id] if self.kd else []
-
-    def describe(self) -> str:
-        kind = f"KD from {self.teacher}" if self.kd else "no-KD"
-        return f"cell run {self.run.info.run_id} ({kind}, student {self.student}, ratio {self.ratio})"
-
-
-@dataclass(frozen=True)
-class ComparisonResults:
-    """A comparison run with its finished cells and the teacher runs they name."""
-
-    run: Run
-    cells: list[Cell]  # the newest finished run of each cell, in (ratio, KD first, teacher, student parameters) order
-    teachers: dict[str, Run]  # teacher run id -> run
-    class_names: list[str]
-
-    @property
-    def name(self) -> str:
-        return self.run.data.tags[RunTag.COMPARISON]
-
-    @property
-    def minority_class(self) -> str:
-        return self.run.data.tags.get(RunTag.MINORITY_CLASS, self.run.data.params.get("minority_class", ""))
-
-    @property
-    def folds(self) -> int:
-        return int(self.run.data.params["folds"])
-
-    @property
-    def fold_count(self) -> int:
-        """Validation fold entries: folds x repeats, numbered k = repeat * folds + fold."""
-        return self.folds * int(self.run.data.params.get("repeats", "1"))
-
-    @property
-    def test_train_ratio(self) -> float:
-        """n_test / n_train of one split for the corrected t-test at imbalance ratio 0. Every training image of a repeat
-        is validated in exactly one of its folds and trained on in the others, so over the fold entries mean n_test / mean
-        n_train is 1 / (folds - 1) whatever the fold sizes. A subsampled ratio trains on fewer rows: its cells log their
-        own (``test_train_ratio``), which :func:`kd_table` prefers."""
-        return kfold_test_train_ratio(self.folds)
-
-    @property
-    def ratios(self) -> list[str]:
-        return sorted({cell.ratio for cell in self.cells}, key=float)
-
-
 def ratio_label(ratio: str) -> str:
     """An imbalance ratio as tables and figures print it: ``0`` is the data as it is."""
     return "as is" if float(ratio) == 0 else ratio
-
-
-def find_comparison(comparison: str = "", data_digest: str = "") -> Run | None:
-    """The comparison run named by ``comparison`` (a run id, or a comparison name: its newest finished run), else the
-    newest finished comparison on the data of ``data_digest``; None when neither is given or none matches the digest.
-    A ``comparison`` that names nothing is an error: it was asked for."""
-    client = MlflowClient()
-    if comparison:
-        try:
-            run = client.get_run(comparison)
-        except MlflowException:  # not a run id: a comparison name
-            run = None
-        if run is not None and run.data.tags.get(RunTag.STEP) == COMPARE_STEP and RunTag.CELL_KD not in run.data.tags:
-            return run
-        found = _comparison_runs(f"tags.`{RunTag.COMPARISON}` = '{comparison}'")
-        if not found:
-            raise PipelineError(
-                f"comparison={comparison!r}: no finished comparison run has that name or id; run `mlflow run . -e compare` "
-                "or give the name (tag kd.comparison) or run id of one"
-            )
-        return found[0]
-    if not data_digest:
-        return None
-    return next(iter(_comparison_runs(f"tags.`{RunTag.DATA_DIGEST}` = '{data_digest}'")), None)
-
-
-def _comparison_runs(condition: str) -> list[Run]:
-    """Finished comparison runs (not their cells) matching ``condition``, newest first, in every experiment."""
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{RunTag.STEP}` = '{COMPARE_STEP}' and {condition} and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
-    return [run for run in runs if RunTag.CELL_KD not in run.data.tags]
-
-
-def comparison_results(comparison_run_id: str) -> ComparisonResults:
-    """Read a comparison run, its finished cell runs (the newest of each cell, should one have been run again) and the
-    teacher runs its KD cells name."""
-    client = MlflowClient()
-    run = client.get_run(comparison_run_id)
-    name = run.data.tags.get(RunTag.COMPARISON)
-    if not name or RunTag.CELL_KD in run.data.tags:
-        raise PipelineError(f"run {comparison_run_id} is not a comparison run (it has no tag {RunTag.COMPARISON}, or is one of its cells)")
-    found = mlflow.search_runs(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{comparison_run_id}' and tags.`{RunTag.COMPARISON}` = '{name}' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
-    newest: dict[tuple[object, ...], Cell] = {}
-    for cell in (Cell(found_run) for found_run in found if found_run.data.tags.get(RunTag.CELL_KD) in ("true", "false")):
-        newest.setdefault((cell.kd, cell.teacher, cell.student, cell.ratio), cell)
-    cells = list(newest.values())
-    if not cells:
-        raise PipelineError(f"comparison {name!r} (run {comparison_run_id}) has no finished cell runs yet")
-    cells.sort(key=lambda c: (float(c.ratio), not c.kd, c.teacher, c.metrics.get(Metric.STUDENT_PARAMS, math.inf), c.student))
-    teachers = {run_id: client.get_run(run_id) for cell in cells for run_id in cell.teacher_run_ids}
-    # The class names as the data's runs logged them (pipelines.tracking.runs.log_data): a teacher's, else a cell's source run.
-    source = next(iter(teachers.values()), None) or client.get_run(cells[0].tags[RunTag.CELL_SOURCE_RUN_ID])
-    return ComparisonResults(run, cells, teachers, source.data.params["classes"].split(","))
-
-
-def fold_scores(metrics: dict[str, float], fold_count: int, key: Callable[[int], str], owner: str) -> list[float]:
-    """The metric ``key(k)`` of every validation fold entry k (folds x repeats) in entry order, for a paired test."""
-    missing = [key(k) for k in range(fold_count) if key(k) not in metrics]
-    if missing:
-        raise PipelineError(f"{owner} has no {', '.join(missing)}; the paired test needs every fold entry (0 to {fold_count - 1})")
-    return [metrics[key(k)] for k in range(fold_count)]
-
-
-def baseline_table(results: ComparisonResults) -> pd.DataFrame:
-    """One row per teacher run and per no-KD cell at each ratio: k-fold F1, macro F1 and each class's F1, mean and
-    standard deviation over the fold entries, as their runs logged them (NaN where a run lacks one)."""
-    keys = ["f1", "f1_macro", *(f"f1_{key}" for key in class_keys(results.class_names))]
-    rows, seen = [], set()
-    for cell in results.cells:
-        if cell.kd:
-            members = [(results.teachers[run_id], "teacher", Metric.TEACHER_PARAMS) for run_id in cell.teacher_run_ids]
-        else:
-            members = [(cell.run, "no-KD student", Metric.STUDENT_PARAMS)]
-        for run, kind, params in members:
-            if (run.info.run_id, cell.ratio) in seen:  # a teacher serves every student of its ratio: one row
-                continue
-            seen.add((run.info.run_id, cell.ratio))
-            metrics = run.data.metrics
-            model = run.data.params.get("teacher_arch", cell.teacher) if kind == "teacher" else cell.student
-            row = {"ratio": cell.ratio, "model": model, "kind": kind, "params": metrics.get(params, math.nan), "run_id": run.info.run_id}
-            for key in keys:
-                row[f"{key}_mean"], row[f"{key}_std"] = metrics.get(f"{key}_mean", math.nan), metrics.get(f"{key}_std", math.nan)
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# The two families of KD - no-KD differences: (column prefix, per-fold metric, mean and std metrics)
-FAMILIES = {
-    "f1": (Metric.fold_f1, Metric.F1_MEAN, Metric.F1_STD),
-    "f1_minority": (Metric.minority_fold_f1, Metric.F1_MINORITY_MEAN, Metric.F1_MINORITY_STD),
-}
-
-
-def kd_table(results: ComparisonResults) -> pd.DataFrame:
-    """One row per KD cell: its F1 and minority F1 (mean, std), minority recall, and for each family the mean paired
-    difference KD - no-KD over the fold entries (``delta_<family>``), its corrected resampled t-test p-value
-    (``p_<family>``) and Holm's adjustment of that p across every KD cell (``p_<family>_holm``)."""
-    twins = {(cell.student, cell.ratio): cell for cell in results.cells if not cell.kd}
-    rows = []
-    for cell in (cell for cell in results.cells if cell.kd):
-        twin = twins.get((cell.student, cell.ratio))
-        if twin is None:
-            raise PipelineError(f"{cell.describe()} has no finished no-KD cell of its student and ratio to be compared with")
-        row = {
-            "teacher": cell.teacher,
-            "student": cell.student,
-            "ratio": cell.ratio,
-            "student_params": cell.metrics.get(Metric.STUDENT_PARAMS, math.nan),
-            "recall_minority_mean": cell.metrics.get(Metric.RECALL_MINORITY_MEAN, math.nan),
-            "no_kd_recall_minority_mean": twin.metrics.get(Metric.RECALL_MINORITY_MEAN, math.nan),
-            "run_id": cell.run.info.run_id,
-            "no_kd_run_id": twin.run.info.run_id,
-            "test_train_ratio": cell.metrics.get(Metric.TEST_TRAIN_RATIO, results.test_train_ratio),
-        }
-        for family, (fold_key, mean_key, std_key) in FAMILIES.items():
-            kd_scores = fold_scores(cell.metrics, results.fold_count, fold_key, cell.describe())
-            no_kd_scores = fold_scores(twin.metrics, results.fold_count, fold_key, twin.describe())
-            test_train = cell.metrics.get(Metric.TEST_TRAIN_RATIO, results.test_train_ratio)
-            test = corrected_resampled_t_test(kd_scores, no_kd_scores, test_train)
-            row |= {
-                f"{family}_mean": cell.metrics.get(mean_key, math.nan),
-                f"{family}_std": cell.metrics.get(std_key, math.nan),
-                f"no_kd_{family}_mean": twin.metrics.get(mean_key, math.nan),
-                f"delta_{family}": test.mean_difference,
-                f"t_{family}": test.t,
-                f"p_{family}": test.pvalue,
-            }
-        rows.append(row)
-    if not rows:
-        raise PipelineError(f"comparison {results.name!r} (run {results.run.info.run_id}) has no finished KD cell yet")
-    frame = pd.DataFrame(rows)
-    for family in FAMILIES:
-        frame[f"p_{family}_holm"] = holm(frame[f"p_{family}"].tolist())
-    return frame
 
 
 def mean_std(mean: float, std: float) -> str:
@@ -448,17 +221,6 @@ def render_latex(results: ComparisonResults, figures: list[Figure] | None = None
     return to_latex(comparison_blocks(results, figures or []))
 
 
-def comparison_numbers(results: ComparisonResults) -> dict:
-    """Every number of the comparison's tables, with the runs they come from (for ``report.json``)."""
-    return {
-        "run_id": results.run.info.run_id,
-        "name": results.name,
-        "test_train_ratio": results.test_train_ratio,
-        "baseline": baseline_table(results).to_dict("records"),
-        "kd": kd_table(results).to_dict("records"),
-    }
-
-
 def write_comparison_tables(comparison_run_id: str, out_dir: Path | str) -> list[Path]:
     """Write ``comparison.md``, ``comparison.tex`` and the figures' PNGs into ``out_dir`` and log them to the comparison
     run under ``comparison/``; returns the files written."""
@@ -475,3 +237,12 @@ def write_comparison_tables(comparison_run_id: str, out_dir: Path | str) -> list
         client.log_artifact(comparison_run_id, str(path), ARTIFACT_FOLDER)
     print(f"comparison {results.name}: {len(results.cells)} cells -> {folder} (also logged to run {comparison_run_id} under comparison/)")
     return written
+
+
+def write_tables_when_complete(comparison_run_id: str, cfg: Config) -> list[Path]:
+    """:func:`write_comparison_tables` into ``reports/comparison-<comparison_name>`` once every cell of the comparison has
+    finished (its ``cells_finished`` equals its ``cells_total``); a worker that ends first leaves them to the last one."""
+    metrics = MlflowClient().get_run(comparison_run_id).data.metrics
+    if metrics.get(Metric.CELLS_FINISHED) != metrics.get(Metric.CELLS_TOTAL):
+        return []
+    return write_comparison_tables(comparison_run_id, PROJECT_ROOT / "reports" / f"comparison-{cfg.comparison_name}")
