@@ -23,7 +23,8 @@ STRATEGIES = ("ours", "naive")
 
 
 def run_ours(cfg: Config) -> dict:
-    from search.tune import best_trial, run_search
+    from search.study import best_trial
+    from search.tune import run_search
 
     start = time.perf_counter()
     study = run_search(cfg)

@@ -37,7 +37,7 @@ from registry.evidence import code_version
 from registry.report.comparison import write_tables_when_complete
 from registry.report.document import data_label
 from search.compare import clock, run_comparison
-from search.tune import student_cost
+from search.objective import student_cost
 
 # What decides a main run's result beyond the search's key: the promotion's settings.
 MAIN_PARAMS = tuple(dict.fromkeys((*SEARCH_PARAMS, "qat", "model_name", "margin", "force", "serving_format")))

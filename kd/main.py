@@ -16,7 +16,8 @@ from pipelines.tracking.runs import close_stale_runs, tracked_run
 from registry.promote import promote
 from registry.roles import CHALLENGER, CHAMPION, current_version
 from search.compare import clock
-from search.tune import PARENT_RUN_ATTR, best_trial, run_search
+from search.study import PARENT_RUN_ATTR, best_trial
+from search.tune import run_search
 
 STEPS = ("prepare", "teacher", "search", "promote")
 

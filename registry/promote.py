@@ -54,7 +54,7 @@ from registry.gate import Champion, Twin, decide
 from registry.model import FORMAT_ARTIFACTS, INPUTS, MAX_BATCH, encode_file, signature
 from registry.roles import CHALLENGER, CHAMPION, current_version, record, registry_lock, repair_roles, set_role
 from search.space import teacher_config, trial_config
-from search.tune import best_trial, open_study
+from search.study import best_trial, open_study
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class SearchSpace:
 
         A value outside this space's ranges is moved to the nearest value the search could propose, and a line says so.
         A student over the study's budget (``max_params``, ``max_latency_ms``) is skipped before training like any other
-        trial's (``search.tune``), so an anchor never breaks the budget and, skipped, takes no place among the n_trials.
+        trial's (``search.objective``), so an anchor never breaks the budget and, skipped, takes no place among the n_trials.
         """
         width, depth = parse_student_size(cfg.student_size)
         common = {

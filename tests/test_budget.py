@@ -15,8 +15,10 @@ from optuna.trial import TrialState
 from pipelines.config import Config, PipelineError
 from pipelines.steps.prepare import prepare_data
 from registry.promote import promote
+from search.objective import make_objective
 from search.space import SearchSpace
-from search.tune import PARENT_RUN_ATTR, best_trial, load_or_create_study, make_objective, open_storage, run_search, within_budget
+from search.study import PARENT_RUN_ATTR, best_trial, load_or_create_study, open_storage, within_budget
+from search.tune import run_search
 
 # width_range 8,16 x depth_range 2,3 holds students of 1,305 (8x2) to 23,537 (16x3) parameters; 10,000 admits 8x2, 8x3,
 # 12x2 and 16x2 and refuses 12x3 and 16x3, among them the default student (small = 16x3) of both anchor trials.

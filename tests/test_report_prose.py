@@ -37,7 +37,7 @@ def test_the_raw_sizes_of_a_nifti_set_come_from_its_volumes_and_a_missing_file_i
 
 def test_the_search_settings_in_the_methods_are_those_the_search_built_its_study_with(tmp_path: Path) -> None:
     from registry.report.methods import search_settings
-    from search.tune import load_or_create_study, open_storage
+    from search.study import load_or_create_study, open_storage
 
     cfg = Config(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="prose", n_trials=9, cache_dir=str(tmp_path / "cache"))
     study, _ = load_or_create_study(cfg, open_storage(cfg))

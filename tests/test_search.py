@@ -21,7 +21,9 @@ from optuna.trial import TrialState
 from pipelines.config import STORAGE_URL_ENV, Config, PipelineError
 from registry.server import free_port
 from search.space import SearchSpace, trial_config
-from search.tune import PARENT_RUN_ATTR, load_or_create_study, open_storage, open_study, run_search, write_plots
+from search.study import PARENT_RUN_ATTR, load_or_create_study, open_storage, open_study
+from search.summary import write_plots
+from search.tune import run_search
 
 TINY = ["--image_size", "32", "--folds", "2", "--epochs", "2", "--patience", "1", "--batch_size", "16"]
 
@@ -295,7 +297,7 @@ def test_multi_objective_search_reports_the_pareto_front(mri_subset, tmp_path):
         assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
         assert len(complete) == 3 and all(t.values[1] == t.user_attrs["student_params"] for t in complete)
-        from search.tune import best_trial
+        from search.study import best_trial
 
         best = best_trial(study)
         assert best in study.best_trials and best.values[0] == max(t.values[0] for t in study.best_trials)

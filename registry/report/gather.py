@@ -87,7 +87,7 @@ def _artifact(run_id: str, path: str, tmp: str) -> Path:
 
 def search_study(search: Run, storage: str) -> tuple[object | None, str]:
     """The study the trial came from, or None with the reason (the report then says what it could not read)."""
-    from search.tune import open_study
+    from search.study import open_study
 
     cfg = run_config(search)
     from_environment = os.environ.get(STORAGE_URL_ENV, "")

@@ -156,8 +156,8 @@ def reproducibility_section(s: Sources) -> list[Block]:
 
 
 def search_settings(study) -> tuple[str, str]:
-    """Sampler and pruner as the study's creating worker recorded them (``search.tune``: its type and settings)."""
-    from search.tune import PRUNER_ATTR, SAMPLER_ATTR
+    """Sampler and pruner as the study's creating worker recorded them (``search.study``: its type and settings)."""
+    from search.study import PRUNER_ATTR, SAMPLER_ATTR
 
     def described(attr: str) -> str:
         settings = dict(study.user_attrs.get(attr) or {})
