@@ -36,8 +36,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from pipelines.config import LIMITS, Config, PipelineError
+from pipelines.data.files import MAX_PIXELS, shown
 from pipelines.data.images import crop_to_head, decode_bytes, decode_image, load_images
-from pipelines.data.sources import IMAGE_EXTENSIONS, MAX_PIXELS, ingest, shown
+from pipelines.data.sources import IMAGE_EXTENSIONS, ingest
 
 # Function-scoped fixtures (tmp_path, reliability) are shared by all examples of a test on purpose.
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))

@@ -14,8 +14,9 @@ from data_cases import ellipse, ingest_at, tiny_folder, write_mode_files, write_
 from PIL import Image
 
 from pipelines.config import PipelineError
+from pipelines.data.files import MAX_PIXELS
 from pipelines.data.images import GZIP_MAGIC, crop_to_head, decode_bytes, decode_image, draft_scale, load_images, preprocess, request_bytes
-from pipelines.data.sources import MAX_PIXELS, Dataset
+from pipelines.data.sources import Dataset
 
 SUFFIX_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -25,8 +25,9 @@ from data_cases import (
 
 from pipelines.config import BRATS_MODALITIES, PipelineError
 from pipelines.data.images import NIFTI_SLICE, decode_image, load_images
-from pipelines.data.sources import BRATS_PATTERN, Dataset, detect_positive_class
+from pipelines.data.sources import Dataset, detect_positive_class
 from pipelines.data.splits import make_splits
+from pipelines.data.volumes import BRATS_PATTERN
 
 README_COUNTS = {"yes": 155, "no": 98}  # from the data README
 

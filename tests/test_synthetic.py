@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import synthetic
+from pipelines.data import synthetic
 from pipelines.data.synthetic import (
     NEGATIVE_CLASS,
     POSITIVE_CLASS,

@@ -25,7 +25,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.config import PipelineError
-from pipelines.data.sources import MAX_PIXELS, Dataset, check_declared, nifti_errors, nifti_slice, one_line, read_h5, shown, squeezed
+from pipelines.data.files import MAX_PIXELS, shown
+from pipelines.data.sources import Dataset
+from pipelines.data.volumes import check_declared, nifti_errors, nifti_slice, one_line, read_h5, squeezed
 from pipelines.fingerprint import SOURCE_ROOT, fingerprint_sources
 
 NIFTI_SLICE = re.compile(r"^(?P<file>.+\.nii(\.gz)?)#z=(?P<z>\d+)$", re.IGNORECASE)

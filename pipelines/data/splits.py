@@ -19,7 +19,8 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from pipelines.config import DEDUPE_MODES, PipelineError
-from pipelines.data.sources import Dataset, shown
+from pipelines.data.files import shown
+from pipelines.data.sources import Dataset
 
 # Near-duplicates (see perceptual_hashes): hash of the 12x12 lowest DCT frequencies of the preprocessed image at
 # 32x32, and the largest Hamming distance (of its 143 bits) that still counts as the same scan. On the real yes/no
