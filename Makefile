@@ -30,12 +30,15 @@ run: venv
 	$(BIN)/mlflow run . -e main --env-manager local --experiment-name $(STUDY) $(RUN_PARAMS)
 
 # Style first (seconds): one tool, ruff, formats and lints (settings in pyproject.toml), then the tests.
+# Both cores (pytest-xdist, one test file per worker at a time so a module's fixtures are built once; at most 4 workers:
+# each trains with TensorFlow's own threads). PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= auto --maxprocesses 4 --dist loadfile
 test: venv lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 # The edit loop: every test not marked slow (no end-to-end training, servers or real-data runs).
 test-fast: venv lint
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not slow"
 
 lint: venv
 	$(BIN)/ruff format --check .

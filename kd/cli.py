@@ -42,6 +42,7 @@ from pipelines.config import (
     build_parser,
     config_from_args,
 )
+from pipelines.log import set_verbosity
 from pipelines.recipes import EVIDENCE_DEFAULTS, EVIDENCE_RECIPE, RECIPES, check_evidence, recipe_values
 from pipelines.steps.cli import fail, run_cli
 
@@ -75,6 +76,10 @@ class Command:
             )
         if self.options:
             self.options(parser)
+        talk = parser.add_mutually_exclusive_group()
+        talk.add_argument("--quiet", dest="verbosity", action="store_const", const="quiet", help="warnings and errors only")
+        talk.add_argument("--verbose", dest="verbosity", action="store_const", const="verbose", help="debug messages too")
+        parser.set_defaults(verbosity="normal")
         return parser
 
     def chosen_recipe(self, argv: list[str]) -> str:
@@ -254,6 +259,7 @@ def run_command(name: str, argv: list[str] | None = None) -> Any:
         fail(str(error))
 
     def run(args: argparse.Namespace) -> Any:
+        set_verbosity(args.verbosity)
         args.command_line = list(sys.argv[1:] if argv is None else argv)  # as given (kd evidence records it)
         cfg = config_from_args(args)
         if not command.ratios:

@@ -29,6 +29,7 @@ from kd.evidence_report import evidence_results, write_evidence
 from kd.main import run_main
 from pipelines.config import PROJECT_ROOT, SEARCH_PARAMS, Config, PipelineError, parse_list
 from pipelines.fingerprint import code_fingerprint
+from pipelines.log import logger
 from pipelines.names import Metric, RunTag
 from pipelines.recipes import check_evidence
 from pipelines.steps.prepare import Prepared, prepare_data
@@ -102,7 +103,9 @@ def reused_main(cfg: Config, digest: str) -> str | None:
     if found is None or Metric.wall_s("main") not in found.data.metrics:
         return None
     walls = found.data.metrics
-    print(f"evidence: reusing main run {found.info.run_id} (same data, parameters and code; it took {clock(walls[Metric.wall_s('main')])})")
+    logger("evidence").info(
+        f"reusing main run {found.info.run_id} (same data, parameters and code; it took {clock(walls[Metric.wall_s('main')])})"
+    )
     return found.info.run_id
 
 
@@ -130,11 +133,10 @@ def run_evidence(cfg: Config, out_dir: str = "", main_folds: int = 0, main_repea
             "F1 the comparison pairs is macro-F1 (use kd compare for two classes)"
         )
     budget, sizes = check_sizes(cfg, base.dataset.num_classes)
-    print(
-        f"evidence: teacher {cfg.teacher_arch} at {cfg.teacher_size} px; students "
+    logger("evidence").info(
+        f"teacher {cfg.teacher_arch} at {cfg.teacher_size} px; students "
         + ", ".join(f"{student} {params:,}" for student, params in sizes.items())
-        + f" parameters (each at most {budget:,}: {SIZE_RATIO}x smaller)",
-        flush=True,
+        + f" parameters (each at most {budget:,}: {SIZE_RATIO}x smaller)"
     )
     main_cfg = main_config(cfg, budget, main_folds, main_repeats)
     main_id = run_main_once(main_cfg, prepare_data(main_cfg, reuse=base))
@@ -173,8 +175,8 @@ def run_evidence(cfg: Config, out_dir: str = "", main_folds: int = 0, main_repea
         written = write_evidence(results, folder)
         for path in written:
             mlflow.log_artifact(str(path), "evidence")
-    print(
-        f"evidence: wrote {len(written)} files to {data_label(folder)} in {clock(wall_s)} (main {clock(results['main_wall_s'])}); "
+    logger("evidence").info(
+        f"wrote {len(written)} files to {data_label(folder)} in {clock(wall_s)} (main {clock(results['main_wall_s'])}); "
         f"run {run.info.run_id}"
     )
     return folder / "results.json"

@@ -9,6 +9,7 @@ import time
 import mlflow
 
 from pipelines.config import Config
+from pipelines.log import logger
 from pipelines.names import Metric, RunTag, VersionTag
 from pipelines.steps.prepare import Prepared, prepare, prepare_data
 from pipelines.steps.teacher import train_teacher
@@ -33,7 +34,7 @@ class StepClock:
     def done(self, step: str) -> None:
         now = time.monotonic()
         self.walls[step], self.last = now - self.last, now
-        print(f"main: {step} took {clock(self.walls[step])}", flush=True)
+        logger("main").info(f"{step} took {clock(self.walls[step])}")
 
     def metrics(self) -> dict[str, float]:
         """``<step>_wall_s`` of every step and ``main_wall_s`` (seconds)."""
@@ -74,7 +75,7 @@ def run_main(cfg: Config, tags: dict[str, str] | None = None, prepared: Prepared
             holder.tags.get(VersionTag.TRIAL),
             holder.tags.get(VersionTag.DATA_DIGEST),
         ) == (cfg.study_name, str(best.number), prepared.dataset.digest):
-            print(f"promote: {role} {cfg.model_name} v{holder.version} already is {evaluated}; nothing to promote")
+            logger("promote").info(f"{role} {cfg.model_name} v{holder.version} already is {evaluated}; nothing to promote")
             runs["promote"] = holder.run_id
             break
     else:

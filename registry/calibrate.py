@@ -35,6 +35,7 @@ from pipelines.evaluation.calibration import (
     reliability_figure,
     scaled_probabilities,
 )
+from pipelines.log import logger
 from pipelines.names import Metric
 
 if TYPE_CHECKING:  # the card and the report read MODELS without loading TensorFlow
@@ -153,8 +154,8 @@ def log_calibration(calibration: Calibration, holdout_logits: dict[str, np.ndarr
         mlflow.log_artifact(
             str(reliability_figure(panels, Path(tmp) / Path(RELIABILITY_ARTIFACT).name)), str(Path(RELIABILITY_ARTIFACT).parent)
         )
-    print(
-        "promote: calibration ("
+    logger("promote").info(
+        "calibration ("
         + calibration.method
         + "): "
         + "; ".join(

@@ -21,6 +21,7 @@ from PIL import Image
 from pipelines.config import PipelineError
 from pipelines.data.images import decode_image, head_box, preprocess
 from pipelines.evaluation.metrics import probabilities, pyplot, save_figure
+from pipelines.log import logger
 from pipelines.names import VersionTag
 
 GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
@@ -246,7 +247,7 @@ def explain(
     write_overlay(explanations, f"{image_path.name}\n{model_name} v{models.version}", out_path)
     for who, explanation in explanations.items():
         print(describe(explanation, who))
-    print(f"explain: overlay written to {out_path}")
+    logger("explain").info(f"overlay written to {out_path}")
     return out_path
 
 

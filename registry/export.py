@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from pipelines.config import Config, PipelineError
 from pipelines.evaluation.latency import REPEATS, keras_latency, latency_percentiles
 from pipelines.evaluation.metrics import classification_metrics, model_logits, probabilities
+from pipelines.log import logger
 from pipelines.models.builders import load_keras_model
 from pipelines.names import VersionTag
 from pipelines.steps.prepare import Prepared, prepare_data
@@ -145,12 +146,11 @@ def export_edge(cfg: Config, version: str | None = None, out_dir: Path | None = 
         ],
     )
     for fmt, r in results.items():
-        print(
-            f"edge: {fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  "
+        logger("edge").info(
+            f"{fmt:<8} {r['size_bytes'] / 1024:8.1f} KiB  batch-1 p50 {r['p50_ms']:.3f} ms  p95 {r['p95_ms']:.3f} ms  "
             f"hold-out F1 {r['f1']:.4f}"
         )
-    print(
-        f"edge: logged {', '.join(p.name for p in files.values())} to run {model_version.run_id} "
-        f"({cfg.model_name} v{model_version.version})"
+    logger("edge").info(
+        f"logged {', '.join(p.name for p in files.values())} to run {model_version.run_id} ({cfg.model_name} v{model_version.version})"
     )
     return EdgeExport(model_version.version, model_version.run_id, files, results)

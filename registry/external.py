@@ -30,6 +30,7 @@ from pipelines.data.splits import HASH_FREQUENCIES, describe_duplicates, hash_bi
 from pipelines.evaluation.calibration import reliability_figure
 from pipelines.evaluation.external import BOOTSTRAP_RESAMPLES, match_classes, metrics_with_intervals, training_overlap
 from pipelines.evaluation.metrics import write_evaluation_artifacts
+from pipelines.log import logger
 from pipelines.names import Metric, RunTag, VersionTag
 from pipelines.tracking.runs import close_stale_runs, local_source, tracked_run
 from registry.evidence import TRAINING_HASHES_ARTIFACT
@@ -90,7 +91,7 @@ def training_manifest(version: ModelVersion, modality: int | None, image_size: i
     try:
         return frame, perceptual_hashes(load_images(dataset, image_size, cache_dir))
     except PipelineError as error:
-        print(f"evaluate: the version's training images cannot be read here ({error}); overlap is checked by sha256 only")
+        logger("evaluate").info(f"the version's training images cannot be read here ({error}); overlap is checked by sha256 only")
         return frame, np.zeros((len(frame), HASH_FREQUENCIES**2 - 1), bool)  # all-False: no hash known
 
 
@@ -129,7 +130,9 @@ def evaluate_version(
     dataset = ingest_for_model(data_cfg, class_names, positive)
     to_model = match_classes(dataset.class_names, class_names, cfg.class_map)
     labels = to_model[dataset.labels]
-    print(f"evaluate: {name} v{found.version} ({served.serving_format}) on {len(labels)} images of {dataset.root} ({dataset.source})")
+    logger("evaluate").info(
+        f"{name} v{found.version} ({served.serving_format}) on {len(labels)} images of {dataset.root} ({dataset.source})"
+    )
 
     training, training_hashes = training_manifest(found, served.modality, image_size, cfg.cache_dir)
     overlap = training_overlap(
@@ -142,7 +145,7 @@ def evaluate_version(
                 f"{found_text}, e.g. {overlap['path'].iloc[0]} = {overlap['training_path'].iloc[0]}; remove them, or pass dedupe=drop "
                 "(leave them out) or dedupe=keep"
             )
-        print(f"evaluate: {found_text}: " + ("dropped" if cfg.dedupe == "drop" else "kept (dedupe=keep): the figures are inflated"))
+        logger("evaluate").info(f"{found_text}: " + ("dropped" if cfg.dedupe == "drop" else "kept (dedupe=keep): the figures are inflated"))
     keep = np.arange(len(labels)) if cfg.dedupe == "keep" else np.setdiff1d(np.arange(len(labels)), overlap.index.to_numpy())
     absent = [class_names[i] for i in range(len(class_names)) if not np.any(labels[keep] == i)]
     if absent:
@@ -196,7 +199,7 @@ def evaluate_version(
             f"macro-F1 {metrics['f1_macro']:.4f} [{metrics['f1_macro_ci_low']:.4f}, {metrics['f1_macro_ci_high']:.4f}]; run {run_id}"
         )
         link_evaluation(name, found.version, run_id, summary, cfg.storage_url)
-    print(f"evaluate: {name} v{found.version} on {summary}")
+    logger("evaluate").info(f"{name} v{found.version} on {summary}")
     for key in ("f1_macro", "accuracy", "auc_macro", "ece", "brier"):
         interval = f" [{metrics[f'{key}_ci_low']:.4f}, {metrics[f'{key}_ci_high']:.4f}]" if f"{key}_ci_low" in metrics else ""
         print(f"  {key:<10} {metrics[key]:.4f}{interval}")

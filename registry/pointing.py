@@ -26,6 +26,7 @@ from scipy.ndimage import gaussian_filter
 from pipelines.config import PipelineError
 from pipelines.data.images import decode_image
 from pipelines.data.sources import IMAGE_EXTENSIONS, NEGATIVE_NAMES
+from pipelines.log import logger
 from pipelines.names import Metric
 
 TOLERANCE_PX = 15
@@ -146,7 +147,7 @@ def log_pointing_game(
         path = Path(tmp) / Path(POINTING_ARTIFACT).name
         table.to_csv(path, index=False)
         client.log_artifact(run_id, str(path), str(Path(POINTING_ARTIFACT).parent))
-    print(
+    logger().info(
         f"pointing game on {len(table)} scans of {boxes_dir} (peak in the box + {TOLERANCE_PX} px): "
         + ", ".join(
             f"{key.removeprefix(Metric.POINTING_GAME_PREFIX)} {value:.3f}" for key, value in result.items() if not key.endswith("scans")

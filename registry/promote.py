@@ -37,6 +37,7 @@ from pipelines.evaluation.metrics import (
     model_logits,
     probabilities,
 )
+from pipelines.log import logger
 from pipelines.models.builders import build_student
 from pipelines.models.distiller import Distiller
 from pipelines.names import Metric, RunTag, VersionTag
@@ -279,8 +280,8 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             }
         )
         mlflow.set_tag(RunTag.SERVING_FORMAT, serving_format)
-        print(
-            f"promote: serving {serving_format} ("
+        logger("promote").info(
+            f"serving {serving_format} ("
             + ", ".join(f"{name} F1 {v['f1']:.4f} p50 {v['p50_ms']:.2f} ms" for name, v in formats.items())
             + ")"
         )
@@ -360,7 +361,7 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
             }
         )
     role = "Production (alias champion)" if decision.promote else "Staging (alias challenger)"
-    print(f"promote: {cfg.model_name} v{version} -> {role}: {decision.reason}")
+    logger("promote").info(f"{cfg.model_name} v{version} -> {role}: {decision.reason}")
     return Promotion(version, decision.promote, decision.reason, new_f1, champion.f1 if champion else None)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import json
-import sys
 from contextlib import nullcontext
 from datetime import UTC, datetime
 
@@ -19,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.config import PipelineError
+from pipelines.log import logger
 from pipelines.tracking.locks import database_lock, lockable
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -127,7 +127,7 @@ def repair_roles(client: MlflowClient, name: str) -> list[str]:
             repaired.append(f"v{holder.version} restored as {alias} ({stage})")
     if repaired:
         record(client, name, "repair", holders[CHAMPION].version if holders[CHAMPION] else "-", None, "; ".join(repaired))
-        print(f"registry: repaired {name}: {'; '.join(repaired)}", file=sys.stderr)
+        logger("registry").warning(f"repaired {name}: {'; '.join(repaired)}")
     return repaired
 
 
@@ -151,5 +151,5 @@ def rollback(name: str, reason: str = "manual rollback") -> str:
             raise PipelineError(f"{name} v{current.version} has no earlier champion to roll back to")
         set_role(client, name, previous, CHAMPION)
         record(client, name, "rollback", previous, current.version, reason)
-    print(f"rollback: {name} champion v{current.version} -> v{previous}")
+    logger("rollback").info(f"{name} champion v{current.version} -> v{previous}")
     return previous

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from pipelines.config import PROJECT_ROOT, PipelineError
+from pipelines.log import logger
 
 ADMIN_PASSWORD_ENV, SECRET_KEY_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"
 
@@ -116,10 +117,9 @@ def start_server(
                 f"--auth needs {SECRET_KEY_ENV} (a random string, the same on every server of the team: it signs the CSRF tokens)"
             )
         if not os.environ.get(ADMIN_PASSWORD_ENV):
-            print(
-                f"note: on first start the admin user needs a password: set {ADMIN_PASSWORD_ENV} (MLflow refuses to start without one)",
-                file=sys.stderr,
+            logger("note").warning(
+                f"on first start the admin user needs a password: set {ADMIN_PASSWORD_ENV} (MLflow refuses to start without one)"
             )
     command = server_command(backend_store_uri, artifacts_destination, host, port, auth)
-    print("starting:", " ".join(command), flush=True)
+    logger().info("starting:", " ".join(command))
     os.execv(command[0], command)

@@ -26,6 +26,7 @@ from mlflow.entities import Run
 
 from pipelines.config import COMPARE_PARAMS, Config, parse_list, parse_ratios
 from pipelines.fingerprint import code_fingerprint
+from pipelines.log import logger
 from pipelines.names import Metric, RunTag
 from pipelines.steps.distill import distill
 from pipelines.steps.prepare import Prepared, imbalanced, prepare_data
@@ -95,7 +96,7 @@ def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
         if launched:  # `mlflow run` of a resumed comparison: say which run it continued
             client.set_tag(launched, RunTag.OUTCOME, "reused")
             client.set_tag(launched, RunTag.REUSED_RUN_ID, found.info.run_id)
-        print(f"compare: resuming comparison {cfg.comparison_name!r}, run {found.info.run_id} ({found.info.status})")
+        logger("compare").info(f"resuming comparison {cfg.comparison_name!r}, run {found.info.run_id} ({found.info.status})")
         return found.info.run_id, False
     tags = {
         RunTag.STEP: "compare",
@@ -180,11 +181,10 @@ class Progress:
         elapsed = time.monotonic() - self.start
         left = f", about {clock(elapsed / self.trained * (self.total - finished))} left" if self.trained and finished < self.total else ""
         metrics = run.data.metrics
-        print(
-            f"compare: cell {finished}/{self.total} done ({cell.name}{'' if trained else ', finished before'}): F1 "
+        logger("compare").info(
+            f"cell {finished}/{self.total} done ({cell.name}{'' if trained else ', finished before'}): F1 "
             f"{metrics[Metric.F1_MEAN]:.4f} ± {metrics[Metric.F1_STD]:.4f}, minority F1 {metrics[Metric.F1_MINORITY_MEAN]:.4f}; "
-            f"elapsed {clock(elapsed)}{left}",
-            flush=True,
+            f"elapsed {clock(elapsed)}{left}"
         )
 
 
@@ -204,8 +204,8 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
         comparison_id, created = comparison_run(cfg, base)
     # Cell runs nest in the comparison run, so they belong in its experiment whoever created it.
     mlflow.set_experiment(experiment_id=mlflow.get_run(comparison_id).info.experiment_id)
-    print(
-        f"compare: {len(cells)} cells ({cfg.teachers} x {cfg.students} x KD/no-KD x imbalance {cfg.imbalance}), minority {base.minority!r}"
+    logger("compare").info(
+        f"{len(cells)} cells ({cfg.teachers} x {cfg.students} x KD/no-KD x imbalance {cfg.imbalance}), minority {base.minority!r}"
     )
     # step="compare": the run keeps the fingerprint of the comparison's code, by which a rerun finds and resumes it
     with tracked_run(cfg, step="compare", run_id=comparison_id):
@@ -215,7 +215,7 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
         progress = Progress(comparison_id, len(cells))
         before = sum(run.info.status == "FINISHED" for run in cell_runs(comparison_id).values())
         if before:
-            print(f"compare: {before}/{len(cells)} cells finished before{'; running the rest' if before < len(cells) else ''}")
+            logger("compare").info(f"{before}/{len(cells)} cells finished before{'; running the rest' if before < len(cells) else ''}")
         held_elsewhere = []
         for cell in cells:
             done = cell_runs(comparison_id).get(cell)
@@ -230,5 +230,5 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
             progress.done(cell, *run_cell(cfg, cell, by_ratio[cell.ratio], comparison_id, blocking=True))
         finished = sum(run.info.status == "FINISHED" for run in cell_runs(comparison_id).values())
         mlflow.log_metric(Metric.CELLS_FINISHED, finished)
-    print(f"compare: comparison {cfg.comparison_name!r} has {finished}/{len(cells)} cells, run {comparison_id}")
+    logger("compare").info(f"comparison {cfg.comparison_name!r} has {finished}/{len(cells)} cells, run {comparison_id}")
     return comparison_id

@@ -15,6 +15,7 @@ from pipelines.config import Config, PipelineError
 from pipelines.evaluation.calibration import log_oof_logits
 from pipelines.evaluation.latency import keras_latency
 from pipelines.evaluation.metrics import CONFUSION_ARTIFACT, confusion_record
+from pipelines.log import logger
 from pipelines.models.builders import build_student
 from pipelines.names import Metric, RunTag
 from pipelines.steps.distill import cross_validate_student
@@ -107,7 +108,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
             # ranks trials over the budget by how far over they are), and does not count towards n_trials
             # (``claimed_before``, ``state_counts``): the study still ends with n_trials students that fit.
             skipped = f"student {trial_cfg.student_size} ({cost_text(cost)}) over the budget ({budget_text(vars(cfg))})"
-            print(f"search: trial {trial.number} skipped before training: {skipped}")
+            logger("search").info(f"trial {trial.number} skipped before training: {skipped}")
             raise optuna.TrialPruned(skipped)
         teacher_run_id = teacher_run(teacher_config(cfg, params))  # the trial's teacher, before its run: nested in the search's
         with tracked_run(cfg, finished_on=(optuna.TrialPruned,), nested=True, run_name=f"trial-{trial.number}") as run:

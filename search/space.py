@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import optuna
 
 from pipelines.config import Config, PipelineError, parse_range, parse_student_size, teacher_choices
+from pipelines.log import logger
 
 WIDTH_STEP = 4
 
@@ -96,8 +97,8 @@ class SearchSpace:
                 value = low + round((value - low) / WIDTH_STEP) * WIDTH_STEP
             if value != params[key]:
                 grid = f" in steps of {WIDTH_STEP}" if key == "width" else ""
-                print(
-                    f"search: the {name} trial's {key} {params[key]} is not in the search's range {low}..{high}{grid}; it starts at {value}"
+                logger("search").info(
+                    f"the {name} trial's {key} {params[key]} is not in the search's range {low}..{high}{grid}; it starts at {value}"
                 )
                 inside[key] = value
         return inside

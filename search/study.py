@@ -16,6 +16,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
+from pipelines.log import logger
 from pipelines.names import Metric, RunTag
 from pipelines.tracking.locks import database_lock
 from search.space import SearchSpace
@@ -149,7 +150,7 @@ def load_or_create_study(cfg: Config, storage: RDBStorage) -> tuple[optuna.Study
     joined = cfg.replace(**{name: value for name, value in stored.items() if name in SHARED_FIELDS})
     changed = sorted(name for name in SHARED_FIELDS if getattr(joined, name) != getattr(cfg, name))
     if changed:
-        print(f"search: joining study {cfg.study_name!r} with its own settings for {', '.join(changed)}")
+        logger("search").info(f"joining study {cfg.study_name!r} with its own settings for {', '.join(changed)}")
     return study, joined
 
 

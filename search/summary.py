@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 
 from pipelines.config import Config
 from pipelines.evaluation.metrics import pyplot
+from pipelines.log import logger
 from pipelines.names import RunTag
 from search.study import best_trial, state_counts
 
@@ -40,8 +41,8 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
         write_plots(study, cfg, out)
         mlflow.log_artifacts(tmp, "search")
-    print(
-        f"search: best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} "
+    logger("search").info(
+        f"best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} "
         f"with {json.dumps(best.params)}"
     )
 
@@ -61,7 +62,7 @@ def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
         if len({t.values[0] for t in complete}) == 1:
             constant.append("F1")
         if constant:
-            print(f"search: skipped plot parallel_coordinate: {', '.join(constant)} took one value in every complete trial")
+            logger("search").info(f"skipped plot parallel_coordinate: {', '.join(constant)} took one value in every complete trial")
         else:
             figures["parallel_coordinate"] = lambda: plots.plot_parallel_coordinate(study, target=target, target_name="F1")
     if len(study.directions) > 1:
@@ -73,7 +74,7 @@ def write_plots(study: optuna.Study, cfg: Config, out: Path) -> None:
             with plt.rc_context():
                 axes = draw()
         except (ValueError, RuntimeError) as error:  # e.g. importances when every trial has the same value
-            print(f"search: skipped plot {name}: {error}")
+            logger("search").info(f"skipped plot {name}: {error}")
             continue
         figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
         figure.set_size_inches(8, 5)

@@ -20,6 +20,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipelines.config import SEARCH_PARAMS, Config, PipelineError, redact_url
+from pipelines.log import logger
 from pipelines.names import RunTag
 from pipelines.steps.prepare import Prepared, prepare_data
 from pipelines.tracking.runs import close_stale_runs, log_data, tracked_run
@@ -88,6 +89,6 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
                 time.sleep(min(5, cfg.heartbeat_interval))  # the last trials are running elsewhere; wait or retry them if they die
                 continue
             study.optimize(objective, n_trials=1, catch=(SurplusTrial,), gc_after_trial=True)
-        print(f"search: worker {worker} done; study {cfg.study_name!r} has {finished} finished trials")
+        logger("search").info(f"worker {worker} done; study {cfg.study_name!r} has {finished} finished trials")
         log_summary(study, cfg)
     return study

@@ -19,6 +19,7 @@ import mlflow
 
 from pipelines.config import Config, distill_params
 from pipelines.evaluation.metrics import classification_metrics, model_logits, probabilities, write_evaluation_artifacts
+from pipelines.log import logger
 from pipelines.models.builders import build_student
 from pipelines.models.distiller import Distiller
 from pipelines.names import Metric, RunTag
@@ -118,7 +119,7 @@ def quantization_aware_folds(
         )
         probs = probabilities(model_logits(qat, images[val_rows]), dataset.binary)
         fold_metrics.append(classification_metrics(dataset.labels[val_rows], probs, dataset.class_names))
-        print(f"{describe_student(cfg)}: fold {k} QAT F1 {fold_metrics[-1]['f1']:.4f} (float {float_metrics['f1']:.4f})")
+        logger().info(f"{describe_student(cfg)}: fold {k} QAT F1 {fold_metrics[-1]['f1']:.4f} (float {float_metrics['f1']:.4f})")
         models.append(qat)
     summary = summarize_folds(cv.fold_ids, fold_metrics)
     return models, {f"{Metric.QAT_PREFIX}{name}": value for name, value in summary.items()}
@@ -170,7 +171,7 @@ def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
                 labels, cv.oof_probs, dataset.class_names, out / "evaluation", f"{describe}, out-of-fold", cv.confusion_matrices()
             )
             mlflow.log_artifacts(tmp)
-        print(
+        logger().info(
             f"{describe}: F1 {summary[Metric.F1_MEAN]:.4f} ± {summary[Metric.F1_STD]:.4f} over {len(fold_ids)} fold(s), "
             f"{student_params:,} parameters"
             + (f"; QAT F1 {qat_summary[Metric.QAT_F1_MEAN]:.4f}" if qat_summary else "")

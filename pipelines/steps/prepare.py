@@ -9,6 +9,7 @@ from pipelines.data.images import load_images
 from pipelines.data.prepared import Prepared
 from pipelines.data.sources import Dataset, ingest
 from pipelines.data.splits import Splits, describe_duplicates, make_splits, perceptual_hashes, subsample_minority
+from pipelines.log import logger
 
 
 def minority_class(dataset: Dataset, splits: Splits, requested: str = "") -> str:
@@ -31,7 +32,7 @@ def imbalanced(prepared: Prepared, cfg: Config) -> Prepared:
     splits = subsample_minority(prepared.splits, dataset.labels, dataset.class_names.index(minority), ratio, cfg.seed)
     if ratio:
         kept = [int(np.sum(dataset.labels[train] == dataset.class_names.index(minority))) for train, _ in splits.folds]
-        print(f"prepare: imbalance 1:{cfg.imbalance}: the training folds keep {min(kept)}-{max(kept)} {minority!r} images each")
+        logger("prepare").info(f"imbalance 1:{cfg.imbalance}: the training folds keep {min(kept)}-{max(kept)} {minority!r} images each")
     return Prepared(dataset, splits, prepared.images, cfg.as_params(DATA_INPUTS), minority)
 
 
@@ -56,7 +57,7 @@ def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
             if len(splits.dropped)
             else "kept in the hold-out (dedupe=keep): its figures are inflated"
         )
-        print(f"prepare: {found}: {action}; listed in data/holdout_duplicates.csv")
+        logger("prepare").info(f"{found}: {action}; listed in data/holdout_duplicates.csv")
     return imbalanced(Prepared(dataset, splits, images, cfg.as_params(DATA_INPUTS), ""), cfg)
 
 
@@ -67,7 +68,7 @@ def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False)
     prepared = prepared or prepare_data(cfg)
     dataset = prepared.dataset
     counts = dataset.manifest["label"].value_counts().to_dict()
-    print(f"prepare: {len(dataset.manifest)} images {counts} from {dataset.source} {dataset.root}, digest {dataset.digest[:12]}")
+    logger("prepare").info(f"{len(dataset.manifest)} images {counts} from {dataset.source} {dataset.root}, digest {dataset.digest[:12]}")
     previous = reuse_finished("prepare", cfg, DATA_PARAMS, dataset.digest, nested)
     if previous:
         return previous

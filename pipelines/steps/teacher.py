@@ -29,6 +29,7 @@ import numpy as np
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError, teacher_members
 from pipelines.data.images import load_images
 from pipelines.evaluation.metrics import classification_metrics, confusion_matrix, model_logits, probabilities, write_evaluation_artifacts
+from pipelines.log import logger
 from pipelines.models.builders import build_teacher, load_keras_model
 from pipelines.models.distiller import Distiller
 from pipelines.names import Metric, RunTag
@@ -145,7 +146,7 @@ def _train_single(cfg: Config, prepared: Prepared, nested: bool) -> str:
                 labels[cv.oof_rows], cv.oof_probs, dataset.class_names, out / "evaluation", "teacher, out-of-fold", matrices
             )
             mlflow.log_artifacts(tmp)
-        print(
+        logger().info(
             f"teacher {cfg.teacher_arch}: F1 {cv.summary()[Metric.F1_MEAN]:.4f} ± {cv.summary()[Metric.F1_STD]:.4f} over {cfg.fold_count} "
             "folds, "
             f"{teacher.count_params():,} parameters, run {run.info.run_id}"

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from pipelines.config import Config, PipelineError, redact_url
 from pipelines.data.sources import Dataset
 from pipelines.data.splits import Splits
 from pipelines.fingerprint import code_fingerprint
+from pipelines.log import logger
 from pipelines.names import RunTag
 
 
@@ -71,10 +71,8 @@ def close_stale_runs() -> list[str]:
         pid = run.data.tags[RunTag.PROCESS].split(":")[0]
         client.set_tag(run.info.run_id, RunTag.FAILURE, f"process {pid} on {host} died while the run was RUNNING; closed by a later start")
         client.set_terminated(run.info.run_id, "KILLED")
-        print(
-            f"tracking: run {run.info.run_id} ({run.data.tags.get(RunTag.STEP, 'run')}) was left RUNNING by dead process {pid}; marked "
-            "KILLED",
-            file=sys.stderr,
+        logger("tracking").warning(
+            f"run {run.info.run_id} ({run.data.tags.get(RunTag.STEP, 'run')}) was left RUNNING by dead process {pid}; marked KILLED"
         )
     return [run.info.run_id for run in stale]
 
@@ -101,10 +99,8 @@ def close_run(run_id: str, status: str, reason: str, wait_s: float) -> bool:
             if not unreachable(error) or time.monotonic() > deadline:
                 return False
             if not announced:
-                print(
-                    f"tracking: server {mlflow.get_tracking_uri()} unreachable; waiting up to {wait_s:.0f} s to mark run {run_id} {status}",
-                    file=sys.stderr,
-                    flush=True,
+                logger("tracking").warning(
+                    f"server {mlflow.get_tracking_uri()} unreachable; waiting up to {wait_s:.0f} s to mark run {run_id} {status}"
                 )
                 announced = True
             time.sleep(2)
@@ -181,7 +177,7 @@ def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, 
     previous = find_finished_run(step, digest, step_key(cfg, names), code_fingerprint(step))
     if previous is None:
         return None
-    print(f"{step}: reusing finished run {previous.info.run_id} (same data digest, parameters and code fingerprint)")
+    logger().info(f"{step}: reusing finished run {previous.info.run_id} (same data digest, parameters and code fingerprint)")
     if not nested and os.environ.get("MLFLOW_RUN_ID"):
         with mlflow.start_run():
             mlflow.set_tags(

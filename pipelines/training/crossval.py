@@ -25,6 +25,7 @@ import numpy as np
 
 from pipelines.config import Config
 from pipelines.evaluation.metrics import class_keys, classification_metrics, confusion_matrix, model_logits, per_class_f1, probabilities
+from pipelines.log import logger
 from pipelines.models.builders import load_keras_model, recalibrate_batch_norm
 from pipelines.names import Metric
 from pipelines.training.fit import as_float32, class_weights, fit, make_dataset, set_seed, training_batches, training_precision
@@ -128,7 +129,7 @@ def train_fold(task: FoldTask) -> FoldResult:
     images = task.images if task.images is not None else np.load(task.images_path, mmap_mode="r")
     train_images, val_images = np.asarray(images[task.train_rows]), np.asarray(images[task.val_rows])
     weights = class_weights(labels[task.train_rows], len(task.class_names))[labels]
-    print(f"{task.describe}: fold {k} ({len(task.train_rows)} train, {len(task.val_rows)} validation images)", flush=True)
+    logger().info(f"{task.describe}: fold {k} ({len(task.train_rows)} train, {len(task.val_rows)} validation images)")
     set_seed(cfg.seed + k)
     with training_precision(cfg.precision):
         trainer = task.build_trainer(k)
@@ -142,7 +143,7 @@ def train_fold(task: FoldTask) -> FoldResult:
         recalibrate_batch_norm(student, train_images)
     probs = probabilities(model_logits(student, val_images), len(task.class_names) == 2)
     metrics = classification_metrics(labels[task.val_rows], probs, task.class_names)
-    print(f"{task.describe}: fold {k} F1 {metrics['f1']:.4f} (best epoch {best_epoch})", flush=True)
+    logger().info(f"{task.describe}: fold {k} F1 {metrics['f1']:.4f} (best epoch {best_epoch})")
     return FoldResult(student, metrics, best_epoch, probs, confusion_matrix(labels[task.val_rows], probs))
 
 
@@ -258,7 +259,7 @@ def cross_validate(
         )
     workers = min(cfg.fold_workers, len(tasks))
     # Folds are numbered from 0 everywhere: here, in metric and artifact names (f1_fold_<k>), pruning messages and the report.
-    print(f"{describe}: folds {', '.join(map(str, fold_ids))} of 0-{len(prepared.splits.folds) - 1}, {workers} at a time")
+    logger().info(f"{describe}: folds {', '.join(map(str, fold_ids))} of 0-{len(prepared.splits.folds) - 1}, {workers} at a time")
     cv = CrossValidation([], [], [], [], [], [], [])
 
     def collect(task: FoldTask, result: FoldResult) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
+from pipelines.log import chatty, logger
 from pipelines.models.builders import recalibrate_batch_norm
 from pipelines.training.views import image_keys, mixup, pick_view
 
@@ -188,8 +189,8 @@ class MlflowEpochLogger(keras.callbacks.Callback):
 
 
 def progress_verbosity() -> int:
-    """Keras progress bars on a terminal; one line per epoch in pipes, quiet in CI."""
-    if os.environ.get("CI"):
+    """Keras progress bars on a terminal; one line per epoch in pipes; none in CI or under ``--quiet``."""
+    if os.environ.get("CI") or not chatty():
         return 0
     return 1 if sys.stdout.isatty() else 2
 
@@ -311,7 +312,7 @@ def train_on_all_data(
     train = training_batches(
         cfg, prepared.images[rows], labels[rows], weights[rows], logits, cfg.seed, keys, consistent and teacher_logits is None
     )
-    print(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
+    logger().info(f"{describe}: all training data ({len(rows)} images) for {epochs} epochs")
     fit(trainer, train, None, cfg, prefix=prefix, describe=describe, epochs=epochs)
     student = as_float32(trainer.student)
     if recalibrate:

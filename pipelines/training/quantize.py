@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
+from pipelines.log import logger
 from pipelines.models.builders import FakeQuant, build_student, layer_inputs
 from pipelines.models.distiller import Distiller
 from pipelines.training.fit import class_weights, fit, make_dataset
@@ -150,7 +151,7 @@ def fine_tune_qat(
     weights = class_weights(labels, num_classes)[labels]
     train = make_dataset(images, labels, weights, teacher_logits, cfg.batch_size, shuffle=True, seed=cfg.seed)
     epochs = max(1, round(cfg.epochs * QAT_EPOCH_FRACTION))
-    print(f"{describe}: quantization-aware fine-tuning of student {size} for {epochs} epoch(s)")
+    logger().info(f"{describe}: quantization-aware fine-tuning of student {size} for {epochs} epoch(s)")
     fit(
         trainer,
         train,

@@ -25,6 +25,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT
+from pipelines.log import logger
 from pipelines.names import RunTag
 from registry.report.document import Table, latex_document, to_latex, to_markdown
 from registry.report.gather import gather
@@ -94,5 +95,5 @@ def write_report(
             "mlflow.parentRunId": s.version.run_id,
         }.items():
             MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
-    print(f"report: {model_name} v{s.version.version} -> {folder} (also logged to run {s.version.run_id} under report/)")
+    logger("report").info(f"{model_name} v{s.version.version} -> {folder} (also logged to run {s.version.run_id} under report/)")
     return paths

@@ -28,6 +28,7 @@ from mlflow import MlflowClient
 
 from pipelines.config import PROJECT_ROOT, Config
 from pipelines.evaluation.metrics import class_keys, pyplot, save_figure
+from pipelines.log import logger
 from pipelines.names import Metric
 from registry.report.document import Block, Figure, Heading, num, para, table, to_latex, to_markdown
 from registry.report.gather import ComparisonResults, comparison_results
@@ -235,7 +236,9 @@ def write_comparison_tables(comparison_run_id: str, out_dir: Path | str) -> list
     client = MlflowClient()
     for path in written:
         client.log_artifact(comparison_run_id, str(path), ARTIFACT_FOLDER)
-    print(f"comparison {results.name}: {len(results.cells)} cells -> {folder} (also logged to run {comparison_run_id} under comparison/)")
+    logger().info(
+        f"comparison {results.name}: {len(results.cells)} cells -> {folder} (also logged to run {comparison_run_id} under comparison/)"
+    )
     return written
 
 
