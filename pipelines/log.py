@@ -3,7 +3,7 @@
 
 What a command returns as its result (``kd history``'s table, ``kd card``'s text, the main chain's summary) is printed;
 what it says along the way is logged here. The handler writes to whatever ``sys.stdout`` is when a message is logged,
-so a redirected or captured stream gets it."""
+so a redirected or captured stream gets it; warnings go to ``sys.stderr``."""
 
 from __future__ import annotations
 
@@ -15,19 +15,17 @@ ROOT = "kd"
 VERBOSITY = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
 
 
-class _CurrentStdout(logging.StreamHandler):
-    """A stream handler bound to ``sys.stdout`` at each message, not at its creation."""
+class _Console(logging.Handler):
+    """Progress to ``sys.stdout``, warnings and errors to ``sys.stderr``: the streams of the moment a message is logged,
+    not of the handler's creation."""
 
-    def __init__(self) -> None:
-        super().__init__(sys.stdout)
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:  # logging.StreamHandler assigns it once; the property always answers sys.stdout
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # a closed stream must not stop the step
+            self.handleError(record)
 
 
 class _StepFormatter(logging.Formatter):
@@ -43,7 +41,7 @@ class _StepFormatter(logging.Formatter):
 def _root() -> logging.Logger:
     root = logging.getLogger(ROOT)
     if not root.handlers:
-        handler = _CurrentStdout()
+        handler = _Console()
         handler.setFormatter(_StepFormatter())
         root.addHandler(handler)
         root.setLevel(VERBOSITY["normal"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -373,19 +372,15 @@ def register(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Brain-MRI tumour classifier distilled from a CNN teacher (kd-brain).")
-    version = client.create_model_version(
-        name, logged.model_uri, run_id=run_id, tags=tags, description=description, model_id=logged.model_id
-    )
+    # MLflow waits for READY itself (up to 300 s) and raises when the version fails or is still pending then; whatever
+    # stops the registration (that, an interrupt), a version of this run that is not READY is deleted.
     try:
-        deadline = time.monotonic() + 300
-        while client.get_model_version(name, version.version).status == "PENDING_REGISTRATION":
-            if time.monotonic() > deadline:
-                raise PipelineError(f"{name} v{version.version} still pending registration after 300 s")
-            time.sleep(1)
-        status = client.get_model_version(name, version.version).status
-        if status != "READY":
-            raise PipelineError(f"{name} v{version.version} registration ended {status}")
+        version = client.create_model_version(
+            name, logged.model_uri, run_id=run_id, tags=tags, description=description, model_id=logged.model_id, await_creation_for=300
+        )
     except BaseException:
-        client.delete_model_version(name, version.version)
+        for left in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            if left.status != "READY":
+                client.delete_model_version(name, left.version)
         raise
     return version.version

@@ -117,9 +117,9 @@ def start_server(
                 f"--auth needs {SECRET_KEY_ENV} (a random string, the same on every server of the team: it signs the CSRF tokens)"
             )
         if not os.environ.get(ADMIN_PASSWORD_ENV):
-            logger("note").warning(
+            logger("server").warning(
                 f"on first start the admin user needs a password: set {ADMIN_PASSWORD_ENV} (MLflow refuses to start without one)"
             )
     command = server_command(backend_store_uri, artifacts_destination, host, port, auth)
-    logger().info("starting:", " ".join(command))
+    logger("server").info("starting " + " ".join(command))
     os.execv(command[0], command)
