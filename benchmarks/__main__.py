@@ -53,7 +53,7 @@ def run_benchmarks(settings: Settings, data_dir: Path, out_dir: Path, report_pat
         results["edge"] = edge.run(bench)
         results["serving"] = serving.run(bench)
         results["scaling"] = scaling.run(bench, results["search"]["ours"]["peak_rss_mib"])
-        chain = {k: results["pipeline"][k] for k in ("teacher_s", "promote_s")}
+        chain = {**{k: results["pipeline"][k] for k in ("teacher_s", "promote_s")}, **training.teacher_scores(bench.teacher_run_id)}
         results["training"] = training.run(
             bench, {**chain, "search_s": results["search"]["ours"]["wall_s"], "search": results["search"]["ours"]}
         )

@@ -268,14 +268,21 @@ def sample_results(rng: np.random.Generator, current: bool = True) -> dict:
         results["edge"]["setup"] = {"served_int8": "int8", "f1_scans": "1,100 scans of brain-mri-4class"}
         results["serving"] |= {"http_floor_ping": {"p50_ms": n(), "p95_ms": n()}, "served_above_floor_over_in_process_p50": n()}
         variant = lambda: {"images_per_s": n(), "wall_s": n(), "f1_mean": n(), "f1_std": n()}  # noqa: E731
-        chain = lambda: {"teacher_s": n(), "search_s": n(), "promote_s": n(), "search": strategy()}  # noqa: E731
+        chain = lambda: {
+            "teacher_s": n(),
+            "search_s": n(),
+            "promote_s": n(),
+            "search": strategy(),
+            "teacher_f1": n(),
+            "teacher_f1_std": n(),
+        }  # noqa: E731
         results["training"] = {
-            "setup": {"today": {"batch_size": 16}, "defaults": {"batch_size": 64}, "epochs": 3},
+            "setup": {"today": {"batch_size": 16}, "levers": {"batch_size": 64}, "fast": {"batch_size": 64}, "epochs": 3},
             "teacher": {f"{size} {name}": variant() for size in ("64px", "128px") for name in ("today", "all")},
             "student": {f"64px {name}": variant() for name in ("today", "batch_size", "all")},
             "teacher_speedup": n(),
             "student_speedup": n(),
-            "main": {"today": chain(), "defaults": chain(), "today_per_1000_s": n(), "defaults_per_1000_s": n(), "speedup": n()},
+            "main": {"today": chain(), "fast": chain(), "today_per_1000_s": n(), "fast_per_1000_s": n(), "speedup": n()},
             "targets": [goal(), goal(), goal()],
         }
     return results
