@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
-from pipelines.evaluation.metrics import pyplot, save_figure
+from benchmarks.plots import plot_bars, plot_scaling, plot_serving
+from benchmarks.tables import COST_LABELS, fmt, interval, table
 from registry.report.document import data_label
 
 PARTS = ("throughput", "search", "compression", "edge", "serving", "scaling", "training")
@@ -24,37 +24,6 @@ TITLES = {
     "scaling": "6. Scaling and memory",
     "training": "7. Training speed (today's settings vs each lever vs all, real 4-class scans)",
 }
-COST_LABELS = {
-    "teacher_epoch_s": "teacher training epoch",
-    "student_kd_epoch_s": "student KD epoch (cached)",
-    "student_inference_s": "student inference, all images",
-}
-
-
-def fmt(value) -> str:
-    """One number as every table prints it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value).replace("|", "\\|")  # a pipe would end a table cell
-    if not math.isfinite(value):
-        return "n/a"
-    if value == int(value):
-        return f"{int(value):,}"
-    if abs(value) >= 100:
-        return f"{value:,.1f}"
-    if abs(value) >= 1:
-        return f"{value:.2f}"
-    return f"{value:.4f}"
-
-
-def interval(gap: dict) -> str:
-    """A paired F1 difference with its 95% bootstrap interval, e.g. ``0.0120 [-0.0050, 0.0290] (1,150 scans)``."""
-    return f"{fmt(gap['difference'])} [{fmt(gap['low'])}, {fmt(gap['high'])}] ({fmt(gap['scans'])} scans)"
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def figures(tree, prefix: str = "") -> list[tuple[str, float]]:
@@ -72,81 +41,29 @@ def figures(tree, prefix: str = "") -> list[tuple[str, float]]:
     return found
 
 
-def plot_scaling(scaling: dict, path: Path) -> Path:
-    plt = pyplot()
-    from matplotlib.ticker import NullLocator
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = (
-        (axes[0], scaling["by_images"], "images", "images (x1, x2, x4 by augmentation)", lambda p: f"{fmt(p['images'])}"),
-        (axes[1], scaling["by_size"], "pixels", "pixels per image (image size)", lambda p: f"{fmt(p['image_size'])} px"),
-    )
-    for ax, points, x_key, x_label, tick in panels:
-        for cost, label in COST_LABELS.items():
-            ax.plot([p[x_key] for p in points], [p[cost] for p in points], marker="o", label=label)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks([p[x_key] for p in points], [tick(p) for p in points])  # the measured points, not log-decade ticks
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("seconds")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle("Cost vs data size and image size (log-log)")
-    return save_figure(figure, path, dpi=100)
-
-
-def plot_bars(values: dict[str, float], ylabel: str, title: str, path: Path) -> Path:
-    plt = pyplot()
-
-    figure, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(list(values), list(values.values()), color="tab:blue")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    return save_figure(figure, path, dpi=100)
-
-
-def plot_serving(serving: dict, path: Path) -> Path:
-    plt = pyplot()
-
-    clients = [int(n) for n in serving["clients"]]
-    levels = list(serving["clients"].values())
-    figure, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(clients, [lv["p50_ms"] for lv in levels], marker="o", label="p50")
-    ax.plot(clients, [lv["p95_ms"] for lv in levels], marker="o", label="p95")
-    ax.axhline(serving["in_process_one_image"]["p50_ms"], color="grey", linestyle="--", label="in-process p50")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent clients")
-    ax.set_ylabel("latency (ms)")
-    twin = ax.twinx()
-    twin.plot(clients, [lv["requests_per_s"] for lv in levels], marker="s", color="tab:green", label="requests/s")
-    twin.set_ylabel("requests/s")
-    ax.legend(loc="upper left", fontsize=8)
-    twin.legend(loc="lower right", fontsize=8)
-    return save_figure(figure, path, dpi=100)
-
-
 def training_tables(r: dict) -> list[str]:
     """Part 7: every variant's images/s, its speed-up over today's at the same role and size, its fold F1; the main chain."""
-    rows = []
-    for role in ("teacher", "student"):
-        for name, v in r[role].items():
-            today = r[role][f"{name.split()[0]} today"]["images_per_s"]
-            rows.append(
-                [role, name, v["images_per_s"], v["images_per_s"] / today, f"{fmt(v['f1_mean'])} ± {fmt(v['f1_std'])}", v["wall_s"]]
-            )
+
+    def mean_sd(mean: float, sd: float) -> str:
+        return f"{fmt(mean)} ± {fmt(sd)}"
+
+    rows = [
+        [
+            role,
+            name,
+            v["images_per_s"],
+            v["images_per_s"] / r[role][f"{name.split()[0]} today"]["images_per_s"],
+            mean_sd(v["f1_mean"], v["f1_std"]),
+            v["wall_s"],
+        ]
+        for role in ("teacher", "student")
+        for name, v in r[role].items()
+    ]
     main = r["main"]
 
     def chain(c: dict, per_1000_s: float) -> list:
-        search = c["search"]
-        return [
-            c["teacher_s"],
-            c["search_s"],
-            c["promote_s"],
-            f"{fmt(c['teacher_f1'])} ± {fmt(c['teacher_f1_std'])}",
-            f"{fmt(search['best_f1'])} ± {fmt(search['best_f1_std'])}",
-            per_1000_s / 60,
-        ]
+        teacher_f1, best_f1 = mean_sd(c["teacher_f1"], c["teacher_f1_std"]), mean_sd(c["search"]["best_f1"], c["search"]["best_f1_std"])
+        return [c["teacher_s"], c["search_s"], c["promote_s"], teacher_f1, best_f1, per_1000_s / 60]
 
     return [
         table(["role", "size and variant", "images/s", "x today", "fold F1 (mean ± sd)", "wall s"], rows),
