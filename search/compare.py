@@ -33,7 +33,8 @@ from pipelines.steps.prepare import Prepared, imbalanced, prepare_data
 from pipelines.tracking.locks import database_lock
 from pipelines.tracking.runs import close_stale_runs, log_data, newest_matching_run, step_key, tracked_run
 
-CELL_STEP = "cell"  # kd.step of a cell run (the comparison run's is "compare")
+COMPARE_STEP = "compare"  # kd.step of a comparison run (its reuse key and code fingerprint are this step's)
+CELL_STEP = "cell"  # kd.step of a cell run
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,11 @@ def comparison_cells(cfg: Config) -> list[Cell]:
 def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
     """The comparison's run id, and whether it was created now: the newest run of this comparison (name, data digest,
     parameters, code), or a new one (under ``mlflow run``: its run). Called under the comparison's creation lock."""
-    digest, fingerprint = prepared.dataset.digest, code_fingerprint("compare")
+    digest, fingerprint = prepared.dataset.digest, code_fingerprint(COMPARE_STEP)
     key = step_key(cfg, COMPARE_PARAMS)
     client = mlflow.MlflowClient()
     launched = os.environ.pop("MLFLOW_RUN_ID", None)  # consumed: left in the environment, every nested start_run would resume it
-    found = newest_matching_run("compare", digest, key, fingerprint, f"tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}'")
+    found = newest_matching_run(COMPARE_STEP, digest, key, fingerprint, f"tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}'")
     if found is not None:
         if launched:  # `mlflow run` of a resumed comparison: say which run it continued
             client.set_tag(launched, RunTag.OUTCOME, "reused")
@@ -99,7 +100,7 @@ def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
         logger("compare").info(f"resuming comparison {cfg.comparison_name!r}, run {found.info.run_id} ({found.info.status})")
         return found.info.run_id, False
     tags = {
-        RunTag.STEP: "compare",
+        RunTag.STEP: COMPARE_STEP,
         RunTag.COMPARISON: cfg.comparison_name,
         RunTag.DATA_DIGEST: digest,
         RunTag.PARAMS: key,
@@ -207,8 +208,8 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
     logger("compare").info(
         f"{len(cells)} cells ({cfg.teachers} x {cfg.students} x KD/no-KD x imbalance {cfg.imbalance}), minority {base.minority!r}"
     )
-    # step="compare": the run keeps the fingerprint of the comparison's code, by which a rerun finds and resumes it
-    with tracked_run(cfg, step="compare", run_id=comparison_id):
+    # step=COMPARE_STEP: the run keeps the fingerprint of the comparison's code, by which a rerun finds and resumes it
+    with tracked_run(cfg, step=COMPARE_STEP, run_id=comparison_id):
         if created:
             log_data(base.dataset, base.splits)
         mlflow.log_metric(Metric.CELLS_TOTAL, len(cells))

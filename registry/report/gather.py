@@ -23,7 +23,7 @@ from pipelines.evaluation.statistics import kfold_test_train_ratio
 from pipelines.names import Metric, RunTag, VersionTag
 from registry.calibrate import MODELS  # the three models compared, by the key of their hold-out probabilities and metrics
 from registry.evidence import ENVIRONMENT_ARTIFACT, PREDICTIONS_ARTIFACT
-from search.compare import Cell
+from search.compare import COMPARE_STEP, Cell
 
 
 @dataclass
@@ -179,8 +179,6 @@ def holdout_arrays(s: Sources) -> tuple[np.ndarray, dict[str, np.ndarray]]:
 
 
 # ---------------------------------------------------------------- a comparison and its cells
-
-COMPARE_STEP = "compare"  # the comparison run's kd.step
 
 
 @dataclass(frozen=True)
