@@ -149,13 +149,15 @@ def test_workers_train_different_teachers_at_once_but_never_one_teacher_twice(tm
             entered[name].set()
 
     with teacher_lock(cfg):
-        threads = [threading.Thread(target=worker, args=(name,)) for name in others]
-        for thread in threads:
-            thread.start()
+        threads = {name: threading.Thread(target=worker, args=(name,)) for name in others}
+        threads["ensemble with it"].start()  # first, so it would hold its other member's lock were it to wait holding one
+        time.sleep(1)
+        for name in ("other teacher", "other ratio", "same teacher"):
+            threads[name].start()
         assert entered["other teacher"].wait(10) and entered["other ratio"].wait(10)
         time.sleep(1)
         assert not entered["same teacher"].is_set() and not entered["ensemble with it"].is_set()
-    for thread in threads:
+    for thread in threads.values():
         thread.join(10)
     assert all(event.is_set() for event in entered.values())
 

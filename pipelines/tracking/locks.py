@@ -69,13 +69,20 @@ def database_lock(url: str, name: str, blocking: bool = True) -> Iterator[bool]:
 def teacher_lock(cfg: Config) -> Iterator[None]:
     """Held while the teachers are found or trained: distill runs, search and comparison workers started together train
     each teacher once, the others wait and then reuse the finished teacher run. One lock per teacher (its parameters,
-    imbalance ratio included), so workers train different teachers at once; an ensemble holds its members' locks, taken
-    in one order, so it never trains a member another worker is training. Through the study's storage (``storage`` or
-    $KD_STORAGE_URL), so with PostgreSQL it holds across machines."""
+    imbalance ratio included), so workers train different teachers at once; an ensemble takes all its members' locks
+    or none, so it never trains a member another worker is training and never holds one while it waits. Through the
+    study's storage (``storage`` or $KD_STORAGE_URL), so with PostgreSQL it holds across machines."""
     from pipelines.tracking.runs import step_key  # MLflow's import, for the distill and search steps that use it anyway
 
-    keys = sorted({hashlib.sha256(step_key(member, TEACHER_PARAMS).encode()).hexdigest()[:16] for member in teacher_members(cfg)})
-    with ExitStack() as stack:
-        for key in keys:
-            stack.enter_context(database_lock(cfg.storage_url, f"{cfg.study_name}:teacher:{key}"))
-        yield
+    keys = {hashlib.sha256(step_key(member, TEACHER_PARAMS).encode()).hexdigest()[:16] for member in teacher_members(cfg)}
+    names = sorted(f"{cfg.study_name}:teacher:{key}" for key in keys)
+    while True:
+        with ExitStack() as stack:
+            busy = next((name for name in names if not stack.enter_context(database_lock(cfg.storage_url, name, blocking=False))), None)
+            if busy is None:
+                yield
+                return
+        # All or none: an ensemble that held one member's lock while it waited for another's would keep a worker
+        # from training that member meanwhile. Wait for the busy one with nothing held, then try them all again.
+        with database_lock(cfg.storage_url, busy):
+            pass
