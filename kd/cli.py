@@ -9,6 +9,7 @@ of after TensorFlow, MLflow and the data have loaded.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -94,32 +95,32 @@ class Command:
 def _prepare(cfg: Config, args: argparse.Namespace) -> str:
     from pipelines.steps.prepare import prepare
 
-    return prepare(cfg)
+    return prepare(cfg, launched_run_id=args.launched_run_id)
 
 
 def _teacher(cfg: Config, args: argparse.Namespace) -> str:
     from pipelines.steps.teacher import train_teacher
 
-    return train_teacher(cfg)
+    return train_teacher(cfg, launched_run_id=args.launched_run_id)
 
 
 def _distill(cfg: Config, args: argparse.Namespace) -> str:
     from pipelines.steps.distill import distill
 
-    return distill(cfg)
+    return distill(cfg, launched_run_id=args.launched_run_id)
 
 
 def _search(cfg: Config, args: argparse.Namespace) -> Any:
     from search.tune import run_search
 
-    return run_search(cfg)
+    return run_search(cfg, launched_run_id=args.launched_run_id)
 
 
 def _compare(cfg: Config, args: argparse.Namespace) -> str:
     from registry.report.comparison import write_tables_when_complete
     from search.compare import run_comparison
 
-    comparison_id = run_comparison(cfg)
+    comparison_id = run_comparison(cfg, launched_run_id=args.launched_run_id)
     write_tables_when_complete(comparison_id, cfg)
     return comparison_id
 
@@ -143,13 +144,13 @@ def _evidence(cfg: Config, args: argparse.Namespace) -> Any:
     check_evidence(cfg)  # before the heavy imports
     from kd.evidence import run_evidence
 
-    return run_evidence(cfg, args.out_dir, args.main_folds, args.main_repeats, args.recipe, args.command_line)
+    return run_evidence(cfg, args.out_dir, args.main_folds, args.main_repeats, args.recipe, args.command_line, args.launched_run_id)
 
 
 def _main(cfg: Config, args: argparse.Namespace) -> dict[str, str]:
     from kd.main import run_main
 
-    return run_main(cfg)
+    return run_main(cfg, launched_run_id=args.launched_run_id)
 
 
 COMMANDS = {
@@ -261,6 +262,14 @@ def run_command(name: str, argv: list[str] | None = None) -> Any:
     def run(args: argparse.Namespace) -> Any:
         set_verbosity(args.verbosity)
         args.command_line = list(sys.argv[1:] if argv is None else argv)  # as given (kd evidence records it)
+        # The run `mlflow run` started for this entry point, resolved here once and passed down to the step that logs
+        # into it. Taken out of the environment: left there, every start_run below (nested runs, subprocesses) would
+        # resume it as its own.
+        args.launched_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+        if args.launched_run_id:
+            from pipelines.tracking.runs import name_launched_run
+
+            name_launched_run(args.launched_run_id)
         cfg = config_from_args(args)
         if not command.ratios:
             cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused here, before anything heavy is imported

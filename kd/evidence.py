@@ -118,14 +118,21 @@ def run_main_once(cfg: Config, prepared: Prepared) -> str:
     return run_main(cfg, tags=tags, prepared=prepared)["main"]
 
 
-def run_evidence(cfg: Config, out_dir: str = "", main_folds: int = 0, main_repeats: int = 0, recipe: str = "", argv=()) -> Path:
+def run_evidence(
+    cfg: Config,
+    out_dir: str = "",
+    main_folds: int = 0,
+    main_repeats: int = 0,
+    recipe: str = "",
+    argv=(),
+    launched_run_id: str | None = None,
+) -> Path:
     """Run (or reuse) the main run and the comparison, then write the evidence into ``out_dir`` (empty:
-    ``docs/<comparison_name>``); returns the path of ``results.json``. ``recipe`` and ``argv`` are recorded as given."""
+    ``docs/<comparison_name>``); returns the path of ``results.json``. ``recipe`` and ``argv`` are recorded as given;
+    ``launched_run_id``, the run ``mlflow run . -e evidence`` started, becomes the evidence run (the main run and the
+    comparison get runs of their own)."""
     start = time.monotonic()
     check_evidence(cfg)
-    # Under `mlflow run . -e evidence` the launched run is the evidence run: taken out of the environment first, or the
-    # main run and the comparison would each resume it as their own.
-    launched = os.environ.pop("MLFLOW_RUN_ID", None)
     base = prepare_data(cfg.replace(imbalance="0"))
     if base.dataset.binary:
         raise PipelineError(
@@ -147,7 +154,7 @@ def run_evidence(cfg: Config, out_dir: str = "", main_folds: int = 0, main_repea
     folder = Path(out_dir) if out_dir else PROJECT_ROOT / "docs" / cfg.comparison_name
     mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    start_run = {"run_id": launched} if launched else {"run_name": "evidence"}
+    start_run = {"run_id": launched_run_id} if launched_run_id else {"run_name": "evidence"}
     with tracked_run(cfg, step="evidence", **start_run) as run:
         mlflow.set_tags(
             {

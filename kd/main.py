@@ -3,7 +3,6 @@ parameters match (the search resumes its study; promotion is skipped when the ch
 
 from __future__ import annotations
 
-import os
 import time
 
 import mlflow
@@ -41,20 +40,24 @@ class StepClock:
         return {Metric.wall_s(step): seconds for step, seconds in {**self.walls, "main": time.monotonic() - self.start}.items()}
 
 
-def run_main(cfg: Config, tags: dict[str, str] | None = None, prepared: Prepared | None = None) -> dict[str, str]:
-    """Run the chain under one ``main`` run (steps nested in it, ``tags`` on it); returns each step's run id and the main
-    run's (``main``). Logs each step's wall time on the main run (``prepare_wall_s``, ..., ``main_wall_s``: a step that
-    was reused takes the seconds it took to find it).
+def run_main(
+    cfg: Config, tags: dict[str, str] | None = None, prepared: Prepared | None = None, launched_run_id: str | None = None
+) -> dict[str, str]:
+    """Run the chain under one ``main`` run (steps nested in it, ``tags`` on it; ``launched_run_id``, the run ``mlflow
+    run`` started, resumed as the main run); returns each step's run id and the main run's (``main``). Logs each step's
+    wall time on the main run (``prepare_wall_s``, ..., ``main_wall_s``: a step that was reused takes the seconds it took
+    to find it).
 
     The data is ingested, decoded and hashed once here (counted in prepare's time); every step of the chain gets that one
     :class:`Prepared` (``prepared``: a caller's, used when it was prepared from the same data settings).
     """
     steps = StepClock()
     prepared = prepare_data(cfg, reuse=prepared)
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    if not launched_run_id:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    with tracked_run(cfg, step="main", run_name="main", tags=tags) as parent:  # under `mlflow run`: that run
+    resumed = {"run_id": launched_run_id} if launched_run_id else {}
+    with tracked_run(cfg, step="main", run_name="main", tags=tags, **resumed) as parent:
         mlflow.set_tags({RunTag.STEP: "main", RunTag.DATA_DIGEST: prepared.dataset.digest})
         runs = {"prepare": prepare(cfg, prepared, nested=True)}
         steps.done("prepare")

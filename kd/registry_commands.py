@@ -43,7 +43,7 @@ def version_number(cfg: Config, args: argparse.Namespace) -> str:
 def promote_command(cfg: Config, args: argparse.Namespace) -> Any:
     from registry.promote import promote
 
-    return promote(cfg)
+    return promote(cfg, launched_run_id=args.launched_run_id)
 
 
 def report_options(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +72,7 @@ def report_command(cfg: Config, args: argparse.Namespace) -> Any:
         storage=args.storage,
         resamples=args.resamples,
         comparison=cfg.comparison,
+        launched_run_id=args.launched_run_id,
     )
 
 
@@ -109,7 +110,7 @@ def evaluate_command(cfg: Config, args: argparse.Namespace) -> str:
     from registry.external import evaluate_version
 
     stage, alias = (None, None) if args.version else stage_and_alias(args)
-    return evaluate_version(cfg, stage, alias, args.version or None, args.resamples)
+    return evaluate_version(cfg, stage, alias, args.version or None, args.resamples, args.launched_run_id)
 
 
 def card_options(parser: argparse.ArgumentParser) -> None:

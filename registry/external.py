@@ -12,7 +12,6 @@ tag and its audit trail (``kd history``), and ``kd fetch`` prints it.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from pathlib import Path
 
@@ -112,9 +111,15 @@ def served_probabilities(model: mlflow.pyfunc.PyFuncModel, paths: np.ndarray, cl
 
 
 def evaluate_version(
-    cfg: Config, stage: str | None = None, alias: str | None = None, version: str | None = None, resamples: int = BOOTSTRAP_RESAMPLES
+    cfg: Config,
+    stage: str | None = None,
+    alias: str | None = None,
+    version: str | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    launched_run_id: str | None = None,
 ) -> str:
-    """Evaluate the registered version on ``cfg.data_dir``; returns the ``evaluate`` run's id (see the module docstring)."""
+    """Evaluate the registered version on ``cfg.data_dir``; returns the ``evaluate`` run's id (see the module docstring):
+    ``launched_run_id``, the run ``mlflow run`` started for this step, resumed, or a new one."""
     if not cfg.data_dir:
         raise PipelineError("evaluate needs data_dir: a labelled folder, split folder, CSV manifest, .h5 or NIfTI folder from elsewhere")
     if resamples < 100:
@@ -157,10 +162,10 @@ def evaluate_version(
     probs = served_probabilities(model, dataset.manifest["path"].to_numpy()[keep], class_names)
     metrics = metrics_with_intervals(labels[keep], probs, class_names, resamples, cfg.seed)
     metrics.update({Metric.OVERLAP_WITH_TRAINING: len(overlap), "n_images": len(keep), "n_read": len(labels)})
-    if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
+    if mlflow.active_run() is None and not launched_run_id:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    with tracked_run(cfg, run_name="evaluate") as run:
+    with tracked_run(cfg, run_name="evaluate", **({"run_id": launched_run_id} if launched_run_id else {})) as run:
         run_id = run.info.run_id
         tags = {
             RunTag.STEP: "evaluate",

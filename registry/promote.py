@@ -13,7 +13,6 @@ while the roles move deletes the new version and restores the roles.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,10 +202,11 @@ def choose_serving_format(results: dict[str, dict[str, float]], requested: str =
     return min((name for name, values in results.items() if values["f1"] >= floor), key=lambda name: results[name]["p50_ms"])
 
 
-def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = None) -> Promotion:
+def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = None, launched_run_id: str | None = None) -> Promotion:
     """Final training, hold-out comparison, registration and the promotion gate.
 
-    ``under``: the id of a pipeline run (``main``) this step's run is nested in.
+    ``under``: the id of a pipeline run (``main``) this step's run is nested in; ``launched_run_id``: the run ``mlflow
+    run`` started for this step, which its run resumes.
     """
     best, teachers_cfg, cfg = study_best(cfg)
     prepared = prepare_data(cfg, reuse=prepared)
@@ -214,10 +214,11 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
     epochs = max(1, int(np.median(best.user_attrs.get("best_epochs", [cfg.epochs]))))
     if under:
         mlflow.set_experiment(experiment_id=mlflow.get_run(under).info.experiment_id)
-    elif not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, start_run resumes that run in its experiment
+    elif not launched_run_id:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    with tracked_run(cfg, run_name="promote", tags={"mlflow.parentRunId": under} if under else None) as run:
+    start = {"tags": {"mlflow.parentRunId": under}} if under else {"run_id": launched_run_id} if launched_run_id else {}
+    with tracked_run(cfg, run_name="promote", **start) as run:
         mlflow.set_tags(
             {
                 RunTag.STEP: "promote",

@@ -16,7 +16,6 @@ machines sharing the stores) split the cells: a worker claims a cell with a non-
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -85,13 +84,13 @@ def comparison_cells(cfg: Config) -> list[Cell]:
     ]
 
 
-def comparison_run(cfg: Config, prepared: Prepared) -> tuple[str, bool]:
+def comparison_run(cfg: Config, prepared: Prepared, launched: str | None = None) -> tuple[str, bool]:
     """The comparison's run id, and whether it was created now: the newest run of this comparison (name, data digest,
-    parameters, code), or a new one (under ``mlflow run``: its run). Called under the comparison's creation lock."""
+    parameters, code), or a new one (``launched``, the run ``mlflow run`` started, if any). Called under the
+    comparison's creation lock."""
     digest, fingerprint = prepared.dataset.digest, code_fingerprint(COMPARE_STEP)
     key = step_key(cfg, COMPARE_PARAMS)
     client = mlflow.MlflowClient()
-    launched = os.environ.pop("MLFLOW_RUN_ID", None)  # consumed: left in the environment, every nested start_run would resume it
     found = newest_matching_run(COMPARE_STEP, digest, key, fingerprint, f"tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}'")
     if found is not None:
         if launched:  # `mlflow run` of a resumed comparison: say which run it continued
@@ -189,20 +188,21 @@ class Progress:
         )
 
 
-def run_comparison(cfg: Config, prepared: Prepared | None = None) -> str:
+def run_comparison(cfg: Config, prepared: Prepared | None = None, launched_run_id: str | None = None) -> str:
     """Run (or resume, or join) the comparison ``cfg`` describes; returns the comparison run's id.
 
-    ``prepared``: the data as it is (imbalance 0), when a caller has it already.
+    ``prepared``: the data as it is (imbalance 0), when a caller has it already; ``launched_run_id``: the run ``mlflow
+    run`` started for this worker, which becomes the comparison run, or is tagged with the one it resumed.
     """
     cells = comparison_cells(cfg)
     base = prepare_data(cfg.replace(imbalance="0"), reuse=prepared)
     by_ratio = {ratio: imbalanced(base, cfg.replace(imbalance=ratio)) for ratio in parse_ratios(cfg.imbalance)}
     # Workers starting together: one creates the tracking store's tables and the comparison run, the others find them.
     with database_lock(cfg.storage_url, f"compare:{cfg.comparison_name}:create"):
-        if not os.environ.get("MLFLOW_RUN_ID"):
+        if not launched_run_id:  # a launched run is in the experiment `mlflow run` chose
             mlflow.set_experiment(cfg.experiment_name)
         close_stale_runs()
-        comparison_id, created = comparison_run(cfg, base)
+        comparison_id, created = comparison_run(cfg, base, launched_run_id)
     # Cell runs nest in the comparison run, so they belong in its experiment whoever created it.
     mlflow.set_experiment(experiment_id=mlflow.get_run(comparison_id).info.experiment_id)
     logger("compare").info(

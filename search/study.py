@@ -164,20 +164,20 @@ def open_study(cfg: Config) -> tuple[optuna.Study, Config]:
     return load_or_create_study(cfg, storage)
 
 
-def parent_run_id(study: optuna.Study, cfg: Config, under: str | None = None) -> str:
-    """The study's one MLflow parent run: the first worker creates it (the `mlflow run` run, if any).
+def parent_run_id(study: optuna.Study, cfg: Config, under: str | None = None, launched_run_id: str | None = None) -> str:
+    """The study's one MLflow parent run: the first worker creates it, or makes ``launched_run_id`` (the run
+    ``mlflow run`` started for it) the parent; a joining worker's launched run is tagged with the parent it joined.
 
     ``under``: a pipeline run (``main``) the study's run is shown nested in.
     """
     with storage_lock(cfg, "parent"):
         attrs = study.user_attrs  # read from the storage afresh, under the lock
         if PARENT_RUN_ATTR in attrs:
-            if os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` of a joining worker: say where its trials go
-                mlflow.MlflowClient().set_tag(os.environ.pop("MLFLOW_RUN_ID"), RunTag.SEARCH_PARENT_RUN_ID, attrs[PARENT_RUN_ATTR])
+            if launched_run_id:  # `mlflow run` of a joining worker: say where its trials go
+                mlflow.MlflowClient().set_tag(launched_run_id, RunTag.SEARCH_PARENT_RUN_ID, attrs[PARENT_RUN_ATTR])
             return attrs[PARENT_RUN_ATTR]
-        if os.environ.get("MLFLOW_RUN_ID"):
-            # Consumed here: left in the environment, every nested start_run() would resume it instead.
-            run_id = os.environ.pop("MLFLOW_RUN_ID")
+        if launched_run_id:
+            run_id = launched_run_id
         else:
             # Nested in a pipeline run: its experiment; else the configured one.
             experiment_id = mlflow.get_run(under).info.experiment_id if under else mlflow.set_experiment(cfg.experiment_name).experiment_id

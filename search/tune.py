@@ -30,10 +30,11 @@ from search.study import DIGEST_ATTR, budget_text, load_or_create_study, open_st
 from search.summary import log_summary
 
 
-def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None = None) -> optuna.Study:
+def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None = None, launched_run_id: str | None = None) -> optuna.Study:
     """Join or create the study, make sure the teachers exist, then work until it has ``n_trials`` finished trials.
 
-    ``under``: the id of a pipeline run the study's MLflow run is nested in (``main``); ``prepared``: its data.
+    ``under``: the id of a pipeline run the study's MLflow run is nested in (``main``); ``prepared``: its data;
+    ``launched_run_id``: the run ``mlflow run`` started for this worker (see :func:`search.study.parent_run_id`).
     """
     space = SearchSpace.from_config(cfg)
     check_budget(cfg, space)
@@ -50,7 +51,7 @@ def run_search(cfg: Config, under: str | None = None, prepared: Prepared | None 
         )
 
     close_stale_runs()
-    parent = parent_run_id(study, cfg, under)
+    parent = parent_run_id(study, cfg, under, launched_run_id)
     # Trial and teacher runs nest under the parent, so they belong in its experiment whoever created it.
     mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
     worker = uuid.uuid4().hex[:8]

@@ -118,3 +118,31 @@ def test_no_modules_import_each_other_in_a_cycle() -> None:
         if name not in index:
             visit(name)
     assert not cycles, f"modules that import each other (directly or through others): {cycles}"
+
+
+def environment_reads(name: str, variable: str) -> int:
+    """How often module ``name`` reads ``variable`` from its own environment (``os.environ.get/pop/[...]``,
+    ``os.getenv``); a copy made for a child process (``env.pop``) is not a read."""
+    tree = ast.parse(MODULES[name].read_text())
+
+    def is_environ(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name) and node.value.id == "os"
+
+    def names_variable(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value == variable
+
+    count = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and is_environ(node.value) and names_variable(node.slice):
+            count += 1
+        elif isinstance(node, ast.Call) and node.args and names_variable(node.args[0]):
+            func = node.func
+            getenv = isinstance(func, ast.Attribute) and func.attr == "getenv" and getattr(func.value, "id", "") == "os"
+            if getenv or (isinstance(func, ast.Attribute) and is_environ(func.value)):
+                count += 1
+    return count
+
+
+def test_the_run_mlflow_run_started_is_read_from_the_environment_once_by_kd_and_passed_down() -> None:
+    readers = {name: count for name in MODULES if (count := environment_reads(name, "MLFLOW_RUN_ID"))}
+    assert readers == {"kd.cli": 1}, f"MLFLOW_RUN_ID is resolved in kd.cli and passed down as launched_run_id; also read in {readers}"

@@ -6,6 +6,8 @@ Every entry point (MLproject, ``kd <command>``, tests) builds a :class:`Config`
 and passes it down explicitly; nothing deeper reads globals or the environment, except MLflow's
 own ``MLFLOW_TRACKING_URI`` which MLflow resolves itself, and ``KD_STORAGE_URL``, the study's storage
 URL when the ``storage`` parameter is empty (the place for a URL with a password: parameters are logged).
+The run ``mlflow run`` started for an entry point (``MLFLOW_RUN_ID``) is read once, by ``kd``, and passed down to
+the step that logs into it as ``launched_run_id``.
 
 This module imports nothing heavy: every entry point checks its whole configuration here, in a fraction
 of a second, before TensorFlow, the data or the stores are loaded.

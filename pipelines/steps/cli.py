@@ -8,7 +8,6 @@ is imported, so a bad argument is refused in a fraction of a second instead of a
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -25,12 +24,7 @@ def run_cli(
     """Parse ``argv``, ``check`` the arguments (cheap: nothing heavy imported yet), then run ``step`` on the result."""
     args = parser.parse_args(argv)
     try:
-        checked = check(args) if check else args
-        if os.environ.get("MLFLOW_RUN_ID"):  # launched by `mlflow run`: name its run after the entry point
-            from pipelines.tracking.runs import name_launched_run
-
-            name_launched_run()
-        return step(checked)
+        return step(check(args) if check else args)
     except PipelineError as error:
         fail(str(error))
     except Exception as error:

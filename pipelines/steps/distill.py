@@ -125,21 +125,22 @@ def quantization_aware_folds(
     return models, {f"{Metric.QAT_PREFIX}{name}": value for name, value in summary.items()}
 
 
-def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
+def distill(cfg: Config, prepared: Prepared | None = None, nested: bool = False, launched_run_id: str | None = None) -> str:
     """Cross-validated KD (or no-KD) student training; returns the run id with ``f1_mean``, ``f1_std``, ``student_params``.
 
-    A finished distill run with the same data, parameters and code fingerprint is reused.
+    A finished distill run with the same data, parameters and code fingerprint is reused. ``launched_run_id``: the run
+    ``mlflow run`` started for this step, which its run resumes (resolved once, in :func:`kd.cli.run_command`).
     """
     prepared = prepared or prepare_data(cfg)
     dataset = prepared.dataset
-    previous = reuse_finished("distill", cfg, distill_params(cfg), dataset.digest, nested)
+    previous = reuse_finished("distill", cfg, distill_params(cfg), dataset.digest, nested, launched_run_id)
     if previous:
         return previous
     alpha = cfg.effective_alpha
     fold_ids = list(range(cfg.fold_count)) if cfg.fold < 0 else [cfg.fold]
     describe = describe_student(cfg)
 
-    with step_run("distill", cfg, distill_params(cfg), dataset, prepared.splits, nested=nested) as run:
+    with step_run("distill", cfg, distill_params(cfg), dataset, prepared.splits, nested, launched_run_id) as run:
         teacher_run_id = None
         if alpha < 1.0:
             with teacher_lock(cfg):  # runs started together train the teachers once; the others wait and reuse them

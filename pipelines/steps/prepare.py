@@ -61,16 +61,20 @@ def prepare_data(cfg: Config, reuse: Prepared | None = None) -> Prepared:
     return imbalanced(Prepared(dataset, splits, images, cfg.as_params(DATA_INPUTS), ""), cfg)
 
 
-def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
-    """Run the step (or reuse a finished one): returns the MLflow run id holding the manifest, splits and digest."""
+def prepare(cfg: Config, prepared: Prepared | None = None, nested: bool = False, launched_run_id: str | None = None) -> str:
+    """Run the step (or reuse a finished one): returns the MLflow run id holding the manifest, splits and digest.
+
+    ``launched_run_id``: the run ``mlflow run`` started for this step, which its run resumes (resolved once, in
+    :func:`kd.cli.run_command`).
+    """
     from pipelines.tracking.runs import reuse_finished, step_run
 
     prepared = prepared or prepare_data(cfg)
     dataset = prepared.dataset
     counts = dataset.manifest["label"].value_counts().to_dict()
     logger("prepare").info(f"{len(dataset.manifest)} images {counts} from {dataset.source} {dataset.root}, digest {dataset.digest[:12]}")
-    previous = reuse_finished("prepare", cfg, DATA_PARAMS, dataset.digest, nested)
+    previous = reuse_finished("prepare", cfg, DATA_PARAMS, dataset.digest, nested, launched_run_id)
     if previous:
         return previous
-    with step_run("prepare", cfg, DATA_PARAMS, dataset, prepared.splits, nested=nested) as run:
+    with step_run("prepare", cfg, DATA_PARAMS, dataset, prepared.splits, nested, launched_run_id) as run:
         return run.info.run_id

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import tempfile
 from pathlib import Path
 
@@ -67,35 +66,39 @@ def at_teacher_size(cfg: Config, prepared: Prepared) -> Prepared:
     return dataclasses.replace(prepared, images=load_images(prepared.dataset, cfg.teacher_size, cfg.cache_dir))
 
 
-def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = False) -> str:
+def train_teacher(cfg: Config, prepared: Prepared | None = None, nested: bool = False, launched_run_id: str | None = None) -> str:
     """Find or train the teachers for ``cfg``; returns the run id that holds them, or an ensemble's member run ids
-    joined with commas (what :func:`load_teacher_logits` and :func:`load_teacher_model` take)."""
+    joined with commas (what :func:`load_teacher_logits` and :func:`load_teacher_model` take).
+
+    ``launched_run_id``: the run ``mlflow run`` started for this step, which its run resumes (resolved once, in
+    :func:`kd.cli.run_command`).
+    """
     prepared = prepared or prepare_data(cfg)
     members = teacher_members(cfg)
     if len(members) == 1:
-        return _train_single(cfg, prepared, nested)
-    if nested or not os.environ.get("MLFLOW_RUN_ID"):
+        return _train_single(cfg, prepared, nested, launched_run_id)
+    if nested or not launched_run_id:
         return ",".join(_train_single(member, prepared, nested) for member in members)
-    with tracked_run(cfg):  # under `mlflow run` its run stands for the ensemble; the members nest in it
+    with tracked_run(cfg, run_id=launched_run_id):  # the launched run stands for the ensemble; the members nest in it
         run_ids = ",".join(_train_single(member, prepared, nested=True) for member in members)
         mlflow.set_tag(RunTag.TEACHER_RUN_ID, run_ids)
         return run_ids
 
 
-def _train_single(cfg: Config, prepared: Prepared, nested: bool) -> str:
+def _train_single(cfg: Config, prepared: Prepared, nested: bool, launched_run_id: str | None = None) -> str:
     """Find or train one teacher (per fold and on all data) for a single ``teacher_arch``; returns its run id.
 
     It trains from ``cfg.teacher_seed``: ensemble members that repeat an architecture differ by it, while the
     splits and the view keys stay those of ``cfg.seed``, the student's."""
     dataset, splits = prepared.dataset, prepared.splits
-    previous = reuse_finished("teacher", cfg, TEACHER_PARAMS, dataset.digest, nested)
+    previous = reuse_finished("teacher", cfg, TEACHER_PARAMS, dataset.digest, nested, launched_run_id)
     if previous:
         return previous
     prepared = at_teacher_size(cfg, prepared)
     images, keys = prepared.images, image_keys(dataset.manifest["sha256"].to_numpy(), cfg.seed)
     # initialisation, shuffling, augmentation from the teacher's seed; prepared holds the splits
     trainer_cfg = cfg if cfg.teacher_seed == cfg.seed else cfg.replace(seed=cfg.teacher_seed)
-    with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested=nested) as run:
+    with step_run("teacher", cfg, TEACHER_PARAMS, dataset, splits, nested, launched_run_id) as run:
         cv = cross_validate(
             prepared,
             trainer_cfg,

@@ -168,18 +168,20 @@ def newest_matching_run(step: str, digest: str, key: str, fingerprint: str, also
     return next((run for run in runs if run.data.tags.get(RunTag.PARAMS) == key), None)
 
 
-def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, nested: bool) -> str | None:
+def reuse_finished(
+    step: str, cfg: Config, names: tuple[str, ...], digest: str, nested: bool, launched_run_id: str | None = None
+) -> str | None:
     """The id of a finished run of ``step`` on the same data with the same parameters and code, or None.
 
-    Under ``mlflow run`` (not nested) a run already exists for this step: it is tagged with the run it
-    stands for and ends FINISHED, so the user sees why nothing trained.
+    ``launched_run_id``: the run ``mlflow run`` started for this step (see :func:`kd.cli.run_command`): when not
+    nested, it is tagged with the run it stands for and ends FINISHED, so the user sees why nothing trained.
     """
     previous = find_finished_run(step, digest, step_key(cfg, names), code_fingerprint(step))
     if previous is None:
         return None
     logger().info(f"{step}: reusing finished run {previous.info.run_id} (same data digest, parameters and code fingerprint)")
-    if not nested and os.environ.get("MLFLOW_RUN_ID"):
-        with mlflow.start_run():
+    if not nested and launched_run_id:
+        with mlflow.start_run(run_id=launched_run_id):
             mlflow.set_tags(
                 {
                     RunTag.STEP: step,
@@ -193,17 +195,25 @@ def reuse_finished(step: str, cfg: Config, names: tuple[str, ...], digest: str, 
 
 @contextmanager
 def step_run(
-    step: str, cfg: Config, names: tuple[str, ...], dataset: Dataset, splits: Splits, nested: bool = False
+    step: str,
+    cfg: Config,
+    names: tuple[str, ...],
+    dataset: Dataset,
+    splits: Splits,
+    nested: bool = False,
+    launched_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under ``mlflow run``, resume) the step's run with its tags, params and data lineage.
+    """Start the step's run (nested in the active run, or ``launched_run_id``, the run ``mlflow run`` started for it,
+    resumed) with its tags, params and data lineage.
 
     An exception inside marks the run FAILED (see ``tracked_run``) and propagates.
     """
-    if mlflow.active_run() is None and not os.environ.get("MLFLOW_RUN_ID"):
+    resumed = {} if nested or not launched_run_id else {"run_id": launched_run_id}
+    if mlflow.active_run() is None and not resumed:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
     # Named after its step however it starts (nested, `kd <step>` alone, `mlflow run`), never a made-up name.
-    with tracked_run(cfg, step=step, nested=nested, run_name=step) as run:
+    with tracked_run(cfg, step=step, nested=nested, run_name=step, **resumed) as run:
         already = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the MLproject params itself
         mlflow.log_params({k: v for k, v in cfg.as_params(names + ("data_dir",)).items() if k not in already})
         mlflow.set_tags(
@@ -223,12 +233,9 @@ def local_source(path) -> mlflow.data.dataset_source.DatasetSource:
     return local(str(path))
 
 
-def name_launched_run() -> None:
-    """Under ``mlflow run``: name its run after the entry point (``promote``, ``report``) when MLflow made the name
-    up (``persistent-croc-697``), first thing, so even a run that fails at once says what it was."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
+def name_launched_run(run_id: str) -> None:
+    """Name the run ``mlflow run`` started after its entry point (``promote``, ``report``) when MLflow made the name up
+    (``persistent-croc-697``), first thing, so even a run that fails at once says what it was."""
     try:
         run = mlflow.MlflowClient().get_run(run_id)
         entry_point = run.data.tags.get("mlflow.project.entryPoint")

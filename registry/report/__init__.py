@@ -18,7 +18,6 @@ manifest, hold-out predictions); none is typed in. What the report reads is logg
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +54,10 @@ def write_report(
     storage: str = "",
     resamples: int = BOOTSTRAP_RESAMPLES,
     comparison: str = "",
+    launched_run_id: str | None = None,
 ) -> ReportPaths:
-    """Write the methodology and results (Markdown and LaTeX) of a registered version and log them to its run.
+    """Write the methodology and results (Markdown and LaTeX) of a registered version and log them to its run;
+    ``launched_run_id``, the run ``mlflow run . -e report`` started, is tagged with what it produced.
 
     ``out_dir`` defaults to ``reports/<model>-v<version>``; ``storage`` overrides the Optuna storage recorded by the search.
     The results end with a section "Comparison" when a finished KD comparison ran on the version's data (same data
@@ -86,7 +87,7 @@ def write_report(
     paths.latex.write_text(latex_document(f"{model_name} v{s.version.version}: methods and results", ["methodology", "results"]))
     paths.numbers.write_text(json.dumps(numbers, indent=2, default=float))
     MlflowClient().log_artifacts(s.version.run_id, str(folder), "report")
-    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run . -e report`: say what this run produced
+    if launched_run_id:  # under `mlflow run . -e report`: say what this run produced
         # Nested under the version's promote run (shown so in the UI when both are in one experiment, as the README's commands keep them).
         for key, value in {
             RunTag.STEP: "report",
@@ -94,6 +95,6 @@ def write_report(
             RunTag.REPORT_RUN_ID: s.version.run_id,
             "mlflow.parentRunId": s.version.run_id,
         }.items():
-            MlflowClient().set_tag(os.environ["MLFLOW_RUN_ID"], key, value)
+            MlflowClient().set_tag(launched_run_id, key, value)
     logger("report").info(f"{model_name} v{s.version.version} -> {folder} (also logged to run {s.version.run_id} under report/)")
     return paths
