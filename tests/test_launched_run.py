@@ -30,7 +30,7 @@ def launch(client: MlflowClient, experiment_id: str, entry_point: str, monkeypat
 
 def test_a_launched_prepare_logs_into_its_run_and_a_second_one_stands_for_the_run_it_reused(tmp_path: Path, monkeypatch) -> None:
     data = ["--synthetic_images", "40", "--image_size", "32", "--folds", "2", "--cache_dir", str(tmp_path / "cache")]
-    args = ["prepare", *data, "--experiment_name", "not-the-launched-one", "--quiet"]
+    args = ["prepare", *data, "--experiment_name", "not-the-launched-one"]
     with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}") as uri:
         client = MlflowClient(uri)
         experiment_id = client.create_experiment("launched")
@@ -55,7 +55,7 @@ def test_a_launched_ensemble_teacher_run_holds_its_members_nested_in_it(tmp_path
         client = MlflowClient(uri)
         experiment_id = client.create_experiment("launched")
         launched = launch(client, experiment_id, "teacher", monkeypatch)
-        kd(["teacher", *data, "--epochs", "1", "--batch_size", "16", "--teacher_arch", "resnet:S,hybrid:S", "--quiet"])
+        kd(["teacher", *data, "--epochs", "1", "--batch_size", "16", "--teacher_arch", "resnet:S,hybrid:S"])
         run = client.get_run(launched)
         members = run.data.tags[RunTag.TEACHER_RUN_ID].split(",")
         assert (run.info.run_name, run.info.status, len(members)) == ("teacher", "FINISHED", 2)
