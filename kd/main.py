@@ -10,12 +10,14 @@ import mlflow
 from pipelines.config import Config
 from pipelines.log import logger
 from pipelines.names import Metric, RunTag, VersionTag
+from pipelines.steps.distill import describe_student
 from pipelines.steps.prepare import Prepared, prepare, prepare_data
 from pipelines.steps.teacher import train_teacher
 from pipelines.tracking.runs import close_stale_runs, tracked_run
 from registry.promote import promote
 from registry.roles import CHALLENGER, CHAMPION, current_version
 from search.compare import clock
+from search.space import trial_config
 from search.study import PARENT_RUN_ATTR, best_trial
 from search.tune import run_search
 
@@ -104,7 +106,7 @@ def run_main(
     runs["main"] = main_id
     print(
         f"  best trial      : {best.number}, k-fold F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f},"
-        f" params {best.params}"
+        f" {describe_student(trial_config(cfg, best.params))} {best.params}"
     )
     if production is None:
         gate = client.get_run(runs["promote"]).data.tags.get(RunTag.GATE, "see the promote run")

@@ -18,7 +18,7 @@ from pipelines.evaluation.metrics import CONFUSION_ARTIFACT, confusion_record
 from pipelines.log import logger
 from pipelines.models.builders import build_student
 from pipelines.names import Metric, RunTag
-from pipelines.steps.distill import cross_validate_student
+from pipelines.steps.distill import cross_validate_student, describe_student
 from pipelines.steps.prepare import Prepared
 from pipelines.steps.teacher import train_teacher
 from pipelines.tracking.locks import teacher_lock
@@ -123,6 +123,7 @@ def make_objective(cfg: Config, space: SearchSpace, prepared: Prepared, teacher_
                 }
             )
             mlflow.log_params({**params, "student_size": trial_cfg.student_size})
+            logger("search").info(f"trial {trial.number}: {describe_student(trial_cfg)}")
             fold_f1: list[float] = []
 
             def on_fold(k: int, metrics: dict[str, float]) -> None:

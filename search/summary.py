@@ -15,6 +15,8 @@ from pipelines.config import Config
 from pipelines.evaluation.metrics import pyplot
 from pipelines.log import logger
 from pipelines.names import RunTag
+from pipelines.steps.distill import describe_student
+from search.space import trial_config
 from search.study import best_trial, state_counts
 
 
@@ -43,7 +45,7 @@ def log_summary(study: optuna.Study, cfg: Config) -> None:
         mlflow.log_artifacts(tmp, "search")
     logger("search").info(
         f"best trial {best.number}: F1 {best.values[0]:.4f} ± {best.user_attrs.get('f1_std', float('nan')):.4f} "
-        f"with {json.dumps(best.params)}"
+        f"with {describe_student(trial_config(cfg, best.params))} {json.dumps(best.params)}"
     )
 
 
