@@ -222,4 +222,6 @@ def test_one_no_kd_twin_serves_every_teacher_while_kd_students_of_other_teachers
     assert step_key(kd, distill_params(kd)) != step_key(other_teacher, distill_params(other_teacher))
     twin, other_twin = kd.replace(no_kd=True), other_teacher.replace(no_kd=True)
     assert step_key(twin, distill_params(twin)) == step_key(other_twin, distill_params(other_twin))
+    other_setting = twin.replace(alpha=0.25, temperature=2.0)
+    assert step_key(twin, distill_params(twin)) == step_key(other_setting, distill_params(other_setting)), "no_kd overrides alpha"
     assert step_key(twin, distill_params(twin)) != step_key(twin.replace(student_size="tiny"), distill_params(twin))

@@ -216,8 +216,10 @@ DATA_INPUTS = reuse_fields("data")
 TEACHER_PARAMS = reuse_fields("teacher")
 # The teacher's settings too: a student distilled from another teacher is another student.
 DISTILL_PARAMS = reuse_fields("distill")
-# What a student without a teacher (no_kd, or alpha = 1) does not depend on.
+# What a student without a teacher (no_kd, or alpha = 1) does not depend on; alpha too, which no_kd overrides: a no-KD
+# twin keyed on it was trained again, to the same F1, for every alpha a comparison tried.
 TEACHER_ONLY_PARAMS = (
+    "alpha",
     "teacher_arch",
     "teacher_seed_offset",
     "teacher_weights",
