@@ -154,8 +154,8 @@ def run_evidence(
     folder = Path(out_dir) if out_dir else PROJECT_ROOT / "docs" / cfg.comparison_name
     mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    start_run = {"run_id": launched_run_id} if launched_run_id else {"run_name": "evidence"}
-    with tracked_run(cfg, step="evidence", **start_run) as run:
+    # A launched run keeps the name it was given (kd.cli named it after the entry point unless the user named it).
+    with tracked_run(cfg, step="evidence", run_id=launched_run_id, run_name=None if launched_run_id else "evidence") as run:
         mlflow.set_tags(
             {
                 RunTag.STEP: "evidence",

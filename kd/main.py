@@ -58,8 +58,7 @@ def run_main(
     if not launched_run_id:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    resumed = {"run_id": launched_run_id} if launched_run_id else {}
-    with tracked_run(cfg, step="main", run_name="main", tags=tags, **resumed) as parent:
+    with tracked_run(cfg, step="main", run_name="main", tags=tags, run_id=launched_run_id) as parent:
         mlflow.set_tags({RunTag.STEP: "main", RunTag.DATA_DIGEST: prepared.dataset.digest})
         runs = {"prepare": prepare(cfg, prepared, nested=True)}
         steps.done("prepare")

@@ -165,7 +165,7 @@ def evaluate_version(
     if mlflow.active_run() is None and not launched_run_id:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    with tracked_run(cfg, run_name="evaluate", **({"run_id": launched_run_id} if launched_run_id else {})) as run:
+    with tracked_run(cfg, run_name="evaluate", run_id=launched_run_id) as run:
         run_id = run.info.run_id
         tags = {
             RunTag.STEP: "evaluate",

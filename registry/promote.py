@@ -217,8 +217,8 @@ def promote(cfg: Config, under: str | None = None, prepared: Prepared | None = N
     elif not launched_run_id:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
-    start = {"tags": {"mlflow.parentRunId": under}} if under else {"run_id": launched_run_id} if launched_run_id else {}
-    with tracked_run(cfg, run_name="promote", **start) as run:
+    parent = {"mlflow.parentRunId": under} if under else None
+    with tracked_run(cfg, run_name="promote", tags=parent, run_id=None if under else launched_run_id) as run:
         mlflow.set_tags(
             {
                 RunTag.STEP: "promote",

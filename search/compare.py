@@ -84,18 +84,18 @@ def comparison_cells(cfg: Config) -> list[Cell]:
     ]
 
 
-def comparison_run(cfg: Config, prepared: Prepared, launched: str | None = None) -> tuple[str, bool]:
+def comparison_run(cfg: Config, prepared: Prepared, launched_run_id: str | None = None) -> tuple[str, bool]:
     """The comparison's run id, and whether it was created now: the newest run of this comparison (name, data digest,
-    parameters, code), or a new one (``launched``, the run ``mlflow run`` started, if any). Called under the
+    parameters, code), or a new one (``launched_run_id``, the run ``mlflow run`` started, if any). Called under the
     comparison's creation lock."""
     digest, fingerprint = prepared.dataset.digest, code_fingerprint(COMPARE_STEP)
     key = step_key(cfg, COMPARE_PARAMS)
     client = mlflow.MlflowClient()
     found = newest_matching_run(COMPARE_STEP, digest, key, fingerprint, f"tags.`{RunTag.COMPARISON}` = '{cfg.comparison_name}'")
     if found is not None:
-        if launched:  # `mlflow run` of a resumed comparison: say which run it continued
-            client.set_tag(launched, RunTag.OUTCOME, "reused")
-            client.set_tag(launched, RunTag.REUSED_RUN_ID, found.info.run_id)
+        if launched_run_id:  # `mlflow run` of a resumed comparison: say which run it continued
+            client.set_tag(launched_run_id, RunTag.OUTCOME, "reused")
+            client.set_tag(launched_run_id, RunTag.REUSED_RUN_ID, found.info.run_id)
         logger("compare").info(f"resuming comparison {cfg.comparison_name!r}, run {found.info.run_id} ({found.info.status})")
         return found.info.run_id, False
     tags = {
@@ -106,8 +106,8 @@ def comparison_run(cfg: Config, prepared: Prepared, launched: str | None = None)
         RunTag.CODE: fingerprint,
         RunTag.MINORITY_CLASS: prepared.minority,
     }
-    if launched:
-        run_id = launched
+    if launched_run_id:
+        run_id = launched_run_id
         for name, value in tags.items():
             client.set_tag(run_id, name, value)
     else:

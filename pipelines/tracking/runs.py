@@ -208,12 +208,12 @@ def step_run(
 
     An exception inside marks the run FAILED (see ``tracked_run``) and propagates.
     """
-    resumed = {} if nested or not launched_run_id else {"run_id": launched_run_id}
-    if mlflow.active_run() is None and not resumed:  # a launched run is in the experiment `mlflow run` chose
+    resumed = None if nested else launched_run_id
+    if mlflow.active_run() is None and resumed is None:  # a launched run is in the experiment `mlflow run` chose
         mlflow.set_experiment(cfg.experiment_name)
     close_stale_runs()
     # Named after its step however it starts (nested, `kd <step>` alone, `mlflow run`), never a made-up name.
-    with tracked_run(cfg, step=step, nested=nested, run_name=step, **resumed) as run:
+    with tracked_run(cfg, step=step, nested=nested, run_name=step, run_id=resumed) as run:
         already = mlflow.get_run(run.info.run_id).data.params  # `mlflow run` logs the MLproject params itself
         mlflow.log_params({k: v for k, v in cfg.as_params(names + ("data_dir",)).items() if k not in already})
         mlflow.set_tags(
