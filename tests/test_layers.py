@@ -5,6 +5,8 @@ each other in a cycle."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +148,11 @@ def environment_reads(name: str, variable: str) -> int:
 def test_the_run_mlflow_run_started_is_read_from_the_environment_once_by_kd_and_passed_down() -> None:
     readers = {name: count for name in MODULES if (count := environment_reads(name, "MLFLOW_RUN_ID"))}
     assert readers == {"kd.cli": 1}, f"MLFLOW_RUN_ID is resolved in kd.cli and passed down as launched_run_id; also read in {readers}"
+
+
+def test_every_layer_is_installed_so_the_kd_command_imports_it_from_any_folder(tmp_path) -> None:
+    # `kd evidence` imports benchmarks: run from outside the project (the console script's sys.path has no project
+    # folder), it failed with "No module named 'benchmarks'" while the layer was left out of the installed packages.
+    code = "import importlib; [importlib.import_module(name) for name in %r]" % (LAYERS,)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PATH": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
