@@ -153,6 +153,6 @@ def test_the_run_mlflow_run_started_is_read_from_the_environment_once_by_kd_and_
 def test_every_layer_is_installed_so_the_kd_command_imports_it_from_any_folder(tmp_path) -> None:
     # `kd evidence` imports benchmarks: run from outside the project (the console script's sys.path has no project
     # folder), it failed with "No module named 'benchmarks'" while the layer was left out of the installed packages.
-    code = "import importlib; [importlib.import_module(name) for name in %r]" % (LAYERS,)
+    code = f"import importlib; [importlib.import_module(name) for name in {LAYERS!r}]"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env={"PATH": ""})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -43,7 +43,7 @@ class Sources:
     predictions: pd.DataFrame  # the promote run's hold-out probabilities
     environment: dict
     data_cfg: Config  # the teacher run's data and training parameters
-    student_cfg: Config  # the no-KD CV run's parameters: the trial's student configuration
+    student_cfg: Config  # the no-KD CV run's parameters: the trial's student and training (not T and alpha, which it leaves out)
     study: object | None  # optuna.Study, None when it cannot be read
     study_note: str  # why the study could not be read
     models: object  # registry.explain.RegisteredModels

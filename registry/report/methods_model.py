@@ -71,7 +71,7 @@ def distillation_section(s: Sources) -> list[Block]:
     """Heading "Knowledge distillation": the loss, the selected temperature and weight, and the class weights."""
     from pipelines.training.fit import class_weights
 
-    class_names, student = s.class_names, s.student_cfg
+    class_names = s.class_names
     _, train, _ = data_parts(s)
     label_index = {name: i for i, name in enumerate(class_names)}
     weights = class_weights(train["label"].map(label_index).to_numpy(), len(class_names))
@@ -93,11 +93,8 @@ def distillation_section(s: Sources) -> list[Block]:
         ),
         Equation(kd_equation(s.binary)),
         para(
-            "The selected configuration uses ",
-            Math(f"T = {num(student.temperature)}"),
-            " and ",
-            Math(rf"\alpha = {num(student.alpha)}"),
-            ". The no-KD baseline is the same student trained with ",
+            *selected_setting(s),
+            " The no-KD baseline is the same student trained with ",
             Math(r"\alpha = 1"),
             " (hard labels only). Class weights are balanced, ",
             Math(r"w_c = n / (k\, n_c)"),
@@ -106,6 +103,16 @@ def distillation_section(s: Sources) -> list[Block]:
             + ".",
         ),
     ]
+
+
+def selected_setting(s: Sources) -> list:
+    """The search's selected temperature and weight, read from the trial's run: the no-KD run does not log them (a no-KD
+    student is trained and reused whatever they are), so its parameters would show the Config's defaults."""
+    temperature, alpha = (float(s.trial.data.params[name]) for name in ("temperature", "alpha"))
+    setting = [Math(f"T = {num(temperature)}"), " and ", Math(rf"\alpha = {num(alpha)}")]
+    if alpha == 1:
+        return ["The selected configuration is the student without distillation (", *setting, ": the KD term has no weight)."]
+    return ["The selected configuration uses ", *setting, "."]
 
 
 def optimisation_section(s: Sources) -> list[Block]:
