@@ -65,27 +65,29 @@ def augmented_view(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return (moved - mean) * (1.0 + draws[5] * CONTRAST) + mean
 
 
+def view_batches(images: np.ndarray, keys: np.ndarray, view: int, batch_size: int) -> tf.data.Dataset:
+    """View ``view`` of every image (``keys`` from :func:`image_keys`) in batches, made on every core by tf.data as the
+    students' input pipeline makes its views: the same graph, so the same pixels. Eagerly, ``map_fn`` ran
+    :func:`augmented_view`'s ops one image at a time from Python, and a consistent teacher spent minutes per fold
+    caching its views."""
+    seeds = np.stack([keys, np.full_like(keys, view)], axis=1)
+    pairs = tf.data.Dataset.from_tensor_slices((np.asarray(images, np.float32), seeds))
+    return pairs.map(augmented_view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(max(batch_size, 1))
+
+
 def views_of(images: np.ndarray, keys: np.ndarray, view: int) -> np.ndarray:
-    """View ``view`` of every image (``keys`` from :func:`image_keys`)."""
-    seeds = tf.constant(np.stack([keys, np.full_like(keys, view)], axis=1))
-    return tf.map_fn(
-        lambda pair: augmented_view(pair[0], pair[1]), (tf.constant(images, tf.float32), seeds), fn_output_signature=tf.float32
-    ).numpy()
+    """View ``view`` of every image, as one array."""
+    return next(iter(view_batches(images, keys, view, len(images)))).numpy()
 
 
 def view_logits(model, images: np.ndarray, keys: np.ndarray, views: int, batch_size: int = 64) -> np.ndarray:
     """The model's logits of views ``0..views-1`` of every image: ``(N, views, units)``, what a teacher run caches.
 
-    Views are made a batch at a time: never a second copy of all the images."""
+    The views reach the model a batch at a time, never all at once."""
     from pipelines.evaluation.metrics import model_logits
 
     per_view = [
-        np.concatenate(
-            [
-                model_logits(model, views_of(images[start : start + batch_size], keys[start : start + batch_size], view), batch_size)
-                for start in range(0, len(images), batch_size)
-            ]
-        )
+        np.concatenate([model_logits(model, batch.numpy(), batch_size) for batch in view_batches(images, keys, view, batch_size)])
         for view in range(views)
     ]
     return np.stack(per_view, axis=1)
