@@ -25,6 +25,11 @@ from pipelines.log import logger
 from pipelines.names import VersionTag
 
 GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+# The map is explained on the deepest feature map at least this many cells wide (the last one when it is): a map point
+# can only be as precise as its cell. On 200 Br35H scans with boxes, a 4-class student at 32 px pointed into the box on
+# 0.085 of them from its last map (2x2, after its last pooling), 0.46 from the 4x4 before that pooling and 0.71 from
+# its 16x16 map; its resnet teacher 0.54 at 4x4 and 0.735 at 16x16 (the brightest pixel: 0.84).
+MIN_MAP_CELLS = 16
 # How strongly the heat map tints the scan in overlays.
 OVERLAY_OPACITY = 0.5
 
@@ -70,8 +75,23 @@ def target_layer(model: keras.Model) -> keras.layers.Layer:
     return pooling[-1]
 
 
-def class_activation(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:
-    """The class score of ``image`` (S, S, 1) spread over the last feature map: an (s, s) map, before any ReLU.
+def explained_map(model: keras.Model, final: bool = False):
+    """The feature map Grad-CAM is computed on: the last one (the global pooling's input) when ``final`` or when it is at
+    least ``MIN_MAP_CELLS`` wide, else the deepest map that is (the last one when none is)."""
+    last = target_layer(model).input
+    if final or last.shape[1] >= MIN_MAP_CELLS:
+        return last
+    wide = [
+        layer.output
+        for layer in model.layers[1:]
+        if len(getattr(layer.output, "shape", ())) == 4 and (layer.output.shape[1] or 0) >= MIN_MAP_CELLS
+    ]
+    return wide[-1] if wide else last
+
+
+def class_activation(model: keras.Model, image: np.ndarray, class_index: int, final: bool = False) -> np.ndarray:
+    """The class score of ``image`` (S, S, 1) spread over :func:`explained_map` (the last feature map when ``final``):
+    an (s, s) map, before any ReLU.
 
     Each position gets its features times the score's gradient there, summed over channels (element-wise
     weights, as in HiResCAM). Classic Grad-CAM first averages each channel's gradient over the map; with our
@@ -79,12 +99,13 @@ def class_activation(model: keras.Model, image: np.ndarray, class_index: int) ->
     its max-pool weight, often with a negative average-pool weight (lesion = a peak above a normal mean), so
     its averaged gradient is about zero or negative, and the tumour map came out negative everywhere (all
     zeros after the ReLU). Element-wise, the max-pool gradient stays at the peak, and since both pools are
-    positively homogeneous the map sums exactly to the score minus the logit's bias.
+    positively homogeneous the last map sums exactly to the score minus the logit's bias; on an earlier, finer map the
+    same products are the first-order share of each position (LayerCAM's reading, Jiang et al. 2021).
     A single logit z scores class 1 as z and class 0 as -z (the two-class softmax of [0, z]).
     """
     import tensorflow as tf
 
-    features_and_logits = _probe(model)
+    features_and_logits = _probe(model, final)
     batch = tf.convert_to_tensor(np.asarray(image, dtype=np.float32)[None])
     with tf.GradientTape() as tape:
         features, logits = features_and_logits(batch, training=False)
@@ -96,16 +117,17 @@ def class_activation(model: keras.Model, image: np.ndarray, class_index: int) ->
     return tf.reduce_sum(features * gradients, axis=-1)[0].numpy()
 
 
-# One feature-map-and-logits model per explained model, built once: building it per scan cost more than the gradient
-# (the pointing game explains hundreds of scans with the same two models).
+# The feature-map-and-logits models of each explained model, built once: building one per scan cost more than the
+# gradient (the pointing game explains hundreds of scans with the same two models).
 _PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _probe(model: keras.Model) -> keras.Model:
-    """``model`` with its last feature map (the global pooling's input) as a second output."""
-    if model not in _PROBES:
-        _PROBES[model] = keras.Model(model.inputs, [target_layer(model).input, model.output])
-    return _PROBES[model]
+def _probe(model: keras.Model, final: bool) -> keras.Model:
+    """``model`` with its :func:`explained_map` as a second output."""
+    probes = _PROBES.setdefault(model, {})
+    if final not in probes:
+        probes[final] = keras.Model(model.inputs, [explained_map(model, final), model.output])
+    return probes[final]
 
 
 def gradcam(model: keras.Model, image: np.ndarray, class_index: int) -> np.ndarray:

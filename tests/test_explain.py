@@ -18,7 +18,19 @@ from pipelines.models.builders import build_student, build_teacher
 from pipelines.models.distiller import Distiller
 from pipelines.steps.prepare import prepare_data
 from pipelines.training.fit import class_weights, make_dataset, set_seed
-from registry.explain import Explanation, caption, class_activation, describe, explain_scan, gradcam, onto_scan, overlay, target_layer
+from registry.explain import (
+    MIN_MAP_CELLS,
+    Explanation,
+    caption,
+    class_activation,
+    describe,
+    explain_scan,
+    explained_map,
+    gradcam,
+    onto_scan,
+    overlay,
+    target_layer,
+)
 
 pytestmark = pytest.mark.slow
 IMAGE_SIZE = 64
@@ -116,7 +128,7 @@ def test_the_map_sums_to_the_score_and_the_two_classes_of_one_logit_are_opposite
     for model in (build_teacher("resnet", 32, 2, seed=0), build_student("tiny", 32, 2, seed=0)):
         model.get_layer("logits").bias.assign([0.3])
         z = float(np.asarray(model(image[None], training=False))[0, 0])
-        tumour, normal = class_activation(model, image, 1), class_activation(model, image, 0)
+        tumour, normal = class_activation(model, image, 1, final=True), class_activation(model, image, 0, final=True)
         assert tumour.sum() == pytest.approx(z - 0.3, abs=1e-4), model.name
         np.testing.assert_allclose(normal, -tumour, atol=1e-6)
 
@@ -153,6 +165,24 @@ def test_gradcam_of_the_teacher_and_untrained_models_is_well_formed():
     teacher = build_teacher("resnet", 32, 2)
     assert isinstance(target_layer(teacher), (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D))
     assert target_layer(teacher).input.shape[1:] == teacher.get_layer("stage4_relu").output.shape[1:], "the last residual stage's map"
+
+
+def test_the_map_explained_is_the_deepest_at_least_16_cells_wide_or_the_last_when_it_is():
+    image = preprocess(np.random.default_rng(2).uniform(0, 255, (80, 60)).astype(np.float32), 32)
+    cases = {  # (model, input size): the layer whose output is explained
+        ("small", 32): "block2_relu",  # last map 4x4 after its pooling: the 16x16 map two blocks up
+        ("small", 64): "block3_relu",  # last map 8x8: the same block's map before its pooling
+        ("small", 128): "block3_pool",  # last map 16x16: the last map itself
+        ("resnet", 32): "stage2_relu",
+        ("resnet", 128): "stage4_relu",
+    }
+    for (name, size), expected in cases.items():
+        model = build_student(name, size, 2, seed=0) if name == "small" else build_teacher(name, size, 2, seed=0)
+        explained = explained_map(model)
+        assert explained._keras_history.operation.name == expected, (name, size)
+        assert explained.shape[1] >= MIN_MAP_CELLS
+        assert explained_map(model, final=True) is target_layer(model).input
+    assert class_activation(build_student("small", 32, 2, seed=0), image, 1).shape == (16, 16)
 
 
 def test_models_without_top_level_convolutions_are_refused():
