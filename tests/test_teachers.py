@@ -17,7 +17,7 @@ from pipelines.data.images import load_images, preprocess
 from pipelines.evaluation.metrics import model_logits
 from pipelines.models.builders import build_student, build_teacher, load_keras_model
 from pipelines.models.distiller import Distiller, hard_loss
-from pipelines.steps.distill import distill
+from pipelines.steps.distill import cross_validate_student, distill, mixes_views
 from pipelines.steps.prepare import prepare_data
 from pipelines.steps.teacher import load_teacher_logits, load_teacher_model
 from pipelines.tracking.runs import step_key
@@ -214,6 +214,24 @@ def test_a_consistent_distill_run_trains_end_to_end_with_cached_views_and_with_a
     for mode, run in runs.items():
         assert run.data.params["kd_mode"] == "consistent" and run.data.params["teacher_mode"] == mode
         assert all(math.isfinite(run.data.metrics[name]) for name in ("f1_mean", "fold_0_distillation_loss", "fold_1_student_loss"))
+
+
+def test_the_no_kd_twin_of_a_cached_consistent_student_trains_as_an_augmented_student_without_mixup(tmp_path):
+    """Its KD student's cached views are never mixed, so neither are the twin's: it trains exactly as a standard-mode
+    student with augmentation (the same fresh views), and only the twin of an online consistent student is mixed."""
+    cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=2, augment=True, kd_views=2, no_kd=True)
+    prepared = prepare_data(cfg)
+    cached_twin, augmented, online_twin = (
+        cross_validate_student(cfg.replace(**changes), prepared, None, [0])
+        for changes in ({"kd_mode": "consistent"}, {}, {"kd_mode": "consistent", "teacher_mode": "online"})
+    )
+    for twin_weights, plain_weights in zip(cached_twin.models[0].get_weights(), augmented.models[0].get_weights()):
+        np.testing.assert_array_equal(twin_weights, plain_weights)
+    assert not all(np.array_equal(a, b) for a, b in zip(online_twin.models[0].get_weights(), augmented.models[0].get_weights()))
+    assert (mixes_views(cfg.replace(kd_mode="consistent", teacher_mode="online")), mixes_views(cfg.replace(kd_mode="consistent"))) == (
+        True,
+        False,
+    )
 
 
 def test_one_no_kd_twin_serves_every_teacher_while_kd_students_of_other_teachers_differ():

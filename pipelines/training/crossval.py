@@ -218,6 +218,7 @@ def cross_validate(
     on_fold: Callable[[int, dict[str, float]], None] | None = None,
     view_logits: Callable[[int], np.ndarray | None] | None = None,
     recalibrate: bool = False,
+    mix: bool = False,
 ) -> CrossValidation:
     """Train one model per fold with early stopping on that fold's validation rows; evaluate the model alone.
 
@@ -227,7 +228,8 @@ def cross_validate(
     ``on_fold(k, metrics)`` sees each fold's validation metrics as they come (a search reports and prunes there).
     ``view_logits`` makes training consistent (:func:`make_dataset` with view keys): ``view_logits(k)`` gives the
     cached logits of every row's views ``(N, views, units)``, or None for fresh views every step (online or no KD);
-    the validation rows stay plain images with ``teacher_logits(k)``.
+    the validation rows stay plain images with ``teacher_logits(k)``. ``mix``: fresh views are mixed by mixup (never
+    cached ones, whose logits are of unmixed views).
     ``recalibrate``: each trained model's BatchNorm statistics recomputed on its training images before it is evaluated
     (:func:`pipelines.models.builders.recalibrate_batch_norm`; the student with ``student_norm=batch``).
     """
@@ -251,7 +253,7 @@ def cross_validate(
                 None if train_logits is None else train_logits[train_rows],
                 None if logits is None else logits[val_rows],
                 None if keys is None else keys[train_rows],
-                mix=view_logits is not None and train_logits is None,
+                mix=mix and view_logits is not None and train_logits is None,
                 describe=describe,
                 recalibrate=recalibrate,
                 images=prepared.images,
