@@ -112,7 +112,7 @@ def summary(f: CardFacts) -> list[str]:
     """The card's first lines: what the version is, how well it does and how far its probabilities can be trusted."""
     v, m = f.version, f.metrics
     kd = (
-        f"T = {f.trial.data.params.get('temperature', '?')}, alpha = {f.trial.data.params.get('alpha', '?')}"
+        f"T = {_setting(f.trial.data.params, 'temperature')}, alpha = {_setting(f.trial.data.params, 'alpha')}"
         if f.trial
         else "KD settings not recorded"
     )
@@ -149,6 +149,12 @@ def _float(text: str | None) -> float | None:
         return None
 
 
+def _setting(params: dict[str, str], name: str) -> str:
+    """A searched number as a reader wants it (``1.123``, not the logged ``1.1230074742268845``); ``?`` when not logged."""
+    value = _float(params.get(name))
+    return "?" if value is None else f"{value:.4g}"
+
+
 def model_details(f: CardFacts) -> list[str]:
     v, m = f.version, f.metrics
     params = f.trial.data.params if f.trial else {}
@@ -165,8 +171,8 @@ def model_details(f: CardFacts) -> list[str]:
         f"(normalisation {search.get('student_norm', '?')}), {int(f.metric(Metric.STUDENT_PARAMS)):,} parameters, input "
         f"{v.tags.get(VersionTag.IMAGE_SIZE, '?')} x {v.tags.get(VersionTag.IMAGE_SIZE, '?')} px, one channel.",
         f"- Teacher{'s (ensemble, mean logits)' if len(f.teachers) > 1 else ''}: {teachers or 'not recorded'}.",
-        f"- Knowledge distillation: temperature {params.get('temperature', '?')}, alpha {params.get('alpha', '?')}, learning rate "
-        f"{params.get('learning_rate', '?')}, kd_mode {search.get('kd_mode', '?')}, teacher_mode {search.get('teacher_mode', '?')}; "
+        f"- Knowledge distillation: temperature {_setting(params, 'temperature')}, alpha {_setting(params, 'alpha')}, learning rate "
+        f"{_setting(params, 'learning_rate')}, kd_mode {search.get('kd_mode', '?')}, teacher_mode {search.get('teacher_mode', '?')}; "
         f"chosen by study {v.tags.get(VersionTag.STUDY, '?')!r}, trial {v.tags.get(VersionTag.TRIAL, '?')}.",
         f"- Code: commit {v.tags.get(VersionTag.CODE_VERSION, 'not recorded')}, fingerprint "
         f"{f.promote.data.tags.get(RunTag.CODE, 'not recorded')[:12]}; INT8 export {v.tags.get(VersionTag.INT8, 'not recorded')}.",
