@@ -221,10 +221,14 @@ def test_the_no_kd_twin_of_a_cached_consistent_student_trains_as_an_augmented_st
     student with augmentation (the same fresh views), and only the twin of an online consistent student is mixed."""
     cfg = tiny_config("", tmp_path, synthetic_images=40, epochs=2, augment=True, kd_views=2, no_kd=True)
     prepared = prepare_data(cfg)
-    cached_twin, augmented, online_twin = (
-        cross_validate_student(cfg.replace(**changes), prepared, None, [0])
-        for changes in ({"kd_mode": "consistent"}, {}, {"kd_mode": "consistent", "teacher_mode": "online"})
-    )
+    consistent = {"kd_mode": "consistent"}
+    settings = {"cached twin": consistent, "augmented": {}, "online twin": {**consistent, "teacher_mode": "online"}}
+    trained = {}
+    with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"):  # each fold logs its metrics to a run
+        for name, changes in settings.items():
+            with mlflow.start_run():
+                trained[name] = cross_validate_student(cfg.replace(**changes), prepared, None, [0])
+    cached_twin, augmented, online_twin = (trained[name] for name in settings)
     for twin_weights, plain_weights in zip(cached_twin.models[0].get_weights(), augmented.models[0].get_weights()):
         np.testing.assert_array_equal(twin_weights, plain_weights)
     assert not all(np.array_equal(a, b) for a, b in zip(online_twin.models[0].get_weights(), augmented.models[0].get_weights()))
