@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import Config, PipelineError
-from pipelines.models.builders import STUDENT_PRESETS, build_student, build_teacher, load_keras_model, parse_student_size
+from pipelines.models.builders import STUDENT_PRESETS, GroupNorm, build_student, build_teacher, load_keras_model, parse_student_size
 from registry.explain import class_activation, gradcam
 
 
@@ -84,6 +84,39 @@ def lesion_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
             row, col = rng.integers(0, size - 8, 2)
             image[row : row + 8, col : col + 8] = 1.0
     return images, labels.astype(np.float32)
+
+
+def _outputs_and_gradients(layer: keras.layers.Layer, images, upstream) -> list[np.ndarray]:
+    """The layer's output and the gradients of sum(output * upstream) with respect to the images, gamma and beta."""
+    import tensorflow as tf
+
+    images = tf.constant(images)
+    with tf.GradientTape() as tape:
+        tape.watch(images)
+        outputs = layer(images)
+        loss = tf.reduce_sum(tf.cast(outputs, "float32") * upstream)
+    return [np.asarray(value, dtype=np.float32) for value in [outputs, *tape.gradient(loss, [images, layer.gamma, layer.beta])]]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+@pytest.mark.parametrize("offset", [0.0, 50.0], ids=["centred", "far-from-zero mean"])
+def test_our_group_norm_computes_what_keras_group_normalization_computes_forward_and_backward(policy, offset):
+    rng = np.random.default_rng(0)
+    shape = (4, 8, 8, 24)
+    images = (rng.normal(size=shape) * 3 + offset).astype(np.float32)
+    upstream = rng.normal(size=shape).astype(np.float32)
+    gamma, beta = rng.normal(size=24).astype(np.float32), rng.normal(size=24).astype(np.float32)
+    results = []
+    for layer_class in (GroupNorm, keras.layers.GroupNormalization):
+        layer = layer_class(groups=8, dtype=policy)
+        layer.build(shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+        results.append(_outputs_and_gradients(layer, images, upstream))
+    tolerance = 1e-4 if policy == "float32" else 2e-2  # bfloat16 keeps 8 bits of mantissa
+    for ours, keras_own, what in zip(*results, ("output", "image gradient", "gamma gradient", "beta gradient")):
+        scale = np.abs(keras_own).max()
+        np.testing.assert_allclose(ours / scale, keras_own / scale, atol=tolerance, err_msg=what)
 
 
 def test_hybrid_teacher_learns_and_round_trips_through_safe_loading(tmp_path):

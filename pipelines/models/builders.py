@@ -34,7 +34,38 @@ def normalization(channels: int, name: str | None = None) -> layers.Layer:
     BatchNorm's moving statistics to settle, and inference with unsettled statistics predicted one class
     on whole folds (measured: 5-fold F1 0.50 ± 0.29 with BatchNorm vs 0.73 ± 0.06 with GroupNorm for the
     small student). GroupNorm behaves the same in training and inference."""
-    return layers.GroupNormalization(groups=math.gcd(8, channels), name=name)
+    return GroupNorm(groups=math.gcd(8, channels), name=name)
+
+
+@keras.saving.register_keras_serializable(package=CUSTOM_PACKAGE)
+class GroupNorm(layers.GroupNormalization):
+    """Keras' GroupNormalization (same weights, config and function) for channels-last images, computed from each
+    channel's moments: TensorFlow reduces the channels-last tensor over height and width in one contiguous pass, and the
+    law of total variance combines the channels of a group (group variance = mean of the channel variances + variance of
+    the channel means). Keras reshapes the tensor into groups and reduces over non-adjacent axes instead, which on CPU
+    made GroupNorm up to half the training time of the resnet teacher (resnet:M at 64 px, batch 64, 2 AVX2 cores:
+    29.5 and 35.9 images/s with Keras' layer, 51.6 with this one, measured alternately in one process)."""
+
+    def call(self, inputs):
+        if len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs)
+        channels, groups = inputs.shape[-1], self.groups
+        grouped = (-1, groups, channels // groups)
+        # Statistics in float32 under any dtype policy, as Keras' layer computes them.
+        channel_mean, channel_variance = keras.ops.moments(keras.ops.cast(inputs, "float32"), axes=(1, 2))
+        channel_mean, channel_variance = keras.ops.reshape(channel_mean, grouped), keras.ops.reshape(channel_variance, grouped)
+        mean = keras.ops.mean(channel_mean, axis=-1, keepdims=True)
+        variance = keras.ops.mean(channel_variance + keras.ops.square(channel_mean - mean), axis=-1, keepdims=True)
+        # Per image and channel: y = x * scale + shift, one pass over the image.
+        scale = keras.ops.rsqrt(variance + self.epsilon) * keras.ops.ones_like(channel_mean)
+        shift = -mean * scale
+        scale, shift = keras.ops.reshape(scale, (-1, 1, 1, channels)), keras.ops.reshape(shift, (-1, 1, 1, channels))
+        if self.scale:
+            scale, shift = scale * self.gamma, shift * self.gamma
+        if self.center:
+            shift = shift + self.beta
+        outputs = keras.ops.cast(inputs, "float32") * scale + shift
+        return keras.ops.cast(outputs, self.compute_dtype)
 
 
 def global_pool(x, quantized: bool = False):
@@ -166,7 +197,7 @@ class FakeQuantDense(layers.Dense):
 
 # Custom layers that load in safe mode: registered by name in this module, so a saved config can only name them,
 # never carry code (:func:`load_keras_model` accepts these names and no other non-Keras object).
-SAFE_CUSTOM_OBJECTS = frozenset(f"{CUSTOM_PACKAGE}>{cls.__name__}" for cls in (FakeQuant, FakeQuantConv2D, FakeQuantDense))
+SAFE_CUSTOM_OBJECTS = frozenset(f"{CUSTOM_PACKAGE}>{cls.__name__}" for cls in (GroupNorm, FakeQuant, FakeQuantConv2D, FakeQuantDense))
 
 
 def _residual_block(x, filters: int, stride: int, init, name: str):
