@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipelines.config import Config, PipelineError
 from pipelines.models.builders import STUDENT_PRESETS, GroupNorm, build_student, build_teacher, load_keras_model, parse_student_size
@@ -88,8 +89,6 @@ def lesion_images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
 
 def _outputs_and_gradients(layer: keras.layers.Layer, images, upstream) -> list[np.ndarray]:
     """The layer's output and the gradients of sum(output * upstream) with respect to the images, gamma and beta."""
-    import tensorflow as tf
-
     images = tf.constant(images)
     with tf.GradientTape() as tape:
         tape.watch(images)

@@ -51,20 +51,21 @@ class GroupNorm(layers.GroupNormalization):
             return super().call(inputs)
         channels, groups = inputs.shape[-1], self.groups
         grouped = (-1, groups, channels // groups)
-        # Statistics in float32 under any dtype policy, as Keras' layer computes them.
-        channel_mean, channel_variance = keras.ops.moments(keras.ops.cast(inputs, "float32"), axes=(1, 2))
+        # Statistics and normalisation in float32 under any dtype policy, as Keras' layer computes them.
+        values = keras.ops.cast(inputs, "float32")
+        channel_mean, channel_variance = keras.ops.moments(values, axes=(1, 2))
         channel_mean, channel_variance = keras.ops.reshape(channel_mean, grouped), keras.ops.reshape(channel_variance, grouped)
         mean = keras.ops.mean(channel_mean, axis=-1, keepdims=True)
         variance = keras.ops.mean(channel_variance + keras.ops.square(channel_mean - mean), axis=-1, keepdims=True)
         # Per image and channel: y = x * scale + shift, one pass over the image.
-        scale = keras.ops.rsqrt(variance + self.epsilon) * keras.ops.ones_like(channel_mean)
+        scale = keras.ops.broadcast_to(keras.ops.rsqrt(variance + self.epsilon), keras.ops.shape(channel_mean))
         shift = -mean * scale
         scale, shift = keras.ops.reshape(scale, (-1, 1, 1, channels)), keras.ops.reshape(shift, (-1, 1, 1, channels))
         if self.scale:
             scale, shift = scale * self.gamma, shift * self.gamma
         if self.center:
             shift = shift + self.beta
-        outputs = keras.ops.cast(inputs, "float32") * scale + shift
+        outputs = values * scale + shift
         return keras.ops.cast(outputs, self.compute_dtype)
 
 
