@@ -5,6 +5,7 @@ generator writes to lesions.csv (the "pointing game"), for the student and for t
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import keras
@@ -17,7 +18,7 @@ from pipelines.evaluation.metrics import classification_metrics, probabilities
 from pipelines.models.builders import build_student, build_teacher
 from pipelines.models.distiller import Distiller
 from pipelines.steps.prepare import prepare_data
-from pipelines.training.fit import class_weights, make_dataset, set_seed
+from pipelines.training.fit import class_weights, make_dataset, optimizer, set_seed
 from registry.explain import (
     MIN_MAP_CELLS,
     Explanation,
@@ -53,21 +54,19 @@ def lesion_models(tmp_path_factory):
     prepared = prepare_data(cfg)
     labels, train = prepared.dataset.labels, prepared.splits.train
     weights = class_weights(labels[train], prepared.dataset.num_classes)[labels[train]]
+    batches = make_dataset(prepared.images[train], labels[train], weights, batch_size=16, shuffle=True, seed=0)
     models = {}
-    for who, build, epochs in (
-        ("student", lambda: build_student("small", IMAGE_SIZE, 2, seed=0), 15),
-        ("teacher", lambda: build_teacher("resnet", IMAGE_SIZE, 2, seed=0), 20),
+    # The teacher's last epoch at a constant 3e-3 landed anywhere between hold-out AUC 0.74 and 0.83 (seeds, machines);
+    # decayed to 0 from 1e-3 by a cosine it ends where it converged (0.79-0.89 over 4 seeds).
+    for who, build, epochs, schedule in (
+        ("student", lambda: build_student("small", IMAGE_SIZE, 2, seed=0), 15, dict(learning_rate=3e-3)),
+        ("teacher", lambda: build_teacher("resnet", IMAGE_SIZE, 2, seed=0), 20, dict(learning_rate=1e-3, lr_schedule="cosine")),
     ):
         set_seed(0)
         network = build()
         trainer = Distiller(network, None, temperature=1.0, alpha=1.0, binary=True)
-        trainer.compile(optimizer=keras.optimizers.Adam(3e-3))
-        trainer.fit(
-            make_dataset(prepared.images[train], labels[train], weights, batch_size=16, shuffle=True, seed=0),
-            epochs=epochs,
-            shuffle=False,
-            verbose=0,
-        )
+        trainer.compile(optimizer=optimizer(dataclasses.replace(cfg, batch_size=16, **schedule), int(batches.cardinality()), epochs))
+        trainer.fit(batches, epochs=epochs, shuffle=False, verbose=0)
         models[who] = network
     return models, prepared
 
