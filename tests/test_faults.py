@@ -303,7 +303,9 @@ def test_the_tracking_server_going_away_mid_run(outage, mri_subset, postgres_uri
         "120",
     ]
     # MLflow's own retry with backoff, made short for the test (its defaults ride out minutes).
-    retries = "5" if outage == "short" else "2"  # about 30 s of backoff, enough for a restart; or a few seconds
+    # Short: 7 retries back off 0, 2, 4, ... 64 s (about 2 min), as long as start_server waits for a restart, which takes
+    # tens of seconds on 2 busy cores (5 retries, 30 s, ran out in CI); long: a few seconds.
+    retries = "7" if outage == "short" else "2"
     step = start(
         command, url, log, MLFLOW_HTTP_REQUEST_MAX_RETRIES=retries, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1", MLFLOW_HTTP_REQUEST_TIMEOUT="10"
     )
