@@ -31,6 +31,7 @@ from pipelines.steps.distill import FoldStudent
 from pipelines.steps.prepare import Prepared, prepare_data
 from pipelines.steps.teacher import FoldTeacher, at_teacher_size
 from pipelines.training.crossval import CrossValidation, cross_validate
+from pipelines.training.fit import forget_compiled_steps
 
 FOUR_CLASS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-4class"
 # The value each lever is measured at alone, over today's settings (benchmarks.common.TODAY, the bench's own chain's);
@@ -82,6 +83,7 @@ def throughput(cfg: Config, prepared: Prepared, sizes: tuple[int, ...], each_lev
     logits = None
     for role, size, name in tqdm(plan, desc="part 7: training speed", unit="variant"):
         variant = cfg.replace(**variants()[name], image_size=sizes[0], teacher_image_size=size if size != sizes[0] else 0)
+        forget_compiled_steps()  # a variant reuses its own folds' traced steps, never the previous variant's
         if role == "teacher":
             build = FoldTeacher(variant, prepared.dataset.num_classes)
             result, cv = timed_cv(at_teacher_size(variant, prepared), variant, build, None, f"teacher {size}px {name}")

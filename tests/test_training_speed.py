@@ -5,6 +5,8 @@ augmentation is reproducible from its seed; the learning-rate rules are the ones
 from __future__ import annotations
 
 import math
+import threading
+from dataclasses import dataclass
 
 import keras
 import mlflow
@@ -14,10 +16,12 @@ from kdtest import tiny_config, tracking_at
 from mlflow import MlflowClient
 
 from pipelines.config import TEACHER_PARAMS, Config, PipelineError
+from pipelines.models.builders import build_student
 from pipelines.models.distiller import Distiller
 from pipelines.names import RunTag
 from pipelines.steps.prepare import prepare_data
 from pipelines.steps.teacher import train_teacher
+from pipelines.training import fit as training
 from pipelines.training.fit import WarmupSchedule, fit, make_dataset, optimizer, peak_learning_rate
 
 
@@ -64,11 +68,11 @@ def tiny_classifier(seed: int) -> Distiller:
     return Distiller(keras.Model(inputs, keras.layers.Dense(1)(hidden)), None, temperature=1.0, alpha=1.0, binary=True)
 
 
-def noisy_task(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def noisy_task(rows: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Labels a tiny network fits quickly and then overfits: validation loss turns up after a few epochs."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, rows)
-    images = rng.normal(size=(rows, 16, 16, 1)).astype(np.float32) + labels[:, None, None, None] * 0.3
+    images = rng.normal(size=(rows, size, size, 1)).astype(np.float32) + labels[:, None, None, None] * 0.3
     return images, labels
 
 
@@ -91,6 +95,50 @@ def test_steps_per_execution_stops_early_on_the_same_epoch_with_the_same_metrics
     assert len(epochs_one) < 30, "the task must make early stopping stop"
     assert best_one == best_many and epochs_one == epochs_many
     assert np.allclose(losses_one, losses_many, rtol=1e-4, atol=1e-5)
+
+
+@dataclass
+class Fitted:
+    weights: list[np.ndarray]  # when its fit ended
+    val_losses: list[float]
+    compiled: object  # the compiled trainer it trained through
+    student: keras.Model
+
+
+def fit_in_a_new_thread(seeds: list[int], tmp_path) -> list[Fitted]:
+    """Students of ``seeds`` fitted one after another in a thread of their own, whose compiled trainer starts empty."""
+    images, labels = noisy_task(64, 0, size=32)
+    val_images, val_labels = noisy_task(32, 1, size=32)
+    cfg = Config(epochs=6, patience=2, batch_size=8, learning_rate=0.01)
+    fitted = []
+
+    def run() -> None:
+        with tracking_at(f"sqlite:///{tmp_path / 'mlflow.db'}"), mlflow.start_run() as run:
+            for seed in seeds:
+                trainer = Distiller(build_student("4x2", 32, 2, seed=seed), None, temperature=1.0, alpha=1.0, binary=True)
+                fit(trainer, make_dataset(images, labels, batch_size=8, shuffle=True, seed=seed),
+                    make_dataset(val_images, val_labels, batch_size=8), cfg, prefix=f"seed_{seed}_", describe=f"seed {seed}")  # fmt: skip
+                losses = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, f"seed_{seed}_val_loss")]
+                fitted.append(Fitted(trainer.student.get_weights(), losses, training._compiled.trainer, trainer.student))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(fitted) == len(seeds), "a fit ended with an error (see the log)"
+    return fitted
+
+
+def test_a_model_trained_through_the_last_fits_compiled_steps_ends_where_a_freshly_compiled_one_does(tmp_path):
+    first, second = fit_in_a_new_thread([1, 2], tmp_path)
+    [alone] = fit_in_a_new_thread([2], tmp_path)
+    assert first.compiled is second.compiled, "the second student (same structure, other weights) trained through the first's steps"
+    assert second.compiled is not second.student and alone.compiled is not first.compiled
+    for when_fitted, now in zip(first.weights, first.student.get_weights()):
+        np.testing.assert_array_equal(when_fitted, now, "training the second student changed the first")
+    assert second.val_losses == pytest.approx(alone.val_losses, rel=1e-5, abs=1e-6), "the same validation losses, epoch by epoch"
+    for reused, fresh in zip(second.weights, alone.weights):
+        np.testing.assert_allclose(reused, fresh, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(a, b) for a, b in zip(first.weights, second.weights)), "the two seeds trained different students"
 
 
 def test_the_augmentation_is_reproducible_from_its_seed_and_changes_with_it_and_the_epoch():
