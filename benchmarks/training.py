@@ -30,8 +30,8 @@ from pipelines.names import Metric
 from pipelines.steps.distill import FoldStudent
 from pipelines.steps.prepare import Prepared, prepare_data
 from pipelines.steps.teacher import FoldTeacher, at_teacher_size
+from pipelines.training.compiled import forget_compiled_steps
 from pipelines.training.crossval import CrossValidation, cross_validate
-from pipelines.training.fit import forget_compiled_steps
 
 FOUR_CLASS_DIR = PROJECT_ROOT.parent / "shared" / "data" / "brain-mri-4class"
 # The value each lever is measured at alone, over today's settings (benchmarks.common.TODAY, the bench's own chain's);

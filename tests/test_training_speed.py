@@ -21,7 +21,7 @@ from pipelines.models.distiller import Distiller
 from pipelines.names import RunTag
 from pipelines.steps.prepare import prepare_data
 from pipelines.steps.teacher import train_teacher
-from pipelines.training import fit as training
+from pipelines.training import compiled
 from pipelines.training.fit import WarmupSchedule, fit, make_dataset, optimizer, peak_learning_rate
 
 
@@ -119,7 +119,7 @@ def fit_in_a_new_thread(seeds: list[int], tmp_path) -> list[Fitted]:
                 fit(trainer, make_dataset(images, labels, batch_size=8, shuffle=True, seed=seed),
                     make_dataset(val_images, val_labels, batch_size=8), cfg, prefix=f"seed_{seed}_", describe=f"seed {seed}")  # fmt: skip
                 losses = [m.value for m in MlflowClient().get_metric_history(run.info.run_id, f"seed_{seed}_val_loss")]
-                fitted.append(Fitted(trainer.student.get_weights(), losses, training._compiled.trainer, trainer.student))
+                fitted.append(Fitted(trainer.student.get_weights(), losses, compiled._compiled.trainer, trainer.student))
 
     thread = threading.Thread(target=run)
     thread.start()

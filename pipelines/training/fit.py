@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -20,6 +18,7 @@ import tensorflow as tf
 from pipelines.config import Config, PipelineError
 from pipelines.log import chatty, logger
 from pipelines.models.builders import recalibrate_batch_norm
+from pipelines.training.compiled import compiled_like, copy_variables
 from pipelines.training.views import image_keys, mixup, pick_view
 
 if TYPE_CHECKING:
@@ -257,81 +256,6 @@ def describe_optimiser(cfg: Config, learning_rate: float | None = None) -> str:
     return f"{name}, batch size {cfg.batch_size}, {rate}{schedule}"
 
 
-def _structure(config):
-    """A Keras config without its ``seed`` entries: two models that differ only in their initial weights (and the seeds of
-    their random layers, whose states are variables) have one structure, and trace to the same steps."""
-    if isinstance(config, dict):
-        return {key: _structure(value) for key, value in config.items() if key != "seed"}
-    if isinstance(config, list):
-        return [_structure(value) for value in config]
-    return config
-
-
-def _signature(trainer: Distiller, optimiser: keras.optimizers.Optimizer, steps_per_execution: int) -> str:
-    """What the traced train and test steps of ``trainer`` compiled with ``optimiser`` depend on, besides variable values."""
-    models = [trainer.student.get_config(), None if trainer.teacher is None else trainer.teacher.get_config()]
-    parts = [type(trainer).__name__, _structure(models), trainer.temperature, trainer.alpha, trainer.binary]
-    settings = {key: value for key, value in optimiser.get_config().items() if key != "name"}  # adam, adam_1, ...: one per instance
-    return json.dumps([*parts, type(optimiser).__name__, settings, steps_per_execution], sort_keys=True, default=str)
-
-
-class _Compiled(threading.local):
-    """The last trainer :func:`fit` compiled in this thread, with the signature it was compiled for and its optimiser's
-    initial state."""
-
-    signature: str = ""
-    trainer: Distiller | None = None
-    initial_optimiser: list[np.ndarray] = []
-
-
-_compiled = _Compiled()
-
-
-def forget_compiled_steps() -> None:
-    """Drop the compiled trainer :func:`fit` keeps (this thread's): the next fit traces its steps, as in a new process.
-    Benchmarks call it so that each variant pays its own tracing."""
-    _compiled.signature, _compiled.trainer, _compiled.initial_optimiser = "", None, []
-
-
-def _compiled_like(trainer: Distiller, optimiser: keras.optimizers.Optimizer, steps_per_execution: int) -> Distiller:
-    """A compiled trainer, never ``trainer`` itself, holding ``trainer``'s variables and a fresh ``optimiser``'s state: the
-    one compiled last when it has the same structure, else a new copy of ``trainer``, compiled and kept for the next fit.
-
-    Keras traces a new model's train and test steps on its first epoch: 10-15 s for the resnet teacher on 2 cores, most of
-    a short fold's training, and every fold, trial and cell builds a new model that differs from the last one only in its
-    weights. Reusing the compiled one trains the same function from the same state (tested against a fresh compile); it
-    is a copy, so the models handed back (each fold's) never share variables."""
-    signature = _signature(trainer, optimiser, steps_per_execution)
-    if _compiled.trainer is None or signature != _compiled.signature:
-        clone = keras.models.clone_model
-        copy = type(trainer)(
-            clone(trainer.student),
-            None if trainer.teacher is None else clone(trainer.teacher),
-            trainer.temperature,
-            trainer.alpha,
-            trainer.binary,
-        )
-        copy.compile(optimizer=optimiser, steps_per_execution=steps_per_execution)
-        optimiser.build(copy.trainable_variables)
-        _compiled.signature, _compiled.trainer = signature, copy
-        _compiled.initial_optimiser = [variable.numpy() for variable in optimiser.variables]
-    reused = _compiled.trainer
-    _copy_variables(trainer, reused)
-    for variable, value in zip(reused.optimizer.variables, _compiled.initial_optimiser):
-        variable.assign(value)
-    return reused
-
-
-def _copy_variables(source: keras.Model, target: keras.Model) -> None:
-    """Every variable of ``source`` (weights, BatchNorm statistics, random layers' seed states) into ``target``'s."""
-    pairs = list(zip(source.variables, target.variables, strict=True))
-    for left, right in pairs:
-        if left.shape != right.shape:
-            raise ValueError(f"variable {left.path} {left.shape} cannot go into {right.path} {right.shape}")
-    for left, right in pairs:
-        right.assign(left)
-
-
 def fit(
     model: keras.Model,
     train: tf.data.Dataset,
@@ -349,11 +273,11 @@ def fit(
 
     Keras runs ``steps_per_execution`` steps in one call of its compiled function: the epoch's metrics, early stopping
     and the progress line still come per epoch, and the last call of an epoch takes the steps that are left. The compiled
-    function is the last fit's when ``model`` has its structure (:func:`_compiled_like`); ``model`` ends with the trained
-    variables either way."""
+    function is the last fit's when ``model`` has its structure (:func:`~pipelines.training.compiled.compiled_like`);
+    ``model`` ends with the trained variables either way."""
     epochs = epochs or cfg.epochs
     steps = int(train.cardinality())
-    trainer = _compiled_like(model, optimizer(cfg, steps, epochs, learning_rate), cfg.steps_per_execution)
+    trainer = compiled_like(model, optimizer(cfg, steps, epochs, learning_rate), cfg.steps_per_execution)
     callbacks: list[keras.callbacks.Callback] = [MlflowEpochLogger(prefix, describe, cfg.learning_rate, run_id)]
     stopper = None
     if validation is not None:
@@ -362,7 +286,7 @@ def fit(
     history = trainer.fit(
         train, validation_data=validation, epochs=epochs, callbacks=callbacks, shuffle=False, verbose=progress_verbosity()
     )
-    _copy_variables(trainer, model)
+    copy_variables(trainer, model)
     if validation is None:
         return len(history.history["loss"])
     return int(np.argmin(history.history["val_loss"])) + 1
