@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -22,8 +24,11 @@ import pandas as pd
 import pytest
 from kdtest import MODEL, assert_roles_agree, child_env, cli_args, tiny_config, tracking_at
 from mlflow import MlflowClient
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from pipelines.config import PROJECT_ROOT
+from pipelines.tracking.runs import unreachable
 from registry.model import encode_file
 from registry.roles import history
 from registry.server import free_port, server_command
@@ -270,6 +275,45 @@ def start_server(backend: str, artifacts: Path, port: int, log: Path) -> subproc
                 kill_group(server)
                 raise AssertionError(log.read_text()[-3000:]) from None
             time.sleep(0.5)
+
+
+def serve_forever(answer: bytes) -> str:
+    """A server on loopback that reads each request, writes ``answer`` and hangs up; its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "answer, away",
+    [
+        # a server killed between the headers and the body of its answer (CI saw it: IncompleteRead, never retried)
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n", True),
+        # one that hangs up before answering at all, until MLflow's retries run out
+        (b"", True),
+        # a server that is there and refuses the request: not an outage, so not waited for
+        (
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 59\r\n\r\n"
+            b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"}',
+            False,
+        ),
+    ],
+    ids=["cut-off-mid-answer", "hung-up", "refused-request"],
+)
+def test_a_tracking_server_that_stops_answering_counts_as_unreachable_and_one_that_refuses_does_not(answer, away, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    with pytest.raises(MlflowException) as raised:
+        MlflowClient(serve_forever(answer)).log_batch("0" * 32, metrics=[Metric("loss", 1.0, 0, 0)])
+    assert unreachable(raised.value) == away, raised.value
 
 
 @pytest.mark.parametrize("outage", ["short", "long"])

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import mlflow
+import requests
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
@@ -27,11 +28,13 @@ class TrackingUnreachable(PipelineError):
 
 
 def unreachable(error: BaseException) -> bool:
-    """An MLflow client error that means the server is away (refused, timed out, 5xx until retries ran out)."""
-    text = str(error)
-    return (
-        isinstance(error, MlflowException) and "API request to" in text and ("Max retries exceeded" in text or "timeout exception" in text)
-    )
+    """An MLflow client error that means the server is away: refused, timed out, 5xx until retries ran out, or the
+    connection cut off in the middle of an answer (a server killed after sending the headers, which no retry covers)."""
+    if not isinstance(error, MlflowException) or "API request to" not in str(error):
+        return False
+    # MLflow wraps what requests raised in a new MlflowException, keeping it only as the implicit context.
+    cut_off = isinstance(error.__context__, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError))
+    return cut_off or "Max retries exceeded" in str(error) or "timeout exception" in str(error)
 
 
 def _start_ticks(pid: int) -> str | None:
