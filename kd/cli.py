@@ -273,6 +273,8 @@ def run_command(name: str, argv: list[str] | None = None) -> Any:
         cfg = config_from_args(args)
         if not command.ratios:
             cfg.imbalance_ratio  # noqa: B018 - a list of ratios is refused here, before anything heavy is imported
+        else:  # the commands that run a comparison
+            cfg.check_comparison()
         return command.run(cfg, args)
 
     return run_cli(run, parser, argv)

@@ -194,6 +194,7 @@ def run_comparison(cfg: Config, prepared: Prepared | None = None, launched_run_i
     ``prepared``: the data as it is (imbalance 0), when a caller has it already; ``launched_run_id``: the run ``mlflow
     run`` started for this worker, which becomes the comparison run, or is tagged with the one it resumed.
     """
+    cfg.check_comparison()
     cells = comparison_cells(cfg)
     base = prepare_data(cfg.replace(imbalance="0"), reuse=prepared)
     by_ratio = {ratio: imbalanced(base, cfg.replace(imbalance=ratio)) for ratio in parse_ratios(cfg.imbalance)}

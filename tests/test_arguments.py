@@ -129,6 +129,14 @@ def test_every_cli_refuses_bad_arguments_before_importing_tensorflow_or_the_stor
     )
 
 
+@pytest.mark.parametrize("cli", ["compare", "evidence"])
+def test_a_comparison_whose_kd_students_would_ignore_their_teacher_is_refused_before_importing_tensorflow(cli: str) -> None:
+    # alpha = 1 trained every KD cell as a no-KD twin, and the comparison then stopped on a KeyError with no message
+    message, imported = _refuse(cli, "--alpha", "1")
+    assert message.startswith("error: alpha=1:") and "alpha < 1" in message, message
+    assert not imported, imported
+
+
 def test_kd_lists_every_command_and_each_command_shows_its_config_options(capsys) -> None:
     from kd.cli import COMMANDS, main
 

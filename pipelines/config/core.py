@@ -134,6 +134,15 @@ class Config(WorkflowFields, TrainingFields):
             )
         return float(ratios[0])
 
+    def check_comparison(self) -> None:
+        """A comparison pits each KD student against its no-KD twin: with alpha = 1 (hard labels only) its KD cells would
+        learn nothing from their teacher and be trained as no-KD twins."""
+        if self.alpha >= 1.0:
+            raise PipelineError(
+                f"alpha={self.alpha:g}: a comparison's KD students would ignore their teacher (alpha weighs the hard-label loss); "
+                "give alpha < 1 (the no-KD students are the comparison's own baseline)"
+            )
+
     @property
     def fold_count(self) -> int:
         """Validation fold entries: ``folds`` per repeat, ``repeats`` times (numbered k = repeat * folds + fold)."""
